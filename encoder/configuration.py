@@ -1,0 +1,125 @@
+"""Configs of the CLIP-MoE model: transformers' CLIP configs plus per-tower Mixture-of-Experts fields.
+
+A tower config with an empty `moe_layers` describes exactly the dense CLIP tower, so every dense CLIP
+checkpoint has a CLIP-MoE config that reproduces it.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+
+class MoEFieldsMixin:
+    """Validation shared by both tower configs (the fields themselves are declared on each class)."""
+
+    def validate_moe(self) -> None:
+        """Run by `@strict` after init: reject MoE settings that cannot describe a working model."""
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"moe_layers {bad} out of range: the tower has layers 0..{self.num_hidden_layers - 1}"
+            )
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError(f"moe_layers has duplicates: {self.moe_layers}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+        if self.router_jitter < 0:
+            raise ValueError(f"router_jitter must be >= 0, got {self.router_jitter}")
+
+    @property
+    def is_moe(self) -> bool:
+        return len(self.moe_layers) > 0
+
+
+@strict
+class CLIPMoEVisionConfig(MoEFieldsMixin, CLIPVisionConfig):
+    r"""CLIP vision tower config with MoE fields.
+
+    num_experts (`int`, defaults to 4): experts per MoE layer.
+    top_k (`int`, defaults to 2): experts each token is routed to; their weights are renormalised to sum to 1.
+    moe_layers (`list[int]`, defaults to `[]`): indices of the layers whose MLP is a MoE layer (empty = dense).
+    router_jitter (`float`, defaults to 0.0): multiplicative uniform noise on router inputs while training.
+    capacity_factor (`float`, *optional*): None = dropless; else each expert takes at most
+        `ceil(capacity_factor * tokens * top_k / num_experts)` token-choices per forward.
+    aux_loss_coef (`float`, defaults to 0.01): weight of the load-balance loss in `aux_loss`.
+    router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss in `aux_loss`.
+    """
+
+    model_type = "clip_moe_vision_model"
+    base_config_key = "vision_config"
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | tuple[int, ...] = ()
+    router_jitter: float = 0.0
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        super().__post_init__(**kwargs)
+
+
+@strict
+class CLIPMoETextConfig(MoEFieldsMixin, CLIPTextConfig):
+    r"""CLIP text tower config with MoE fields (same meaning as in `CLIPMoEVisionConfig`).
+
+    Padding tokens (attention_mask == 0) are routed but excluded from the auxiliary losses.
+    """
+
+    model_type = "clip_moe_text_model"
+    base_config_key = "text_config"
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | tuple[int, ...] = ()
+    router_jitter: float = 0.0
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        super().__post_init__(**kwargs)
+
+
+@strict
+class CLIPMoEConfig(CLIPConfig):
+    r"""A CLIP-MoE: a `CLIPConfig` whose tower configs carry MoE fields.
+
+    text_config / vision_config: `CLIPMoETextConfig` / `CLIPMoEVisionConfig` (or their dicts).
+    """
+
+    model_type = "clip_moe"
+    sub_configs_defaults = {
+        "vision_config": CLIPMoEVisionConfig,
+        "text_config": CLIPMoETextConfig,
+    }
+
+    @classmethod
+    def from_clip_config(cls, clip: CLIPConfig, vision_moe: dict | None = None, text_moe: dict | None = None) -> CLIPMoEConfig:
+        """The CLIP-MoE config of a dense `CLIPConfig`, with MoE fields per tower (dense where None)."""
+        text = {**_tower_dict(clip.text_config), **(text_moe or {})}
+        vision = {**_tower_dict(clip.vision_config), **(vision_moe or {})}
+        return cls(
+            text_config=text,
+            vision_config=vision,
+            projection_dim=clip.projection_dim,
+            logit_scale_init_value=clip.logit_scale_init_value,
+            initializer_factor=clip.initializer_factor,
+        )
+
+
+def _tower_dict(tower) -> dict:
+    d = tower.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
+        d.pop(key, None)
+    return d

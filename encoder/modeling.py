@@ -1,0 +1,355 @@
+"""CLIP-MoE models with the interfaces of transformers' `CLIPModel`, `CLIPVisionModel` and `CLIPTextModel`.
+
+Attention, embeddings and dense MLPs are transformers' own CLIP modules; layers listed in a tower's
+`moe_layers` use `CLIPMoESparseMLP` instead. Parameter names match transformers' CLIP, so a dense CLIP
+state dict loads unchanged into the non-MoE parts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.clip.modeling_clip import (
+    CLIPMLP,
+    CLIPAttention,
+    CLIPPreTrainedModel,
+    CLIPTextEmbeddings,
+    CLIPVisionEmbeddings,
+    image_text_contrastive_loss,
+)
+
+from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .experts import CLIPMoEExperts
+from .moe import CLIPMoESparseMLP, RouterOutput
+from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
+
+
+class CLIPMoEEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block whose MLP is dense or MoE depending on the tower config."""
+
+    def __init__(self, config: CLIPMoEVisionConfig | CLIPMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.is_moe = layer_idx in config.moe_layers
+        self.mlp = CLIPMoESparseMLP(config) if self.is_moe else CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        output_router_logits: bool = False,
+        **attn_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RouterOutput | None]:
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.layer_norm2(hidden_states)
+        router = None
+        if self.is_moe:
+            hidden_states, router = self.mlp(hidden_states, token_mask, output_router_logits)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, attn_weights, router
+
+
+class CLIPMoEEncoder(nn.Module):
+    def __init__(self, config: CLIPMoEVisionConfig | CLIPMoETextConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_router_logits: bool = False,
+        **attn_kwargs,
+    ) -> CLIPMoEEncoderOutput:
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        routers: list[RouterOutput] = []
+        for layer in self.layers:
+            hidden_states, attn, router = layer(
+                hidden_states, attention_mask, token_mask, output_router_logits, **attn_kwargs
+            )
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if output_attentions:
+                all_attn.append(attn)
+            if router is not None:
+                routers.append(router)
+
+        out = CLIPMoEEncoderOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+        if output_router_logits and routers:
+            out.router_logits = tuple(r.logits for r in routers)
+            out.load_balance_loss = torch.stack([r.load_balance_loss for r in routers]).mean()
+            out.router_z_loss = torch.stack([r.z_loss for r in routers]).mean()
+            out.aux_loss = (
+                self.config.aux_loss_coef * out.load_balance_loss
+                + self.config.router_z_loss_coef * out.router_z_loss
+            )
+        return out
+
+
+class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
+    config: CLIPMoEConfig
+    base_model_prefix = "clip_moe"
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]
+    _can_record_outputs = {}
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Our experts' own forward ("eager") is the fast default on CPU and GPU; transformers would pick
+        # its grouped_mm, which gathers biases per row.
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        factor = self.config.initializer_factor
+        if isinstance(module, CLIPMoEExperts):
+            # Same scales as transformers' CLIPMLP init; routers are plain Linears (default init).
+            hidden = module.up_proj.shape[-1]
+            init.normal_(module.up_proj, std=(2 * hidden) ** -0.5 * factor)
+            init.normal_(module.down_proj, std=hidden**-0.5 * factor)
+            init.zeros_(module.up_proj_bias)
+            init.zeros_(module.down_proj_bias)
+        elif isinstance(module, CLIPMoEModel):
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
+            init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
+
+
+def _tower_output(
+    last_hidden_state: torch.Tensor, pooled: torch.Tensor, enc: CLIPMoEEncoderOutput, return_dict: bool | None
+):
+    out = CLIPMoEOutputWithPooling(
+        last_hidden_state=last_hidden_state,
+        pooler_output=pooled,
+        hidden_states=enc.hidden_states,
+        attentions=enc.attentions,
+        router_logits=enc.router_logits,
+        load_balance_loss=enc.load_balance_loss,
+        router_z_loss=enc.router_z_loss,
+        aux_loss=enc.aux_loss,
+    )
+    return out if return_dict is not False else out.to_tuple()
+
+
+class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
+    """The vision tower, `CLIPVisionModel`'s interface: pooler_output = post-layernormed CLS."""
+
+    config: CLIPMoEVisionConfig
+    config_class = CLIPMoEVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+
+    def __init__(self, config: CLIPMoEVisionConfig):
+        super().__init__(config)
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPMoEEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPMoEOutputWithPooling:
+        """pixel_values [B, C, H, W] -> last_hidden_state [B, 1 + patches, d], pooler_output [B, d].
+
+        `hidden_states` (with `output_hidden_states`) has num_hidden_layers + 1 entries; entry 0 is the
+        pre-layernormed embedding, as in transformers' CLIP.
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.pre_layrnorm(hidden_states)
+        enc = self.encoder(
+            hidden_states,
+            output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
+            output_attentions=_flag(output_attentions, self.config.output_attentions),
+            output_router_logits=bool(output_router_logits),
+            **kwargs,
+        )
+        pooled = self.post_layernorm(enc.last_hidden_state[:, 0, :])
+        return _tower_output(enc.last_hidden_state, pooled, enc, return_dict)
+
+
+class CLIPMoETextModel(CLIPMoEPreTrainedModel):
+    """The text tower, `CLIPTextModel`'s interface: causal attention, pooler_output = the EOS token."""
+
+    config: CLIPMoETextConfig
+    config_class = CLIPMoETextConfig
+    input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
+
+    def __init__(self, config: CLIPMoETextConfig):
+        super().__init__(config)
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPMoEEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPMoEOutputWithPooling:
+        """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, d] (the EOS position).
+
+        Tokens with attention_mask == 0, or after the EOS token when no mask is given, are padding: they
+        are routed like any token but do not count in the auxiliary losses.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
+        eos_position = self._eos_position(input_ids)
+        if attention_mask is not None:
+            token_mask = attention_mask.to(torch.bool)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            token_mask = positions[None, :] <= eos_position[:, None]
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
+        )
+        kwargs.pop("is_causal", None)
+        enc = self.encoder(
+            hidden_states,
+            attention_mask=mask,
+            token_mask=token_mask,
+            output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
+            output_attentions=_flag(output_attentions, self.config.output_attentions),
+            output_router_logits=bool(output_router_logits),
+            is_causal=True,
+            **kwargs,
+        )
+        last = self.final_layer_norm(enc.last_hidden_state)
+        pooled = last[torch.arange(last.shape[0], device=last.device), eos_position.to(last.device)]
+        return _tower_output(last, pooled, enc, return_dict)
+
+    def _eos_position(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Same rule as transformers' CLIPTextModel: legacy configs (eos_token_id == 2) pool the highest token
+        # id (OpenAI's end-of-text is the last vocabulary entry); others the first end-of-text token.
+        ids = input_ids.to(torch.int)
+        if self.config.eos_token_id == 2:
+            return ids.argmax(dim=-1)
+        return (ids == self.config.eos_token_id).int().argmax(dim=-1)
+
+
+class CLIPMoEModel(CLIPMoEPreTrainedModel):
+    """Both towers and the projections: `CLIPModel`'s interface plus routing outputs."""
+
+    config: CLIPMoEConfig
+    config_class = CLIPMoEConfig
+
+    def __init__(self, config: CLIPMoEConfig):
+        super().__init__(config)
+        self.projection_dim = config.projection_dim
+        self.text_model = CLIPMoETextModel._from_config(config.text_config)
+        self.vision_model = CLIPMoEVisionModel._from_config(config.vision_config)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs) -> CLIPMoEOutputWithPooling:
+        """The text tower's output with `pooler_output` projected (transformers >= 5 semantics)."""
+        out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              return_dict=True, **kwargs)
+        out.pooler_output = self.text_projection(out.pooler_output)
+        return out
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                           **kwargs) -> CLIPMoEOutputWithPooling:
+        """The vision tower's output with `pooler_output` projected (transformers >= 5 semantics)."""
+        out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                return_dict=True, **kwargs)
+        out.pooler_output = self.visual_projection(out.pooler_output)
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPMoEOutput:
+        vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         output_router_logits=output_router_logits, **kwargs)
+        text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      output_router_logits=output_router_logits, **kwargs)
+        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
+
+        aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        loss = None
+        if return_loss:
+            loss = image_text_contrastive_loss(logits_per_text)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        out = CLIPMoEOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text,
+            vision_model_output=vision,
+            aux_loss=aux_loss,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _flag(value: bool | None, default: bool | None) -> bool:
+    return bool(default) if value is None else bool(value)

@@ -1,0 +1,46 @@
+"""Output dataclasses: CLIP's field names (so `hidden_states[select_layer]` works as in LLaVA) plus routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPOutput
+
+
+@dataclass
+class CLIPMoEEncoderOutput(BaseModelOutput):
+    r"""
+    router_logits (`tuple[torch.FloatTensor]`, *optional*): one [batch * seq, num_experts] fp32 tensor per MoE
+        layer (padding tokens included), returned with `output_router_logits=True`.
+    load_balance_loss / router_z_loss (`torch.FloatTensor`, *optional*): unweighted means over the MoE layers,
+        computed on non-padding tokens.
+    aux_loss (`torch.FloatTensor`, *optional*): `aux_loss_coef * load_balance_loss + router_z_loss_coef *
+        router_z_loss`, ready to add to a training loss.
+    """
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    load_balance_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class CLIPMoEOutputWithPooling(BaseModelOutputWithPooling):
+    r"""`BaseModelOutputWithPooling` of a CLIP-MoE tower; routing fields as in `CLIPMoEEncoderOutput`."""
+
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    load_balance_loss: torch.Tensor | None = None
+    router_z_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class CLIPMoEOutput(CLIPOutput):
+    r"""`CLIPOutput` plus `aux_loss` (both towers' weighted auxiliary losses, summed).
+
+    With `return_loss=True`, `loss` = contrastive loss + `aux_loss` (when router outputs were requested).
+    """
+
+    aux_loss: torch.Tensor | None = None
