@@ -9,7 +9,9 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import PrefixChange
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .errors import UserError
 from .experts import CLIPMoEExperts
+from .export import parameter_summary, save_clip_moe
 from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
 from .moe import CLIPMoESparseMLP, load_balance_loss, router_z_loss
 from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
@@ -41,5 +43,8 @@ __all__ = [
     "CLIPMoEVisionConfig",
     "CLIPMoEVisionModel",
     "load_balance_loss",
+    "UserError",
+    "parameter_summary",
     "router_z_loss",
+    "save_clip_moe",
 ]

@@ -1,0 +1,135 @@
+"""Writing a CLIP-MoE directory: config, safetensors, image processor, tokenizer, model card — atomically.
+
+The directory is assembled in a temporary sibling and renamed into place only when complete, so an
+interrupted or failed export never leaves a half-written model where a user (or LLaVA) would load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import CLIPImageProcessor, PreTrainedModel
+
+from .errors import UserError
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) when `out` exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory next to `out`; move it to `out` only if the block succeeds."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_clip_moe(
+    model: PreTrainedModel,
+    out: str | Path,
+    image_processor: CLIPImageProcessor | None = None,
+    tokenizer=None,
+    card: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save `model` (safetensors + config), its image processor and tokenizer, and a model card, atomically."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model, card or {}))
+        (tmp / "clip_moe_recipe.json").write_text(json.dumps(card or {}, indent=2, default=str) + "\n")
+    return Path(out)
+
+
+def parameter_summary(model: PreTrainedModel) -> dict:
+    """Total parameters, parameters active per token (top-k of E experts), and MoE layers per tower."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    towers = {}
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if experts is not None and hasattr(experts, "up_proj"):
+            per_expert = sum(p[0].numel() for p in experts.parameters())
+            inactive += per_expert * (module.num_experts - module.top_k)
+    for tower in ("vision", "text"):
+        cfg = _tower_config(model, tower)
+        if cfg is not None:
+            towers[tower] = {
+                "layers": cfg.num_hidden_layers,
+                "moe_layers": list(getattr(cfg, "moe_layers", [])),
+                "num_experts": getattr(cfg, "num_experts", 1) if getattr(cfg, "moe_layers", None) else 1,
+                "top_k": getattr(cfg, "top_k", 1) if getattr(cfg, "moe_layers", None) else 1,
+            }
+    return {"total_params": total, "active_params": total - inactive, "towers": towers}
+
+
+def _tower_config(model, tower: str):
+    cfg = model.config
+    if hasattr(cfg, f"{tower}_config"):
+        return getattr(cfg, f"{tower}_config")
+    if getattr(cfg, "base_config_key", None) == f"{tower}_config":
+        return cfg
+    return None
+
+
+def model_card(model: PreTrainedModel, card: dict) -> str:
+    """A short README.md: what the model is, how it was made, how to load it."""
+    summary = parameter_summary(model)
+    lines = [
+        f"# {card.get('name', 'CLIP-MoE')}",
+        "",
+        "A sparse Mixture-of-Experts CLIP made with clip-moe-toolkit.",
+        "",
+        f"- base model: `{card.get('base', 'unknown')}`",
+        f"- recipe: {card.get('recipe', 'unknown')}",
+        f"- data: {card.get('data', 'none (no training)')}",
+        f"- parameters: {summary['total_params']:,} total, {summary['active_params']:,} active per token",
+    ]
+    for tower, t in summary["towers"].items():
+        layers = t["moe_layers"] or "none"
+        lines.append(f"- {tower} tower: {t['layers']} layers, MoE layers {layers}, top-{t['top_k']} of {t['num_experts']} experts")
+    for key, value in card.get("metrics", {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import encoder  # registers CLIP-MoE with transformers' Auto classes",
+        "from transformers import AutoModel",
+        "model = AutoModel.from_pretrained('PATH_TO_THIS_DIRECTORY')",
+        "```",
+        "",
+        "In LLaVA: set `mm_vision_tower` (or `--vision_tower`) to this directory.",
+        "",
+    ]
+    if card.get("details"):
+        lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2, default=str), "```", ""]
+    return "\n".join(lines)
