@@ -327,8 +327,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
                                          output_router_logits=output_router_logits, **kwargs)
         text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       output_router_logits=output_router_logits, **kwargs)
-        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
-        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        image_embeds = _l2_normalize(vision.pooler_output)
+        text_embeds = _l2_normalize(text.pooler_output)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
 
         aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
@@ -349,6 +349,11 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             aux_loss=aux_loss,
         )
         return out if return_dict is not False else out.to_tuple()
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    # Written as transformers' CLIP writes it, so a dense CLIP-MoE matches CLIPModel bit for bit.
+    return x / x.square().sum(dim=-1, keepdim=True).pow(0.5)
 
 
 def _flag(value: bool | None, default: bool | None) -> bool:

@@ -1,0 +1,133 @@
+"""CLIP-MoE models: CLIP's interface and numbers, routing outputs, save/load, Auto registration."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+import encoder
+from encoder import CLIPMoEConfig, CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
+from upcycle import sparse_upcycle
+
+
+def dense_as_moe_config(dense):
+    return CLIPMoEConfig.from_clip_config(dense.config)
+
+
+def test_dense_config_reproduces_transformers_clip_exactly(dense_clip, batch):
+    model = CLIPMoEModel(dense_as_moe_config(dense_clip)).eval()
+    model.load_state_dict(dense_clip.state_dict(), strict=True)
+    with torch.no_grad():
+        a = dense_clip(**batch, output_hidden_states=True)
+        b = model(**batch, output_hidden_states=True)
+    for name in ("image_embeds", "text_embeds", "logits_per_image"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for tower in ("vision_model_output", "text_model_output"):
+        x, y = getattr(a, tower), getattr(b, tower)
+        assert len(y.hidden_states) == len(x.hidden_states) == 5  # layers + 1
+        for p, q in zip(x.hidden_states, y.hidden_states):
+            assert torch.equal(p, q)
+        assert torch.equal(x.last_hidden_state, y.last_hidden_state)
+
+
+def test_feature_getters_follow_transformers_5(dense_clip, batch):
+    model = sparse_upcycle(dense_clip)
+    with torch.no_grad():
+        img = model.get_image_features(batch["pixel_values"])
+        ref = dense_clip.get_image_features(batch["pixel_values"])
+        txt = model.get_text_features(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert img.pooler_output.shape == (3, 16) and txt.pooler_output.shape == (3, 16)
+    torch.testing.assert_close(img.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_router_outputs_and_aux_loss(dense_clip, batch):
+    model = sparse_upcycle(dense_clip, num_experts=4, top_k=2, moe_layers="even")
+    out = model(**batch, output_router_logits=True, return_loss=True)
+    v, t = out.vision_model_output, out.text_model_output
+    assert len(v.router_logits) == 2 and v.router_logits[0].shape == (3 * 17, 4)
+    assert len(t.router_logits) == 2 and t.router_logits[0].shape == (3 * 12, 4)
+    expected_aux = sum(0.01 * o.load_balance_loss + 0.001 * o.router_z_loss for o in (v, t))
+    torch.testing.assert_close(out.aux_loss, expected_aux)
+    plain = model(**batch, return_loss=True)
+    assert plain.aux_loss is None and v.aux_loss is not None
+    torch.testing.assert_close(out.loss, plain.loss + out.aux_loss)
+    out.loss.backward()
+    assert model.vision_model.encoder.layers[0].mlp.router.weight.grad is not None
+
+
+def test_text_padding_without_mask_is_inferred_from_eos(dense_clip, batch):
+    model = sparse_upcycle(dense_clip)
+    with torch.no_grad():
+        with_mask = model.text_model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_router_logits=True)
+        no_mask = model.text_model(batch["input_ids"], output_router_logits=True)
+    torch.testing.assert_close(with_mask.load_balance_loss, no_mask.load_balance_loss)
+    torch.testing.assert_close(with_mask.pooler_output, no_mask.pooler_output)
+
+
+def test_return_dict_false_gives_a_tuple(dense_clip, batch):
+    model = sparse_upcycle(dense_clip).vision_model
+    out = model(batch["pixel_values"], return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (3, 17, 32)
+
+
+def test_save_and_load_round_trip_exactly(dense_clip, batch, tmp_path):
+    model = sparse_upcycle(dense_clip, moe_layers="last:2", seed=3)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "clip_moe"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is CLIPMoEModel
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).image_embeds, loaded.eval()(**batch).image_embeds, atol=0, rtol=0)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is CLIPMoEConfig
+
+
+def test_a_tower_loads_from_a_full_directory_and_from_its_own(dense_clip, batch, tmp_path):
+    model = sparse_upcycle(dense_clip, seed=1)
+    model.save_pretrained(tmp_path / "full")
+    vision = CLIPMoEVisionModel.from_pretrained(tmp_path / "full")
+    assert vision.config.moe_layers == [0, 1, 2, 3]
+    for key, value in model.vision_model.state_dict().items():
+        assert torch.equal(value, vision.state_dict()[key]), key
+    text = CLIPMoETextModel.from_pretrained(tmp_path / "full")
+    assert torch.equal(text.state_dict()["embeddings.token_embedding.weight"],
+                       model.text_model.state_dict()["embeddings.token_embedding.weight"])
+
+    vision.save_pretrained(tmp_path / "vision-only")
+    again = AutoModel.from_pretrained(tmp_path / "vision-only")
+    assert type(again) is CLIPMoEVisionModel
+    with torch.no_grad():
+        assert torch.equal(again(batch["pixel_values"]).pooler_output, vision(batch["pixel_values"]).pooler_output)
+
+
+def test_auto_registration_happens_on_import():
+    assert AutoConfig.for_model("clip_moe").__class__ is CLIPMoEConfig
+    assert encoder.CLIPMoEVisionConfig.model_type == "clip_moe_vision_model"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_experts=2, top_k=3), "top_k"),
+        (dict(moe_layers=[5]), "out of range"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+    ],
+)
+def test_config_rejects_impossible_moe_settings(fields, message):
+    with pytest.raises(Exception, match=message):
+        CLIPMoEVisionConfig(num_hidden_layers=4, **fields)
+
+
+def test_experts_implementation_can_be_switched(dense_clip, batch):
+    model = sparse_upcycle(dense_clip)
+    with torch.no_grad():
+        ours = model(**batch).image_embeds
+        model.set_experts_implementation("grouped_mm")
+        theirs = model(**batch).image_embeds
+    assert model.vision_model.config._experts_implementation == "grouped_mm"
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

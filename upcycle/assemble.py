@@ -1,0 +1,125 @@
+"""Building a CLIP-MoE from dense CLIPs: the base supplies every weight, expert sources supply the FFNs.
+
+Sparse upcycling uses the base as every expert source; DMU uses one fine-tuned CLIP per expert.
+Every dense key is consumed and every CLIP-MoE key filled, and the result is loaded with strict=True.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import CLIPModel
+
+from encoder import CLIPMoEConfig, CLIPMoEModel
+from encoder.errors import UserError
+
+TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
+FFN_TO_EXPERT = {
+    "fc1.weight": "up_proj",
+    "fc1.bias": "up_proj_bias",
+    "fc2.weight": "down_proj",
+    "fc2.bias": "down_proj_bias",
+}
+
+
+def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
+    """'all', 'even', 'odd', 'last:N', 'none', '0,2,5' or a list of indices -> sorted layer indices."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return list(range(num_layers))
+        if text == "none":
+            return []
+        if text == "even":
+            return list(range(0, num_layers, 2))
+        if text == "odd":
+            return list(range(1, num_layers, 2))
+        if text.startswith("last:"):
+            n = _int(text[5:], spec)
+            if not 1 <= n <= num_layers:
+                raise UserError(f"moe layers {spec!r}: N must be between 1 and {num_layers} (the tower's layers)")
+            return list(range(num_layers - n, num_layers))
+        indices = [_int(part, spec) for part in text.split(",") if part.strip()]
+    else:
+        indices = [int(i) for i in spec]
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"moe layer index {bad[0]} out of range: the tower has layers 0..{num_layers - 1}")
+    return sorted(set(indices))
+
+
+def _int(text: str, spec) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(
+            f"moe layers {spec!r} not understood: use all, even, odd, last:N, none or comma-separated indices"
+        ) from None
+
+
+def moe_config_for(
+    base: CLIPModel,
+    num_experts: int,
+    top_k: int,
+    moe_layers: str | Sequence[int] = "all",
+    towers: Sequence[str] = ("vision", "text"),
+    **moe_fields,
+) -> CLIPMoEConfig:
+    """The CLIP-MoE config of `base` with MoE layers in the chosen towers; arguments checked as user input."""
+    if num_experts < 1:
+        raise UserError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise UserError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+    unknown = [t for t in towers if t not in TOWER_PREFIX]
+    if unknown or not towers:
+        raise UserError(f"towers {list(towers)} not understood: use vision, text or vision,text")
+    per_tower = {}
+    for tower in TOWER_PREFIX:
+        cfg = getattr(base.config, f"{tower}_config")
+        layers = resolve_moe_layers(moe_layers, cfg.num_hidden_layers) if tower in towers else []
+        per_tower[tower] = dict(num_experts=num_experts, top_k=top_k, moe_layers=layers, **moe_fields)
+    return CLIPMoEConfig.from_clip_config(base.config, vision_moe=per_tower["vision"], text_moe=per_tower["text"])
+
+
+@torch.no_grad()
+def assemble_clip_moe(
+    base: CLIPModel,
+    config: CLIPMoEConfig,
+    expert_sources: Sequence[CLIPModel] | None = None,
+    seed: int = 0,
+) -> CLIPMoEModel:
+    """A CLIP-MoE whose MoE-layer expert e is `expert_sources[e]`'s FFN (default: the base's) at that layer.
+
+    All other weights come from `base`; routers are new, drawn from N(0, initializer_range) with `seed`.
+    """
+    base_sd = base.state_dict()
+    sources = [s.state_dict() for s in expert_sources] if expert_sources is not None else None
+    target = {}
+    used = set()
+    for tower, prefix in TOWER_PREFIX.items():
+        cfg = getattr(config, f"{tower}_config")
+        if sources is not None and cfg.moe_layers and len(sources) != cfg.num_experts:
+            raise ValueError(f"{len(sources)} expert sources for {cfg.num_experts} experts in the {tower} tower")
+        gen = torch.Generator().manual_seed(seed + (0 if tower == "vision" else 1))
+        for layer in cfg.moe_layers:
+            mlp = f"{prefix}.encoder.layers.{layer}.mlp."
+            for dense_name, expert_name in FFN_TO_EXPERT.items():
+                key = mlp + dense_name
+                per_expert = [sd[key] for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
+                target[f"{mlp}experts.{expert_name}"] = torch.stack(per_expert).clone()
+                used.add(key)
+            router = torch.empty(cfg.num_experts, cfg.hidden_size)
+            target[f"{mlp}router.weight"] = router.normal_(0.0, cfg.initializer_range, generator=gen)
+    for key, value in base_sd.items():
+        if key not in used:
+            target[key] = value.clone()
+
+    model = CLIPMoEModel(config)
+    missing = set(model.state_dict()) - set(target)
+    unexpected = set(target) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"dense CLIP does not fit the CLIP-MoE config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(target, strict=True)
+    return model.to(next(base.parameters()).dtype).eval()
