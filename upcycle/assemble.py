@@ -58,6 +58,13 @@ def _int(text: str, spec) -> int:
         ) from None
 
 
+def check_expert_counts(num_experts: int, top_k: int) -> None:
+    if num_experts < 1:
+        raise UserError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise UserError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+
+
 def moe_config_for(
     base: CLIPModel,
     num_experts: int,
@@ -67,10 +74,7 @@ def moe_config_for(
     **moe_fields,
 ) -> CLIPMoEConfig:
     """The CLIP-MoE config of `base` with MoE layers in the chosen towers; arguments checked as user input."""
-    if num_experts < 1:
-        raise UserError(f"num_experts must be >= 1, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise UserError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+    check_expert_counts(num_experts, top_k)
     unknown = [t for t in towers if t not in TOWER_PREFIX]
     if unknown or not towers:
         raise UserError(f"towers {list(towers)} not understood: use vision, text or vision,text")

@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from transformers.utils import logging as hf_logging
+
 from encoder.errors import UserError
 
 from . import commands
@@ -48,6 +50,7 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # per-file loading bars would drown our own output
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

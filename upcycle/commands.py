@@ -14,6 +14,7 @@ from encoder.dense import default_image_processor, load_dense_clip
 from encoder.errors import UserError
 from encoder.export import check_output_dir
 
+from .assemble import check_expert_counts
 from .check import max_output_diff
 from .sparse import sparse_upcycle
 
@@ -29,6 +30,7 @@ def parse_towers(text: str) -> tuple[str, ...]:
 
 def run_sparse(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite)
+    check_expert_counts(args.num_experts, args.top_k)
     towers = parse_towers(args.towers)
     dense = load_dense_clip(args.base)
     model = sparse_upcycle(dense.model, args.num_experts, args.top_k, args.moe_layers, towers, args.seed)
