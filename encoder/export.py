@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _make_readable(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -46,6 +48,16 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp makes 0700 folders and save_pretrained 0600 weights; give the export the usual umask modes
+    so another user or a serving process can load it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_clip_moe(
@@ -88,6 +100,16 @@ def parameter_summary(model: PreTrainedModel) -> dict:
                 "top_k": getattr(cfg, "top_k", 1) if getattr(cfg, "moe_layers", None) else 1,
             }
     return {"total_params": total, "active_params": total - inactive, "towers": towers}
+
+
+def summary_lines(model: PreTrainedModel) -> list[str]:
+    """Human-readable parameter counts and MoE layout, one line each."""
+    s = parameter_summary(model)
+    lines = [f"  parameters: {s['total_params']:,} total, {s['active_params']:,} active per token"]
+    for tower, t in s["towers"].items():
+        lines.append(f"  {tower:6s} tower: MoE layers {t['moe_layers'] or 'none'} of {t['layers']}, "
+                     f"top-{t['top_k']} of {t['num_experts']} experts")
+    return lines
 
 
 def _tower_config(model, tower: str):

@@ -6,18 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
-from transformers.utils import logging as hf_logging
-
-from encoder.errors import UserError
+from encoder.cli_support import UserErrorParser, run_cli
 
 from . import commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m upcycle", description=__doc__.split("\n")[1])
+    parser = UserErrorParser(prog="python -m upcycle", description=__doc__.split("\n")[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sparse", help="sparse-upcycle a dense CLIP (experts = copies of the MLP, new routers)",
@@ -49,11 +45,4 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    hf_logging.disable_progress_bar()  # per-file loading bars would drown our own output
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), argv)

@@ -9,10 +9,10 @@ import logging
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from encoder import parameter_summary, save_clip_moe
+from encoder import save_clip_moe
 from encoder.dense import default_image_processor, load_dense_clip
 from encoder.errors import UserError
-from encoder.export import check_output_dir
+from encoder.export import check_output_dir, summary_lines
 
 from .assemble import check_expert_counts
 from .check import max_output_diff
@@ -48,12 +48,8 @@ def run_sparse(args: argparse.Namespace) -> int:
 
 
 def print_summary(model, diff: dict, out) -> None:
-    s = parameter_summary(model)
     print(f"CLIP-MoE written to {out}")
-    print(f"  parameters: {s['total_params']:,} total, {s['active_params']:,} active per token")
-    for tower, t in s["towers"].items():
-        print(f"  {tower:6s} tower: MoE layers {t['moe_layers'] or 'none'} of {t['layers']}, "
-              f"top-{t['top_k']} of {t['num_experts']} experts")
+    print("\n".join(summary_lines(model)))
     worst = max(diff.values())
     verdict = "identical to the dense model" if worst <= 1e-5 else "DIFFERS from the dense model"
     print(f"  dense-vs-MoE check: max abs diff {worst:.2e} over embeddings and hidden states ({verdict})")

@@ -1,6 +1,7 @@
 """`python -m upcycle sparse` / `demo`: the written directory, the summary, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,6 +50,10 @@ def test_sparse_writes_a_loadable_clip_moe_directory(base_dir, tmp_path, capsys,
     assert max(max_output_diff(tiny_dense_clip(), moe, batch).values()) <= 1e-5
     assert type(CLIPMoEVisionModel.from_pretrained(out)) is CLIPMoEVisionModel
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a server
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def run_cli(*args):

@@ -1,0 +1,31 @@
+"""What every `python -m <package>` command line shares: the error shape and the run wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from transformers.utils import logging as hf_logging
+
+from .errors import UserError
+
+
+class UserErrorParser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one `error: ...` line, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run the chosen command (`args.run`); user errors print one line and return 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # per-file loading bars would drown the command's own output
+    try:
+        return args.run(args) or 0
+    except UserError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
