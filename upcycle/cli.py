@@ -10,6 +10,7 @@ import argparse
 from encoder.cli_support import UserErrorParser, run_cli
 
 from . import commands
+from .data import cli_commands as data_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "model on real images (scikit-learn's handwritten digits).")
     p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     p.set_defaults(run=commands.run_demo)
+
+    p = sub.add_parser("make-digit-grids", help="write a captioned image data set of handwritten-digit grids",
+                       description="Writes grids of scikit-learn's real handwritten digits with position captions "
+                       "(LLaVA caption JSON per split) and one-word question/answer files (LLaVA instruction JSON). "
+                       "Train, val and test draw from disjoint digit scans.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num-train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--num-test", type=int, default=200, help="test images (default 200)")
+    p.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--grid", type=int, default=2, help="digits per side of the grid (default 2)")
+    p.add_argument("--resample", choices=("nearest", "bilinear"), default="nearest",
+                   help="upscaling filter (default nearest)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the pool split and the sampling (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=data_commands.run_make_digit_grids)
     return parser
 
 

@@ -1,0 +1,11 @@
+"""Image-text data for training a CLIP-MoE: readers (LLaVA JSON, JSONL, CSV, TSV, tar shards), torch datasets,
+and a generated, checkable task of handwritten-digit grids."""
+
+from .datasets import ImageTextDataset, collate, processor_transform, tokenizer_fn
+from .formats import SUPPORTED_EXTENSIONS, Pair, read_pairs
+from .tar_shards import TarShardDataset, expand_shards, write_tar_shard
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS", "ImageTextDataset", "Pair", "TarShardDataset", "collate", "expand_shards",
+    "processor_transform", "read_pairs", "tokenizer_fn", "write_tar_shard",
+]
