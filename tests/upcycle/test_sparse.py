@@ -77,3 +77,32 @@ def test_bad_moe_layer_specs_are_user_errors(spec):
 def test_bad_arguments_are_user_errors(dense_clip, kwargs, message):
     with pytest.raises(UserError, match=message):
         sparse_upcycle(dense_clip, **kwargs)
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
+def test_upcycling_an_open_clip_model_reproduces_open_clip(tmp_path, quick_gelu):
+    import json
+
+    import open_clip
+
+    name = f"test-upcycle-occ-{int(quick_gelu)}"
+    cfg = {"embed_dim": 16, "quick_gelu": quick_gelu,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    oc = open_clip.create_model(name, pretrained=None).eval()
+    ckpt = tmp_path / "weights.pt"
+    torch.save(oc.state_dict(), ckpt)
+
+    moe = sparse_upcycle(f"open_clip:{name}:{ckpt}", num_experts=4, top_k=2, moe_layers="all")
+    assert moe.config.vision_config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    ids[:, 0], ids[0, 1:4], ids[0, 4], ids[1, 1:10], ids[1, 10] = 49406, 320, 49407, 500, 49407
+    with torch.no_grad():
+        image = moe.get_image_features(pixels).pooler_output
+        text = moe.get_text_features(ids).pooler_output
+        torch.testing.assert_close(image, oc.encode_image(pixels), atol=1e-5, rtol=0)
+        torch.testing.assert_close(text, oc.encode_text(ids), atol=1e-5, rtol=0)
