@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-from transformers.activations import ACT2FN, GELUActivation, QuickGELUActivation, SiLUActivation
+from transformers.activations import (
+    ACT2FN,
+    GELUActivation,
+    QuickGELUActivation,
+    SiLUActivation,
+)
 from transformers.integrations.moe import use_experts_implementation
 
 QUICK_GELU_SCALE = 1.702
@@ -254,7 +259,9 @@ class CLIPMoEExperts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         self.capacity_factor = config.capacity_factor
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """hidden_states [T, d], top_k_index / top_k_weights [T, k] -> [T, d] (sum of weighted expert outputs)."""
         num_tokens, k = top_k_index.shape
         expert_of_choice = top_k_index.reshape(-1)

@@ -9,6 +9,8 @@ FFN (one layer, [batch, tokens, width] input, top-k of E experts, routing includ
   masked_loop    per-expert torch.where on the top-k mask + gather + fc1/act/fc2 + index_add_
                  (the CLIP-MoE reference / transformers' eager Mixtral dispatch), same router and weights
   hf_grouped_mm  transformers' `grouped_mm` experts implementation on the same module and weights
+  dense_2h_fused_act  the dense_2h FFN run through our experts code as 1 expert (same fused QuickGELU as
+                 moe, no router): separates the activation's cost from the routing / dispatch overhead
   (transformers' `batched_mm` is not run: it gathers a [T*k, h, d] weight copy per projection.)
 
 Tower (CLIPMoEVisionModel, every layer MoE) vs the dense tower (moe_layers=[]) vs the ideal
@@ -24,6 +26,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -31,18 +34,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPMLP
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-import transformers  # noqa: E402
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
-from transformers.models.clip.modeling_clip import CLIPMLP  # noqa: E402
-
-from encoder import CLIPMoESparseMLP, CLIPMoEVisionConfig, CLIPMoEVisionModel  # noqa: E402
+from encoder import (
+    CLIPMoEExperts,
+    CLIPMoESparseMLP,
+    CLIPMoEVisionConfig,
+    CLIPMoEVisionModel,
+)
 
 MASKED_LOOP = "bench_masked_loop"
 
@@ -87,7 +89,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int)
         n: {
             "median_ms": round(statistics.median(s), 2),
             "min_ms": round(min(s), 2),
-            "samples_ms": [round(v, 1) for v in s],
+            "samples_ms": [round(v, 3) for v in s],
         }
         for n, s in samples.items()
     }
@@ -113,6 +115,11 @@ def forward_backward_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, 
 
 def ratio(a: dict, b: dict) -> float:
     return round(a["median_ms"] / b["median_ms"], 3)
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a/b within the same round: robust to load that comes and goes between rounds."""
+    return round(statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"])), 3)
 
 
 def tower_config(args: argparse.Namespace, moe_layers: list[int]) -> CLIPMoEVisionConfig:
@@ -151,7 +158,8 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
     dense_cfg.intermediate_size = k * h
     dense = CLIPMLP(dense_cfg)
     variants["dense_2h"] = dense
-    order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm"]
+    variants["dense_2h_fused_act"] = _DenseAsOneExpert(dense_cfg, dense)
+    order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm", "dense_2h_fused_act"]
 
     x = torch.randn(args.batch, tokens, args.width)
     with torch.no_grad():
@@ -163,21 +171,18 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
     log("FFN forward+backward")
     xg = x.clone().requires_grad_()
     grad = torch.randn_like(x)
-    pick = {n: (lambda out: out) if n == "dense_2h" else (lambda out: out[0]) for n in order}
+    pick = {n: (lambda out: out[0]) if isinstance(variants[n], CLIPMoESparseMLP) else (lambda out: out) for n in order}
     for m in variants.values():
         m.train()
     fb = interleaved(
         {n: forward_backward_fn(variants[n], xg, grad, pick[n]) for n in order}, args.repeats, args.warmup
     )
 
-    def ratios(t: dict) -> dict:
-        return {
-            "moe_vs_dense_2h": ratio(t["moe"], t["dense_2h"]),
-            "moe_vs_masked_loop": ratio(t["moe"], t["masked_loop"]),
-            "moe_vs_hf_grouped_mm": ratio(t["moe"], t["hf_grouped_mm"]),
-            "masked_loop_vs_dense_2h": ratio(t["masked_loop"], t["dense_2h"]),
-            "hf_grouped_mm_vs_dense_2h": ratio(t["hf_grouped_mm"], t["dense_2h"]),
-        }
+    pairs = [("moe", "dense_2h"), ("moe", "masked_loop"), ("moe", "hf_grouped_mm"), ("masked_loop", "dense_2h"),
+             ("hf_grouped_mm", "dense_2h"), ("moe", "dense_2h_fused_act"), ("dense_2h_fused_act", "dense_2h")]
+
+    def ratios(t: dict, fn: Callable[[dict, dict], float]) -> dict:
+        return {f"{a}_vs_{b}": fn(t[a], t[b]) for a, b in pairs}
 
     s = args.batch * tokens * k
     return {
@@ -186,17 +191,21 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
                   "num_experts": args.experts, "top_k": k, "act": "quick_gelu"},
         "expert_load_fraction": [round(v, 4) for v in load.tolist()],
         "implementations": {
-            "moe": "encoder.CLIPMoESparseMLP, experts_implementation='eager' (our sort + per-segment addmm)",
-            "dense_2h": f"transformers CLIPMLP, intermediate_size={k * h} (same active FLOPs)",
+            "moe": "encoder.CLIPMoESparseMLP, experts_implementation='eager' (our sort + per-segment addmm, "
+                   "QuickGELU fused as a scaled SiLU)",
+            "dense_2h": f"transformers CLIPMLP, intermediate_size={k * h} (same active FLOPs; its QuickGELU is "
+                        "three elementwise ops)",
             "masked_loop": "per-expert torch.where(top_k_index == e) + gather + fc1/act/fc2 + weight + index_add_",
             "hf_grouped_mm": "transformers experts_implementation='grouped_mm' (per-row bias gather)",
+            "dense_2h_fused_act": "the dense_2h weights run by encoder.CLIPMoEExperts as 1 expert, every token "
+                                  "routed to it with weight 1 (moe's fused activation, no router)",
             "hf_batched_mm": (
                 "skipped: gathers per-token weight copies up_proj[expert_ids] / down_proj[expert_ids], "
                 f"2 x {s} x {h} x {args.width} fp32 = {2 * s * h * args.width * 4 / 2**30:.1f} GiB at these shapes"
             ),
         },
-        "forward": {"times": fwd, "ratios": ratios(fwd)},
-        "forward_backward": {"times": fb, "ratios": ratios(fb)},
+        "forward": {"times": fwd, "ratios": ratios(fwd, ratio), "paired_ratios": ratios(fwd, paired_ratio)},
+        "forward_backward": {"times": fb, "ratios": ratios(fb, ratio), "paired_ratios": ratios(fb, paired_ratio)},
     }
 
 
@@ -261,6 +270,8 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
 
     def summary(t: dict) -> dict:
         ideal = t["dense"]["median_ms"] + (k - 1) * t["dense_mlps"]["median_ms"]
+        ideal_rounds = [d + (k - 1) * m for d, m in zip(t["dense"]["samples_ms"], t["dense_mlps"]["samples_ms"])]
+        ideal_samples = {"samples_ms": ideal_rounds}
         return {
             "times": t,
             "ideal_ms": round(ideal, 2),
@@ -268,6 +279,10 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
                 "tower_moe_vs_ideal": round(t["moe"]["median_ms"] / ideal, 3),
                 "tower_moe_vs_dense": ratio(t["moe"], t["dense"]),
                 "mlp_share_of_dense_tower": ratio(t["dense_mlps"], t["dense"]),
+            },
+            "paired_ratios": {
+                "tower_moe_vs_ideal": paired_ratio(t["moe"], ideal_samples),
+                "tower_moe_vs_dense": paired_ratio(t["moe"], t["dense"]),
             },
         }
 
@@ -285,6 +300,27 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
     }
 
 
+class _DenseAsOneExpert(nn.Module):
+    """A dense CLIPMLP's weights run by our experts code as a single expert that takes every token."""
+
+    def __init__(self, config: CLIPMoEVisionConfig, dense: CLIPMLP):
+        super().__init__()
+        cfg = copy.deepcopy(config)
+        cfg.num_experts, cfg.top_k = 1, 1
+        cfg._experts_implementation = "eager"
+        self.experts = CLIPMoEExperts(cfg)
+        with torch.no_grad():
+            self.experts.up_proj.copy_(dense.fc1.weight[None])
+            self.experts.up_proj_bias.copy_(dense.fc1.bias[None])
+            self.experts.down_proj.copy_(dense.fc2.weight[None])
+            self.experts.down_proj_bias.copy_(dense.fc2.bias[None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        index = torch.zeros(flat.shape[0], 1, dtype=torch.long)
+        return self.experts(flat, index, flat.new_ones(flat.shape[0], 1)).view_as(x)
+
+
 class _Apply(nn.Module):
     """Wraps a function as a module so forward_fn can time it."""
 
@@ -294,6 +330,17 @@ class _Apply(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.fn(x)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name where /proc/cpuinfo has it (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-ffn", action="store_true", help="only the tower comparison")
     p.add_argument("--skip-tower", action="store_true", help="only the FFN comparison")
     p.add_argument("--output", type=Path, help="also write the JSON to this file")
+    p.add_argument("--note", help="free text stored in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke config (2 layers, width 64, 32px images, batch 2, 2 rounds)")
     args = p.parse_args(argv)
@@ -325,28 +373,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     tokens = (args.image // args.patch) ** 2 + 1
     result: dict = {
         "benchmark": "scripts/bench_moe.py",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else " ".join(argv),
+        "command": shlex.join(["python", "scripts/bench_moe.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": "cpu",
         "dtype": "float32",
         "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "machine": f"{os.cpu_count()}-core CPU ({cpu_model()})",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "timing": {"repeats": args.repeats, "warmup": args.warmup,
-                   "method": "interleaved rounds in rotating order; median (and min) wall time per implementation"},
+                   "method": "interleaved rounds in rotating order; median (and min) wall time per implementation",
+                   "ratios": "median of a / median of b",
+                   "paired_ratios": "median over rounds of a / b within a round (robust to load between rounds)"},
         "forward_mode": "torch.no_grad()",
         "forward_backward_mode": "train(); grads set to None each step; backward to input and all parameters",
     }
+    if args.note:
+        result["note"] = args.note
+    result["loadavg_1min_start"] = round(os.getloadavg()[0], 2)
     if not args.skip_ffn:
         result["ffn"] = bench_ffn(args, tokens)
     if not args.skip_tower:
         result["tower"] = bench_tower(args, tokens)
+    result["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
