@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from encoder import save_clip_moe
+from encoder import CLIPMoEModel, save_clip_moe
 from encoder.dense import default_image_processor, load_dense_clip
 from encoder.errors import UserError
 from encoder.export import check_output_dir, summary_lines
@@ -57,8 +58,6 @@ def print_summary(model, diff: dict, out) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Build a small dense CLIP, sparse-upcycle it via the `sparse` command, check it on real digit images."""
-    from pathlib import Path
-
     out = Path(args.out)
     base_dir, moe_dir = out / "dense-clip", out / "clip-moe"
     torch.manual_seed(0)
@@ -70,8 +69,6 @@ def run_demo(args: argparse.Namespace) -> int:
     ns = argparse.Namespace(base=str(base_dir), out=str(moe_dir), num_experts=4, top_k=2, moe_layers="all",
                             towers="vision,text", seed=0, overwrite=True)
     run_sparse(ns)
-    from encoder import CLIPMoEModel
-
     moe = CLIPMoEModel.from_pretrained(moe_dir).eval()
     diff = max_output_diff(base, moe, digit_inputs(base))
     print("check on 16 real handwritten digits (scikit-learn) after reloading from disk:")

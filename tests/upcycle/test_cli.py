@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedTokenizerFast
 
@@ -120,4 +119,4 @@ def test_demo_runs_and_checks_function_preservation(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "identical to the dense model" in printed and "handwritten digits" in printed
-    assert torch.load is not None and (tmp_path / "demo" / "clip-moe" / "config.json").exists()
+    assert (tmp_path / "demo" / "clip-moe" / "config.json").exists()
