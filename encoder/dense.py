@@ -79,7 +79,7 @@ def _load_directory(path: Path) -> DenseCLIP:
             f"base {path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
         )
     model = CLIPModel.from_pretrained(path).eval()
-    return DenseCLIP(model, _image_processor(path, model.config), _tokenizer(path), str(path))
+    return DenseCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(path))
 
 
 def _load_hub(repo_id: str) -> DenseCLIP:
@@ -91,10 +91,10 @@ def _load_hub(repo_id: str) -> DenseCLIP:
             f"base {repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
             "download it first and pass its directory"
         ) from None
-    return DenseCLIP(model, _image_processor(repo_id, config), _tokenizer(repo_id), repo_id)
+    return DenseCLIP(model, image_processor_for(repo_id, config), tokenizer_for(repo_id), repo_id)
 
 
-def _image_processor(source, config: CLIPConfig) -> CLIPImageProcessor:
+def image_processor_for(source, config: CLIPConfig) -> CLIPImageProcessor:
     try:
         return CLIPImageProcessor.from_pretrained(source)
     except OSError:
@@ -102,7 +102,7 @@ def _image_processor(source, config: CLIPConfig) -> CLIPImageProcessor:
         return default_image_processor(config.vision_config.image_size)
 
 
-def _tokenizer(source):
+def tokenizer_for(source):
     if isinstance(source, Path) and not any((source / f).exists() for f in TOKENIZER_FILES):
         return None
     try:

@@ -6,7 +6,7 @@ Every dense key is consumed and every CLIP-MoE key filled, and the result is loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import CLIPModel
@@ -90,15 +90,18 @@ def moe_config_for(
 def assemble_clip_moe(
     base: CLIPModel,
     config: CLIPMoEConfig,
-    expert_sources: Sequence[CLIPModel] | None = None,
+    expert_sources: Sequence[CLIPModel | Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
 ) -> CLIPMoEModel:
     """A CLIP-MoE whose MoE-layer expert e is `expert_sources[e]`'s FFN (default: the base's) at that layer.
 
+    An expert source is a dense CLIP or a state dict holding at least its FFN tensors (e.g. a DMU stage's).
     All other weights come from `base`; routers are new, drawn from N(0, initializer_range) with `seed`.
     """
     base_sd = base.state_dict()
-    sources = [s.state_dict() for s in expert_sources] if expert_sources is not None else None
+    sources = None
+    if expert_sources is not None:
+        sources = [s if isinstance(s, Mapping) else s.state_dict() for s in expert_sources]
     target = {}
     used = set()
     for tower, prefix in TOWER_PREFIX.items():
@@ -110,7 +113,7 @@ def assemble_clip_moe(
             mlp = f"{prefix}.encoder.layers.{layer}.mlp."
             for dense_name, expert_name in FFN_TO_EXPERT.items():
                 key = mlp + dense_name
-                per_expert = [sd[key] for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
+                per_expert = [_ffn(sd, key) for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
                 target[f"{mlp}experts.{expert_name}"] = torch.stack(per_expert).clone()
                 used.add(key)
             router = torch.empty(cfg.num_experts, cfg.hidden_size)
@@ -127,3 +130,9 @@ def assemble_clip_moe(
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(target, strict=True)
     return model.to(next(base.parameters()).dtype).eval()
+
+
+def _ffn(source: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in source:
+        raise ValueError(f"expert source lacks {key}: it is not an FFN state of this base")
+    return source[key]

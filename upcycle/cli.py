@@ -11,6 +11,7 @@ from encoder.cli_support import UserErrorParser, run_cli
 
 from . import commands
 from .data import cli_commands as data_commands
+from .evaluate import add_eval_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the pool split and the sampling (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=data_commands.run_make_digit_grids)
+
+    p = sub.add_parser("init-base", help="write a small randomly initialised CLIP with a tokenizer fitted to captions",
+                       description="Writes a small dense CLIP (transformers layout, image processor, word-level "
+                       "tokenizer built from the data's captions) to train from scratch with `upcycle train "
+                       "--trainable all`: the base of the embedded demo. Real runs start from a real CLIP instead.")
+    p.add_argument("--captions", required=True, help="image-caption data file whose captions define the vocabulary")
+    p.add_argument("--out", required=True, help="output CLIP directory")
+    p.add_argument("--width", type=int, default=64, help="hidden size of both towers (default 64)")
+    p.add_argument("--layers", type=int, default=4, help="layers per tower (default 4)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--image-size", type=int, default=32, help="model input size in pixels (default 32)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size (default 8)")
+    p.add_argument("--max-length", type=int, default=32, help="text context in tokens (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=commands.run_init_base)
+
+    _add_train_parser(sub)
+    _add_dmu_parser(sub)
+    add_eval_commands(sub)
     return parser
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-data", required=True,
+                   help="image-caption pairs: LLaVA/ShareGPT4V JSON, JSONL, CSV or TSV with image and caption columns")
+    p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's folder)")
+    p.add_argument("--skip-missing", action="store_true", help="drop pairs whose image is missing (counted)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="global batch over all processes (default 64); its pairs are each other's negatives")
+    p.add_argument("--weight-decay", type=float, default=0.2, help="AdamW weight decay (default 0.2)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps between checkpoints (default 500)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto = bf16 autocast on GPUs that support it, else fp32 (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed for batch order and routers (default 0)")
+    p.add_argument("--work-dir", help="checkpoints, logs (metrics.jsonl, TensorBoard) and state "
+                   "(default: next to --out)")
+    p.add_argument("--resume", action="store_true", help="continue the run found in the work directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def _add_train_parser(sub) -> None:
+    from .train.command import parse_logit_scale, run_train
+    from .train.params import TRAINABLE_CHOICES
+
+    p = sub.add_parser("train", help="continued contrastive training of a CLIP or CLIP-MoE",
+                       description="Symmetric InfoNCE training of any CLIP or CLIP-MoE directory (e.g. the CLIP-UP "
+                       "recipe after `upcycle sparse`: --trainable all, a reduced --lr, load balance + z-loss). "
+                       "One CPU process or several GPUs via `accelerate launch`.")
+    p.add_argument("--model", required=True, help="CLIP or CLIP-MoE directory (or a dense base spec)")
+    p.add_argument("--out", required=True, help="output directory for the trained model")
+    _add_data_args(p)
+    p.add_argument("--trainable", choices=TRAINABLE_CHOICES, default="all",
+                   help="parameters to train: all, ffn (MLPs / experts) or router (default all)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the steps (default 0.03)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="InfoNCE label smoothing (default 0)")
+    p.add_argument("--logit-scale", type=parse_logit_scale, default=None,
+                   help="'learnable' (the model's own; default) or a fixed multiplier such as 100")
+    p.add_argument("--aux-loss-coef", type=float, help="load-balance weight (default: the CLIP-MoE config's)")
+    p.add_argument("--z-loss-coef", type=float, help="router z-loss weight (default: the CLIP-MoE config's)")
+    _add_run_args(p)
+    p.set_defaults(run=run_train)
+
+
+def _add_dmu_parser(sub) -> None:
+    from .dmu.command import run_dmu_command
+    from .train.command import parse_logit_scale
+
+    p = sub.add_parser("dmu", help="Diversified Multiplet Upcycling: MCL stages, assembly, router training",
+                       description="Builds a CLIP-MoE whose experts learned different features: stage s encodes the "
+                       "data with stage s-1, clusters image and text embeddings, and fine-tunes the base's FFNs with "
+                       "every global batch drawn from one accumulated cluster; expert i = stage i's FFNs (expert 0 = "
+                       "the base); then only the routers train. Interrupted runs continue with --resume.")
+    p.add_argument("--base", required=True,
+                   help="dense CLIP: a transformers CLIP directory, a hub id, or open_clip:MODEL_NAME[:CHECKPOINT]")
+    p.add_argument("--out", required=True, help="output CLIP-MoE directory")
+    _add_data_args(p)
+    _add_moe_args(p)
+    p.add_argument("--clusters-per-modality", type=int, default=3,
+                   help="k-means clusters for images and for texts per stage (default 3: 9 joint clusters)")
+    p.add_argument("--stage-epochs", type=float, default=1.0, help="epochs per MCL stage (default 1)")
+    p.add_argument("--router-epochs", type=float, default=1.0, help="epochs of router training (default 1)")
+    p.add_argument("--stage-max-steps", type=int, help="cap the optimizer steps per stage (overrides --stage-epochs)")
+    p.add_argument("--router-max-steps", type=int, help="cap the router-training steps (overrides --router-epochs)")
+    p.add_argument("--lr", type=float, default=1e-5, help="MCL stage learning rate (default 1e-5)")
+    p.add_argument("--router-lr", type=float, default=1e-6, help="router learning rate (default 1e-6)")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="InfoNCE label smoothing (default 0.1)")
+    p.add_argument("--logit-scale", type=parse_logit_scale, default=100.0,
+                   help="fixed logit multiplier (default 100, as published) or 'learnable' = the base's own, frozen")
+    p.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balance weight in router training "
+                   "(default 0.01)")
+    p.add_argument("--z-loss-coef", type=float, default=0.0, help="router z-loss weight (default 0)")
+    _add_run_args(p)
+    p.set_defaults(run=run_dmu_command)
 
 
 def _add_moe_args(p: argparse.ArgumentParser) -> None:

@@ -100,3 +100,16 @@ def digit_inputs(model: CLIPModel, n: int = 16) -> dict[str, torch.Tensor]:
     t = model.config.text_config
     ids = torch.tensor([[t.bos_token_id, 1, 2, 3 + int(d), t.eos_token_id] for d in digits.target[:n]])
     return {"pixel_values": (pixels - 0.5) / 0.25, "input_ids": ids}
+
+
+def run_init_base(args: argparse.Namespace) -> int:
+    from .data import read_pairs
+    from .small_base import init_small_clip
+
+    check_output_dir(args.out, args.overwrite)
+    captions = [p.caption for p in read_pairs(args.captions, skip_missing=True)]
+    model = init_small_clip(args.out, captions, args.width, args.layers, args.heads, args.image_size,
+                            args.patch_size, args.max_length, args.seed, args.overwrite)
+    print(f"small CLIP ({sum(p.numel() for p in model.parameters()):,} parameters, vocabulary "
+          f"{model.config.text_config.vocab_size}) written to {args.out}")
+    return 0

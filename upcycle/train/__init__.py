@@ -1,0 +1,11 @@
+"""Contrastive training of CLIP and CLIP-MoE models (accelerate: one CPU process or several GPUs)."""
+
+from .losses import clip_contrastive_loss, gather_with_grad
+from .params import TRAINABLE_CHOICES, select_trainable
+from .sampler import ClusterBatchSampler
+from .trainer import ContrastiveTrainer, TrainConfig, TrainingDiverged, latest_checkpoint, load_trained_parameters
+
+__all__ = [
+    "TRAINABLE_CHOICES", "ClusterBatchSampler", "ContrastiveTrainer", "TrainConfig", "TrainingDiverged",
+    "clip_contrastive_loss", "gather_with_grad", "latest_checkpoint", "load_trained_parameters", "select_trainable",
+]

@@ -1,0 +1,319 @@
+"""Contrastive training of a CLIP or CLIP-MoE on image-text pairs, on one CPU process or several GPUs.
+
+Built on accelerate (DDP, bf16 autocast where the device supports it). The batch plan is ours, not
+accelerate's: a `ClusterBatchSampler` gives every rank its share of the same global batch, which is what
+Multistage Contrastive Learning needs, and it makes resuming mid-epoch exact (skip the batches done).
+
+Checkpoints hold only the trainable parameters, the optimizer and the schedule: the frozen weights are the
+starting model's, so an FFN-only stage of a ViT-L does not write the whole model every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from encoder.errors import UserError
+
+from .losses import clip_contrastive_loss
+from .params import select_trainable
+from .sampler import ClusterBatchSampler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    trainable: str = "all"  # all | ffn | router
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 64  # global batch: pairs per optimizer micro-step over all processes
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    warmup_ratio: float = 0.03
+    label_smoothing: float = 0.0
+    logit_scale: float | None = None  # a fixed multiplier (DMU: 100); None = the model's learnable one
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 500  # optimizer steps
+    num_workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
+    precision: str = "auto"  # auto (bf16 on capable GPUs) | fp32 | bf16
+    seed: int = 0
+    desc: str = "train"
+
+
+class ContrastiveHead(nn.Module):
+    """Wraps a CLIP / CLIP-MoE so that one forward call (the one DDP hooks) yields everything the loss needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.is_moe = getattr(model.config, "model_type", "") == "clip_moe"
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        kw = {"output_router_logits": True} if self.is_moe else {}
+        vision = self.model.get_image_features(pixel_values=pixel_values, **kw)
+        text = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        zero = vision.pooler_output.new_zeros((), dtype=torch.float32)
+        balance = sum((t.load_balance_loss for t in (vision, text) if _has(t, "load_balance_loss")), zero)
+        z_loss = sum((t.router_z_loss for t in (vision, text) if _has(t, "router_z_loss")), zero)
+        return (nn.functional.normalize(vision.pooler_output.float(), dim=-1),
+                nn.functional.normalize(text.pooler_output.float(), dim=-1), balance, z_loss)
+
+
+def _has(output, field: str) -> bool:
+    return getattr(output, field, None) is not None
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision {precision!r} not understood: use auto, fp32 or bf16")
+    mixed = "no"
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        mixed = "bf16"
+    return Accelerator(mixed_precision=mixed)
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    found = [p for p in work_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(work_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `work_dir` (written atomically, so complete means usable)."""
+    found = _checkpoints(Path(work_dir))
+    return found[-1] if found else None
+
+
+def load_trained_parameters(model: nn.Module, path: str | Path) -> list[str]:
+    """Load a checkpoint's (or final) trainable tensors into `model`; returns their names."""
+    tensors = load_file(str(Path(path) / "trainable.safetensors") if Path(path).is_dir() else str(path))
+    missing = set(tensors) - set(model.state_dict())
+    if missing:
+        raise UserError(f"{path} holds weights the model does not have (e.g. {sorted(missing)[0]}); "
+                        "it belongs to a different model")
+    model.load_state_dict(tensors, strict=False)
+    return sorted(tensors)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+class ContrastiveTrainer:
+    """Trains `model` in place on `dataset` (items: pixel_values + caption; `collate_fn` tokenizes).
+
+    `labels` (one int per pair) restricts every global batch to one label; None = ordinary shuffling.
+    `work_dir` receives checkpoints (`step-N/`), `metrics.jsonl` and TensorBoard logs (`tb/`).
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
+                 work_dir: str | Path, labels=None):
+        self.config = config
+        self.work_dir = Path(work_dir)
+        self.accelerator = _accelerator(config.precision)
+        acc = self.accelerator
+        if config.batch_size % acc.num_processes:
+            raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {acc.num_processes} "
+                            "processes (it is the global batch)")
+        n = len(dataset)
+        if n < config.batch_size:
+            raise UserError(f"{n} training pairs but the global batch is {config.batch_size}; "
+                            "lower --batch-size or add data")
+        self.model = model
+        self.trainable = select_trainable(model, config.trainable)
+        if config.logit_scale is not None and hasattr(model, "logit_scale"):
+            model.logit_scale.requires_grad_(False)
+            self.trainable = [t for t in self.trainable if t != "logit_scale"]
+        self.sampler = ClusterBatchSampler(labels if labels is not None else [0] * n, config.batch_size,
+                                           acc.num_processes, acc.process_index, config.seed)
+        workers = config.num_workers
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1) if acc.device.type == "cuda" else 0
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate_fn, num_workers=workers,
+                                 pin_memory=acc.device.type == "cuda", persistent_workers=False)
+        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // config.grad_accum)
+        self.total_steps = config.max_steps or max(1, math.ceil(self.steps_per_epoch * config.epochs))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        from transformers import get_cosine_schedule_with_warmup
+
+        scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * self.total_steps),
+                                                    self.total_steps)
+        self.head, self.optimizer = acc.prepare(ContrastiveHead(model), optimizer)
+        self.scheduler = scheduler
+        self.step = 0
+        self.batches_done = 0  # global micro-batches consumed, over all epochs
+        self.pairs_seen = 0
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        path = self.work_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        acc = self.accelerator
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.head).model
+            named = dict(model.named_parameters())
+            tensors = {k: named[k].detach().cpu().contiguous() for k in self.trainable}
+            state = {"step": self.step, "batches_done": self.batches_done, "pairs_seen": self.pairs_seen,
+                     "config": asdict(self.config), "num_processes": acc.num_processes}
+
+            def write(tmp: Path) -> None:
+                save_file(tensors, str(tmp / "trainable.safetensors"))
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                           tmp / "optimizer.pt")
+                (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+            _write_atomically(path, write)
+            for old in _checkpoints(self.work_dir)[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of this same run: parameters, optimizer, schedule, batch position."""
+        state = json.loads((path / "state.json").read_text())
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise UserError(f"{path} was written by {state['num_processes']} processes, this run has "
+                            f"{self.accelerator.num_processes}; resume with the same number of processes")
+        load_trained_parameters(self.accelerator.unwrap_model(self.head).model, path)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        self.step, self.batches_done, self.pairs_seen = state["step"], state["batches_done"], state["pairs_seen"]
+        logger.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
+
+    # -- training ----------------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """Endless (epoch, batch) stream starting after the batches already done."""
+        per_epoch = self.sampler.batches_per_epoch
+        while True:
+            epoch, start = divmod(self.batches_done, per_epoch)
+            self.sampler.set_epoch(epoch, start)
+            yield from self.loader
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        acc, cfg = self.accelerator, self.config
+        image, text, balance, z = self.head(batch["pixel_values"].to(acc.device), batch["input_ids"].to(acc.device),
+                                            batch["attention_mask"].to(acc.device))
+        model = acc.unwrap_model(self.head).model
+        scale = cfg.logit_scale if cfg.logit_scale is not None else model.logit_scale.exp().clamp(max=100)
+        contrastive = clip_contrastive_loss(image, text, scale, cfg.label_smoothing)
+        loss = contrastive + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
+        return loss, {"contrastive": contrastive.item(), "load_balance": balance.item(), "z_loss": z.item()}
+
+    def train(self, resume: bool = True) -> nn.Module:
+        """Run to `total_steps` (resuming from the newest checkpoint in work_dir when asked); return the model."""
+        acc, cfg = self.accelerator, self.config
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        last = latest_checkpoint(self.work_dir) if resume else None
+        if last is not None:
+            self.resume(last)
+        writer = _tensorboard(self.work_dir / "tb") if acc.is_main_process else None
+        metrics = open(self.work_dir / "metrics.jsonl", "a") if acc.is_main_process else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.desc, unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        self.head.train()
+        batches = self._micro_batches()
+        try:
+            while self.step < self.total_steps:
+                logs = self._optimizer_step(batches)
+                bar.update()
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if writer is not None:
+                    for key, value in logs.items():
+                        writer.add_scalar(f"train/{key}", value, self.step)
+                    metrics.write(json.dumps({"step": self.step, **logs}) + "\n")
+                    metrics.flush()
+                if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+                metrics.close()
+        self.save_checkpoint()
+        model = acc.unwrap_model(self.head).model
+        return model.eval()
+
+    def _optimizer_step(self, batches) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.config
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            sync = micro == cfg.grad_accum - 1
+            with acc.autocast(), (acc.no_sync(self.head) if not sync else nullcontext()):
+                loss, parts = self._loss(batch)
+                self._stop_if_diverged(loss)
+                acc.backward(loss / cfg.grad_accum)
+            self.batches_done += 1
+            self.pairs_seen += len(batch["captions"]) * acc.num_processes
+            for key, value in {"loss": loss.item(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+        if cfg.max_grad_norm:
+            acc.clip_grad_norm_([p for p in self.head.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {**totals, "lr": self.scheduler.get_last_lr()[0], "pairs_seen": float(self.pairs_seen)}
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            last = latest_checkpoint(self.work_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; {where}; lower the "
+                                   "learning rate (--lr) and resume or restart")
+
+
+def _tensorboard(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+        logger.warning("tensorboard not installed; only metrics.jsonl is written")
+        return _NoWriter()
+    return SummaryWriter(str(log_dir))
+
+
+class _NoWriter:
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
