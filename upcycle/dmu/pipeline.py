@@ -25,6 +25,7 @@ from encoder.export import check_output_dir, save_clip_moe
 from ..assemble import moe_config_for, assemble_clip_moe
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ..train import ContrastiveTrainer, TrainConfig
+from ..train.distributed import process_state
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 
 logger = logging.getLogger(__name__)
@@ -189,11 +190,9 @@ class DMURun:
     def cluster(self, stage: int, previous: np.ndarray) -> None:
         """Encode with stage s-1's model (each process a share), k-means each modality on the main process,
         accumulate the labels and merge clusters below one global batch; results go to the stage folder."""
-        from accelerate import PartialState
-
         from ..embed import encode_pairs
 
-        state, folder = PartialState(), self.stage_dir(stage)
+        state, folder = process_state(), self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         share = self.pairs[state.process_index::state.num_processes]
         images, texts = encode_pairs(self.stage_model(stage - 1), share, self.image_processor, self.tokenizer,
@@ -271,15 +270,11 @@ def run_dmu(cfg: DMUConfig, resume: bool = False) -> Path:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _wait() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def _write_json(path: Path, data) -> None:

@@ -7,17 +7,34 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the gathered rows and keeps this rank's slice
+    (an all_reduce, so it also runs on gloo, which has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all processes in rank order; gradients flow back to every rank's share.
+    """Concatenate `x` (same shape on every rank) from all processes in rank order, keeping gradients.
 
     A plain all_gather would cut the graph at the other ranks' embeddings, so each rank would only train
-    through its own rows of the similarity matrix.
+    through its own rows of the similarity matrix. With DDP's gradient averaging, the mean of the ranks'
+    local losses then has exactly the gradient of the loss over the global batch.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _AllGather.apply(x)
 
 
 def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,

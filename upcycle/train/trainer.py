@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from encoder.errors import UserError
 
+from .distributed import make_accelerator
 from .losses import clip_contrastive_loss
 from .params import select_trainable
 from .sampler import ClusterBatchSampler
@@ -87,14 +88,12 @@ def _has(output, field: str) -> bool:
 
 
 def _accelerator(precision: str):
-    from accelerate import Accelerator
-
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision {precision!r} not understood: use auto, fp32 or bf16")
     mixed = "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
-    return Accelerator(mixed_precision=mixed)
+    return make_accelerator(mixed)
 
 
 def _checkpoints(work_dir: Path) -> list[Path]:

@@ -1,0 +1,29 @@
+"""The process group of a run, however it was launched (python, torchrun, accelerate launch).
+
+accelerate only forms a CPU process group (gloo) when told the run is on the CPU; otherwise processes
+started by torchrun on a machine without GPUs would each train alone, silently. Every entry point asks for
+the state through `process_state()` before creating an Accelerator, so CPU runs join their group too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def process_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu())
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    from accelerate import Accelerator
+
+    process_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu())
