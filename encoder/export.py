@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from transformers import CLIPImageProcessor, PreTrainedModel
@@ -155,3 +155,20 @@ def model_card(model: PreTrainedModel, card: dict) -> str:
     if card.get("details"):
         lines += ["## Details", "", "```json", json.dumps(card["details"], indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Create `path` through `write(tmp)` on a sibling temporary file renamed into place, so a reader never
+    sees a half-written result and a failure leaves any earlier file intact."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -11,7 +11,7 @@ from encoder.cli_support import UserErrorParser, run_cli
 
 from . import commands
 from .data import cli_commands as data_commands
-from .evaluate import add_eval_commands
+from .analysis_commands import add_eval_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
