@@ -60,3 +60,103 @@ def dense_clip() -> CLIPModel:
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return tiny_batch()
+
+
+# Saved towers and LLaVA checkpoints (tests/encoder/test_tower.py, tests/mllm_bridge/): built once per session.
+
+CAPTIONS = ["USER: <image>\nWhat is in the image? ASSISTANT: a handwritten digit on a grid",
+            "a photo of a cat", "the quick brown fox jumps over the lazy dog"]
+
+
+def save_tiny_clip_moe(out, seed: int = 0, vision_only: bool = False):
+    """A CLIP-MoE of `tiny_dense_clip(seed)` (vision MoE in all layers, top-2 of 4) with its image processor.
+
+    The experts are perturbed apart, so the CLIP-MoE no longer computes its dense base's function.
+    """
+    from encoder import save_clip_moe
+    from encoder.dense import default_image_processor
+    from upcycle import sparse_upcycle
+
+    moe = sparse_upcycle(tiny_dense_clip(seed), num_experts=4, top_k=2, moe_layers="all", towers=("vision",))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moe.vision_model.encoder.layers:
+            up = layer.mlp.experts.up_proj
+            up.add_(0.5 * up.std() * torch.randn(up.shape, generator=g))
+    model = moe.vision_model if vision_only else moe
+    return save_clip_moe(model, out, image_processor=default_image_processor(32))
+
+
+def save_tiny_dense_clip(out, seed: int = 0):
+    """`tiny_dense_clip(seed)` saved as a transformers CLIP directory with its image processor."""
+    from encoder.dense import default_image_processor
+
+    tiny_dense_clip(seed).save_pretrained(out)
+    default_image_processor(32).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_moe_dir(tmp_path_factory):
+    return save_tiny_clip_moe(tmp_path_factory.mktemp("towers") / "clip-moe")
+
+
+@pytest.fixture(scope="session")
+def dense_clip_dir(tmp_path_factory):
+    """The dense base of `clip_moe_dir`."""
+    return save_tiny_dense_clip(tmp_path_factory.mktemp("towers") / "clip")
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    from mllm_bridge.tiny_lm import train_tokenizer
+
+    return train_tokenizer(CAPTIONS * 4, merges_vocab_size=160)
+
+
+@pytest.fixture(scope="session")
+def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
+    """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `clip_moe_dir`."""
+    from mllm_bridge.llava_model import build_llava_model
+    from mllm_bridge.tiny_lm import tiny_llama_config
+
+    out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-clip-moe"
+    torch.manual_seed(0)
+    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), clip_moe_dir)
+    model.save_pretrained(out)
+    llama_tokenizer.save_pretrained(out)
+    return out
+
+
+# Tiny digit-grid data and a small-base CLIP for training and evaluation tests (tests/upcycle).
+
+@pytest.fixture(scope="session")
+def grids_dir(tmp_path_factory):
+    from upcycle.data.digit_grids import make_digit_grids
+
+    out = tmp_path_factory.mktemp("data") / "grids"
+    make_digit_grids(out, num_train=96, num_val=8, num_test=32, image_size=32, grid=2, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_clip_dir(tmp_path_factory, grids_dir):
+    """A width-32, 2-layer dense CLIP with a word tokenizer fitted to the digit captions."""
+    import json
+
+    from upcycle.small_base import init_small_clip
+
+    out = tmp_path_factory.mktemp("models") / "base"
+    captions = [r["conversations"][1]["value"] for r in json.loads((grids_dir / "train.json").read_text())]
+    init_small_clip(out, captions, width=32, layers=2, heads=2, image_size=32, patch_size=8, max_length=24, seed=0)
+    return out
+
+
+def dataset_for(loaded, data_file):
+    """The training dataset of a loaded CLIP over a data file (what the commands build)."""
+    from upcycle.data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+
+    pairs = read_pairs(data_file)
+    max_len = loaded.model.config.text_config.max_position_embeddings
+    tokenize = tokenizer_fn(loaded.tokenizer, max_len)
+    return ImageTextDataset(pairs, processor_transform(loaded.image_processor), tokenize)

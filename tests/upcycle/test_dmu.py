@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from digit_fixtures import base_clip_dir, grids_dir  # noqa: F401 (fixtures)
 from encoder import CLIPMoEModel
 from upcycle.cli import main
 from upcycle.dmu import accumulate_labels, joint_labels, merge_small_clusters

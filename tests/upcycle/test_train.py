@@ -19,7 +19,7 @@ from upcycle.train import (ClusterBatchSampler, ContrastiveTrainer, TrainConfig,
                            clip_contrastive_loss, latest_checkpoint, select_trainable)
 from upcycle.train import trainer as trainer_module
 
-from digit_fixtures import base_clip_dir, dataset_for, grids_dir  # noqa: F401 (fixtures)
+from conftest import dataset_for
 
 
 # -- the batch plan --------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from encoder.dense import load_dense_clip
 from encoder.errors import UserError
-from encoder.export import check_output_dir, save_clip_moe
+from encoder.export import check_output_dir, save_clip_moe, write_atomic
 
 from ..assemble import moe_config_for, assemble_clip_moe
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
@@ -278,21 +277,19 @@ def _wait() -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n"))
 
 
 def _save_tensors(path: Path, tensors: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append .npy to the temporary name
+            np.save(f, array)
+
+    write_atomic(path, write)
 
 
 def _last_loss(metrics: Path, window: int = 10) -> float:

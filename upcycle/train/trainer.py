@@ -213,7 +213,8 @@ class ContrastiveTrainer:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step, self.batches_done, self.pairs_seen = state["step"], state["batches_done"], state["pairs_seen"]
-        logger.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
+        if self.accelerator.is_main_process:
+            print(f"{self.config.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
 
     # -- training ----------------------------------------------------------------------------------------
     def _micro_batches(self):
