@@ -15,6 +15,7 @@ from .export import parameter_summary, save_clip_moe
 from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
 from .moe import CLIPMoESparseMLP, load_balance_loss, router_z_loss
 from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
+from .tower import CLIPMoEVisionTower, LlavaVisionTower, is_clip_moe_dir
 
 for _config, _model in (
     (CLIPMoEConfig, CLIPMoEModel),
@@ -42,6 +43,9 @@ __all__ = [
     "CLIPMoETextModel",
     "CLIPMoEVisionConfig",
     "CLIPMoEVisionModel",
+    "CLIPMoEVisionTower",
+    "LlavaVisionTower",
+    "is_clip_moe_dir",
     "load_balance_loss",
     "UserError",
     "parameter_summary",

@@ -1,0 +1,186 @@
+"""The LLaVA vision tower over a CLIP-MoE: `CLIPVisionTower`'s interface, backed by `CLIPMoEVisionModel`.
+
+LLaVA's model code talks to its vision tower through an interface that `llava`'s `CLIPVisionTower`
+defines but never writes down; `LlavaVisionTower` below writes it down. `CLIPMoEVisionTower` implements
+it for a CLIP-MoE directory (a full `CLIPMoEModel` or a vision-only export) and, for a dense CLIP
+directory or hub id, behaves exactly like LLaVA's own tower (it loads the same `CLIPVisionModel`).
+This module does not import `llava`: `mllm_bridge` makes LLaVA build this tower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
+
+from .configuration import CLIPMoEConfig, CLIPMoEVisionConfig
+from .modeling import CLIPMoEVisionModel
+
+logger = logging.getLogger(__name__)
+
+CLIP_MOE_MODEL_TYPES = (CLIPMoEConfig.model_type, CLIPMoEVisionConfig.model_type)
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+def read_model_type(path: str | os.PathLike) -> str | None:
+    """The `model_type` in `path/config.json`, or None when `path` is not a directory with a readable config."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
+def is_clip_moe_dir(path: str | os.PathLike | None) -> bool:
+    """True when `path` is a local directory holding a CLIP-MoE (full model or vision tower only)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    return read_model_type(path) in CLIP_MOE_MODEL_TYPES
+
+
+@runtime_checkable
+class LlavaVisionTower(Protocol):
+    """What LLaVA's model, builder and training code use of a vision tower.
+
+    Callers also rely on `nn.Module` behaviour (`.to(device, dtype)`, `requires_grad_`), and on
+    `image_processor` having `image_mean`, `crop_size['height']`, `size['shortest_edge']` and
+    `preprocess(images, return_tensors='pt')['pixel_values']`.
+    """
+
+    is_loaded: bool
+    vision_tower_name: str
+    select_layer: int
+    select_feature: str
+    image_processor: Any
+
+    def load_model(self, device_map=None) -> None: ...
+
+    def feature_select(self, image_forward_outs) -> torch.Tensor: ...
+
+    def forward(self, images): ...
+
+    @property
+    def dummy_feature(self) -> torch.Tensor: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def config(self) -> PretrainedConfig: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def num_patches_per_side(self) -> int: ...
+
+    @property
+    def num_patches(self) -> int: ...
+
+
+class CLIPMoEVisionTower(nn.Module):
+    """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a CLIP-MoE or dense CLIP.
+
+    vision_tower: a CLIP-MoE directory (full or vision-only), or anything LLaVA's own tower accepts
+        (a dense CLIP directory or hub id), which then loads exactly as LLaVA loads it.
+    args: LLaVA's model config or training arguments: `mm_vision_select_layer` (an index into the
+        L + 1 hidden states, -2 = the penultimate block), `mm_vision_select_feature` ('patch' drops
+        the CLS token, 'cls_patch' keeps it), `unfreeze_mm_vision_tower`.
+    delay_load: keep only the config until `load_model()` (LLaVA builds towers this way inside
+        `from_pretrained` and loads the weights afterwards), unless `unfreeze_mm_vision_tower` is set.
+    """
+
+    def __init__(self, vision_tower: str, args, delay_load: bool = False):
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = vision_tower
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        self.is_moe = is_clip_moe_dir(vision_tower)
+        if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
+            self.load_model()
+        else:
+            self.cfg_only = self._config_class.from_pretrained(vision_tower)
+
+    @property
+    def _config_class(self) -> type[PretrainedConfig]:
+        return CLIPMoEVisionConfig if self.is_moe else CLIPVisionConfig
+
+    @property
+    def _model_class(self) -> type[PreTrainedModel]:
+        return CLIPMoEVisionModel if self.is_moe else CLIPVisionModel
+
+    def load_model(self, device_map=None) -> None:
+        """Load the image processor and the frozen vision model (a second call does nothing, as in LLaVA)."""
+        if self.is_loaded:
+            logger.warning("%s is already loaded; load_model called again, skipping", self.vision_tower_name)
+            return
+        self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
+        self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
+        self.vision_tower.requires_grad_(False)
+        self.is_loaded = True
+
+    def feature_select(self, image_forward_outs) -> torch.Tensor:
+        """hidden_states[select_layer] [B, 1 + N, D]; 'patch' -> [B, N, D], 'cls_patch' -> all tokens."""
+        features = image_forward_outs.hidden_states[self.select_layer]
+        if self.select_feature == "patch":
+            return features[:, 1:]
+        if self.select_feature == "cls_patch":
+            return features
+        raise ValueError(f"Unexpected select feature: {self.select_feature!r}; expected one of {SELECT_FEATURES}")
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """A batch [B, C, H, W] -> [B, N, D]; a list of [C, H, W] -> a list of [1, N, D].
+
+        Inputs are cast to the tower's device and dtype, features back to each input's dtype. Runs
+        without autograd while the tower is frozen (LLaVA's behaviour); a tower whose parameters were
+        made trainable with `requires_grad_(True)` gets gradients.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._is_trainable()):
+            if isinstance(images, list):
+                return [self._encode(image.unsqueeze(0)) for image in images]
+            return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        return self.feature_select(outs).to(images.dtype)
+
+    def _is_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.vision_tower.parameters())
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.vision_tower.config if self.is_loaded else self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
