@@ -58,7 +58,7 @@ def add_eval_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="image-caption pairs: LLaVA JSON, JSONL, CSV or TSV")
+    p.add_argument("--data", required=True, help="image-caption pairs: LLaVA JSON, JSONL, CSV, TSV or tar shards")
     p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's folder)")
     p.add_argument("--skip-missing", action="store_true", help="drop pairs whose image is missing instead of failing")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per forward pass (default 64)")

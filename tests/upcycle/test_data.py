@@ -164,6 +164,23 @@ def test_tar_shards_round_trip_and_split_across_workers(tmp_path):
         expand_shards(tmp_path / "shard-{000..003}.tar")
 
 
+def test_tar_shards_as_random_access_pairs_for_training(tmp_path):
+    for s in range(2):
+        write_tar_shard(tmp_path / f"shard-{s:03d}.tar", [
+            (f"s{s}_{i}", png_bytes(COLORS[i]), "png", f"shard {s} {CAPTIONS[i]}") for i in range(3)])
+    spec = str(tmp_path / "shard-{000..001}.tar")
+    pairs = read_pairs(spec)
+    assert [p.caption for p in pairs] == [f"shard {s} {CAPTIONS[i]}" for s in range(2) for i in range(3)]
+    assert len({p.image for p in pairs}) == 6  # one reference per image, usable as an image id
+    dataset = ImageTextDataset(pairs, to_tensor, fake_tokenize)
+    streamed = list(TarShardDataset(spec, to_tensor))
+    for index in (5, 0, 3):  # any order: the training sampler draws per cluster
+        assert torch.equal(dataset[index]["pixel_values"], streamed[index]["pixel_values"])
+    write_tar_shard(tmp_path / "bad.tar", [("k", png_bytes(COLORS[0]), "png", "  ")])
+    with pytest.raises(UserError, match="empty caption"):
+        read_pairs(tmp_path / "bad.tar")
+
+
 def test_position_names_and_captions():
     assert caption_for([[3, 7], [0, 5]]) == "top left 3, top right 7, bottom left 0, bottom right 5"
     assert position_names(3)[1] == ["middle left", "center", "middle right"]

@@ -3,6 +3,7 @@ workers, so the main process only holds paths and strings."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .formats import Pair
+from .tar_index import read_tar_image
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
@@ -50,8 +52,10 @@ def tokenizer_fn(tokenizer: Any, max_length: int = 77) -> Tokenize:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB (greyscale, palette and RGBA images all become 3 channels)."""
-    with Image.open(path) as img:
+    """Decode an image file, or an image inside a tar shard (see `tar_shards.index_tar_pairs`), to RGB
+    (greyscale, palette and RGBA images all become 3 channels)."""
+    data = read_tar_image(path)
+    with Image.open(io.BytesIO(data) if data is not None else path) as img:
         return img.convert("RGB")
 
 

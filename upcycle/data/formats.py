@@ -15,9 +15,11 @@ from pathlib import Path
 
 from encoder.errors import UserError
 
+from .tar_index import index_tar_pairs, is_tar_spec
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
+SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".tar")
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,23 @@ class Pair:
 
 def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_missing: bool = False) -> list[Pair]:
     """Read image-caption pairs; the format comes from the extension, image paths resolve against `image_root`
-    (default: the data file's folder). Missing images are an error unless `skip_missing` drops them."""
+    (default: the data file's folder). Missing images are an error unless `skip_missing` drops them.
+    Tar shards (`x.tar`, `x-{000..009}.tar`, a glob) are indexed; their images are references into the shards."""
+    if is_tar_spec(path):
+        pairs = []
+        for where, image, caption in index_tar_pairs(path):
+            if not caption.strip():
+                raise UserError(f"{where}: empty caption; fill it in or remove the sample")
+            pairs.append(Pair(image, caption.strip()))
+        if not pairs:
+            raise UserError(f"tar shards {path} hold no image-caption samples (key.jpg + key.txt)")
+        return pairs
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise UserError(f"data file {path} has extension {suffix or '(none)'!r}; supported: "
-                        f"{', '.join(SUPPORTED_EXTENSIONS)} (LLaVA JSON, JSONL/CSV/TSV with image and caption columns)")
+                        f"{', '.join(SUPPORTED_EXTENSIONS)} (LLaVA JSON, JSONL/CSV/TSV with image and caption columns, "
+                        "WebDataset tar shards such as data-{000..009}.tar)")
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the path")
     root = Path(image_root) if image_root is not None else path.parent

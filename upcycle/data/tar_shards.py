@@ -1,12 +1,10 @@
-"""WebDataset-style tar shards (`key.jpg` + `key.txt` members) read with the stdlib `tarfile`, so streaming
-large caption corpora needs no extra dependency. Shards are split across DataLoader workers."""
+"""Streaming WebDataset-style tar shards (`key.jpg` + `key.txt` members) with the stdlib `tarfile`; shards are
+split across DataLoader workers. For random access (what the training commands need) see tar_index.py."""
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
-import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,49 +13,10 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from encoder.errors import UserError
-
 from .datasets import ImageTransform, Tokenize, collate
+from .tar_index import IMAGE_EXTENSIONS, _split_key, expand_shards
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def expand_shards(spec: str | Path) -> list[str]:
-    """`data/{000..009}.tar` (numeric braces, zero-padded as written), a glob, or one `.tar` path -> shard paths."""
-    spec = str(spec)
-    patterns = [spec]
-    while any(_BRACE.search(p) for p in patterns):
-        expanded = []
-        for p in patterns:
-            m = _BRACE.search(p)
-            if m is None:
-                expanded.append(p)
-                continue
-            lo, hi = m.group(1), m.group(2)
-            width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-            expanded += [p[: m.start()] + str(i).zfill(width) + p[m.end():] for i in range(int(lo), int(hi) + 1)]
-        patterns = expanded
-    shards = []
-    for p in patterns:
-        shards += sorted(glob.glob(p)) if glob.has_magic(p) else [p]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if not shards:
-        raise UserError(f"tar shards {spec!r}: no file matches; expected a .tar path, a glob or a {{000..009}} range")
-    if missing:
-        raise UserError(f"tar shards {spec!r}: {len(missing)} of {len(shards)} not found, e.g. "
-                        f"{', '.join(missing[:3])}; check the path or the range")
-    return shards
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key is the member path up to the first dot of its file name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
 
 def iter_tar_samples(shard: str) -> Iterator[tuple[str, bytes, str]]:
     """(key, image bytes, caption) for each complete sample of one shard, in member order."""
