@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from .errors import UserError
@@ -60,25 +61,29 @@ def load_dense_clip(spec: str | CLIPModel) -> DenseCLIP:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec)
     raise UserError(
-        f"base {spec!r} not found: give a transformers CLIP directory, a hub id, or open_clip:MODEL_NAME[:CHECKPOINT]"
+        f"CLIP {spec!r} not found: give a transformers CLIP directory, a hub id, or open_clip:MODEL_NAME[:CHECKPOINT]"
     )
 
 
 def _load_directory(path: Path) -> DenseCLIP:
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
-        raise UserError(f"base {path} is not a model directory (no config.json): give a transformers CLIP directory")
+        raise UserError(f"{path} is not a model directory (no config.json): give a transformers CLIP directory")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
-        raise UserError(f"base {path}/config.json is not valid JSON ({err}); re-save the model") from None
+        raise UserError(f"{path}/config.json is not valid JSON ({err}); re-save the model") from None
     if model_type == "clip_moe":
         raise UserError(f"base {path} is already a CLIP-MoE; give the dense CLIP it came from")
     if model_type != "clip":
         raise UserError(
-            f"base {path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
+            f"{path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
         )
-    model = CLIPModel.from_pretrained(path).eval()
+    try:
+        model = CLIPModel.from_pretrained(path).eval()
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
     return DenseCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(path))
 
 
@@ -88,7 +93,7 @@ def _load_hub(repo_id: str) -> DenseCLIP:
         model = CLIPModel.from_pretrained(repo_id).eval()
     except (OSError, ValueError) as err:
         raise UserError(
-            f"base {repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
+            f"{repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
             "download it first and pass its directory"
         ) from None
     return DenseCLIP(model, image_processor_for(repo_id, config), tokenizer_for(repo_id), repo_id)

@@ -95,9 +95,17 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, base_dir, tmp_path, c
 def test_process_exit_code_and_no_traceback(tmp_path):
     result = run_cli("sparse", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "moe"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: base {str(tmp_path / 'nowhere')!r} not found: give a "
+    assert result.stderr.strip().splitlines() == [f"error: CLIP {str(tmp_path / 'nowhere')!r} not found: give a "
                                                   "transformers CLIP directory, a hub id, or "
                                                   "open_clip:MODEL_NAME[:CHECKPOINT]"]
+
+
+def test_corrupt_weights_are_one_line(base_dir, tmp_path, capsys):
+    (base_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["sparse", "--base", str(base_dir), "--out", str(tmp_path / "moe")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights cannot be loaded" in err and "re-save" in err
+    assert not (tmp_path / "moe").exists()
 
 
 def test_overwrite_replaces_an_existing_directory(base_dir, tmp_path):
