@@ -113,7 +113,9 @@ def summary_lines(model: PreTrainedModel) -> list[str]:
 
 
 def _tower_config(model, tower: str):
-    cfg = model.config
+    cfg = getattr(model, "config", None)  # a bare tower module (e.g. CLIPModel.vision_model) has none
+    if cfg is None:
+        return None
     if hasattr(cfg, f"{tower}_config"):
         return getattr(cfg, f"{tower}_config")
     if getattr(cfg, "base_config_key", None) == f"{tower}_config":

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_dmu_parser(sub)
+    _add_compare_parser(sub)
     add_eval_commands(sub)
     return parser
 
@@ -162,6 +163,33 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-layers", default="all",
                    help="which layers become MoE: all, even, odd, last:N or comma-separated indices (default all)")
     p.add_argument("--towers", default="vision,text", help="towers to upcycle: vision, text or vision,text")
+
+
+def _add_compare_parser(sub) -> None:
+    from .compare.arms import ARMS
+    from .compare.run import run_compare
+
+    p = sub.add_parser("compare", help="dense fine-tuning vs sparse upcycling vs DMU vs the base, equal budgets",
+                       description="Trains every arm from the same base with the same number of image-text pairs "
+                       "(DMU's (E-1) x stage epochs + router epochs), over several seeds, and writes compare.md / "
+                       "compare.json: test retrieval, zero-shot digit accuracy per grid position, parameters and "
+                       "forward time per image. Finished arm/seed results are reused when run again.")
+    p.add_argument("--base", required=True, help="the dense CLIP every arm starts from")
+    p.add_argument("--data", required=True, help="digit-grid directory (train.json, test.json)")
+    p.add_argument("--out", required=True, help="output directory (arms/, compare.md, compare.json, plots)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)} (default all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--num-experts", type=int, default=4, help="experts per MoE layer (default 4)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--stage-epochs", type=int, default=1, help="epochs per DMU stage (default 1)")
+    p.add_argument("--router-epochs", type=int, default=1, help="epochs of DMU router training (default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
+    p.add_argument("--dense-lr", type=float, default=1e-4, help="dense fine-tuning learning rate (default 1e-4)")
+    p.add_argument("--sparse-lr", type=float, default=5e-5, help="sparse-upcycled training learning rate "
+                   "(default 5e-5, reduced as in CLIP-UP)")
+    p.add_argument("--stage-lr", type=float, default=2e-4, help="DMU MCL stage learning rate (default 2e-4)")
+    p.add_argument("--router-lr", type=float, default=1e-3, help="DMU router learning rate (default 1e-3)")
+    p.set_defaults(run=run_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
