@@ -40,7 +40,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _make_readable(tmp)
+    make_readable(tmp)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
@@ -50,7 +50,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _make_readable(root: Path) -> None:
+def make_readable(root: Path) -> None:
     """mkdtemp makes 0700 folders and save_pretrained 0600 weights; give the export the usual umask modes
     so another user or a serving process can load it."""
     umask = os.umask(0)

@@ -163,6 +163,9 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
+    # Loaded from a full CLIP-MoE directory (as LLaVA loads its tower), the text half is expected to be left out.
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.",
+                                          r"^logit_scale$"]
 
     def __init__(self, config: CLIPMoEVisionConfig):
         super().__init__(config)
@@ -212,6 +215,8 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
     config_class = CLIPMoETextConfig
     input_modalities = ("text",)
     _input_embed_layer = "token_embedding"
+    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^text_projection\.", r"^visual_projection\.",
+                                          r"^logit_scale$"]
 
     def __init__(self, config: CLIPMoETextConfig):
         super().__init__(config)

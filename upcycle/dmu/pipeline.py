@@ -24,7 +24,7 @@ from encoder.export import check_output_dir, save_clip_moe, write_atomic
 from ..assemble import moe_config_for, assemble_clip_moe
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ..train import ContrastiveTrainer, TrainConfig
-from ..train.distributed import process_state
+from encoder.training import process_state
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 
 logger = logging.getLogger(__name__)

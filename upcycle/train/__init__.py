@@ -2,8 +2,10 @@
 
 from .losses import clip_contrastive_loss, gather_with_grad
 from .params import TRAINABLE_CHOICES, select_trainable
-from .sampler import ClusterBatchSampler
-from .trainer import ContrastiveTrainer, TrainConfig, TrainingDiverged, latest_checkpoint, load_trained_parameters
+from encoder.errors import TrainingDiverged
+from encoder.training import ClusterBatchSampler
+
+from .trainer import ContrastiveTrainer, TrainConfig, latest_checkpoint, load_trained_parameters
 
 __all__ = [
     "TRAINABLE_CHOICES", "ClusterBatchSampler", "ContrastiveTrainer", "TrainConfig", "TrainingDiverged",

@@ -26,20 +26,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import UserError
+from encoder.errors import TrainingDiverged, UserError
+from encoder.training import ClusterBatchSampler, make_accelerator
 
-from .distributed import make_accelerator
 from .losses import clip_contrastive_loss
 from .params import select_trainable
-from .sampler import ClusterBatchSampler
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass

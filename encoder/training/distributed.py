@@ -22,8 +22,9 @@ def process_state():
     return PartialState(cpu=on_cpu())
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str = "no", **kwargs):
+    """An Accelerator that has joined the process group; kwargs go to `Accelerator` (e.g. gradient accumulation)."""
     from accelerate import Accelerator
 
     process_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu())
+    return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(), **kwargs)

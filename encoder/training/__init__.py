@@ -1,0 +1,9 @@
+"""Training plumbing shared by the two packages that train (upcycle: CLIP / CLIP-MoE; mllm_bridge: LLaVA).
+
+Not imported by `import encoder`: the model stays importable without accelerate or any training machinery.
+"""
+
+from .distributed import make_accelerator, on_cpu, process_state
+from .sampler import ClusterBatchSampler
+
+__all__ = ["ClusterBatchSampler", "make_accelerator", "on_cpu", "process_state"]
