@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import torch
 from transformers import LlamaConfig
 
 from .llava_hook import install_llava_hook
@@ -22,19 +23,22 @@ def build_llava_model(
     select_layer: int = -2,
     select_feature: str = "patch",
     projector_type: str = "mlp2x_gelu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | None = None,
 ):
     """A `LlavaLlamaForCausalLM`: a new (from a config) or saved Llama, `vision_tower`, a new projector.
 
     Image tokens are plain `<image>` placeholders (`mm_use_im_start_end` / `mm_use_im_patch_token` off),
-    as in LLaVA-1.5.
+    as in LLaVA-1.5. `dtype` applies to the language model only (None: the saved dtype, or float32 for a
+    config); the tower and the new projector start in float32. `cache_dir`: where hub ids are cached.
     """
     install_llava_hook()  # before llava is imported, in case the start-up hook is switched off
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
     if isinstance(language_model, LlamaConfig):
-        model = LlavaLlamaForCausalLM(LlavaConfig(**language_model.to_dict()))
+        model = LlavaLlamaForCausalLM(LlavaConfig(**language_model.to_dict())).to(dtype)
     else:
-        model = LlavaLlamaForCausalLM.from_pretrained(language_model)
+        model = LlavaLlamaForCausalLM.from_pretrained(language_model, dtype=dtype, cache_dir=cache_dir)
     model_args = SimpleNamespace(
         vision_tower=str(vision_tower),
         mm_vision_select_layer=select_layer,

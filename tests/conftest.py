@@ -160,3 +160,57 @@ def dataset_for(loaded, data_file):
     max_len = loaded.model.config.text_config.max_position_embeddings
     tokenize = tokenizer_fn(loaded.tokenizer, max_len)
     return ImageTextDataset(pairs, processor_transform(loaded.image_processor), tokenize)
+
+
+# A tiny language model for LLaVA training tests (tests/mllm_bridge/test_train_*.py).
+
+@pytest.fixture(scope="session")
+def digit_llm_dir(tmp_path_factory, grids_dir):
+    """A 2-layer, width-32 Llama with a tokenizer trained on the digit grids' captions, questions and answers."""
+    from mllm_bridge.train.embedded_default import save_tiny_llm, training_texts
+
+    out = tmp_path_factory.mktemp("llm") / "llm"
+    save_tiny_llm(out, training_texts(grids_dir), hidden_size=32)
+    return out
+
+
+# LLaVA checkpoints and the digit-grid task for the lmms-eval tests (tests/mllm_bridge/test_lmms_*.py).
+
+@pytest.fixture(scope="session")
+def lmms_checkpoints(tmp_path_factory, clip_moe_dir, llama_tokenizer):
+    """One tiny CLIP-MoE LLaVA saved three ways: `full`, `stage1` (config.json + mm_projector.bin) and the `llm`
+    under it. Its LLM is initialised with std 0.3, so answers differ between inputs (at 0.02 they never do)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    from mllm_bridge.llava_model import build_llava_model
+    from mllm_bridge.tiny_lm import tiny_llama_config
+
+    root = tmp_path_factory.mktemp("lmms-checkpoints")
+    parts = SimpleNamespace(full=root / "llava-full", stage1=root / "llava-stage1", llm=root / "llm")
+    config = tiny_llama_config(llama_tokenizer, hidden_size=32)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    llava = build_llava_model(config, clip_moe_dir)
+    state = {k: v for k, v in llava.state_dict().items() if ".vision_tower." not in k}
+    projector = {k: v for k, v in state.items() if ".mm_projector." in k}
+    llm = LlamaForCausalLM(config)
+    llm.load_state_dict({k: v for k, v in state.items() if k not in projector})
+    llava.save_pretrained(parts.full, state_dict=state)  # (save_pretrained may consume the dict)
+    llm.save_pretrained(parts.llm)
+    for directory in (parts.full, parts.llm):
+        llama_tokenizer.save_pretrained(directory)
+    llava.config.save_pretrained(parts.stage1)
+    torch.save(projector, parts.stage1 / "mm_projector.bin")
+    return parts
+
+
+@pytest.fixture(scope="session")
+def digit_task_dir(tmp_path_factory, grids_dir):
+    """The lmms-eval digit-grid task folder over `grids_dir`'s test split (32 images, 128 questions)."""
+    from mllm_bridge.lmms_task_data import make_lmms_task
+
+    out = tmp_path_factory.mktemp("lmms-tasks") / "digit_grids"
+    make_lmms_task(grids_dir, out)
+    return out

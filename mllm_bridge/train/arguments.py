@@ -1,0 +1,229 @@
+"""LLaVA's training flags (the ModelArguments / DataArguments / TrainingArguments of `llava/train/train.py`),
+parsed as LLaVA's HfArgumentParser parses them: `--flag value`, booleans as `--flag True|False` or bare.
+
+Every flag maps 1:1 to a dataclass field with LLaVA's name. Defaults are the values of LLaVA-1.5's scripts
+(`scripts/v1_5/pretrain.sh`, `finetune.sh`; per stage in `stages.py`), so a LLaVA command line runs as is.
+Flags that LLaVA has but that change nothing here are accepted (`ACCEPTED_ONLY`); unknown flags are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from encoder.errors import UserError
+from encoder.tower import SELECT_FEATURES
+
+from .conversation import TEMPLATES
+from .data import ASPECT_RATIOS
+from .projector import check_projector_type
+from .run_log import REPORT_TARGETS
+
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def str2bool(text: str) -> bool:
+    """HfArgumentParser's booleans: true/false, yes/no, 1/0 (any case)."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "y", "1"):
+        return True
+    if value in ("false", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; use True or False")
+
+
+def optional_int(text: str) -> int | None:
+    return None if str(text).lower() == "none" else int(text)
+
+
+def _flag(default: Any, help: str, type=None, choices=None, nargs=None, metavar=None):
+    return field(default=default, metadata=dict(help=help, type=type, choices=choices, nargs=nargs, metavar=metavar))
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = _flag(None, "the language model: a Llama-family directory or hub id "
+                                           "(LLaVA-1.5: lmsys/vicuna-7b-v1.5); stage 2 uses the same base as stage 1")
+    version: str = _flag("plain", "conversation template: plain (stage 1) or v1 (stage 2, Vicuna)",
+                         choices=tuple(TEMPLATES))
+    vision_tower: str | None = _flag(None, "a CLIP or CLIP-MoE directory (or a CLIP hub id in the local cache)")
+    mm_vision_select_layer: int = _flag(-2, "tower hidden state fed to the projector (-2: penultimate block)")
+    mm_vision_select_feature: str = _flag("patch", "patch (drop CLS) or cls_patch", choices=SELECT_FEATURES)
+    mm_projector_type: str = _flag("mlp2x_gelu", "linear or mlpNx_gelu")
+    pretrain_mm_mlp_adapter: str | None = _flag(None, "stage 1's mm_projector.bin to start the projector from")
+    tune_mm_mlp_adapter: bool = _flag(False, "train the projector only and save config.json + mm_projector.bin "
+                                      "(stage 1); False trains projector + LLM and saves a full checkpoint",
+                                      type=str2bool)
+    freeze_backbone: bool = _flag(False, "keep the LLM's decoder and embeddings frozen", type=str2bool)
+    freeze_mm_mlp_adapter: bool = _flag(False, "keep the projector frozen", type=str2bool)
+    mm_use_im_start_end: bool = _flag(False, "only False (LLaVA-1.5) is supported", type=str2bool)
+    mm_use_im_patch_token: bool = _flag(False, "only False (LLaVA-1.5) is supported", type=str2bool)
+    mm_patch_merge_type: str = _flag("flat", "only flat (LLaVA-1.5) is supported", choices=("flat",))
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = _flag(None, "LLaVA JSON: a list of {id, image, conversations} "
+                                  "(stage 1: blip_laion_cc_sbu_558k.json; stage 2: llava_v1_5_mix665k.json)")
+    image_folder: str | None = _flag(None, "folder the records' image paths are relative to "
+                                     "(default: the JSON file's folder)")
+    image_aspect_ratio: str = _flag("square", "square (resize + centre crop) or pad (pad to a square with the "
+                                    "mean colour first)", choices=ASPECT_RATIOS)
+    lazy_preprocess: bool = _flag(True, "accepted; data is always processed lazily", type=str2bool)
+    is_multimodal: bool = _flag(True, "accepted; training is always multimodal", type=str2bool)
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str | None = _flag(None, "run directory: checkpoint-N/, metrics.jsonl, logs/ and the final output")
+    overwrite_output_dir: bool = _flag(False, "start afresh in an output directory that holds a finished run or "
+                                       "checkpoints (which are deleted) instead of refusing or resuming", type=str2bool)
+    resume_from_checkpoint: str | None = _flag(None, "a checkpoint-N directory to resume from (default: the newest "
+                                               "one in --output_dir, as LLaVA does)")
+    num_train_epochs: float = _flag(1.0, "passes over the data", type=float)
+    max_steps: int = _flag(-1, "optimizer steps; > 0 overrides --num_train_epochs", type=int)
+    per_device_train_batch_size: int = _flag(32, "samples per process per micro-batch", type=int)
+    gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step", type=int)
+    learning_rate: float = _flag(1e-3, "peak learning rate (AdamW)", type=float)
+    weight_decay: float = _flag(0.0, "AdamW weight decay on matrices (not biases or norms)", type=float)
+    warmup_ratio: float = _flag(0.03, "linear warm-up share of the optimizer steps", type=float)
+    warmup_steps: int = _flag(0, "warm-up steps; > 0 overrides --warmup_ratio", type=int)
+    lr_scheduler_type: str = _flag("cosine", "learning-rate schedule after warm-up", choices=SCHEDULERS)
+    max_grad_norm: float = _flag(1.0, "gradient clipping norm (0: off)", type=float)
+    model_max_length: int = _flag(2048, "longest sequence in tokens, image tokens included; longer samples are "
+                                  "cut at the end and counted", type=int)
+    bf16: bool | None = _flag(None, "bf16 autocast; frozen modules are held in bf16 (default: on GPUs that "
+                              "support it)", type=str2bool)
+    fp16: bool = _flag(False, "fp16 autocast (GPU only)", type=str2bool)
+    tf32: bool | None = _flag(None, "allow TF32 matmuls on NVIDIA GPUs", type=str2bool)
+    gradient_checkpointing: bool = _flag(True, "recompute the LLM's activations in the backward pass (memory for "
+                                         "compute)", type=str2bool)
+    dataloader_num_workers: int | None = _flag(None, "DataLoader workers (default: 4 on GPUs as in LLaVA's "
+                                               "scripts, 0 on the CPU)", type=int)
+    save_strategy: str = _flag("steps", "steps: a checkpoint every --save_steps; no: only the final output",
+                               choices=("steps", "no"))
+    save_steps: int = _flag(24000, "optimizer steps between checkpoints", type=int)
+    save_total_limit: int | None = _flag(1, "checkpoints kept (older ones are deleted; None keeps all)",
+                                         type=optional_int)
+    logging_steps: int = _flag(1, "optimizer steps per metrics line (loss averaged over them)", type=int)
+    logging_dir: str | None = _flag(None, "TensorBoard folder (default: OUTPUT_DIR/logs)")
+    report_to: list[str] = _flag(("tensorboard",), f"trackers: {', '.join(REPORT_TARGETS)}; metrics.jsonl is "
+                                 "always written", nargs="+")
+    seed: int = _flag(42, "seed for the projector's initialisation and the data order", type=int)
+    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config such as scripts/zero2.json (LLaVA's ZeRO-2); used "
+                                  "only when the run is started by `accelerate launch --use_deepspeed "
+                                  "--deepspeed_config_file CONFIG` with deepspeed installed")
+    group_by_modality_length: bool = _flag(False, "accepted; batches are plain shuffles here", type=str2bool)
+    evaluation_strategy: str = _flag("no", "only no (LLaVA trains without evaluation)", choices=("no",))
+    eval_strategy: str = _flag("no", "only no", choices=("no",))
+    per_device_eval_batch_size: int = _flag(4, "accepted; there is no evaluation", type=int)
+    optim: str = _flag("adamw_torch", "only adamw_torch", choices=("adamw_torch",))
+    lora_enable: bool = _flag(False, "only False: LoRA is not supported", type=str2bool)
+    bits: int = _flag(16, "only 16: no quantized training", type=int, choices=(16,))
+    cache_dir: str | None = _flag(None, "Hugging Face cache folder for hub ids")
+    remove_unused_columns: bool = _flag(False, "accepted; no effect", type=str2bool)
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+ACCEPTED_ONLY = {  # flag -> why it changes nothing here (a note is printed when it is set to a non-default value)
+    "group_by_modality_length": "batches are plain shuffles (no length grouping)",
+    "per_device_eval_batch_size": "there is no evaluation",
+}
+IGNORED_SILENTLY = ("lazy_preprocess", "is_multimodal", "remove_unused_columns", "evaluation_strategy",
+                    "eval_strategy", "optim", "bits")
+
+
+@dataclass
+class LlavaArguments:
+    """The three argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "training": dataclasses.asdict(self.training)}
+
+
+def add_llava_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One option per dataclass field, in three groups; `defaults` overrides field defaults (per stage)."""
+    for cls in ARGUMENT_CLASSES:
+        group = parser.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            meta, default = f.metadata, defaults.get(f.name, f.default)
+            kwargs: dict[str, Any] = dict(default=default, help=f"{meta['help']} (default: {_show(default)})")
+            if meta["type"] is str2bool:
+                kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+            elif meta["type"] is not None:
+                kwargs["type"] = meta["type"]
+            if meta["choices"]:
+                kwargs["choices"] = meta["choices"]
+            if meta["nargs"]:
+                kwargs["nargs"] = meta["nargs"]
+            group.add_argument(f"--{f.name}", **kwargs)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def split_arguments(namespace: argparse.Namespace) -> LlavaArguments:
+    """The parsed flags as the three dataclasses, validated."""
+    values = vars(namespace)
+    groups = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in ARGUMENT_CLASSES]
+    groups[2].report_to = list(groups[2].report_to)
+    args = LlavaArguments(*groups)
+    validate(args)
+    return args
+
+
+def validate(args: LlavaArguments) -> None:
+    """Raise UserError for values LLaVA would accept but this loop cannot honour, or that make no sense."""
+    m, d, t = args.model, args.data, args.training
+    missing = [name for name, value in (("--model_name_or_path", m.model_name_or_path),
+                                        ("--vision_tower", m.vision_tower), ("--data_path", d.data_path),
+                                        ("--output_dir", t.output_dir)) if not value]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}; pass them (or no data/model flags at all for the "
+                        "embedded default run)")
+    check_projector_type(m.mm_projector_type)
+    for flag, value in (("mm_use_im_start_end", m.mm_use_im_start_end),
+                        ("mm_use_im_patch_token", m.mm_use_im_patch_token), ("lora_enable", t.lora_enable)):
+        if value:
+            raise UserError(f"--{flag} True is not supported; LLaVA-1.5 trains with --{flag} False")
+    positive = {"per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps, "save_steps": t.save_steps,
+                "logging_steps": t.logging_steps, "model_max_length": t.model_max_length,
+                "learning_rate": t.learning_rate}
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UserError(f"--{flag} {value}: expected a positive number")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        raise UserError(f"--num_train_epochs {t.num_train_epochs}: expected a positive number (or set --max_steps)")
+    if not 0 <= t.warmup_ratio <= 1:
+        raise UserError(f"--warmup_ratio {t.warmup_ratio}: expected a share between 0 and 1")
+    if t.save_total_limit is not None and t.save_total_limit < 1:
+        raise UserError(f"--save_total_limit {t.save_total_limit}: keep at least 1 checkpoint (or None for all)")
+    if t.bf16 and t.fp16:
+        raise UserError("--bf16 and --fp16 are both set; choose one")
+    if m.tune_mm_mlp_adapter and m.freeze_mm_mlp_adapter:
+        raise UserError("--tune_mm_mlp_adapter True with --freeze_mm_mlp_adapter True leaves nothing to train")
+
+
+def accepted_only_notes(args: LlavaArguments) -> list[str]:
+    """One line per flag that was set but changes nothing here."""
+    notes = []
+    for name, why in ACCEPTED_ONLY.items():
+        value, default = getattr(args.training, name), _field_default(TrainingArguments, name)
+        if value != default:
+            notes.append(f"--{name} {value}: accepted, but {why}")
+    return notes
+
+
+def _field_default(cls, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)

@@ -1,0 +1,192 @@
+"""LLaVA training data: JSON records -> prompts (checked up front) -> token ids, labels and pixels (lazily).
+
+Everything that can be checked without tokenizing is checked when the data set is read — record shape,
+turn order, `<image>` placement, image files on disk — so a bad record stops the run in its first seconds
+with its index, not hours later in a DataLoader worker. Images are decoded in `__getitem__`, as LLaVA's
+lazy data set does. A sample longer than `model_max_length` (counting the image's tokens) is cut at the
+end and counted; one whose answers were cut away entirely stays in the batch and adds nothing to the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from encoder.errors import UserError
+
+from .conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Prompt, template, tokenize_prompt
+
+ASPECT_RATIOS = ("square", "pad")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training record: an absolute image path (None for a text-only record) and its prompt."""
+
+    image: str | None
+    prompt: Prompt
+
+
+def read_llava_samples(data_path: str | Path, image_folder: str | Path | None, version: str) -> list[Sample]:
+    """Read a LLaVA JSON list (`{"id", "image", "conversations": [{"from", "value"}, ...]}`) into samples.
+
+    Image paths resolve against `image_folder` (default: the JSON file's folder). Raises UserError for an
+    unreadable file, an empty list, a malformed record (named by index and id) or missing images.
+    """
+    path = Path(data_path)
+    records = _load_records(path)
+    build = template(version)
+    root = Path(image_folder) if image_folder is not None else path.parent
+    samples = []
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}" + (f" (id {record['id']})" if isinstance(record, dict) and "id" in record
+                                            else "")
+        samples.append(_sample(record, build, root, where))
+    _check_images(samples, path, root)
+    return samples
+
+
+def _load_records(path: Path) -> list:
+    if not path.is_file():
+        raise UserError(f"--data_path {path} does not exist; pass a LLaVA JSON file (a list of records)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); expected a LLaVA list of records") from None
+    if not isinstance(records, list):
+        raise UserError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records "
+                        '({"image": ..., "conversations": [...]})')
+    if not records:
+        raise UserError(f"{path} holds no records; the training set is empty")
+    return records
+
+
+def _sample(record: Any, build, root: Path, where: str) -> Sample:
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise UserError(f"{where} has no 'conversations' list; expected LLaVA records")
+    turns = record["conversations"]
+    if not all(isinstance(t, dict) for t in turns):
+        raise UserError(f"{where}: every turn must be an object with 'from' and 'value'")
+    mentions = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns)
+    image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        raise UserError(f"{where}: 'image' must be one path, got {type(image).__name__}; "
+                        "one image per record is supported")
+    if mentions > 1:
+        raise UserError(f"{where} mentions <image> {mentions} times; LLaVA-1.5 takes one image per record")
+    if mentions and not image:
+        raise UserError(f"{where} mentions <image> but has no 'image' field; add the image or remove <image>")
+    try:
+        prompt = build(turns)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    if image and not prompt.has_image:
+        raise UserError(f"{where} has an image but no <image> in its turns, so the model would never see it; "
+                        "add <image> to the first human turn")
+    return Sample(str((root / image).absolute()) if image else None, prompt)
+
+
+def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
+    missing = [s.image for s in samples if s.image is not None and not Path(s.image).is_file()]
+    if missing:
+        raise UserError(f"{path}: {len(missing)} of {len(samples)} images not found under {root}, e.g. "
+                        f"{', '.join(missing[:3])}; fix --image_folder or remove those records")
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's `--image_aspect_ratio pad`: centre the image on a square of the processor's mean colour,
+    so the centre crop that follows keeps the whole image."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+class LlavaDataset(Dataset):
+    """Samples -> {"input_ids", "labels", "image", "truncated"}; text-only samples get a black image, as in
+    LLaVA, so every batch element carries exactly one image.
+
+    image_tokens: positions one image occupies in the language model (the tower's patches, +1 with
+    'cls_patch'); the `<image>` placeholder expands to that many when the model embeds the prompt.
+    """
+
+    def __init__(self, samples: Sequence[Sample], tokenizer, image_processor, image_tokens: int,
+                 max_length: int, image_aspect_ratio: str = "square"):
+        if image_aspect_ratio not in ASPECT_RATIOS:
+            raise UserError(f"--image_aspect_ratio {image_aspect_ratio!r} is not supported; use one of "
+                            f"{', '.join(ASPECT_RATIOS)}")
+        if max_length <= image_tokens:
+            raise UserError(f"--model_max_length {max_length} leaves no room for text: one image alone takes "
+                            f"{image_tokens} tokens; raise --model_max_length")
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError("the language model's tokenizer is not a fast (tokenizers) tokenizer, which labelling "
+                            "needs for character offsets; save it with tokenizer.json")
+        self.samples = list(samples)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_tokens = image_tokens
+        self.max_length = max_length
+        self.pad = image_aspect_ratio == "pad"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        ids, labels = tokenize_prompt(sample.prompt, self.tokenizer)
+        # The placeholder stands for `image_tokens` positions once the features are spliced in.
+        extra = (self.image_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
+        budget = self.max_length - extra
+        truncated = len(ids) > budget
+        if truncated:
+            ids, labels = ids[:budget], labels[:budget]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "image": self._pixels(sample.image), "truncated": truncated}
+
+    def _pixels(self, path: str | None) -> torch.Tensor:
+        processor = self.image_processor
+        if path is None:
+            crop = processor.crop_size
+            return torch.zeros(3, crop["height"], crop["width"])
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise UserError(f"cannot read image {path} ({err}); replace the file or remove its record") from None
+        if self.pad:
+            image = expand_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
+        return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+class LlavaCollator:
+    """Right-pads a list of samples into a batch for `LlavaLlamaForCausalLM.forward`, with counters.
+
+    `num_truncated`: samples cut to model_max_length; `num_targets`: label positions the loss sees (0 means
+    the batch teaches nothing, e.g. every answer was truncated away).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: Sequence[dict]) -> dict[str, Any]:
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        input_ids = torch.nn.utils.rnn.pad_sequence([s["input_ids"] for s in samples], batch_first=True,
+                                                    padding_value=self.pad_token_id)
+        labels = torch.nn.utils.rnn.pad_sequence([s["labels"] for s in samples], batch_first=True,
+                                                 padding_value=IGNORE_INDEX)
+        # From the lengths, not `input_ids != pad`: the pad id (<unk>) may also occur inside a text.
+        attention_mask = torch.arange(input_ids.shape[1])[None] < lengths[:, None]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "images": torch.stack([s["image"] for s in samples]),
+                "num_truncated": sum(bool(s["truncated"]) for s in samples),
+                "num_targets": int((labels != IGNORE_INDEX).sum())}

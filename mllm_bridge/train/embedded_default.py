@@ -1,0 +1,130 @@
+"""The run a bare `bash scripts/pretrain_projector.sh` / `finetune.sh` makes: everything built here, on the CPU.
+
+- data: the digit-grid set (`python -m upcycle make-digit-grids`): captions for stage 1, one-word
+  questions and answers for stage 2;
+- vision tower: a small CLIP (`python -m upcycle init-base`) sparse-upcycled into a CLIP-MoE
+  (`python -m upcycle sparse`, vision tower, top-2 of 4 experts), exported vision-only as LLaVA uses it;
+- language model: a tiny randomly initialised Llama with a tokenizer trained offline on the data's texts.
+
+The upcycle commands run as subprocesses, as a user would run them: `mllm_bridge` does not import `upcycle`'s
+model-making code. Each part is written atomically and reused on later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from encoder.errors import UserError
+from encoder.export import atomic_output_dir
+
+from ..tiny_lm import tiny_llama_config, train_tokenizer
+from .conversation import V1_END, V1_ROLES, V1_SYSTEM
+
+DEFAULT_DIR = Path("runs/llava-default")
+PRETRAIN_OUTPUT = "llava-clip-moe-pretrain"
+FINETUNE_OUTPUT = "llava-clip-moe-finetune"
+
+# Training values of the embedded run (flags the user passes still win): sized for a few minutes on 2 cores.
+PRETRAIN_FLAGS = dict(per_device_train_batch_size=16, learning_rate=1e-3, gradient_checkpointing=False,
+                      save_steps=50, dataloader_num_workers=0)
+FINETUNE_FLAGS = dict(per_device_train_batch_size=16, learning_rate=5e-4, gradient_checkpointing=False,
+                      save_steps=50, dataloader_num_workers=0)
+
+
+@dataclass(frozen=True)
+class EmbeddedAssets:
+    data: Path  # digit grids: train.json (captions), train_qa.json (questions), images/
+    tower: Path  # CLIP-MoE vision tower directory
+    llm: Path  # tiny Llama with tokenizer
+    dense_base: Path  # the dense CLIP the tower was sparse-upcycled from (same function, no experts)
+
+
+def ensure_assets(root: str | Path = DEFAULT_DIR, num_train: int = 2000, num_test: int = 200,
+                  image_size: int = 32) -> EmbeddedAssets:
+    """Build whatever part of the embedded default is missing under `root`; return where the parts are."""
+    root = Path(root)
+    assets = EmbeddedAssets(root / "digit-grids", root / "clip-moe-vision", root / "llm", root / "clip-base")
+    base, full = assets.dense_base, root / "clip-moe"
+    if not (assets.data / "train_qa.json").is_file():
+        _upcycle("make-digit-grids", "--out", assets.data, "--num-train", num_train, "--num-val", 0,
+                 "--num-test", num_test, "--image-size", image_size, "--grid", 2, "--overwrite")
+    if not (assets.tower / "config.json").is_file():
+        if not (full / "config.json").is_file():
+            if not (base / "config.json").is_file():
+                _upcycle("init-base", "--captions", assets.data / "train.json", "--out", base, "--width", 64,
+                         "--layers", 4, "--heads", 4, "--image-size", image_size, "--patch-size", 8, "--overwrite")
+            _upcycle("sparse", "--base", base, "--out", full, "--num-experts", 4, "--top-k", 2,
+                     "--moe-layers", "all", "--towers", "vision", "--overwrite")
+        save_vision_tower(full, assets.tower)
+    if not (assets.llm / "config.json").is_file():
+        save_tiny_llm(assets.llm, training_texts(assets.data))
+    return assets
+
+
+def save_vision_tower(clip_moe: Path, out: Path) -> None:
+    """The vision half of a CLIP-MoE directory: what LLaVA loads, without the text tower it would skip."""
+    from transformers import CLIPImageProcessor
+
+    from encoder import CLIPMoEModel, save_clip_moe
+
+    model = CLIPMoEModel.from_pretrained(clip_moe)
+    card = {"base": str(clip_moe), "recipe": "vision tower of the embedded default's sparse-upcycled CLIP-MoE"}
+    save_clip_moe(model.vision_model, out, CLIPImageProcessor.from_pretrained(clip_moe), card=card, overwrite=True)
+
+
+def save_tiny_llm(out: Path, texts: list[str], hidden_size: int = 128, initializer_range: float = 0.1,
+                  seed: int = 0) -> None:
+    """A randomly initialised 2-layer Llama and a tokenizer trained on `texts`, saved like any LLM directory.
+
+    initializer_range: at Llama's 0.02 a random model barely responds to its inputs, so stage 1 (which
+    trains only the projector) could hardly move its loss; at 0.1 the image tokens can steer it.
+    """
+    from transformers import LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, merges_vocab_size=512)
+    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, max_position_embeddings=2048)
+    config.initializer_range = initializer_range
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def training_texts(data: Path) -> list[str]:
+    """Every text the two stages feed the LLM, so the tokenizer covers them all."""
+    texts = [V1_SYSTEM, *V1_ROLES.values(), V1_END]
+    for name in ("train.json", "train_qa.json"):
+        for record in json.loads((data / name).read_text()):
+            texts += [turn["value"].replace("<image>", "") for turn in record["conversations"]]
+    return texts
+
+
+def _upcycle(*args) -> None:
+    command = [sys.executable, "-m", "upcycle", *map(str, args)]
+    print(f"[embedded default] python {' '.join(command[1:])}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
+        raise UserError(f"building the embedded default failed at `python -m upcycle {args[0]}`: {last}")
+
+
+def pretrain_flags(assets: EmbeddedAssets, root: Path) -> dict:
+    """Flag values of the embedded stage 1 (explicit flags override them)."""
+    return dict(PRETRAIN_FLAGS, model_name_or_path=str(assets.llm), vision_tower=str(assets.tower),
+                data_path=str(assets.data / "train.json"), image_folder=str(assets.data),
+                output_dir=str(root / PRETRAIN_OUTPUT))
+
+
+def finetune_flags(assets: EmbeddedAssets, root: Path) -> dict:
+    """Flag values of the embedded stage 2, starting from the embedded stage 1's projector."""
+    return dict(FINETUNE_FLAGS, model_name_or_path=str(assets.llm), vision_tower=str(assets.tower),
+                data_path=str(assets.data / "train_qa.json"), image_folder=str(assets.data),
+                pretrain_mm_mlp_adapter=str(root / PRETRAIN_OUTPUT / "mm_projector.bin"),
+                output_dir=str(root / FINETUNE_OUTPUT))

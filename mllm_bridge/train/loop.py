@@ -1,0 +1,295 @@
+"""The training loop of both LLaVA stages, on accelerate: one CPU process, or DDP over GPUs / CPU processes.
+
+Order per optimizer step: micro-batches under `accelerator.accumulate` (loss -> divergence check ->
+backward), clip, optimizer and schedule step, log, checkpoint. Batches come from a one-cluster
+`ClusterBatchSampler`: every global batch (per-device batch x processes) is drawn from one seeded shuffle
+per epoch and split into equal shares, so a resumed run sees exactly the batches an uninterrupted run sees.
+
+Checkpoints (`OUTPUT_DIR/checkpoint-N/`, written atomically, the newest `--save_total_limit` kept) hold the
+run's output files (usable as they are, e.g. as a stage-2 `--pretrain_mm_mlp_adapter`), the optimizer and
+schedule, the flags and the loop's position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from encoder.errors import UserError
+from encoder.export import atomic_output_dir
+from encoder.errors import TrainingDiverged
+from encoder.training import ClusterBatchSampler
+
+from .arguments import LlavaArguments
+from .model_setup import TrainingModel
+from .outputs import FullOutput, ProjectorOutput, publish
+from .run_log import NullLog, RunLog
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+OPTIMIZER_FILE = "optimizer.pt"
+ARGS_FILE = "training_args.json"
+LOSS_WINDOW = 10  # steps averaged for the start and end loss of the summary
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `output_dir`, oldest first."""
+    found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    samples_seen: int
+    truncated: int  # samples cut to --model_max_length (each time one was drawn)
+    empty_batches: int  # micro-batches with no target token left (they add nothing to the loss)
+    start_loss: float  # mean over the first `loss_window` steps
+    end_loss: float  # mean over the last `loss_window` steps
+    loss_window: int  # LOSS_WINDOW, or half the steps on shorter runs
+
+
+class LlavaTrainer:
+    """Trains `trained.model` in place on `dataset`; `output` decides what checkpoints and the final output hold."""
+
+    def __init__(self, accelerator, trained: TrainingModel, dataset: Dataset, collate, args: LlavaArguments,
+                 output: ProjectorOutput | FullOutput):
+        acc, t = accelerator, args.training
+        self.accelerator, self.args, self.output, self.trained = acc, args, output, trained
+        self.output_dir = Path(t.output_dir)
+        processes = acc.num_processes
+        self.sampler = ClusterBatchSampler([0] * len(dataset), t.per_device_train_batch_size * processes,
+                                           processes, acc.process_index, t.seed)
+        if self.sampler.batches_per_epoch == 0:
+            raise UserError(f"{len(dataset)} samples cannot be shared by {processes} processes; add data")
+        workers = t.dataloader_num_workers
+        if workers is None:
+            workers = 4 if acc.device.type == "cuda" else 0
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers,
+                                 pin_memory=acc.device.type == "cuda")
+        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // t.gradient_accumulation_steps)
+        self.total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs *
+                                                                               self.steps_per_epoch))
+        model = trained.model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in self.trainable if p.ndim >= 2], "weight_decay": t.weight_decay},
+             {"params": [p for p in self.trainable if p.ndim < 2], "weight_decay": 0.0}], lr=t.learning_rate)
+        from transformers import get_scheduler
+
+        warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * self.total_steps)
+        # Not prepared: accelerate would step a prepared schedule once per process.
+        self.scheduler = get_scheduler(t.lr_scheduler_type, optimizer, warmup, self.total_steps)
+        _fill_deepspeed_batch_size(acc, t.per_device_train_batch_size)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.step = 0
+        self.batches_done = 0  # global micro-batches consumed, over all epochs
+        self.samples_seen = 0
+        self.truncated = 0
+        self.empty_batches = 0
+        self.first_losses: list[float] = []
+        self.last_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        m, d, t = self.args.model, self.args.data, self.args.training
+        return {"output": self.output.kind, "model_name_or_path": m.model_name_or_path,
+                "vision_tower": m.vision_tower, "data_path": d.data_path, "version": m.version,
+                "per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps,
+                "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps, "seed": t.seed}
+
+    def save_checkpoint(self) -> Path:
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        acc = self.accelerator
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            state = {"step": self.step, "batches_done": self.batches_done, "samples_seen": self.samples_seen,
+                     "truncated": self.truncated, "empty_batches": self.empty_batches,
+                     "first_losses": self.first_losses, "last_losses": list(self.last_losses),
+                     "identity": self._identity()}
+            with atomic_output_dir(path, overwrite=True) as tmp:
+                self.output.write(model, self.trained.tokenizer, tmp)
+                if not _is_deepspeed(acc):  # DeepSpeed shards the optimizer over the ranks
+                    torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                               tmp / OPTIMIZER_FILE)
+                (tmp / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            limit = self.args.training.save_total_limit
+            for old in (checkpoints(self.output_dir)[:-limit] if limit else []):
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of this same run: trained weights, optimizer, schedule, position."""
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} is not a complete checkpoint ({err}); pass a checkpoint-N directory") from None
+        ours = self._identity()
+        differing = [k for k in ours if state["identity"].get(k) != ours[k]]
+        if differing:
+            key = differing[0]
+            raise UserError(f"{path} belongs to a run with {key} = {state['identity'].get(key)!r}, this run has "
+                            f"{ours[key]!r}; resume with the same flags, or pass --overwrite_output_dir to start "
+                            "afresh")
+        self.output.read_trained(self.accelerator.unwrap_model(self.model), path)
+        if (path / OPTIMIZER_FILE).is_file():
+            saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        elif self.accelerator.is_main_process:
+            print(f"note: {path} has no optimizer state (a DeepSpeed run); AdamW's moments restart from zero")
+        self.step, self.batches_done = state["step"], state["batches_done"]
+        self.samples_seen, self.truncated = state["samples_seen"], state["truncated"]
+        self.empty_batches, self.first_losses = state["empty_batches"], state["first_losses"]
+        self.last_losses.extend(state["last_losses"])
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} (step {self.step} of {self.total_steps})")
+
+    # -- training ----------------------------------------------------------------------------------------
+    def train(self, resume_from: Path | None = None) -> TrainResult:
+        """Run to `total_steps`, write the final output into OUTPUT_DIR, return the run's numbers."""
+        acc, t = self.accelerator, self.args.training
+        if resume_from is not None:
+            self.resume(resume_from)
+        log = (RunLog(self.output_dir, Path(t.logging_dir or self.output_dir / "logs"), t.report_to,
+                      self.output_dir.name, self.args.as_dict()) if acc.is_main_process else NullLog())
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.output_dir.name, unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        self.model.train()
+        batches = self._micro_batches()
+        window: list[dict[str, float]] = []
+        try:
+            while self.step < self.total_steps:
+                window.append(self._optimizer_step(batches))
+                bar.update()
+                bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
+                if self.step % t.logging_steps == 0 or self.step == self.total_steps:
+                    log.log(self.step, self._window_metrics(window))
+                    window = []
+                if t.save_strategy == "steps" and self.step % t.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        self._write_final_output()
+        # Start and end windows of up to LOSS_WINDOW steps that do not overlap on short runs.
+        window = max(1, min(LOSS_WINDOW, self.step // 2))
+        return TrainResult(self.step, self.samples_seen, self.truncated, self.empty_batches,
+                           _mean(self.first_losses[:window]), _mean(list(self.last_losses)[-window:]), window)
+
+    def _micro_batches(self):
+        """Endless stream of this rank's micro-batches, starting after the ones already trained on."""
+        per_epoch = self.sampler.batches_per_epoch
+        while True:
+            epoch, start = divmod(self.batches_done, per_epoch)
+            self.sampler.set_epoch(epoch, start)
+            yield from self.loader
+
+    def _optimizer_step(self, batches) -> dict[str, float]:
+        acc, t = self.accelerator, self.args.training
+        losses = []
+        for _ in range(t.gradient_accumulation_steps):
+            batch = next(batches)
+            with acc.accumulate(self.model), acc.autocast():
+                loss = self._loss(batch)
+                mean_loss = self._check_and_count(loss, batch)
+                acc.backward(loss)
+            losses.append(mean_loss)
+            self.batches_done += 1
+        if t.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.trainable, t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        step_loss = sum(losses) / len(losses)
+        if len(self.first_losses) < LOSS_WINDOW:
+            self.first_losses.append(step_loss)
+        self.last_losses.append(step_loss)
+        return {"loss": step_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        device = self.accelerator.device
+        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         images=batch["images"].to(device), labels=batch["labels"].to(device))
+        if batch["num_targets"] == 0:
+            # Nothing to learn here, but every rank must still join the gradient reduction.
+            return out.logits.sum() * 0.0
+        return out.loss
+
+    def _check_and_count(self, loss: torch.Tensor, batch: dict) -> float:
+        """One reduction over the processes per micro-batch: stop all of them on a non-finite loss, count
+        samples, truncations and empty batches, and return the loss averaged over the processes."""
+        acc = self.accelerator
+        stats = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, loss.item(), float(batch["num_truncated"]),
+                              float(len(batch["input_ids"])), float(batch["num_targets"] == 0)], device=acc.device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        bad, loss_sum, truncated, samples, empty = stats.tolist()
+        if bad:
+            last = latest_checkpoint(self.output_dir)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(f"the loss became {loss.item()} at step {self.step + 1}; {where}; lower "
+                                   "--learning_rate and resume from it, or restart")
+        self.truncated += int(truncated)
+        self.samples_seen += int(samples)
+        self.empty_batches += int(empty)
+        return loss_sum / acc.num_processes
+
+    def _window_metrics(self, window: list[dict[str, float]]) -> dict[str, float]:
+        return {"loss": _mean([w["loss"] for w in window]), "learning_rate": window[-1]["learning_rate"],
+                "epoch": self.batches_done / self.sampler.batches_per_epoch,
+                "samples_seen": float(self.samples_seen), "truncated_samples": float(self.truncated),
+                "empty_batches": float(self.empty_batches)}
+
+    def _write_final_output(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+
+            def write(tmp: Path) -> None:
+                self.output.write(model, self.trained.tokenizer, tmp)
+                (tmp / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
+
+            publish(write, self.output_dir)
+        acc.wait_for_everyone()
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _fill_deepspeed_batch_size(accelerator, per_device: int) -> None:
+    """LLaVA's zero2.json says "auto" for the micro-batch, which accelerate resolves only from a prepared
+    DataLoader; this loop keeps its own batch plan, so it states the size itself."""
+    if not _is_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = per_device

@@ -1,0 +1,171 @@
+"""The LLaVA model and tokenizer of a training run, assembled and frozen as LLaVA's `train.py` does.
+
+The tower and projector come from LLaVA's own `initialize_vision_modules` (our CLIP-MoE tower through the
+hook); the tower is checked against the flags before anything large is loaded, and a stage-1 projector is
+loaded with width checks instead of LLaVA's bare `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from encoder.errors import UserError
+
+from ..checks import image_tokens, tower_problems
+from ..llava_config import LlavaCheckpointConfig
+from ..llava_model import build_llava_model
+from ..tower_info import TowerInfo, read_tower
+from .arguments import LlavaArguments
+from .projector import load_pretrained_projector
+
+LLAMA_MODEL_TYPES = ("llama", "llava_llama")
+
+
+@dataclass
+class TrainingModel:
+    """What the loop trains and the data set needs from it."""
+
+    model: nn.Module  # LlavaLlamaForCausalLM, parameters frozen or trainable per the flags
+    tokenizer: object
+    image_processor: object  # the tower's CLIPImageProcessor
+    image_tokens: int  # LLM positions one image takes
+
+
+def check_tower(args: LlavaArguments) -> TowerInfo:
+    """Read the tower's config (no weights) and refuse select layers, processors or lengths that cannot work."""
+    tower = read_tower(args.model.vision_tower)
+    planned = _planned_config(args, tower)
+    problems = tower_problems(planned, tower)
+    tokens, max_length = image_tokens(planned, tower), args.training.model_max_length
+    if max_length <= tokens:
+        problems.append(f"--model_max_length {max_length} leaves no room for text: one image alone takes {tokens} "
+                        "tokens; raise --model_max_length")
+    if problems:
+        raise UserError("; ".join(problems))
+    return tower
+
+
+def _planned_config(args: LlavaArguments, tower: TowerInfo) -> LlavaCheckpointConfig:
+    """The tower-related config keys this run will write (the context is checked against the flags instead)."""
+    return LlavaCheckpointConfig(Path(args.training.output_dir), {
+        "mm_vision_tower": tower.path, "mm_hidden_size": tower.hidden_size,
+        "mm_vision_select_layer": args.model.mm_vision_select_layer,
+        "mm_vision_select_feature": args.model.mm_vision_select_feature,
+    })
+
+
+def load_tokenizer(args: LlavaArguments):
+    """The LLM's tokenizer, right-padded with <unk> (LLaVA's choice for its v1 and plain templates)."""
+    path = args.model.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=args.training.model_max_length,
+                                                  padding_side="right", cache_dir=args.training.cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of --model_name_or_path {path} ({_first_line(err)}); pass a "
+                        "language model directory with its tokenizer") from None
+    tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: torch.dtype) -> TrainingModel:
+    """LLM + tower + projector with LLaVA's config keys, the stage's parameters trainable and the rest frozen.
+
+    frozen_dtype: dtype of modules that never train (the tower; the LLM too when only the projector
+    trains), e.g. bfloat16 under --bf16 to save memory; trained weights stay float32.
+    """
+    m, t = args.model, args.training
+    _check_language_model(m.model_name_or_path, t.cache_dir)
+    tokenizer = load_tokenizer(args)
+    llm_dtype = frozen_dtype if m.tune_mm_mlp_adapter else torch.float32
+    torch.manual_seed(t.seed)  # the new projector's initialisation
+    with _quiet_about_llava_config():
+        model = build_llava_model(m.model_name_or_path, _tower_path(tower), m.mm_vision_select_layer,
+                                  m.mm_vision_select_feature, m.mm_projector_type, dtype=llm_dtype,
+                                  cache_dir=t.cache_dir)
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"the tokenizer of {m.model_name_or_path} has {len(tokenizer)} tokens but the model embeds "
+                        f"{model.config.vocab_size}; save the tokenizer that belongs to the model")
+    if m.pretrain_mm_mlp_adapter:
+        load_pretrained_projector(model, m.pretrain_mm_mlp_adapter, m.vision_tower)
+    vision_tower = model.get_vision_tower()
+    vision_tower.to(dtype=frozen_dtype)
+    _record_training_config(model, args, tokenizer)
+    _set_trainable(model, args)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return TrainingModel(model, tokenizer, vision_tower.image_processor,
+                         image_tokens(_planned_config(args, tower), tower))
+
+
+class _quiet_about_llava_config(logging.Filter):
+    """LLaVA builds `llava_llama` from a plain Llama directory by design; drop transformers' warning about it."""
+
+    logger = logging.getLogger("transformers.configuration_utils")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type `llava_llama`" not in record.getMessage()
+
+    def __enter__(self):
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self)
+
+
+def _tower_path(tower: TowerInfo) -> str:
+    """An absolute path for a local tower, so the saved config loads from any working directory."""
+    path = Path(tower.path)
+    return str(path.resolve()) if path.is_dir() else tower.path
+
+
+def _check_language_model(path: str, cache_dir: str | None) -> None:
+    try:
+        config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read --model_name_or_path {path} ({_first_line(err)}); pass a Llama-family "
+                        "language model directory (config.json, weights, tokenizer)") from None
+    if config.model_type not in LLAMA_MODEL_TYPES:
+        raise UserError(f"--model_name_or_path {path} is a {config.model_type!r} model; LLaVA-1.5's "
+                        "LlavaLlamaForCausalLM needs a Llama-family model (Vicuna, Llama)")
+
+
+def _record_training_config(model: nn.Module, args: LlavaArguments, tokenizer) -> None:
+    """The config keys LLaVA's train.py sets, so saved outputs load and behave as LLaVA's do."""
+    config = model.config
+    config.image_aspect_ratio = args.data.image_aspect_ratio
+    config.tokenizer_padding_side = tokenizer.padding_side
+    config.tokenizer_model_max_length = tokenizer.model_max_length
+    config.architectures = [type(model).__name__]
+    config.tune_mm_mlp_adapter = args.model.tune_mm_mlp_adapter
+    config.freeze_mm_mlp_adapter = args.model.freeze_mm_mlp_adapter
+    config.mm_use_im_start_end = False
+    config.mm_use_im_patch_token = False
+    config.mm_projector_lr = None
+    config.use_cache = False  # set back to True when saving
+
+
+def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
+    m = args.model
+    projector = model.get_model().mm_projector
+    if m.tune_mm_mlp_adapter:
+        model.requires_grad_(False)
+        projector.requires_grad_(True)
+        return
+    model.requires_grad_(True)
+    model.get_vision_tower().requires_grad_(False)
+    if m.freeze_backbone:
+        model.get_model().requires_grad_(False)
+        projector.requires_grad_(True)
+    if m.freeze_mm_mlp_adapter:
+        projector.requires_grad_(False)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
