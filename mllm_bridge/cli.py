@@ -1,4 +1,4 @@
-"""Command line of the LLaVA bridge: check a LLaVA checkpoint against its vision tower, or point it at another.
+"""Command line of the LLaVA bridge: check, re-point and benchmark LLaVA checkpoints with CLIP or CLIP-MoE towers.
 
     python -m mllm_bridge swap-tower checkpoints/llava-v1.5-7b --tower clip-moe-l14-336
 """
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from encoder.cli_support import UserErrorParser, run_cli
 from encoder.tower import SELECT_FEATURES
+
+from .lmms_cli import add_lmms_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-feature", choices=SELECT_FEATURES, default=None,
                    help="'patch' drops the CLS token, 'cls_patch' keeps it (default: keep the checkpoint's)")
     p.set_defaults(run=_swap_tower)
+    add_lmms_commands(commands)
     return parser
 
 
