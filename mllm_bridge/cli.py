@@ -48,8 +48,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-feature", choices=SELECT_FEATURES, default=None,
                    help="'patch' drops the CLS token, 'cls_patch' keeps it (default: keep the checkpoint's)")
     p.set_defaults(run=_swap_tower)
+
+    p = commands.add_parser(
+        "make-tiny-llm",
+        help="write a tiny random Llama with a tokenizer trained on a data set's texts (CPU demos)",
+        description="Writes a 2-layer Llama (random weights) and a Llama tokenizer trained offline on every text "
+        "LLaVA's stage 1 and stage 2 would feed it from a digit-grid directory (train.json, train_qa.json): the "
+        "language model of the embedded CPU runs. Real runs use a real LLM (e.g. lmsys/vicuna-7b-v1.5).",
+    )
+    p.add_argument("--data", required=True, help="digit-grid directory (python -m upcycle make-digit-grids)")
+    p.add_argument("--out", required=True, help="output LLM directory")
+    p.add_argument("--hidden-size", type=int, default=128, help="model width (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.set_defaults(run=_make_tiny_llm)
     add_lmms_commands(commands)
     return parser
+
+
+def _make_tiny_llm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from encoder.errors import UserError
+
+    from .train.embedded_default import save_tiny_llm, training_texts
+
+    data = Path(args.data)
+    missing = [n for n in ("train.json", "train_qa.json") if not (data / n).is_file()]
+    if missing:
+        raise UserError(f"{data} lacks {', '.join(missing)}; give a digit-grid directory "
+                        "(python -m upcycle make-digit-grids)")
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; remove it or choose another --out")
+    save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
+    print(f"tiny Llama written to {args.out}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -29,11 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=commands.run_sparse)
 
-    p = sub.add_parser("demo", help="the embedded default: build a small CLIP, sparse-upcycle it, check it",
+    p = sub.add_parser("demo", help="the main job on its embedded default: data -> base -> DMU -> LLaVA -> lmms-eval",
+                       description="Runs the whole product on a CPU with no downloads: digit-grid data (real "
+                       "handwriting), a small dense CLIP trained from scratch, a CLIP-MoE by DMU, LLaVA stage 1 and "
+                       "stage 2 with a tiny Llama for the dense and the CLIP-MoE tower, lmms-eval on the digit-grid "
+                       "QA task for both, and OUT/report/report.md. Every step is a printed user command; finished "
+                       "steps are skipped when run again.")
+    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="minimal sizes and steps (a smoke test, ~3 min)")
+    p.set_defaults(run=_run_main_job)
+
+    p = sub.add_parser("sparse-demo", help="build a small CLIP, sparse-upcycle it, check function preservation",
                        description="Builds a small dense CLIP, sparse-upcycles it through the same code as "
                        "`upcycle sparse`, prints the summary and checks that the CLIP-MoE reproduces the dense "
                        "model on real images (scikit-learn's handwritten digits).")
-    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    p.add_argument("--out", default="runs/sparse-demo", help="working directory (default runs/sparse-demo)")
     p.set_defaults(run=commands.run_demo)
 
     p = sub.add_parser("make-digit-grids", help="write a captioned image data set of handwritten-digit grids",
@@ -190,6 +200,12 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--stage-lr", type=float, default=2e-4, help="DMU MCL stage learning rate (default 2e-4)")
     p.add_argument("--router-lr", type=float, default=1e-3, help="DMU router learning rate (default 1e-3)")
     p.set_defaults(run=run_compare)
+
+
+def _run_main_job(args: argparse.Namespace) -> int:
+    from .main_job import run_main_job
+
+    return run_main_job(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,8 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
     _record_training_config(model, args, tokenizer)
     _set_trainable(model, args)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainingModel(model, tokenizer, vision_tower.image_processor,
                          image_tokens(_planned_config(args, tower), tower))
 

@@ -116,7 +116,7 @@ def test_overwrite_replaces_an_existing_directory(base_dir, tmp_path):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["sparse", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["sparse", "--help"], ["demo", "--help"], ["sparse-demo", "--help"]])
 def test_every_command_has_help(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -124,7 +124,7 @@ def test_every_command_has_help(args, capsys):
 
 
 def test_demo_runs_and_checks_function_preservation(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["sparse-demo", "--out", str(tmp_path / "demo")]) == 0
     printed = capsys.readouterr().out
     assert "identical to the dense model" in printed and "handwritten digits" in printed
     assert (tmp_path / "demo" / "clip-moe" / "config.json").exists()

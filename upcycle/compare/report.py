@@ -57,7 +57,7 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str
     for arm, curve in curves.items():
         if curve:
             xs, ys = zip(*curve)
-            ax.plot(xs, _smooth(list(ys)), label=arm, linewidth=1.2)
+            ax.plot(xs, smooth(list(ys)), label=arm, linewidth=1.2)
     ax.set_xlabel("image-text pairs seen")
     ax.set_ylabel("contrastive loss (smoothed)")
     ax.set_title(title)
@@ -66,6 +66,6 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def _smooth(values: list[float], window: int = 9) -> list[float]:
+def smooth(values: list[float], window: int = 9) -> list[float]:
     half = window // 2
     return [statistics.mean(values[max(0, i - half):i + half + 1]) for i in range(len(values))]

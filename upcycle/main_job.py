@@ -1,0 +1,138 @@
+"""The embedded main job: the whole product on a CPU, from real handwriting to an MLLM benchmark table.
+
+digit-grid data -> a small dense CLIP trained from scratch (the "pretrained base") -> a CLIP-MoE by DMU ->
+LLaVA stage 1 and stage 2 with a tiny Llama, once with the dense tower and once with the CLIP-MoE tower ->
+lmms-eval on the digit-grid QA task for both -> report.md with tables and plots.
+
+Every step is the command a user would type, run as a subprocess and printed first; a step whose output
+exists is skipped, so an interrupted run continues where it stopped. mllm_bridge is only ever run, never
+imported, which keeps the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoder.errors import UserError
+from encoder.export import write_atomic
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part of the job is; `quick` is the shortened run the test suite makes."""
+
+    num_train: int = 1000
+    num_test: int = 200
+    base_epochs: int = 8
+    batch_size: int = 64
+    dmu_stage_epochs: int = 1
+    stage1_steps: int = 150
+    stage2_steps: int = 150
+    eval_limit: int = 100
+
+
+QUICK = Sizes(num_train=96, num_test=32, base_epochs=1, batch_size=16, dmu_stage_epochs=1, stage1_steps=2,
+              stage2_steps=2, eval_limit=4)
+TOWERS = ("dense", "clip-moe")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    output: Path  # the step counts as done when this exists (outputs are written atomically)
+
+
+def plan(out: Path, sizes: Sizes) -> list[Step]:
+    """The job's commands in order."""
+    py = [sys.executable, "-m"]
+    data, base_init, base, moe, llm = out / "digit-grids", out / "base-init", out / "base", out / "clip-moe", out / "llm"
+    towers = {"dense": base, "clip-moe": moe}
+    steps = [
+        Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(sizes.num_train),
+                      "--num-val", "0", "--num-test", str(sizes.num_test), "--image-size", "32"], data / "test_qa.json"),
+        Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
+                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
+             base_init / "config.json"),
+        Step("base: trained from scratch", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
+                                            str(data / "train.json"), "--out", str(base), "--trainable", "all",
+                                            "--epochs", str(sizes.base_epochs), "--batch-size", str(sizes.batch_size),
+                                            "--lr", "1e-3", "--weight-decay", "0.1", "--resume"],
+             base / "config.json"),
+        Step("CLIP-MoE by DMU", [*py, "upcycle", "dmu", "--base", str(base), "--train-data", str(data / "train.json"),
+                                 "--out", str(moe), "--num-experts", "4", "--top-k", "2",
+                                 "--stage-epochs", str(sizes.dmu_stage_epochs), "--router-epochs", "1",
+                                 "--batch-size", str(sizes.batch_size), "--lr", "2e-4", "--router-lr", "1e-3",
+                                 "--logit-scale", "learnable", "--resume"], moe / "config.json"),
+    ]
+    for name, tower in towers.items():
+        steps.append(Step(f"retrieval: {name}", [*py, "upcycle", "eval", "--model", str(tower), "--data",
+                                                  str(data / "test.json"), "--digit-positions", "--out",
+                                                  str(out / "eval" / f"{name}.json")], out / "eval" / f"{name}.json"))
+    steps.append(Step("expert usage", [*py, "upcycle", "routing", "--model", str(moe), "--data", str(data / "test.json"),
+                                       "--out-png", str(out / "report" / "expert_usage.png"),
+                                       "--out-json", str(out / "eval" / "routing.json")], out / "eval" / "routing.json"))
+    steps.append(Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
+                      llm / "config.json"))
+    for name, tower in towers.items():
+        stage1, stage2 = out / f"llava-{name}-pretrain", out / f"llava-{name}-finetune"
+        steps.append(Step(f"LLaVA stage 1: {name} tower", [
+            *py, "mllm_bridge.train", "pretrain", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
+            "--data_path", str(data / "train.json"), "--output_dir", str(stage1), "--max_steps",
+            str(sizes.stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+            "--dataloader_num_workers", "0", "--gradient_checkpointing", "False"], stage1 / "mm_projector.bin"))
+        steps.append(Step(f"LLaVA stage 2: {name} tower", [
+            *py, "mllm_bridge.train", "finetune", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
+            "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--data_path",
+            str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(sizes.stage2_steps),
+            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0",
+            "--gradient_checkpointing", "False"], stage2 / "config.json"))
+    tasks = out / "lmms-tasks"
+    steps.append(Step("lmms-eval task from the test split", [*py, "mllm_bridge", "make-lmms-task", "--data", str(data),
+                                                             "--out", str(tasks), "--split", "test"],
+                      tasks / "digit_grids.parquet"))
+    steps.append(Step("lmms-eval: digit-grid QA", [
+        *py, "mllm_bridge", "eval-lmms", *[a for name in TOWERS for a in
+                                          ("--checkpoint", f"{name}={out / f'llava-{name}-finetune'}")],
+        "--tasks", "digit_grids_qa", "--include-path", str(tasks), "--limit", str(sizes.eval_limit), "--device", "cpu", "--out",
+        str(out / "lmms-eval")], out / "lmms-eval" / "summary.json"))
+    return steps
+
+
+def run_step(step: Step, index: int, total: int) -> float:
+    if step.output.exists():
+        print(f"[{index}/{total}] {step.name}: done earlier ({step.output}), skipped", flush=True)
+        return 0.0
+    print(f"\n[{index}/{total}] {step.name}\n  $ {shlex.join(step.argv)}", flush=True)
+    start = time.time()
+    done = subprocess.run(step.argv)
+    if done.returncode != 0:
+        raise UserError(f"step '{step.name}' failed (exit {done.returncode}); fix the cause shown above and run "
+                        "the same command again: finished steps are skipped")
+    return time.time() - start
+
+
+def run_main_job(args: argparse.Namespace) -> int:
+    from .main_job_report import write_report
+
+    out = Path(args.out)
+    sizes = QUICK if args.quick else Sizes()
+    steps = plan(out, sizes)
+    start = time.time()
+    timing_file = out / "report" / "timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    for i, step in enumerate(steps, start=1):
+        seconds = run_step(step, i, len(steps))
+        if seconds or step.name not in timings:  # a skipped step keeps the time it took when it ran
+            timings[step.name] = round(seconds, 1)
+            write_atomic(timing_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))
+    report = write_report(out, sizes, timings, time.time() - start)
+    print(f"\nreport: {report}")
+    return 0
