@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_dmu_parser(sub)
     _add_compare_parser(sub)
+    _add_replicate_parser(sub)
     add_eval_commands(sub)
     return parser
 
@@ -200,6 +201,28 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--stage-lr", type=float, default=2e-4, help="DMU MCL stage learning rate (default 2e-4)")
     p.add_argument("--router-lr", type=float, default=1e-3, help="DMU router learning rate (default 1e-3)")
     p.set_defaults(run=run_compare)
+
+
+def _add_replicate_parser(sub) -> None:
+    p = sub.add_parser("replicate", help="the papers' comparison at tiny scale, CLIP arms and MLLMs (up to an hour)",
+                       description="Digit grids -> a briefly trained base -> `upcycle compare` (base, dense "
+                       "fine-tuning, sparse upcycling every other / all layers, DMU; equal budgets; several seeds) "
+                       "-> LLaVA stage 1 + 2 on the dense, sparse-upcycled and DMU towers -> lmms-eval -> "
+                       "OUT/report.md. Run again after an interruption: finished steps, arms and seeds are reused.")
+    p.add_argument("--out", default="runs/replicate", help="working directory (default runs/replicate)")
+    p.add_argument("--num-train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--num-test", type=int, default=400, help="test images (default 400)")
+    p.add_argument("--base-epochs", type=int, default=3, help="epochs of base pre-training (default 3: brief)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the CLIP arms (default 0,1,2)")
+    p.add_argument("--stage-steps", type=int, default=300, help="LLaVA stage 1 and stage 2 steps (default 300)")
+    p.add_argument("--eval-limit", type=int, default=400, help="lmms-eval questions per checkpoint (default 400)")
+    p.set_defaults(run=_run_replicate)
+
+
+def _run_replicate(args: argparse.Namespace) -> int:
+    from .replicate import run_replicate
+
+    return run_replicate(args)
 
 
 def _run_main_job(args: argparse.Namespace) -> int:

@@ -28,14 +28,14 @@ from encoder.export import write_atomic
 class Sizes:
     """How big each part of the job is; `quick` is the shortened run the test suite makes."""
 
-    num_train: int = 1000
+    num_train: int = 2000
     num_test: int = 200
-    base_epochs: int = 8
+    base_epochs: int = 20
     batch_size: int = 64
-    dmu_stage_epochs: int = 1
-    stage1_steps: int = 150
-    stage2_steps: int = 150
-    eval_limit: int = 100
+    dmu_stage_epochs: int = 2
+    stage1_steps: int = 400
+    stage2_steps: int = 400
+    eval_limit: int = 200
 
 
 QUICK = Sizes(num_train=96, num_test=32, base_epochs=1, batch_size=16, dmu_stage_epochs=1, stage1_steps=2,
@@ -53,7 +53,7 @@ class Step:
 def plan(out: Path, sizes: Sizes) -> list[Step]:
     """The job's commands in order."""
     py = [sys.executable, "-m"]
-    data, base_init, base, moe, llm = out / "digit-grids", out / "base-init", out / "base", out / "clip-moe", out / "llm"
+    data, base_init, base, moe = out / "digit-grids", out / "base-init", out / "base", out / "clip-moe"
     towers = {"dense": base, "clip-moe": moe}
     steps = [
         Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(sizes.num_train),
@@ -79,30 +79,40 @@ def plan(out: Path, sizes: Sizes) -> list[Step]:
     steps.append(Step("expert usage", [*py, "upcycle", "routing", "--model", str(moe), "--data", str(data / "test.json"),
                                        "--out-png", str(out / "report" / "expert_usage.png"),
                                        "--out-json", str(out / "eval" / "routing.json")], out / "eval" / "routing.json"))
-    steps.append(Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
-                      llm / "config.json"))
+    steps += mllm_steps(out, data, towers, sizes.stage1_steps, sizes.stage2_steps, sizes.eval_limit)
+    return steps
+
+
+def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int, stage2_steps: int,
+               eval_limit: int) -> list[Step]:
+    """A tiny LLM, LLaVA stage 1 and stage 2 for every tower with identical settings, then lmms-eval on the
+    digit-grid QA task for all of them side by side."""
+    py = [sys.executable, "-m"]
+    llm = out / "llm"
+    steps = [Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
+                  llm / "config.json")]
     for name, tower in towers.items():
         stage1, stage2 = out / f"llava-{name}-pretrain", out / f"llava-{name}-finetune"
         steps.append(Step(f"LLaVA stage 1: {name} tower", [
             *py, "mllm_bridge.train", "pretrain", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--data_path", str(data / "train.json"), "--output_dir", str(stage1), "--max_steps",
-            str(sizes.stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+            str(stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
             "--dataloader_num_workers", "0", "--gradient_checkpointing", "False"], stage1 / "mm_projector.bin"))
         steps.append(Step(f"LLaVA stage 2: {name} tower", [
             *py, "mllm_bridge.train", "finetune", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--data_path",
-            str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(sizes.stage2_steps),
+            str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(stage2_steps),
             "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0",
             "--gradient_checkpointing", "False"], stage2 / "config.json"))
     tasks = out / "lmms-tasks"
     steps.append(Step("lmms-eval task from the test split", [*py, "mllm_bridge", "make-lmms-task", "--data", str(data),
                                                              "--out", str(tasks), "--split", "test"],
                       tasks / "digit_grids.parquet"))
+    checkpoints = [a for name in towers for a in ("--checkpoint", f"{name}={out / f'llava-{name}-finetune'}")]
     steps.append(Step("lmms-eval: digit-grid QA", [
-        *py, "mllm_bridge", "eval-lmms", *[a for name in TOWERS for a in
-                                          ("--checkpoint", f"{name}={out / f'llava-{name}-finetune'}")],
-        "--tasks", "digit_grids_qa", "--include-path", str(tasks), "--limit", str(sizes.eval_limit), "--device", "cpu", "--out",
-        str(out / "lmms-eval")], out / "lmms-eval" / "summary.json"))
+        *py, "mllm_bridge", "eval-lmms", *checkpoints, "--tasks", "digit_grids_qa", "--include-path", str(tasks),
+        "--limit", str(eval_limit), "--device", "cpu", "--out", str(out / "lmms-eval")],
+        out / "lmms-eval" / "summary.json"))
     return steps
 
 
