@@ -53,19 +53,10 @@ class Step:
 def plan(out: Path, sizes: Sizes) -> list[Step]:
     """The job's commands in order."""
     py = [sys.executable, "-m"]
-    data, base_init, base, moe = out / "digit-grids", out / "base-init", out / "base", out / "clip-moe"
+    data, base, moe = out / "digit-grids", out / "base", out / "clip-moe"
     towers = {"dense": base, "clip-moe": moe}
     steps = [
-        Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(sizes.num_train),
-                      "--num-val", "0", "--num-test", str(sizes.num_test), "--image-size", "32"], data / "test_qa.json"),
-        Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
-                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
-             base_init / "config.json"),
-        Step("base: trained from scratch", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
-                                            str(data / "train.json"), "--out", str(base), "--trainable", "all",
-                                            "--epochs", str(sizes.base_epochs), "--batch-size", str(sizes.batch_size),
-                                            "--lr", "1e-3", "--weight-decay", "0.1", "--resume"],
-             base / "config.json"),
+        *data_and_base_steps(out, sizes.num_train, sizes.num_test, sizes.base_epochs, sizes.batch_size),
         Step("CLIP-MoE by DMU", [*py, "upcycle", "dmu", "--base", str(base), "--train-data", str(data / "train.json"),
                                  "--out", str(moe), "--num-experts", "4", "--top-k", "2",
                                  "--stage-epochs", str(sizes.dmu_stage_epochs), "--router-epochs", "1",
@@ -81,6 +72,24 @@ def plan(out: Path, sizes: Sizes) -> list[Step]:
                                        "--out-json", str(out / "eval" / "routing.json")], out / "eval" / "routing.json"))
     steps += mllm_steps(out, data, towers, sizes.stage1_steps, sizes.stage2_steps, sizes.eval_limit)
     return steps
+
+
+def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: int, batch_size: int = 64,
+                        title: str = "trained from scratch") -> list[Step]:
+    """Digit grids under OUT/digit-grids and a small CLIP trained on them from scratch into OUT/base."""
+    py = [sys.executable, "-m"]
+    data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
+    return [
+        Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(num_train),
+                      "--num-val", "0", "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json"),
+        Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
+                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
+             base_init / "config.json"),
+        Step(f"base: {title}", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
+                                str(data / "train.json"), "--out", str(base), "--trainable", "all", "--epochs",
+                                str(base_epochs), "--batch-size", str(batch_size), "--lr", "1e-3",
+                                "--weight-decay", "0.1", "--resume"], base / "config.json"),
+    ]
 
 
 def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int, stage2_steps: int,

@@ -25,25 +25,17 @@ from pathlib import Path
 
 from encoder.export import write_atomic
 
-from .main_job import Step, mllm_steps, run_step
+from .main_job import Step, data_and_base_steps, mllm_steps, run_step
 
 MLLM_ARMS = ("dense", "sparse-all", "dmu")
 
 
 def plan(out: Path, args: argparse.Namespace) -> list[Step]:
     py = [sys.executable, "-m"]
-    data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
+    data, base = out / "digit-grids", out / "base"
     compare = out / "compare"
     steps = [
-        Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(args.num_train),
-                      "--num-val", "0", "--num-test", str(args.num_test), "--image-size", "32"], data / "test_qa.json"),
-        Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
-                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
-             base_init / "config.json"),
-        Step("base: trained briefly", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
-                                       str(data / "train.json"), "--out", str(base), "--epochs",
-                                       str(args.base_epochs), "--batch-size", "64", "--lr", "1e-3",
-                                       "--weight-decay", "0.1", "--resume"], base / "config.json"),
+        *data_and_base_steps(out, args.num_train, args.num_test, args.base_epochs, title="trained briefly"),
         Step("CLIP arms x seeds", [*py, "upcycle", "compare", "--base", str(base), "--data", str(data), "--out",
                                    str(compare), "--seeds", args.seeds], compare / "compare.md"),
     ]

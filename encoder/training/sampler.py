@@ -74,3 +74,14 @@ class ClusterBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+
+def endless_batches(loader, sampler: ClusterBatchSampler, batches_done: int):
+    """This rank's micro-batches epoch after epoch, starting after the `batches_done` global batches already
+    trained on (a resumed run continues mid-epoch exactly where it stopped)."""
+    while True:
+        epoch, start = divmod(batches_done, sampler.batches_per_epoch)
+        sampler.set_epoch(epoch, start)
+        for batch in loader:
+            batches_done += 1
+            yield batch

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from encoder.errors import UserError
 from encoder.export import atomic_output_dir
 from encoder.errors import TrainingDiverged
-from encoder.training import ClusterBatchSampler
+from encoder.training import ClusterBatchSampler, endless_batches
 
 from .arguments import LlavaArguments
 from .model_setup import TrainingModel
@@ -174,7 +174,7 @@ class LlavaTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.output_dir.name, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         self.model.train()
-        batches = self._micro_batches()
+        batches = endless_batches(self.loader, self.sampler, self.batches_done)
         window: list[dict[str, float]] = []
         try:
             while self.step < self.total_steps:
@@ -194,14 +194,6 @@ class LlavaTrainer:
         window = max(1, min(LOSS_WINDOW, self.step // 2))
         return TrainResult(self.step, self.samples_seen, self.truncated, self.empty_batches,
                            _mean(self.first_losses[:window]), _mean(list(self.last_losses)[-window:]), window)
-
-    def _micro_batches(self):
-        """Endless stream of this rank's micro-batches, starting after the ones already trained on."""
-        per_epoch = self.sampler.batches_per_epoch
-        while True:
-            epoch, start = divmod(self.batches_done, per_epoch)
-            self.sampler.set_epoch(epoch, start)
-            yield from self.loader
 
     def _optimizer_step(self, batches) -> dict[str, float]:
         acc, t = self.accelerator, self.args.training

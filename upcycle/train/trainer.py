@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from encoder.errors import TrainingDiverged, UserError
-from encoder.training import ClusterBatchSampler, make_accelerator
+from encoder.training import ClusterBatchSampler, endless_batches, make_accelerator
 
 from .losses import clip_contrastive_loss
 from .params import select_trainable
@@ -212,14 +212,6 @@ class ContrastiveTrainer:
             print(f"{self.config.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
 
     # -- training ----------------------------------------------------------------------------------------
-    def _micro_batches(self):
-        """Endless (epoch, batch) stream starting after the batches already done."""
-        per_epoch = self.sampler.batches_per_epoch
-        while True:
-            epoch, start = divmod(self.batches_done, per_epoch)
-            self.sampler.set_epoch(epoch, start)
-            yield from self.loader
-
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         acc, cfg = self.accelerator, self.config
         image, text, balance, z = self.head(batch["pixel_values"].to(acc.device), batch["input_ids"].to(acc.device),
@@ -242,7 +234,7 @@ class ContrastiveTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.desc, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         self.head.train()
-        batches = self._micro_batches()
+        batches = endless_batches(self.loader, self.sampler, self.batches_done)
         try:
             while self.step < self.total_steps:
                 logs = self._optimizer_step(batches)
