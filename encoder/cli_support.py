@@ -19,6 +19,21 @@ class UserErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
+def parse_device(name: str | None):
+    """A --device value (cpu, cuda, cuda:N; None = a GPU when one is visible), checked as user input."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} not understood; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run the chosen command (`args.run`); user errors print one line and return 2."""
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ converter relies on (each verified against the reference outputs in shared/fixtu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -31,6 +30,7 @@ from transformers.initialization import no_init_weights
 
 from .configuration import CLIPMoEConfig
 from .errors import UserError
+from .export import file_sha256
 from .modeling import CLIPMoEModel
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def model_card_fields(path: str | Path, model: CLIPMoEModel) -> dict:
         "data": "none (weights imported as released, fp32)",
         "details": {
             "source_checkpoint": str(path.resolve()),
-            "source_sha256": _sha256(path),
+            "source_sha256": file_sha256(path),
             "tokenizer": (
                 "not shipped with the release: use OpenAI CLIP's BPE tokenizer (start/end-of-text = the two "
                 f"highest ids) with Long-CLIP's context of {t.max_position_embeddings} tokens, zero padding"
@@ -272,14 +272,6 @@ def model_card_fields(path: str | Path, model: CLIPMoEModel) -> dict:
                                 "text": t.num_attention_heads},
         },
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tower_layout(sd: dict[str, torch.Tensor], tower: str) -> tuple[int, dict[int, int]]:

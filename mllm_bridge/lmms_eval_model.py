@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from lmms_eval.api.model import lmms
 
+from encoder.cli_support import parse_device
 from encoder.errors import UserError
 
 from .expert_usage import ExpertUsageRecorder
@@ -308,15 +309,7 @@ def _distributed():
 def _resolve_device(device: str | None, accelerator) -> torch.device:
     if accelerator is not None:
         return accelerator.device
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device} not understood; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but no GPU is visible to torch; use --device cpu")
-    return resolved
+    return parse_device(device)
 
 
 def _usage_path_next_to_results(pretrained: str) -> Path | None:

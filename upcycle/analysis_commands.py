@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from encoder.cli_support import parse_device
 from encoder.errors import UserError
 from encoder.export import write_atomic
 from encoder.loading import load_clip, model_type_of
@@ -79,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.digit_positions:
         digit_labels = read_digit_labels(args.data, args.image_root)
         digits = [digit_labels[p.image] for p in pairs]
-    device = _device(args.device)
+    device = parse_device(args.device)
     loaded = load_clip(args.model)
     image_emb, text_emb = encode_pairs(loaded.model, pairs, loaded.image_processor, loaded.tokenizer,
                                        args.batch_size, args.num_workers, device)
@@ -99,7 +98,7 @@ def run_routing(args: argparse.Namespace) -> int:
     if model_type not in (None, "clip_moe"):
         raise not_moe_error(f"{args.model} (model_type {model_type!r})")  # refuse before loading the weights
     pairs = read_pairs(args.data, args.image_root, args.skip_missing)
-    device = _device(args.device)
+    device = parse_device(args.device)
     loaded = load_clip(args.model)
     stats = routing_stats(loaded.model.to(device), pairs, loaded.image_processor, loaded.tokenizer,
                           args.batch_size, args.num_workers)
@@ -109,18 +108,6 @@ def run_routing(args: argparse.Namespace) -> int:
         print(f"routing heat map written to {args.out_png}", file=sys.stderr)
     _emit({"model": loaded.source, "data": str(args.data), "n_pairs": len(pairs), **stats}, args.out_json)
     return 0
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} not understood; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
-    return device
 
 
 def _emit(result: dict, out: str | None) -> None:

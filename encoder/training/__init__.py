@@ -4,6 +4,7 @@ Not imported by `import encoder`: the model stays importable without accelerate 
 """
 
 from .distributed import make_accelerator, on_cpu, process_state
+from .run_log import NullLog, RunLog
 from .sampler import ClusterBatchSampler, endless_batches
 
-__all__ = ["ClusterBatchSampler", "endless_batches", "make_accelerator", "on_cpu", "process_state"]
+__all__ = ["ClusterBatchSampler", "NullLog", "RunLog", "endless_batches", "make_accelerator", "on_cpu", "process_state"]

@@ -19,7 +19,7 @@ from encoder.tower import SELECT_FEATURES
 from .conversation import TEMPLATES
 from .data import ASPECT_RATIOS
 from .projector import check_projector_type
-from .run_log import REPORT_TARGETS
+from encoder.training.run_log import REPORT_TARGETS
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 

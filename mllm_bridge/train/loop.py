@@ -31,7 +31,7 @@ from encoder.training import ClusterBatchSampler, endless_batches
 from .arguments import LlavaArguments
 from .model_setup import TrainingModel
 from .outputs import FullOutput, ProjectorOutput, publish
-from .run_log import NullLog, RunLog
+from encoder.training.run_log import NullLog, RunLog
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint

@@ -7,7 +7,6 @@ training from its checkpoints, so an interrupted comparison never recomputes fin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import time
@@ -16,19 +15,11 @@ from pathlib import Path
 import torch
 
 from encoder.errors import UserError
-from encoder.export import write_atomic
+from encoder.export import file_sha256, write_atomic
 
 from .arms import ARMS, ArmSettings, loss_curve, train_arm
 from .measure import forward_ms_per_image, test_metrics
 from .report import arms_legend, loss_plot, positions_table, results_table
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings) -> dict:

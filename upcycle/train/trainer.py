@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from encoder.errors import TrainingDiverged, UserError
-from encoder.training import ClusterBatchSampler, endless_batches, make_accelerator
+from encoder.export import atomic_output_dir
+from encoder.training import ClusterBatchSampler, NullLog, RunLog, endless_batches, make_accelerator
 
 from .losses import clip_contrastive_loss
 from .params import select_trainable
@@ -113,17 +114,6 @@ def load_trained_parameters(model: nn.Module, path: str | Path) -> list[str]:
     return sorted(tensors)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
 class ContrastiveTrainer:
     """Trains `model` in place on `dataset` (items: pixel_values + caption; `collate_fn` tokenizes).
 
@@ -191,7 +181,8 @@ class ContrastiveTrainer:
                            tmp / "optimizer.pt")
                 (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
-            _write_atomically(path, write)
+            with atomic_output_dir(path, overwrite=True) as tmp:
+                write(tmp)
             for old in _checkpoints(self.work_dir)[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -229,8 +220,8 @@ class ContrastiveTrainer:
         last = latest_checkpoint(self.work_dir) if resume else None
         if last is not None:
             self.resume(last)
-        writer = _tensorboard(self.work_dir / "tb") if acc.is_main_process else None
-        metrics = open(self.work_dir / "metrics.jsonl", "a") if acc.is_main_process else None
+        log = (RunLog(self.work_dir, self.work_dir / "tb", ["tensorboard"], cfg.desc, asdict(cfg))
+               if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.desc, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         self.head.train()
@@ -240,18 +231,12 @@ class ContrastiveTrainer:
                 logs = self._optimizer_step(batches)
                 bar.update()
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
-                if writer is not None:
-                    for key, value in logs.items():
-                        writer.add_scalar(f"train/{key}", value, self.step)
-                    metrics.write(json.dumps({"step": self.step, **logs}) + "\n")
-                    metrics.flush()
+                log.log(self.step, logs)
                 if self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
-                metrics.close()
+            log.close()
         self.save_checkpoint()
         model = acc.unwrap_model(self.head).model
         return model.eval()
@@ -287,20 +272,3 @@ class ContrastiveTrainer:
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; {where}; lower the "
                                    "learning rate (--lr) and resume or restart")
-
-
-def _tensorboard(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
-        logger.warning("tensorboard not installed; only metrics.jsonl is written")
-        return _NoWriter()
-    return SummaryWriter(str(log_dir))
-
-
-class _NoWriter:
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

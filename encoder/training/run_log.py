@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from encoder.errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
