@@ -214,3 +214,13 @@ def digit_task_dir(tmp_path_factory, grids_dir):
     out = tmp_path_factory.mktemp("lmms-tasks") / "digit_grids"
     make_lmms_task(grids_dir, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU: skipped here with the reason, run by scripts/gpu_check.sh."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
