@@ -13,13 +13,20 @@ calls `install_at_startup()` in every interpreter, so `load_pretrained_model`, `
 `initialize_vision_modules` and lmms-eval's `llava` model need no change. This module imports nothing
 heavy (no torch, no transformers): start-up stays cheap.
 Set CLIP_MOE_LLAVA_HOOK=0 to switch the .pth off; `install_llava_hook()` installs the hook explicitly.
+
+The same finder applies the compatibility shims of `compat` (llava-torch on transformers >= 5.24,
+lmms-eval on filelock >= 4.3) when the modules they concern are imported, so LLaVA's own
+`load_pretrained_model` + `generate` and lmms-eval's built-in `llava` model get them too.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import os
 import sys
+
+from . import compat
 
 BUILDER_MODULE = "llava.model.multimodal_encoder.builder"
 ARCH_MODULE = "llava.model.llava_arch"
@@ -35,10 +42,10 @@ def install_llava_hook() -> None:
     Patches LLaVA's builder (and `llava_arch`'s copy of the name) if they are already imported, and
     installs the import hook for later imports.
     """
-    for name in (BUILDER_MODULE, ARCH_MODULE):
+    for name in (BUILDER_MODULE, ARCH_MODULE, *compat.LLAVA_LANGUAGE_MODULES):
         module = sys.modules.get(name)
         if module is not None:
-            _patch(module)
+            _after_import(module)
     if not is_hook_installed():
         sys.meta_path.insert(0, _LlavaBuilderFinder())
 
@@ -116,11 +123,26 @@ def _wrap(original):
     return build_vision_tower
 
 
+def _after_import(module) -> None:
+    """What the hook does to a module it watches, once the module has run (idempotent)."""
+    if module.__name__ in compat.LLAVA_LANGUAGE_MODULES:
+        compat.patch_llava_language_module(module)
+    else:
+        _patch(module)
+
+
+_WATCHED = frozenset((BUILDER_MODULE, *compat.LLAVA_LANGUAGE_MODULES))
+_STAND_INS = {compat.FILELOCK_API: compat.filelock_api_module}  # module name -> factory, used only if absent
+
+
 class _LlavaBuilderFinder:
-    """Finds LLaVA's tower builder module through the other finders and wraps its loader."""
+    """Finds the watched modules through the other finders and wraps their loaders; provides stand-ins.
+
+    Every import asks this finder first, so anything but a set lookup for other names would cost start-up.
+    """
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != BUILDER_MODULE:
+        if fullname not in _WATCHED and fullname not in _STAND_INS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -129,14 +151,18 @@ class _LlavaBuilderFinder:
             if spec is not None:
                 break
         else:
+            if fullname in _STAND_INS:
+                return importlib.machinery.ModuleSpec(fullname, compat.AliasLoader(_STAND_INS[fullname]))
             return None
+        if fullname not in _WATCHED:
+            return spec
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader = _PatchingLoader(spec.loader)
         return spec
 
 
 class _PatchingLoader:
-    """Runs the real loader, then replaces `build_vision_tower` in the fresh module."""
+    """Runs the real loader, then patches the fresh module (`build_vision_tower`, or the cache shim)."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -146,7 +172,7 @@ class _PatchingLoader:
 
     def exec_module(self, module) -> None:
         self._loader.exec_module(module)
-        _patch(module)
+        _after_import(module)
 
     def __getattr__(self, name):
         if name == "_loader":  # not set yet (copy, pickle): no recursion through __getattr__
