@@ -15,26 +15,40 @@ from torch import nn
 from .experts import CLIPMoEExperts
 
 
-def load_balance_loss(router_probs: torch.Tensor, top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch/GShard balance loss `E * sum_e f_e * P_e` over the given (non-padding) tokens.
+def load_balance_loss(router_probs: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
+                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/GShard balance loss `E * sum_e f_e * P_e` over the non-padding tokens (token_mask True).
 
     f_e counts all k choices (fraction of tokens sending a choice to e), so uniform routing gives k.
-    router_probs [T, E] (fp32), top_k_index [T, k].
+    router_probs [T, E] (fp32), top_k_index [T, k], token_mask [T] bool or None (all tokens). Padding is
+    masked out with weights, not boolean indexing, so the loss has no data-dependent shapes
+    (torch.compile / torch.export trace it); no real tokens gives 0.
     """
-    num_tokens = router_probs.shape[0]
-    if num_tokens == 0:
-        return router_probs.new_zeros(())
-    choices = torch.bincount(top_k_index.reshape(-1), minlength=num_experts).to(router_probs.dtype)
+    k = top_k_index.shape[-1]
+    if token_mask is None:
+        weight = router_probs.new_ones(router_probs.shape[0])
+    else:
+        weight = token_mask.reshape(-1).to(router_probs.dtype)
+    num_tokens = weight.sum().clamp(min=1.0)
+    choices = router_probs.new_zeros(num_experts).index_add_(
+        0, top_k_index.reshape(-1), weight.repeat_interleave(k)
+    )
     fraction_routed = choices / num_tokens
-    mean_prob = router_probs.mean(dim=0)
+    mean_prob = (router_probs * weight[:, None]).sum(dim=0) / num_tokens
     return num_experts * torch.sum(fraction_routed * mean_prob)
 
 
-def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE z-loss `mean_tokens(logsumexp(logits)^2)`; keeps router logits small. router_logits [T, E]."""
-    if router_logits.shape[0] == 0:
-        return router_logits.new_zeros(())
-    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss `mean_tokens(logsumexp(logits)^2)` over the non-padding tokens; keeps router logits small.
+
+    router_logits [T, E]; token_mask [T] bool or None (all tokens); no real tokens gives 0.
+    """
+    z = torch.logsumexp(router_logits.float(), dim=-1).square()
+    if token_mask is None:
+        weight = torch.ones_like(z)
+    else:
+        weight = token_mask.reshape(-1).to(z.dtype)
+    return (z * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 @dataclass
@@ -85,13 +99,9 @@ class CLIPMoESparseMLP(nn.Module):
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).view(batch, seq, width)
         if not output_router_logits:
             return out, None
-        if token_mask is not None:
-            keep = token_mask.reshape(-1).to(torch.bool)
-            kept_logits, kept_index = logits[keep], top_k_index[keep]
-        else:
-            kept_logits, kept_index = logits, top_k_index
+        mask = token_mask.reshape(-1) if token_mask is not None else None
         return out, RouterOutput(
             logits=logits,
-            load_balance_loss=load_balance_loss(torch.softmax(kept_logits, dim=-1), kept_index, self.num_experts),
-            z_loss=router_z_loss(kept_logits),
+            load_balance_loss=load_balance_loss(torch.softmax(logits, dim=-1), top_k_index, self.num_experts, mask),
+            z_loss=router_z_loss(logits, mask),
         )
