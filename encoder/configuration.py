@@ -50,6 +50,8 @@ class CLIPMoEVisionConfig(MoEFieldsMixin, CLIPVisionConfig):
         `ceil(capacity_factor * tokens * top_k / num_experts)` token-choices per forward.
     aux_loss_coef (`float`, defaults to 0.01): weight of the load-balance loss in `aux_loss`.
     router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss in `aux_loss`.
+    output_router_logits (`bool`, defaults to False): the default of the forward's `output_router_logits`
+        (router logits and auxiliary losses in the output), as in transformers' MoE configs (e.g. Mixtral).
     """
 
     model_type = "clip_moe_vision_model"
@@ -62,6 +64,7 @@ class CLIPMoEVisionConfig(MoEFieldsMixin, CLIPVisionConfig):
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
@@ -85,6 +88,7 @@ class CLIPMoETextConfig(MoEFieldsMixin, CLIPTextConfig):
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
         self.moe_layers = sorted(int(i) for i in self.moe_layers)
@@ -96,6 +100,8 @@ class CLIPMoEConfig(CLIPConfig):
     r"""A CLIP-MoE: a `CLIPConfig` whose tower configs carry MoE fields.
 
     text_config / vision_config: `CLIPMoETextConfig` / `CLIPMoEVisionConfig` (or their dicts).
+    output_router_logits (`bool`, defaults to False): the default of `CLIPMoEModel.forward`'s
+        `output_router_logits` for both towers (each tower config's own field applies when the tower runs alone).
     """
 
     model_type = "clip_moe"
@@ -103,6 +109,8 @@ class CLIPMoEConfig(CLIPConfig):
         "vision_config": CLIPMoEVisionConfig,
         "text_config": CLIPMoETextConfig,
     }
+
+    output_router_logits: bool = False
 
     @classmethod
     def from_clip_config(cls, clip: CLIPConfig, vision_moe: dict | None = None, text_moe: dict | None = None) -> CLIPMoEConfig:

@@ -140,8 +140,8 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
 
 
 def _tower_output(
-    last_hidden_state: torch.Tensor, pooled: torch.Tensor, enc: CLIPMoEEncoderOutput, return_dict: bool | None
-):
+    last_hidden_state: torch.Tensor, pooled: torch.Tensor, enc: CLIPMoEEncoderOutput, return_dict: bool
+) -> CLIPMoEOutputWithPooling | tuple:
     out = CLIPMoEOutputWithPooling(
         last_hidden_state=last_hidden_state,
         pooler_output=pooled,
@@ -152,7 +152,7 @@ def _tower_output(
         router_z_loss=enc.router_z_loss,
         aux_loss=enc.aux_loss,
     )
-    return out if return_dict is not False else out.to_tuple()
+    return out if return_dict else out.to_tuple()
 
 
 class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
@@ -201,11 +201,11 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
             hidden_states,
             output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
             output_attentions=_flag(output_attentions, self.config.output_attentions),
-            output_router_logits=bool(output_router_logits),
+            output_router_logits=_flag(output_router_logits, self.config.output_router_logits),
             **kwargs,
         )
         pooled = self.post_layernorm(enc.last_hidden_state[:, 0, :])
-        return _tower_output(enc.last_hidden_state, pooled, enc, return_dict)
+        return _tower_output(enc.last_hidden_state, pooled, enc, _flag(return_dict, self.config.return_dict))
 
 
 class CLIPMoETextModel(CLIPMoEPreTrainedModel):
@@ -267,13 +267,13 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
             token_mask=token_mask,
             output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
             output_attentions=_flag(output_attentions, self.config.output_attentions),
-            output_router_logits=bool(output_router_logits),
+            output_router_logits=_flag(output_router_logits, self.config.output_router_logits),
             is_causal=True,
             **kwargs,
         )
         last = self.final_layer_norm(enc.last_hidden_state)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_position.to(last.device)]
-        return _tower_output(last, pooled, enc, return_dict)
+        return _tower_output(last, pooled, enc, _flag(return_dict, self.config.return_dict))
 
     def _eos_position(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Same rule as transformers' CLIPTextModel: legacy configs (eos_token_id == 2) pool the highest token
@@ -301,20 +301,33 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         self.post_init()
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          position_ids: torch.Tensor | None = None, **kwargs) -> CLIPMoEOutputWithPooling:
-        """The text tower's output with `pooler_output` projected (transformers >= 5 semantics)."""
+                          position_ids: torch.Tensor | None = None, return_dict: bool | None = None,
+                          **kwargs) -> CLIPMoEOutputWithPooling | tuple:
+        """The text tower's output with `pooler_output` projected (transformers >= 5 semantics).
+
+        As in transformers' `CLIPModel.get_text_features`, `return_dict=False` (or `config.return_dict`
+        False) gives the output's `to_tuple()`: (last_hidden_state, projected pooler_output, ...).
+        """
         out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              return_dict=True, **kwargs)
+                              return_dict=True, **self._router_kwargs(kwargs))
         out.pooler_output = self.text_projection(out.pooler_output)
-        return out
+        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
-                           **kwargs) -> CLIPMoEOutputWithPooling:
-        """The vision tower's output with `pooler_output` projected (transformers >= 5 semantics)."""
+                           return_dict: bool | None = None, **kwargs) -> CLIPMoEOutputWithPooling | tuple:
+        """The vision tower's output with `pooler_output` projected (transformers >= 5 semantics).
+
+        `return_dict` as in `get_text_features`.
+        """
         out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                return_dict=True, **kwargs)
+                                return_dict=True, **self._router_kwargs(kwargs))
         out.pooler_output = self.visual_projection(out.pooler_output)
-        return out
+        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
+
+    def _router_kwargs(self, kwargs: dict) -> dict:
+        # The full model's config decides for both towers (their own configs decide when used alone).
+        flag = kwargs.get("output_router_logits")
+        return {**kwargs, "output_router_logits": _flag(flag, self.config.output_router_logits)}
 
     def forward(
         self,
@@ -327,11 +340,19 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CLIPMoEOutput:
+    ) -> CLIPMoEOutput | tuple:
+        """`CLIPModel.forward` plus routing outputs.
+
+        With `output_router_logits` (default `config.output_router_logits`) each tower output carries its
+        router logits and auxiliary losses, and `aux_loss` is added to `loss`.
+
+        `return_dict=False` (default `config.return_dict`) gives `to_tuple()`; unlike transformers 5's
+        `CLIPModel`, whose forward then fails on the tuple its own `get_image_features` returns.
+        """
         vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                         output_router_logits=output_router_logits, **kwargs)
+                                         output_router_logits=output_router_logits, return_dict=True, **kwargs)
         text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      output_router_logits=output_router_logits, **kwargs)
+                                      output_router_logits=output_router_logits, return_dict=True, **kwargs)
         image_embeds = _l2_normalize(vision.pooler_output)
         text_embeds = _l2_normalize(text.pooler_output)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
@@ -353,7 +374,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             vision_model_output=vision,
             aux_loss=aux_loss,
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,9 @@ class CLIPMoEVisionTower(nn.Module):
             return self._encode(images)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True)
+        # return_dict=True: a config saved with return_dict=False must not turn the output into a tuple here.
+        outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True,
+                                 return_dict=True)
         return self.feature_select(outs).to(images.dtype)
 
     def _is_trainable(self) -> bool:

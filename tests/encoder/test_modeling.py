@@ -7,7 +7,14 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 import encoder
-from encoder import CLIPMoEConfig, CLIPMoEModel, CLIPMoETextModel, CLIPMoEVisionConfig, CLIPMoEVisionModel
+from encoder import (
+    CLIPMoEConfig,
+    CLIPMoEModel,
+    CLIPMoEOutput,
+    CLIPMoETextModel,
+    CLIPMoEVisionConfig,
+    CLIPMoEVisionModel,
+)
 from upcycle import sparse_upcycle
 
 
@@ -131,3 +138,81 @@ def test_experts_implementation_can_be_switched(dense_clip, batch):
         theirs = model(**batch).image_embeds
     assert model.vision_model.config._experts_implementation == "grouped_mm"
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# PreTrainedModel contracts: config.return_dict and config.output_router_logits as defaults.
+
+
+def test_config_return_dict_false_gives_tuples_everywhere(dense_clip, batch):
+    model = sparse_upcycle(dense_clip).eval()
+    with torch.no_grad():
+        ref = model(**batch)
+        ref_img = model.get_image_features(batch["pixel_values"])
+        ref_txt = model.get_text_features(batch["input_ids"], attention_mask=batch["attention_mask"])
+        model.config.return_dict = False
+        out = model(**batch)
+        img = model.get_image_features(batch["pixel_values"])
+        txt = model.get_text_features(batch["input_ids"], attention_mask=batch["attention_mask"])
+        explicit = model(**batch, return_dict=True)  # the argument wins over the config
+    assert isinstance(out, tuple) and torch.equal(out[0], ref.logits_per_image)
+    assert isinstance(explicit, CLIPMoEOutput)
+    # (last_hidden_state, projected pooler_output), like transformers' CLIPModel.get_*_features tuples.
+    assert isinstance(img, tuple) and len(img) == 2 and torch.equal(img[1], ref_img.pooler_output)
+    assert isinstance(txt, tuple) and len(txt) == 2 and torch.equal(txt[1], ref_txt.pooler_output)
+
+    for tower, inputs in ((model.vision_model, (batch["pixel_values"],)), (model.text_model, (batch["input_ids"],))):
+        tower.config.return_dict = False
+        with torch.no_grad():
+            as_tuple, as_output = tower(*inputs), tower(*inputs, return_dict=True)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], as_output.pooler_output)
+
+
+def test_feature_getters_tuple_contract_matches_transformers_clip(dense_clip, batch):
+    model = CLIPMoEModel(dense_as_moe_config(dense_clip)).eval()
+    model.load_state_dict(dense_clip.state_dict(), strict=True)
+    with torch.no_grad():
+        pairs = [
+            (dense_clip.get_image_features(batch["pixel_values"], return_dict=False),
+             model.get_image_features(batch["pixel_values"], return_dict=False)),
+            (dense_clip.get_text_features(batch["input_ids"], return_dict=False),
+             model.get_text_features(batch["input_ids"], return_dict=False)),
+            (dense_clip.get_image_features(batch["pixel_values"], output_hidden_states=True, return_dict=False),
+             model.get_image_features(batch["pixel_values"], output_hidden_states=True, return_dict=False)),
+        ]
+    for theirs, ours in pairs:
+        assert type(theirs) is type(ours) is tuple and len(theirs) == len(ours)
+        for a, b in zip(theirs, ours, strict=True):
+            if isinstance(a, tuple):
+                assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+            else:
+                assert torch.equal(a, b)
+
+
+def test_config_output_router_logits_is_the_default(dense_clip, batch, tmp_path):
+    model = sparse_upcycle(dense_clip, num_experts=4, top_k=2, moe_layers="even")
+    assert model.config.output_router_logits is False
+    with torch.no_grad():
+        assert model(**batch).aux_loss is None
+        model.config.output_router_logits = True
+        out = model(**batch, return_loss=True)
+        off = model(**batch, output_router_logits=False)  # the argument wins over the config
+    assert out.aux_loss is not None and len(out.vision_model_output.router_logits) == 2
+    assert len(out.text_model_output.router_logits) == 2
+    assert off.aux_loss is None and off.vision_model_output.router_logits is None
+    with torch.no_grad():
+        assert model.get_image_features(batch["pixel_values"]).router_logits is not None
+
+    vision = model.vision_model
+    with torch.no_grad():
+        assert vision(batch["pixel_values"]).router_logits is None  # the tower's own config: still False
+        vision.config.output_router_logits = True
+        assert len(vision(batch["pixel_values"]).router_logits) == 2
+        assert vision(batch["pixel_values"], output_router_logits=False).router_logits is None
+        model.text_model.config.output_router_logits = True
+        assert model.text_model(batch["input_ids"]).aux_loss is not None
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.output_router_logits is True
+    assert loaded.vision_config.output_router_logits is True and loaded.text_config.output_router_logits is True
+    assert CLIPMoEVisionConfig().output_router_logits is False

@@ -129,3 +129,14 @@ def test_is_clip_moe_dir(clip_moe_dir, dense_clip_dir, tmp_path):
     assert not is_clip_moe_dir(None)
     (tmp_path / "config.json").write_text("{not json")
     assert not is_clip_moe_dir(tmp_path)
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_a_config_saved_with_return_dict_false_still_gives_features(clip_moe_dir, dense_clip_dir, moe):
+    directory = clip_moe_dir if moe else dense_clip_dir
+    tower = CLIPMoEVisionTower(str(directory), llava_args())
+    px = pixels(2)
+    expected = tower(px)
+    tower.vision_tower.config.return_dict = False  # as loaded from a config.json that says so
+    assert isinstance(tower.vision_tower(px), tuple)  # the model itself honours it ...
+    assert torch.equal(tower(px), expected)  # ... and the tower asks for the output object anyway
