@@ -1,4 +1,4 @@
-"""Side-by-side CPU timings of the CLIP-MoE FFN and vision tower against their dense counterparts.
+"""Side-by-side timings of the CLIP-MoE FFN and vision tower against their dense counterparts (CPU or CUDA).
 
 Everything runs in one process with interleaved rounds (warm-up, then every implementation once per
 round in a rotating order, median over rounds), so the ratios are fair even when the machine is shared.
@@ -15,6 +15,9 @@ FFN (one layer, [batch, tokens, width] input, top-k of E experts, routing includ
 
 Tower (CLIPMoEVisionModel, every layer MoE) vs the dense tower (moe_layers=[]) vs the ideal
   dense tower + (k-1) x (the dense tower's MLPs alone, on the same hidden-state shape).
+
+`--device cuda --dtype bfloat16 --preset vit-l-336` is the GPU check (scripts/gpu_check.sh): ViT-L/14-336
+shapes, weights and inputs in bf16, CUDA synchronised around every timed call; the tower also reports images/s.
 
 Prints one JSON object on stdout; progress goes to stderr. No timing is asserted.
 """
@@ -47,6 +50,23 @@ from encoder import (
 )
 
 MASKED_LOOP = "bench_masked_loop"
+PRESETS = {  # openai/clip-vit-large-patch14-336's vision tower (LLaVA-1.5's)
+    "vit-l-336": dict(layers=24, width=1024, heads=16, mlp=4096, image=336, patch=14),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall time measures it (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def place(module_or_tensor):
+    """Onto the benchmark's device, floating-point parts in its dtype."""
+    return module_or_tensor.to(device=DEVICE, dtype=DTYPE)
 
 
 def log(msg: str) -> None:
@@ -77,12 +97,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int)
     for i in range(warmup):
         for n in names:
             fns[n]()
+        sync()
         log(f"  warm-up {i + 1}/{warmup} done")
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
+            sync()
             t0 = time.perf_counter()
             fns[n]()
+            sync()
             samples[n].append((time.perf_counter() - t0) * 1e3)
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n}={samples[n][-1]:.1f}" for n in names))
     return {
@@ -147,21 +170,22 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
     torch.manual_seed(args.seed)
     moe = CLIPMoESparseMLP(cfg)
     init_moe_layer(moe, 0.02)
+    moe = place(moe)
     variants: dict[str, nn.Module] = {"moe": moe}
     for name, impl in (("masked_loop", MASKED_LOOP), ("hf_grouped_mm", "grouped_mm")):
         c = copy.deepcopy(cfg)
         c._experts_implementation = impl
         m = CLIPMoESparseMLP(c)
         m.load_state_dict(moe.state_dict())
-        variants[name] = m
+        variants[name] = place(m)
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.intermediate_size = k * h
     dense = CLIPMLP(dense_cfg)
-    variants["dense_2h"] = dense
-    variants["dense_2h_fused_act"] = _DenseAsOneExpert(dense_cfg, dense)
+    variants["dense_2h_fused_act"] = place(_DenseAsOneExpert(dense_cfg, dense))
+    variants["dense_2h"] = dense = place(dense)
     order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm", "dense_2h_fused_act"]
 
-    x = torch.randn(args.batch, tokens, args.width)
+    x = place(torch.randn(args.batch, tokens, args.width))
     with torch.no_grad():
         _, top_k_index, _ = moe.route(x.reshape(-1, args.width))
     load = torch.bincount(top_k_index.reshape(-1), minlength=args.experts).float() / top_k_index.numel()
@@ -214,12 +238,12 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
     torch.manual_seed(args.seed)
     moe_cfg = tower_config(args, moe_layers=list(range(args.layers)))
     dense_cfg = tower_config(args, moe_layers=[])
-    moe = CLIPMoEVisionModel(moe_cfg)
-    dense = CLIPMoEVisionModel(dense_cfg)
+    moe = place(CLIPMoEVisionModel(moe_cfg))
+    dense = place(CLIPMoEVisionModel(dense_cfg))
     mlps = nn.Sequential(*[layer.mlp for layer in dense.encoder.layers])
 
-    pixels = torch.randn(args.batch, 3, args.image, args.image)
-    hidden = torch.randn(args.batch, tokens, args.width)
+    pixels = place(torch.randn(args.batch, 3, args.image, args.image))
+    hidden = place(torch.randn(args.batch, tokens, args.width))
     with torch.no_grad():
         out = moe.eval()(pixels, output_router_logits=True)
     loads = []
@@ -248,8 +272,8 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
     log("tower forward+backward")
     for m in (moe, dense, mlps):
         m.train()
-    grad_last = torch.randn(args.batch, tokens, args.width)
-    grad_pool = torch.randn(args.batch, args.width)
+    grad_last = place(torch.randn(args.batch, tokens, args.width))
+    grad_pool = place(torch.randn(args.batch, args.width))
 
     def fb_fn(model: nn.Module) -> Callable[[], None]:
         def run():
@@ -274,6 +298,7 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
         ideal_samples = {"samples_ms": ideal_rounds}
         return {
             "times": t,
+            "images_per_s": {n: round(args.batch / (t[n]["median_ms"] / 1e3), 1) for n in ("moe", "dense")},
             "ideal_ms": round(ideal, 2),
             "ratios": {
                 "tower_moe_vs_ideal": round(t["moe"]["median_ms"] / ideal, 3),
@@ -317,7 +342,7 @@ class _DenseAsOneExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        index = torch.zeros(flat.shape[0], 1, dtype=torch.long)
+        index = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=flat.device)
         return self.experts(flat, index, flat.new_ones(flat.shape[0], 1)).view_as(x)
 
 
@@ -362,9 +387,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-tower", action="store_true", help="only the FFN comparison")
     p.add_argument("--output", type=Path, help="also write the JSON to this file")
     p.add_argument("--note", help="free text stored in the JSON (e.g. what else ran on the machine)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights and inputs (default: float32)")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="model shapes of a real tower (overrides the shape flags)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke config (2 layers, width 64, 32px images, batch 2, 2 rounds)")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible here")
+    if args.preset:
+        vars(args).update(PRESETS[args.preset])
     if args.quick:
         args.layers, args.width, args.heads, args.mlp = 2, 64, 4, 128
         args.image, args.patch, args.batch, args.repeats, args.warmup = 32, 8, 2, 2, 1
@@ -372,15 +404,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global DEVICE, DTYPE
     args = parse_args(argv)
+    DEVICE, DTYPE = torch.device(args.device), DTYPES[args.dtype]
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     tokens = (args.image // args.patch) ** 2 + 1
     result: dict = {
         "benchmark": "scripts/bench_moe.py",
         "command": shlex.join(["python", "scripts/bench_moe.py", *(sys.argv[1:] if argv is None else argv)]),
-        "device": "cpu",
-        "dtype": "float32",
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "machine": f"{os.cpu_count()}-core CPU ({cpu_model()})",
         "torch": torch.__version__,
@@ -404,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(result, indent=2)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.output)
     print(text)
 
 
