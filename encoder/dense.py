@@ -2,6 +2,9 @@
 
 Accepted specs: a transformers CLIP directory, a hub id (where a network exists), or
 `open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (converted to the transformers layout).
+
+`load_dense_clip` builds the model in memory; `open_dense_clip` opens a base for streaming (config and
+preprocessing now, weights one tensor at a time), which is what real-size upcycling needs.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from .errors import UserError
+from .tensor_stream import CheckpointError, SafetensorsCheckpoint, StateDictSource, TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,31 @@ class DenseCLIP:
     image_processor: CLIPImageProcessor
     tokenizer: object | None  # a transformers CLIP tokenizer, or None when the base ships none
     source: str
+
+
+@dataclass
+class DenseCLIPSource:
+    """A dense CLIP opened for streaming: config and preprocessing, and its weights one tensor at a time.
+
+    `tensors` reads a transformers directory's safetensors lazily; for bases that only exist in memory
+    (open_clip conversions, hub ids, `pytorch_model.bin` directories) it is the loaded model's state dict
+    and `model` is that model. `dtype` is the dtype `CLIPModel.from_pretrained` would load the weights in.
+    """
+
+    config: CLIPConfig
+    dtype: torch.dtype
+    tensors: TensorSource
+    image_processor: CLIPImageProcessor
+    tokenizer: object | None
+    source: str
+    model: CLIPModel | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.model is None
+
+    def close(self) -> None:
+        self.tensors.close()
 
 
 def default_image_processor(image_size: int) -> CLIPImageProcessor:
@@ -65,7 +95,55 @@ def load_dense_clip(spec: str | CLIPModel) -> DenseCLIP:
     )
 
 
-def _load_directory(path: Path) -> DenseCLIP:
+def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
+    """A dense CLIP for streaming: read lazily from a transformers directory with safetensors weights, else
+    (open_clip, hub id, .bin weights, an in-memory model) loaded with `load_dense_clip` and seen tensor-wise."""
+    path = Path(str(spec)) if not isinstance(spec, CLIPModel) else None
+    if path is not None and not str(spec).startswith("open_clip:") and path.exists():
+        _check_clip_directory(path)
+        if SafetensorsCheckpoint.exists(path):
+            return _open_directory(path)
+    dense = load_dense_clip(spec)
+    return DenseCLIPSource(dense.model.config, next(dense.model.parameters()).dtype,
+                           StateDictSource(dense.model.state_dict()), dense.image_processor, dense.tokenizer,
+                           dense.source, dense.model)
+
+
+def _open_directory(path: Path) -> DenseCLIPSource:
+    try:
+        config = CLIPConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"{path}/config.json is not a usable CLIP config ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); re-save the model") from None
+    try:
+        tensors = SafetensorsCheckpoint(path)
+    except (OSError, CheckpointError) as err:
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
+    dtype = load_dtype(config, tensors)
+    config.dtype = dtype  # recorded on the config and both tower configs, as from_pretrained does (it ends up
+    for sub in config.sub_configs:  # in the CLIP-MoE's config.json, which must not depend on the path taken)
+        if getattr(config, sub, None) is not None:
+            getattr(config, sub).dtype = dtype
+    return DenseCLIPSource(config, dtype, tensors, image_processor_for(path, config), tokenizer_for(path), str(path))
+
+
+def load_dtype(config: CLIPConfig, tensors: TensorSource) -> torch.dtype:
+    """The dtype `from_pretrained` (dtype="auto", transformers' default) gives the model: the config's `dtype`,
+    else that of the checkpoint's first floating-point tensor (by name)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for name in sorted(tensors.keys()):
+        if tensors.spec(name).dtype.is_floating_point:
+            return tensors.spec(name).dtype
+    return torch.get_default_dtype()
+
+
+def _check_clip_directory(path: Path) -> None:
+    """The user errors of a directory that is not a dense transformers CLIP, before any weight is read."""
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
         raise UserError(f"{path} is not a model directory (no config.json): give a transformers CLIP directory")
@@ -79,6 +157,10 @@ def _load_directory(path: Path) -> DenseCLIP:
         raise UserError(
             f"{path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
         )
+
+
+def _load_directory(path: Path) -> DenseCLIP:
+    _check_clip_directory(path)
     try:
         model = CLIPModel.from_pretrained(path).eval()
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import CLIPModel
+from transformers import CLIPConfig, CLIPModel
 
 from encoder import CLIPMoEConfig, CLIPMoEModel
 from encoder.errors import UserError
@@ -66,24 +66,26 @@ def check_expert_counts(num_experts: int, top_k: int) -> None:
 
 
 def moe_config_for(
-    base: CLIPModel,
+    base: CLIPModel | CLIPConfig,
     num_experts: int,
     top_k: int,
     moe_layers: str | Sequence[int] = "all",
     towers: Sequence[str] = ("vision", "text"),
     **moe_fields,
 ) -> CLIPMoEConfig:
-    """The CLIP-MoE config of `base` with MoE layers in the chosen towers; arguments checked as user input."""
+    """The CLIP-MoE config of `base` (a model or just its config) with MoE layers in the chosen towers;
+    arguments checked as user input."""
+    clip_config = base if isinstance(base, CLIPConfig) else base.config
     check_expert_counts(num_experts, top_k)
     unknown = [t for t in towers if t not in TOWER_PREFIX]
     if unknown or not towers:
         raise UserError(f"towers {list(towers)} not understood: use vision, text or vision,text")
     per_tower = {}
     for tower in TOWER_PREFIX:
-        cfg = getattr(base.config, f"{tower}_config")
+        cfg = getattr(clip_config, f"{tower}_config")
         layers = resolve_moe_layers(moe_layers, cfg.num_hidden_layers) if tower in towers else []
         per_tower[tower] = dict(num_experts=num_experts, top_k=top_k, moe_layers=layers, **moe_fields)
-    return CLIPMoEConfig.from_clip_config(base.config, vision_moe=per_tower["vision"], text_moe=per_tower["text"])
+    return CLIPMoEConfig.from_clip_config(clip_config, vision_moe=per_tower["vision"], text_moe=per_tower["text"])
 
 
 @torch.no_grad()
@@ -99,6 +101,7 @@ def assemble_clip_moe(
     All other weights come from `base`; routers are new, drawn from N(0, initializer_range) with `seed`.
     """
     base_sd = base.state_dict()
+    routers = new_routers(config, seed)
     sources = None
     if expert_sources is not None:
         sources = [s if isinstance(s, Mapping) else s.state_dict() for s in expert_sources]
@@ -108,7 +111,6 @@ def assemble_clip_moe(
         cfg = getattr(config, f"{tower}_config")
         if sources is not None and cfg.moe_layers and len(sources) != cfg.num_experts:
             raise ValueError(f"{len(sources)} expert sources for {cfg.num_experts} experts in the {tower} tower")
-        gen = torch.Generator().manual_seed(seed + (0 if tower == "vision" else 1))
         for layer in cfg.moe_layers:
             mlp = f"{prefix}.encoder.layers.{layer}.mlp."
             for dense_name, expert_name in FFN_TO_EXPERT.items():
@@ -116,8 +118,7 @@ def assemble_clip_moe(
                 per_expert = [_ffn(sd, key) for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
                 target[f"{mlp}experts.{expert_name}"] = torch.stack(per_expert).clone()
                 used.add(key)
-            router = torch.empty(cfg.num_experts, cfg.hidden_size)
-            target[f"{mlp}router.weight"] = router.normal_(0.0, cfg.initializer_range, generator=gen)
+    target.update(routers)
     for key, value in base_sd.items():
         if key not in used:
             target[key] = value.clone()
@@ -130,6 +131,35 @@ def assemble_clip_moe(
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(target, strict=True)
     return model.to(next(base.parameters()).dtype).eval()
+
+
+def new_routers(config: CLIPMoEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every MoE layer's new router weight [E, width] (fp32), keyed by its state-dict name.
+
+    Drawn from N(0, initializer_range) by one generator per tower (seed for vision, seed + 1 for text), layer
+    by layer in order, so the in-memory and the streaming sparse upcycling draw the very same routers.
+    """
+    routers = {}
+    for tower, prefix in TOWER_PREFIX.items():
+        cfg = getattr(config, f"{tower}_config")
+        gen = torch.Generator().manual_seed(seed + (0 if tower == "vision" else 1))
+        for layer in cfg.moe_layers:
+            router = torch.empty(cfg.num_experts, cfg.hidden_size)
+            routers[f"{prefix}.encoder.layers.{layer}.mlp.router.weight"] = router.normal_(
+                0.0, cfg.initializer_range, generator=gen)
+    return routers
+
+
+def dense_ffn_key(expert_key: str) -> str | None:
+    """`...layers.L.mlp.experts.up_proj` -> `...layers.L.mlp.fc1.weight` (the dense tensor every expert copies);
+    None for a key that is not an expert stack."""
+    head, sep, name = expert_key.rpartition(".experts.")
+    if not sep:
+        return None
+    for dense_name, expert_name in FFN_TO_EXPERT.items():
+        if name == expert_name:
+            return f"{head}.{dense_name}"
+    return None
 
 
 def _ffn(source: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

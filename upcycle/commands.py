@@ -8,16 +8,18 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel
 
-from encoder import CLIPMoEModel, save_clip_moe
-from encoder.dense import default_image_processor, load_dense_clip
+from encoder import CLIPMoEModel
+from encoder.dense import default_image_processor, open_dense_clip
 from encoder.errors import UserError
-from encoder.export import check_output_dir, summary_lines
+from encoder.export import atomic_output_dir, check_output_dir, summary_lines, write_model_extras
+from encoder.tensor_stream import return_large_frees_to_os
 
-from .assemble import check_expert_counts
+from .assemble import check_expert_counts, moe_config_for
 from .check import max_output_diff
-from .sparse import sparse_upcycle
+from .sparse import layerwise_output_diff, write_sparse_upcycled
 
 logger = logging.getLogger(__name__)
 
@@ -30,22 +32,38 @@ def parse_towers(text: str) -> tuple[str, ...]:
 
 
 def run_sparse(args: argparse.Namespace) -> int:
+    """Stream the sparse-upcycled base into --out (see `write_sparse_upcycled`), check it against the base
+    layer-wise from the written files, then add preprocessing and the card and move the directory into place.
+
+    Peak memory stays near one tensor for a transformers CLIP directory with safetensors weights; other bases
+    (open_clip, hub ids, .bin weights) are loaded into memory first and then streamed out the same way.
+    """
     check_output_dir(args.out, args.overwrite)
     check_expert_counts(args.num_experts, args.top_k)
     towers = parse_towers(args.towers)
-    dense = load_dense_clip(args.base)
-    model = sparse_upcycle(dense.model, args.num_experts, args.top_k, args.moe_layers, towers, args.seed)
-    diff = max_output_diff(dense.model, model)
-    card = {
-        "base": dense.source,
-        "recipe": f"sparse upcycling (CLIP-UP): {args.num_experts} experts copied from the dense MLP, "
-        f"top-{args.top_k}, new routers (seed {args.seed}); not yet trained",
-        "metrics": {"max |MoE - dense| at initialisation": f"{max(diff.values()):.2e}"},
-        "details": {"moe_layers": args.moe_layers, "towers": list(towers), "seed": args.seed},
-    }
-    save_clip_moe(model, args.out, dense.image_processor, dense.tokenizer, card, overwrite=args.overwrite)
+    return_large_frees_to_os()
+    base = open_dense_clip(args.base)
+    try:
+        config = moe_config_for(base.config, args.num_experts, args.top_k, args.moe_layers, towers)
+        with atomic_output_dir(args.out, args.overwrite) as tmp:
+            model = write_sparse_upcycled(base, config, tmp, args.seed, progress=_progress)
+            diff = layerwise_output_diff(base, tmp)
+            card = {
+                "base": base.source,
+                "recipe": f"sparse upcycling (CLIP-UP): {args.num_experts} experts copied from the dense MLP, "
+                f"top-{args.top_k}, new routers (seed {args.seed}); not yet trained",
+                "metrics": {"max |MoE - dense| at initialisation": f"{max(diff.values()):.2e}"},
+                "details": {"moe_layers": args.moe_layers, "towers": list(towers), "seed": args.seed},
+            }
+            write_model_extras(tmp, model, base.image_processor, base.tokenizer, card)
+    finally:
+        base.close()
     print_summary(model, diff, args.out)
     return 0
+
+
+def _progress(names):
+    return tqdm(names, desc="writing tensors", unit="tensor", disable=None)
 
 
 def print_summary(model, diff: dict, out) -> None:

@@ -106,3 +106,21 @@ def test_upcycling_an_open_clip_model_reproduces_open_clip(tmp_path, quick_gelu)
         text = moe.get_text_features(ids).pooler_output
         torch.testing.assert_close(image, oc.encode_image(pixels), atol=1e-5, rtol=0)
         torch.testing.assert_close(text, oc.encode_text(ids), atol=1e-5, rtol=0)
+
+
+def test_config_and_routers_are_the_same_from_a_model_or_its_config(dense_clip):
+    """The streaming path sees only the base's config; it must build the same CLIP-MoE config and routers."""
+    from upcycle import moe_config_for
+    from upcycle.assemble import dense_ffn_key, new_routers
+
+    from_model = moe_config_for(dense_clip, 4, 2, "odd", ("vision", "text"))
+    from_config = moe_config_for(dense_clip.config, 4, 2, "odd", ("vision", "text"))
+    assert from_model.to_dict() == from_config.to_dict()
+    moe = sparse_upcycle(dense_clip, 4, 2, "odd", seed=3)
+    routers = new_routers(from_config, seed=3)
+    assert sorted(routers) == sorted(k for k in moe.state_dict() if k.endswith("router.weight"))
+    for key, value in routers.items():
+        assert torch.equal(moe.state_dict()[key], value), key
+    assert dense_ffn_key("text_model.encoder.layers.3.mlp.experts.down_proj_bias") == \
+        "text_model.encoder.layers.3.mlp.fc2.bias"
+    assert dense_ffn_key("text_model.encoder.layers.3.mlp.router.weight") is None
