@@ -259,13 +259,14 @@ class ExpertWeights(NamedTuple):
 
 # torch.compile / torch.export cannot trace `counts.tolist()` (a data-dependent host read), but they can
 # trace a custom op whose output shapes do not depend on the data: the segment kernels above run inside
-# `clip_moe::segment_mlp`, which the traced graph keeps as one opaque node (forward and backward).
+# `clip_moe::segment_mlp` (fused activations) or `clip_moe::segment_linear` (any other act_fn), which the
+# traced graph keeps as opaque nodes, forward and backward.
 
 
 class _Record:
     """Stands in for autograd's ctx when `_SegmentMLP`'s forward / backward run inside the custom ops."""
 
-    def __init__(self, counts: list[int], act: _FusedActivation, saved: tuple = (), needs: tuple = ()):
+    def __init__(self, counts: list[int], act: _FusedActivation | None, saved: tuple = (), needs: tuple = ()):
         self.counts, self.act, self.saved_tensors, self.needs_input_grad = counts, act, saved, needs
 
     def save_for_backward(self, *tensors: torch.Tensor) -> None:
@@ -327,14 +328,52 @@ def _segment_mlp_op_backward(ctx, grad_y: torch.Tensor, _grad_pre: torch.Tensor)
 _segment_mlp_op.register_autograd(_segment_mlp_op_backward, setup_context=_segment_mlp_setup_context)
 
 
+@torch.library.custom_op("clip_moe::segment_linear", mutates_args=())
+def _segment_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`segment_linear` for activations without a fused kernel (the MLP is then two of these around act_fn)."""
+    return _SegmentLinear.forward(None, x, weight, bias, _counts(ends))
+
+
+@_segment_linear_op.register_fake
+def _(x, weight, bias, ends):
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("clip_moe::segment_linear_backward", mutates_args=())
+def _segment_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor,
+                                needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    record = _Record(_counts(ends), None, (x, weight), (*needs, False))
+    grads = _SegmentLinear.backward(record, grad_out)[:3]
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_segment_linear_backward_op.register_fake
+def _(grad_out, x, weight, ends, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:2])
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _segment_linear_setup_context(ctx, inputs, output) -> None:
+    x, weight, _, ends = inputs
+    ctx.save_for_backward(x, weight, ends)
+    ctx.needs = list(ctx.needs_input_grad[:3])
+
+
+def _segment_linear_op_backward(ctx, grad_out: torch.Tensor):
+    x, weight, ends = ctx.saved_tensors
+    grads = _segment_linear_backward_op(grad_out, x, weight, ends, ctx.needs)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs)), None)
+
+
+_segment_linear_op.register_autograd(_segment_linear_op_backward, setup_context=_segment_linear_setup_context)
+
+
 def traceable_segment_mlp(x: torch.Tensor, w: ExpertWeights, act_fn: nn.Module, ends: torch.Tensor) -> torch.Tensor:
-    """`segment_mlp` as the custom op `clip_moe::segment_mlp`: same kernels, traceable (static output shapes)."""
+    """`segment_mlp` through the custom ops: the same kernels, traceable (output shapes fixed by the inputs')."""
     act = fused_activation(act_fn)
     if act is None:
-        raise ValueError(
-            f"the traceable segment path fuses only QuickGELU, GELU and SiLU, not {type(act_fn).__name__}; "
-            "trace with CLIPMoEExperts.dispatch = 'grouped_mm' (bf16) instead"
-        )
+        h = act_fn(_segment_linear_op(x, w.up, w.up_bias, ends))
+        return _segment_linear_op(h, w.down, w.down_bias, ends)
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *w))
     return _segment_mlp_op(x, *w, ends, act.name, keep)[0]
 

@@ -4,13 +4,16 @@ the traced graph (the segment kernels run as the `clip_moe::segment_mlp` custom 
 import pytest
 import torch
 
+from conftest import tiny_batch, tiny_dense_clip
 from encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
 from encoder.moe import CLIPMoESparseMLP
+from upcycle import sparse_upcycle
 
 
-def moe_layer(capacity_factor=None, seed=0) -> CLIPMoESparseMLP:
+def moe_layer(capacity_factor=None, seed=0, hidden_act="quick_gelu") -> CLIPMoESparseMLP:
     cfg = CLIPMoEVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                              num_experts=4, top_k=2, moe_layers=[0], capacity_factor=capacity_factor)
+                              num_experts=4, top_k=2, moe_layers=[0], capacity_factor=capacity_factor,
+                              hidden_act=hidden_act)
     cfg._experts_implementation = "eager"  # a standalone layer: our own forward
     torch.manual_seed(seed)
     layer = CLIPMoESparseMLP(cfg).eval()
@@ -58,9 +61,11 @@ def test_moe_layer_exports_and_matches_eager(capacity_factor):
         torch.testing.assert_close(exported.module()(other)[0], layer(other)[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_moe_layer_compiles_fullgraph_forward_and_backward(capacity_factor):
-    layer = moe_layer(capacity_factor)
+@pytest.mark.parametrize("capacity_factor, hidden_act", [(None, "quick_gelu"), (0.5, "quick_gelu"),
+                                                        (None, "gelu_pytorch_tanh")])
+def test_moe_layer_compiles_fullgraph_forward_and_backward(capacity_factor, hidden_act):
+    # gelu_pytorch_tanh has no fused kernel: two clip_moe::segment_linear ops around transformers' act_fn.
+    layer = moe_layer(capacity_factor, hidden_act=hidden_act)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 9, 32, requires_grad=True)
@@ -146,6 +151,46 @@ def test_vision_model_compiles_fullgraph_forward_and_backward():
     torch.testing.assert_close(got.aux_loss, expected.aux_loss, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_unfused_activation_exports_through_segment_linear():
+    layer = moe_layer(hidden_act="gelu_pytorch_tanh")
+    x = torch.randn(2, 9, 32)
+    exported = torch.export.export(layer, (x,))
+    ops = graph_ops(exported)
+    assert "clip_moe.segment_linear.default" in ops and "clip_moe.segment_mlp.default" not in ops
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x)[0], layer(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def full_clip_moe():
+    model = sparse_upcycle(tiny_dense_clip(), num_experts=4, top_k=2, moe_layers="all")
+    with torch.no_grad():
+        for layer in (*model.vision_model.encoder.layers, *model.text_model.encoder.layers):
+            layer.mlp.experts.up_proj.add_(0.05 * torch.randn_like(layer.mlp.experts.up_proj))
+    return model.eval()
+
+
+def test_full_clip_moe_exports_and_matches_eager():
+    model, batch = full_clip_moe(), tiny_batch()
+    exported = torch.export.export(model, (), kwargs=batch)
+    assert_no_host_reads(graph_ops(exported))
+    with torch.no_grad():
+        got, expected = exported.module()(**batch), model(**batch)
+    for name in ("logits_per_image", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_full_clip_moe_compiles_fullgraph_with_router_outputs():
+    model, batch = full_clip_moe(), tiny_batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(**batch, return_loss=True, output_router_logits=True)
+        expected = model(**batch, return_loss=True, output_router_logits=True)
+    for name in ("loss", "aux_loss", "logits_per_image"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_mm_dispatch_exports_in_bf16():
