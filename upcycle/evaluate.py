@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from encoder.errors import UserError
+from encoder.errors import UserError, require_finite
 
 from .data.digit_grids import position_names
 from .embed import encode_texts
@@ -49,6 +49,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
     """
     if not len(captions) == len(image_emb) == len(text_emb):
         raise ValueError(f"{len(image_emb)} image and {len(text_emb)} text embeddings for {len(captions)} captions")
+    require_finite(image_emb, "image embeddings")
+    require_finite(text_emb, "text embeddings")
     text_group, text_first = _groups(captions)
     image_group, image_first = _groups(image_ids if image_ids is not None else range(len(captions)))
     images, texts = image_emb[image_first].float(), text_emb[text_first].float()
@@ -108,6 +110,8 @@ def class_embeddings(model, tokenizer, class_names: Sequence[str], templates: Se
 def topk_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int] | torch.Tensor,
                   ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Percent of images whose label is among their k best-scoring classes (all of them when k >= classes)."""
+    require_finite(image_emb, "image embeddings")
+    require_finite(class_emb, "class (prompt) embeddings")
     ranks = _label_ranks(image_emb.float() @ class_emb.float().T, torch.as_tensor(labels, dtype=torch.long))
     return {f"top{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
 
@@ -135,6 +139,8 @@ def position_accuracy(image_emb: torch.Tensor, digits: torch.Tensor, prompt_emb:
 
     image_emb [N, D]; digits [N, P] (positions row-major); prompt_emb [P, 10, D] -> [P].
     """
+    require_finite(image_emb, "image embeddings")
+    require_finite(prompt_emb, "digit prompt embeddings")
     scores = torch.einsum("nd,pcd->npc", image_emb.float(), prompt_emb.float())
     return 100.0 * (_label_ranks(scores, digits) == 0).double().mean(dim=0)
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from encoder.errors import UserError
+from encoder.errors import UserError, require_finite
 
 from .data import Pair
 from .embed import inference, pair_loader, text_max_length
@@ -40,6 +40,7 @@ class _LayerTally:
         """router_logits: one [T, E] tensor per MoE layer; keep [T] bool selects the tokens to count."""
         for i, logits in enumerate(router_logits):
             logits = logits.float() if keep is None else logits.float()[keep]
+            require_finite(logits, f"router logits of MoE layer {self.moe_layers[i]}")
             probs = logits.softmax(dim=-1)
             # The layer picks top-k of the softmax (not of the logits), so count exactly what it picks.
             chosen = probs.topk(self.top_k, dim=-1).indices.reshape(-1)
