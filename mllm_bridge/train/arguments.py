@@ -1,9 +1,10 @@
 """LLaVA's training flags (the ModelArguments / DataArguments / TrainingArguments of `llava/train/train.py`),
 parsed as LLaVA's HfArgumentParser parses them: `--flag value`, booleans as `--flag True|False` or bare.
 
-Every flag maps 1:1 to a dataclass field with LLaVA's name. Defaults are the values of LLaVA-1.5's scripts
-(`scripts/v1_5/pretrain.sh`, `finetune.sh`; per stage in `stages.py`), so a LLaVA command line runs as is.
-Flags that LLaVA has but that change nothing here are accepted (`ACCEPTED_ONLY`); unknown flags are errors.
+Every flag maps 1:1 to a dataclass field with LLaVA's name, typed from its annotation (so `-2` is the int -2).
+Defaults are the values of LLaVA-1.5's scripts (`scripts/v1_5/pretrain.sh`, `finetune.sh`; per stage in
+`stages.py`), so a LLaVA command line runs as is. Flags that LLaVA has but that change nothing here are accepted
+with a one-line note (`ACCEPTED_ONLY`); values this loop cannot honour and unknown flags are errors.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class ModelArguments:
     version: str = _flag("plain", "conversation template: plain (stage 1) or v1 (stage 2, Vicuna)",
                          choices=tuple(TEMPLATES))
     vision_tower: str | None = _flag(None, "a CLIP or CLIP-MoE directory (or a CLIP hub id in the local cache)")
-    mm_vision_select_layer: int = _flag(-2, "tower hidden state fed to the projector (-2: penultimate block)")
+    mm_vision_select_layer: int = _flag(-2, "tower hidden state fed to the projector (-2: penultimate block)",
+                                        type=int)
     mm_vision_select_feature: str = _flag("patch", "patch (drop CLS) or cls_patch", choices=SELECT_FEATURES)
     mm_projector_type: str = _flag("mlp2x_gelu", "linear or mlpNx_gelu")
     pretrain_mm_mlp_adapter: str | None = _flag(None, "stage 1's mm_projector.bin to start the projector from")
@@ -71,8 +73,11 @@ class DataArguments:
                                      "(default: the JSON file's folder)")
     image_aspect_ratio: str = _flag("square", "square (resize + centre crop) or pad (pad to a square with the "
                                     "mean colour first)", choices=ASPECT_RATIOS)
-    lazy_preprocess: bool = _flag(True, "accepted; data is always processed lazily", type=str2bool)
-    is_multimodal: bool = _flag(True, "accepted; training is always multimodal", type=str2bool)
+    lazy_preprocess: bool = _flag(True, "tokenize and decode images per sample in the DataLoader (as LLaVA's lazy "
+                                  "data set); False is accepted with a note, data is always processed lazily",
+                                  type=str2bool)
+    is_multimodal: bool = _flag(True, "set by LLaVA itself; False is accepted with a note, training is always "
+                                "multimodal", type=str2bool)
 
 
 @dataclass
@@ -94,14 +99,15 @@ class TrainingArguments:
     max_grad_norm: float = _flag(1.0, "gradient clipping norm (0: off)", type=float)
     model_max_length: int = _flag(2048, "longest sequence in tokens, image tokens included; longer samples are "
                                   "cut at the end and counted", type=int)
-    bf16: bool | None = _flag(None, "bf16 autocast; frozen modules are held in bf16 (default: on GPUs that "
-                              "support it)", type=str2bool)
+    bf16: bool | None = _flag(None, "bf16 autocast, on GPUs and on CPUs that run bf16 matmuls; frozen modules are "
+                              "held in bf16 (default: on GPUs that support it)", type=str2bool)
     fp16: bool = _flag(False, "fp16 autocast (GPU only)", type=str2bool)
-    tf32: bool | None = _flag(None, "allow TF32 matmuls on NVIDIA GPUs", type=str2bool)
-    gradient_checkpointing: bool = _flag(True, "recompute the LLM's activations in the backward pass (memory for "
-                                         "compute)", type=str2bool)
-    dataloader_num_workers: int | None = _flag(None, "DataLoader workers (default: 4 on GPUs as in LLaVA's "
-                                               "scripts, 0 on the CPU)", type=int)
+    tf32: bool | None = _flag(None, "allow TF32 matmuls on NVIDIA GPUs (no effect on the CPU, said in a note)",
+                              type=str2bool)
+    gradient_checkpointing: bool = _flag(True, "recompute each decoder layer's activations in the backward pass "
+                                         "(less memory, one more forward of the LLM per step)", type=str2bool)
+    dataloader_num_workers: int | None = _flag(None, "DataLoader worker processes that tokenize and decode images "
+                                               "(default: 4 on GPUs as in LLaVA's scripts, 0 on the CPU)", type=int)
     save_strategy: str = _flag("steps", "steps: a checkpoint every --save_steps; no: only the final output",
                                choices=("steps", "no"))
     save_steps: int = _flag(24000, "optimizer steps between checkpoints", type=int)
@@ -110,29 +116,39 @@ class TrainingArguments:
     logging_steps: int = _flag(1, "optimizer steps per metrics line (loss averaged over them)", type=int)
     logging_dir: str | None = _flag(None, "TensorBoard folder (default: OUTPUT_DIR/logs)")
     report_to: list[str] = _flag(("tensorboard",), f"trackers: {', '.join(REPORT_TARGETS)}; metrics.jsonl is "
-                                 "always written", nargs="+")
+                                 "always written; W&B logs offline (WANDB_MODE=offline) when no API key is set up",
+                                 nargs="+")
     seed: int = _flag(42, "seed for the projector's initialisation and the data order", type=int)
-    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config such as scripts/zero2.json (LLaVA's ZeRO-2); used "
-                                  "only when the run is started by `accelerate launch --use_deepspeed "
-                                  "--deepspeed_config_file CONFIG` with deepspeed installed")
-    group_by_modality_length: bool = _flag(False, "accepted; batches are plain shuffles here", type=str2bool)
+    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config such as scripts/zero2.json (LLaVA's ZeRO-2); DeepSpeed "
+                                  "runs only when the run is started by `accelerate launch --use_deepspeed "
+                                  "--deepspeed_config_file CONFIG` with deepspeed installed (otherwise a note says "
+                                  "the flag is ignored); ZeRO stage 3 (LLaVA's zero3.json) is refused under "
+                                  "DeepSpeed: this loop neither partitions nor gathers the weights")
+    group_by_modality_length: bool = _flag(False, "LLaVA's modality- and length-grouped batches: every micro-batch "
+                                           "holds only image or only text-only samples, mega-batches sorted by length "
+                                           "(False: plain shuffled batches)", type=str2bool)
     evaluation_strategy: str = _flag("no", "only no (LLaVA trains without evaluation)", choices=("no",))
     eval_strategy: str = _flag("no", "only no", choices=("no",))
-    per_device_eval_batch_size: int = _flag(4, "accepted; there is no evaluation", type=int)
+    per_device_eval_batch_size: int = _flag(4, "accepted with a note; there is no evaluation", type=int)
     optim: str = _flag("adamw_torch", "only adamw_torch", choices=("adamw_torch",))
     lora_enable: bool = _flag(False, "only False: LoRA is not supported", type=str2bool)
     bits: int = _flag(16, "only 16: no quantized training", type=int, choices=(16,))
     cache_dir: str | None = _flag(None, "Hugging Face cache folder for hub ids")
-    remove_unused_columns: bool = _flag(False, "accepted; no effect", type=str2bool)
+    remove_unused_columns: bool = _flag(False, "accepted with a note; the collator builds every column itself",
+                                        type=str2bool)
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
-ACCEPTED_ONLY = {  # flag -> why it changes nothing here (a note is printed when it is set to a non-default value)
-    "group_by_modality_length": "batches are plain shuffles (no length grouping)",
-    "per_device_eval_batch_size": "there is no evaluation",
+# flag -> (the one value this loop honours, or None where no value changes anything; why). A note is printed
+# when a flag is set to another value (for None: whenever it is passed or set off its default). Flags that
+# `choices` restrict to what this loop implements (e.g. --optim adamw_torch) are honoured, not listed here.
+ACCEPTED_ONLY: dict[str, tuple[Any, str]] = {
+    "per_device_eval_batch_size": (None, "there is no evaluation (LLaVA-1.5 trains with --evaluation_strategy no)"),
+    "lazy_preprocess": (True, "data is always processed lazily, per sample in the DataLoader"),
+    "is_multimodal": (True, "training is always multimodal"),
+    "remove_unused_columns": (False, "the collator builds every column the model needs itself"),
 }
-IGNORED_SILENTLY = ("lazy_preprocess", "is_multimodal", "remove_unused_columns", "evaluation_strategy",
-                    "eval_strategy", "optim", "bits")
+GIVEN = "_given_flags"  # namespace attribute: the flags named on the command line
 
 
 @dataclass
@@ -142,10 +158,25 @@ class LlavaArguments:
     model: ModelArguments
     data: DataArguments
     training: TrainingArguments
+    given: frozenset[str] = frozenset()  # flags named on the command line (for the notes on ignored ones)
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "training": dataclasses.asdict(self.training)}
+
+
+class _Given(argparse.Action):
+    """Store the value and remember that the flag was named, so ignored flags get their note even at defaults."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = set(getattr(namespace, GIVEN, ()))
+        setattr(namespace, GIVEN, given | {self.dest})
+
+
+# Annotations whose values argparse must convert (everything else is a str); a field so annotated without a
+# `type` is a programming error, caught when the parser is built: an untyped int flag stays the string '-2'.
+_CONVERTED = ("int", "float", "bool", "int | None", "float | None", "bool | None")
 
 
 def add_llava_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -154,7 +185,10 @@ def add_llava_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
         group = parser.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
             meta, default = f.metadata, defaults.get(f.name, f.default)
-            kwargs: dict[str, Any] = dict(default=default, help=f"{meta['help']} (default: {_show(default)})")
+            if meta["type"] is None and str(f.type) in _CONVERTED:
+                raise TypeError(f"{cls.__name__}.{f.name} is annotated {f.type} but has no type= to parse it with")
+            kwargs: dict[str, Any] = dict(default=default, help=f"{meta['help']} (default: {_show(default)})",
+                                          action=_Given)
             if meta["type"] is str2bool:
                 kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
             elif meta["type"] is not None:
@@ -177,7 +211,7 @@ def split_arguments(namespace: argparse.Namespace) -> LlavaArguments:
     values = vars(namespace)
     groups = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in ARGUMENT_CLASSES]
     groups[2].report_to = list(groups[2].report_to)
-    args = LlavaArguments(*groups)
+    args = LlavaArguments(*groups, given=frozenset(values.get(GIVEN, ())))
     validate(args)
     return args
 
@@ -211,16 +245,25 @@ def validate(args: LlavaArguments) -> None:
         raise UserError(f"--save_total_limit {t.save_total_limit}: keep at least 1 checkpoint (or None for all)")
     if t.bf16 and t.fp16:
         raise UserError("--bf16 and --fp16 are both set; choose one")
+    unknown = [target for target in t.report_to if target not in REPORT_TARGETS]
+    if unknown:
+        raise UserError(f"--report_to {' '.join(unknown)} is not supported; use any of {', '.join(REPORT_TARGETS)}")
+    if t.dataloader_num_workers is not None and t.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers {t.dataloader_num_workers}: expected 0 (load in the main "
+                        "process) or more")
     if m.tune_mm_mlp_adapter and m.freeze_mm_mlp_adapter:
         raise UserError("--tune_mm_mlp_adapter True with --freeze_mm_mlp_adapter True leaves nothing to train")
 
 
 def accepted_only_notes(args: LlavaArguments) -> list[str]:
-    """One line per flag that was set but changes nothing here."""
+    """One line per flag that was passed (or set off its default) but changes nothing here."""
     notes = []
-    for name, why in ACCEPTED_ONLY.items():
-        value, default = getattr(args.training, name), _field_default(TrainingArguments, name)
-        if value != default:
+    for name, (honoured, why) in ACCEPTED_ONLY.items():
+        cls, group = next((cls, group) for cls, group in zip(ARGUMENT_CLASSES, (args.model, args.data, args.training))
+                          if name in {f.name for f in dataclasses.fields(cls)})
+        value = getattr(group, name)
+        ignored = (name in args.given or value != _field_default(cls, name)) if honoured is None else value != honoured
+        if ignored:
             notes.append(f"--{name} {value}: accepted, but {why}")
     return notes
 

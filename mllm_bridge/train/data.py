@@ -93,6 +93,12 @@ def _sample(record: Any, build, root: Path, where: str) -> Sample:
     return Sample(str((root / image).absolute()) if image else None, prompt)
 
 
+def modality_lengths(samples: Sequence[Sample]) -> list[int]:
+    """LLaVA's `modality_lengths` for `--group_by_modality_length`: a sample's words (whitespace-separated, as LLaVA
+    counts them, no tokenizing up front), positive with an image and negative without, never 0."""
+    return [max(1, len(s.prompt.text.split())) * (1 if s.image is not None else -1) for s in samples]
+
+
 def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
     missing = [s.image for s in samples if s.image is not None and not Path(s.image).is_file()]
     if missing:

@@ -2,8 +2,10 @@
 
 Order per optimizer step: micro-batches under `accelerator.accumulate` (loss -> divergence check ->
 backward), clip, optimizer and schedule step, log, checkpoint. Batches come from a one-cluster
-`ClusterBatchSampler`: every global batch (per-device batch x processes) is drawn from one seeded shuffle
-per epoch and split into equal shares, so a resumed run sees exactly the batches an uninterrupted run sees.
+`ClusterBatchSampler` (plain shuffles), or with `--group_by_modality_length True` from LLaVA's modality- and
+length-grouped plan (`sampler.ModalityLengthBatchSampler`): either way every global batch (per-device batch x
+processes) is planned from the seed and the epoch, the same on every rank, and split into equal shares, so a
+resumed run sees exactly the batches an uninterrupted run sees.
 
 Checkpoints (`OUTPUT_DIR/checkpoint-N/`, written atomically, the newest `--save_total_limit` kept) hold the
 run's output files (usable as they are, e.g. as a stage-2 `--pretrain_mm_mlp_adapter`), the optimizer and
@@ -29,8 +31,10 @@ from encoder.errors import TrainingDiverged
 from encoder.training import ClusterBatchSampler, endless_batches
 
 from .arguments import LlavaArguments
+from .data import modality_lengths
 from .model_setup import TrainingModel
 from .outputs import FullOutput, ProjectorOutput, publish
+from .sampler import ModalityLengthBatchSampler
 from encoder.training.run_log import NullLog, RunLog
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -72,8 +76,13 @@ class LlavaTrainer:
         self.accelerator, self.args, self.output, self.trained = acc, args, output, trained
         self.output_dir = Path(t.output_dir)
         processes = acc.num_processes
-        self.sampler = ClusterBatchSampler([0] * len(dataset), t.per_device_train_batch_size * processes,
-                                           processes, acc.process_index, t.seed)
+        if t.group_by_modality_length:
+            self.sampler = ModalityLengthBatchSampler(modality_lengths(dataset.samples), t.per_device_train_batch_size,
+                                                      processes, acc.process_index, t.seed,
+                                                      accumulation=t.gradient_accumulation_steps)
+        else:
+            self.sampler = ClusterBatchSampler([0] * len(dataset), t.per_device_train_batch_size * processes,
+                                               processes, acc.process_index, t.seed)
         if self.sampler.batches_per_epoch == 0:
             raise UserError(f"{len(dataset)} samples cannot be shared by {processes} processes; add data")
         workers = t.dataloader_num_workers
@@ -112,7 +121,8 @@ class LlavaTrainer:
                 "vision_tower": m.vision_tower, "data_path": d.data_path, "version": m.version,
                 "per_device_train_batch_size": t.per_device_train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps, "seed": t.seed}
+                "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps, "seed": t.seed,
+                "sampler": "modality_length" if t.group_by_modality_length else "shuffle"}
 
     def save_checkpoint(self) -> Path:
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
@@ -142,11 +152,11 @@ class LlavaTrainer:
             state = json.loads((path / STATE_FILE).read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"{path} is not a complete checkpoint ({err}); pass a checkpoint-N directory") from None
-        ours = self._identity()
-        differing = [k for k in ours if state["identity"].get(k) != ours[k]]
+        ours, theirs = self._identity(), {"sampler": "shuffle", **state["identity"]}  # (older runs: no sampler key)
+        differing = [k for k in ours if theirs.get(k) != ours[k]]
         if differing:
             key = differing[0]
-            raise UserError(f"{path} belongs to a run with {key} = {state['identity'].get(key)!r}, this run has "
+            raise UserError(f"{path} belongs to a run with {key} = {theirs.get(key)!r}, this run has "
                             f"{ours[key]!r}; resume with the same flags, or pass --overwrite_output_dir to start "
                             "afresh")
         self.output.read_trained(self.accelerator.unwrap_model(self.model), path)
