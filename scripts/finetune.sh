@@ -4,6 +4,7 @@
 #       --pretrain_mm_mlp_adapter checkpoints/llava-clip-moe-pretrain/mm_projector.bin \
 #       --data_path llava_v1_5_mix665k.json --image_folder data --output_dir checkpoints/llava-clip-moe
 # With no flags: the embedded default on the CPU (digit-grid questions), after the embedded stage 1 if missing.
+# LLaVA-1.5's own flag list (scripts/v1_5/finetune.sh after its `deepspeed llava/train/train_mem.py`) runs as is.
 # Sets itself up first; all arguments go to `python -m mllm_bridge.train finetune` (see its --help).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

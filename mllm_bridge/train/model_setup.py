@@ -98,10 +98,31 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
     _record_training_config(model, args, tokenizer)
     _set_trainable(model, args)
     if t.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return TrainingModel(model, tokenizer, vision_tower.image_processor,
                          image_tokens(_planned_config(args, tower), tower))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in the backward pass instead of keeping its activations (LLaVA's
+    `--gradient_checkpointing True`). Non-reentrant checkpointing: it needs no input that requires grad (stage 1's
+    LLM is frozen) and gives the same gradients as a run without it.
+
+    transformers 5 renamed `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)` to
+    `activation_checkpointing_enable(activation_checkpointing_kwargs=)`; the old name stays as a deprecated alias
+    until v6, so the new one is used where it exists. Only layers that run with grad enabled recompute anything:
+    LLaVA's tower runs under no_grad.
+    """
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def is_gradient_checkpointing(model: nn.Module) -> bool:
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, flag))
 
 
 class _quiet_about_llava_config(logging.Filter):

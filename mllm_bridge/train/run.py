@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import netrc
+import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -25,16 +28,101 @@ STALE_ON_OVERWRITE = ("metrics.jsonl", "logs", "config.json")
 
 
 def make_accelerator(args: LlavaArguments):
-    """An Accelerator in the launch's process group (gloo on CPUs), with the run's precision and accumulation."""
+    """An Accelerator in the launch's process group (gloo on CPUs), with the run's precision and accumulation.
+
+    Precision is checked here, before anything is loaded or written: --bf16 True on hardware that cannot run
+    bf16 stops with one line instead of failing (or silently running fp32) later.
+    """
     t = args.training
     cuda = torch.cuda.is_available() and not on_cpu()
     if t.fp16 and not cuda:
         raise UserError("--fp16 needs a GPU; drop it (or use --bf16) on the CPU")
+    if t.bf16 and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--bf16 True: the GPU {torch.cuda.get_device_name()} has no bf16 support; pass --bf16 False "
+                        "(or --fp16 True)")
+    if t.bf16 and not cuda and not cpu_runs_bf16():
+        raise UserError("--bf16 True: this CPU cannot run bf16 autocast (a bf16 matmul failed or was wrong); pass "
+                        "--bf16 False to train in fp32")
     bf16 = t.bf16 if t.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
     mixed = "fp16" if t.fp16 else "bf16" if bf16 else "no"
     if t.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _forget_earlier_precision(mixed)
     return joined_accelerator(mixed, gradient_accumulation_steps=t.gradient_accumulation_steps)
+
+
+def _forget_earlier_precision(mixed: str) -> None:
+    """accelerate fixes one precision per process and refuses another; a second run in the same process (the
+    embedded `finetune` runs stage 1 first, in fp32 unless told otherwise) may need another one. Only the
+    accelerator's state is reset; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether a bf16 matmul under CPU autocast runs and agrees with fp32 to bf16 precision.
+
+    Asked of the CPU itself rather than read from its flags: torch emulates bf16 where AVX512-BF16 / AMX are
+    missing (slower, still correct), and some builds or platforms cannot run it at all.
+    """
+    a = torch.linspace(-1, 1, 64).reshape(8, 8)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = a @ a.T
+    except RuntimeError:
+        return False
+    return out.dtype == torch.bfloat16 and torch.allclose(out.float(), a @ a.T, rtol=2e-2, atol=2e-2)
+
+
+def _precision_notes(args: LlavaArguments, accelerator) -> list[str]:
+    t, notes = args.training, []
+    if accelerator.device.type == "cpu":
+        if t.tf32:
+            notes.append("--tf32 True only affects matmuls on NVIDIA GPUs (Ampere and newer); on the CPU it changes "
+                         "nothing")
+        if accelerator.mixed_precision == "bf16" and not _native_cpu_bf16():
+            notes.append("--bf16 True: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so torch emulates "
+                         "them; expect bf16 to run slower than fp32 here")
+    return notes
+
+
+def _native_cpu_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_wandb(args: LlavaArguments) -> list[str]:
+    """Make --report_to wandb work without an account or network: with no API key set up and WANDB_MODE unset,
+    W&B logs offline into OUTPUT_DIR/wandb (`wandb sync` uploads it later) instead of asking to log in or
+    failing. Returns the note saying so. Every process sets the same mode; only the main one logs."""
+    targets = set(args.training.report_to)
+    if not targets & {"wandb", "all"}:
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise UserError("--report_to wandb needs the wandb package; install it or use --report_to tensorboard") from None
+    if os.environ.get("WANDB_MODE") or _wandb_api_key_set_up():
+        return []
+    os.environ["WANDB_MODE"] = "offline"
+    where = Path(args.training.output_dir) / "wandb"
+    return [f"--report_to wandb: no W&B API key (WANDB_API_KEY or `wandb login`), so WANDB_MODE=offline: the run is "
+            f"logged under {where}; upload it later with `wandb sync`"]
+
+
+def _wandb_api_key_set_up() -> bool:
+    """WANDB_API_KEY, or a `wandb login` entry in ~/.netrc (for WANDB_BASE_URL's host); never asks the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def frozen_dtype(accelerator) -> torch.dtype:
@@ -49,8 +137,10 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     """
     accelerator = make_accelerator(args)
     output = output_for(args.model.tune_mm_mlp_adapter)
+    notes = (accepted_only_notes(args) + _precision_notes(args, accelerator) + _deepspeed_notes(args, accelerator)
+             + prepare_wandb(args) + _name_notes(args))
     if accelerator.is_main_process:
-        for note in accepted_only_notes(args) + _deepspeed_notes(args, accelerator) + _name_notes(args):
+        for note in notes:
             print(f"note: {note}")
     samples = read_llava_samples(args.data.data_path, args.data.image_folder, args.model.version)
     tower = check_tower(args)
@@ -106,20 +196,41 @@ def _prepare_output_dir(args: LlavaArguments, output: ProjectorOutput | FullOutp
 
 
 def _deepspeed_notes(args: LlavaArguments, accelerator) -> list[str]:
+    """--deepspeed is honoured only when accelerate launched the run with DeepSpeed (whose config then comes from
+    `accelerate launch --deepspeed_config_file`), and only up to ZeRO-2: ZeRO-3 partitions the parameters, which
+    this loop neither builds (zero.Init) nor gathers for saving, so it is refused there. Elsewhere (plain python,
+    DDP, the CPU) the flag is ignored, said in one line, even when the file is missing (LLaVA's finetune.sh names
+    ./scripts/zero3.json, which a checkout of this project does not have)."""
     from accelerate.utils import DistributedType
 
     config = args.training.deepspeed
     if config is None:
         return []
-    if not Path(config).is_file():
-        raise UserError(f"--deepspeed {config} does not exist; pass a DeepSpeed JSON such as scripts/zero2.json")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise UserError(f"--deepspeed {config}: ZeRO stage 3 is not supported by this loop (it builds the whole "
+                            "model on every rank and saves it without gathering partitioned weights); launch with a "
+                            "ZeRO-2 config such as scripts/zero2.json")
         return []
     how = (f"DDP over {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "one process")
+    stage = _zero_stage(Path(config))
+    extra = ("; ZeRO-3 would be refused even under DeepSpeed (use scripts/zero2.json)" if stage == 3 else
+             " (the file does not exist either)" if not Path(config).is_file() else "")
     note = (f"--deepspeed {config} is ignored: DeepSpeed runs only under `accelerate launch --use_deepspeed "
-            f"--deepspeed_config_file {config}` with deepspeed installed; this run uses {how} on "
-            f"{accelerator.device.type}")
+            f"--deepspeed_config_file CONFIG` with deepspeed installed; this run uses {how} on "
+            f"{accelerator.device.type}{extra}")
     return [note]
+
+
+def _zero_stage(config: Path) -> int | None:
+    """The ZeRO stage a DeepSpeed JSON asks for (None: no such file, or no stage in it)."""
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"--deepspeed {config} is not a DeepSpeed JSON config ({err}); pass one such as "
+                        "scripts/zero2.json") from None
 
 
 def _name_notes(args: LlavaArguments) -> list[str]:
