@@ -43,6 +43,14 @@ def test_compare_trains_equal_budgets_and_a_rerun_recomputes_nothing(base_clip_d
     monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", no_training)
     assert main(compare_args(base_clip_dir, grids_dir, out)) == 0
     assert json.loads((out / "compare.json").read_text())["results"] == summary["results"]
+    capsys.readouterr()
+
+    # Other settings never reuse an arm trained with the old ones: one line naming what differs, nothing rewritten.
+    before = (out / "compare.json").read_bytes()
+    assert main([*compare_args(base_clip_dir, grids_dir, out), "--dense-lr", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dense_lr: 0.0001 -> 0.1" in err[0] and "arms/dense/seed-0" in err[0], err
+    assert (out / "compare.json").read_bytes() == before
 
 
 def test_fairness_check_refuses_unequal_budgets_and_different_bases():

@@ -52,6 +52,24 @@ class ArmSettings:
         return (self.num_experts - 1) * self.stage_epochs + self.router_epochs
 
 
+# The settings that shape each arm's result beyond the budget (epochs, batch, weight decay) that all trained arms
+# share: a re-run reuses an arm's folder only when these are unchanged.
+ARM_FIELDS = {
+    "base": (),
+    "dense": ("dense_lr",),
+    "sparse-even": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
+    "sparse-all": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
+    "dmu": ("num_experts", "top_k", "stage_epochs", "router_epochs", "stage_lr", "router_lr", "aux_loss_coef"),
+}
+
+
+def arm_settings(arm: str, seed: int, settings: ArmSettings, inputs: dict[str, str]) -> dict:
+    """Everything that makes one arm x seed's result: the arm's recipe fields, the budget and the inputs' hashes."""
+    shared = {} if arm == "base" else {"seed": seed, "budget_epochs": settings.budget_epochs,
+                                       "batch_size": settings.batch_size, "weight_decay": settings.weight_decay}
+    return {"arm": arm, **shared, **{name: getattr(settings, name) for name in ARM_FIELDS[arm]}, **inputs}
+
+
 def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Path, settings: ArmSettings) -> dict:
     """Train `arm` into folder/model (resuming inside folder); returns {"model": dir, "pairs_seen": n}."""
     if arm == "base":

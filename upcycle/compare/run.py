@@ -1,7 +1,9 @@
 """`python -m upcycle compare`: every arm x seed from one base, equal budgets, results resumable.
 
-Each finished arm/seed leaves `arms/ARM/seed-S/result.json`; a re-run skips those and resumes unfinished
-training from its checkpoints, so an interrupted comparison never recomputes finished work.
+Each arm/seed folder records the settings that shape it (`settings.json`, written before training starts) and
+leaves `result.json` when it finishes; a re-run with the same settings skips finished arms and resumes unfinished
+training from its checkpoints, so an interrupted comparison never recomputes finished work. A re-run with other
+settings (another learning rate, base or data) stops with one line naming what differs.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import torch
 
 from encoder.errors import UserError
 from encoder.export import file_sha256, write_atomic
+from encoder.step_record import claim
 
-from .arms import ARMS, ArmSettings, loss_curve, train_arm
+from .arms import ARMS, ArmSettings, arm_settings, loss_curve, train_arm
 from .measure import forward_ms_per_image, test_metrics
 from .report import arms_legend, loss_plot, positions_table, results_table
 
 
-def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings) -> dict:
+def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings,
+            inputs: dict[str, str]) -> dict:
     folder = out / "arms" / arm / f"seed-{seed}"
     done = folder / "result.json"
+    claim(folder, arm_settings(arm, seed, settings, inputs),
+          f"use another --out, or delete {folder} to retrain this arm with the new settings")
     if done.exists():
         return json.loads(done.read_text())
     start = time.time()
@@ -66,8 +72,10 @@ def run_compare(args: argparse.Namespace) -> int:
                            router_epochs=args.router_epochs, batch_size=args.batch_size, dense_lr=args.dense_lr,
                            sparse_lr=args.sparse_lr, stage_lr=args.stage_lr, router_lr=args.router_lr)
     start = time.time()
-    results = {arm: [run_arm(arm, s, base_dir, data_dir, out, settings) for s in (seeds if arm != "base" else [0])]
-               for arm in arms}
+    inputs = {"base_sha256": file_sha256(base_dir / "model.safetensors"),
+              "train_sha256": file_sha256(data_dir / "train.json"), "test_sha256": file_sha256(data_dir / "test.json")}
+    results = {arm: [run_arm(arm, s, base_dir, data_dir, out, settings, inputs)
+                     for s in (seeds if arm != "base" else [0])] for arm in arms}
     num_train = len(json.loads((data_dir / "train.json").read_text()))
     budget = check_fairness(results, settings, num_train)
     ms = forward_ms_per_image({arm: runs[0]["model"] for arm, runs in results.items()},
