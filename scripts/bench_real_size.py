@@ -179,6 +179,7 @@ def machine() -> dict:
     except (OSError, AttributeError):
         mem = None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_bytes": mem,
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
             "gpu": "none (CPU run)", "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "platform": platform.platform(),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (base, moe, work / "clip-moe-in-memory", work / "clip-moe-resaved"):
         shutil.rmtree(path, ignore_errors=True)
     steps = {}
+    load_at_start = round(os.getloadavg()[0], 2)
     try:
         steps["build_base"] = python_step("build_base", BUILD_BASE, [str(base), json.dumps(model_config)], work)
         base_bytes = dir_bytes(base)
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = steps["upcycle_sparse"]["peak_rss_over_output"]
     report = {
         "benchmark": "real-size sparse upcycling + LLaVA tower on CPU (scripts/bench_real_size.py)",
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1min_at_start": load_at_start},
         "base": {"shape": "smoke-test model" if args.smoke else
                  "openai/clip-vit-large-patch14-336 config, random weights (seed 0)", "config": model_config,
                  "parameters": steps["build_base"]["parameters"], "bytes": base_bytes},
