@@ -104,20 +104,24 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute every decoder layer in the backward pass instead of keeping its activations (LLaVA's
+    """Recompute every decoder layer of the LLM in the backward pass instead of keeping its activations (LLaVA's
     `--gradient_checkpointing True`). Non-reentrant checkpointing: it needs no input that requires grad (stage 1's
     LLM is frozen) and gives the same gradients as a run without it.
 
     transformers 5 renamed `gradient_checkpointing_enable(gradient_checkpointing_kwargs=)` to
     `activation_checkpointing_enable(activation_checkpointing_kwargs=)`; the old name stays as a deprecated alias
-    until v6, so the new one is used where it exists. Only layers that run with grad enabled recompute anything:
-    LLaVA's tower runs under no_grad.
+    until v6, so the new one is used where it exists. The frozen tower runs without autograd, so there is nothing
+    to recompute there: its layers are left unwrapped, as in LLaVA, which enables checkpointing before it adds
+    the tower.
     """
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:  # transformers < 5
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    for module in model.get_vision_tower().modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False
 
 
 def is_gradient_checkpointing(model: nn.Module) -> bool:

@@ -241,9 +241,12 @@ def test_gradient_checkpointing_recomputes_and_changes_no_loss(tmp_path, digit_l
         model.get_model().layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
         trainer.train()
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        results[checkpointing] = SimpleNamespace(calls=len(calls), losses=losses,
-                                                 flag=is_gradient_checkpointing(model))
+        results[checkpointing] = SimpleNamespace(
+            calls=len(calls), losses=losses, flag=is_gradient_checkpointing(model),
+            llm=[layer.gradient_checkpointing for layer in model.get_model().layers],
+            tower=any(getattr(m, "gradient_checkpointing", False) for m in model.get_vision_tower().modules()))
     assert results[True].flag and not results[False].flag
+    assert results[True].llm == [True, True] and not results[True].tower  # the frozen tower has nothing to redo
     assert (results[True].calls, results[False].calls) == (6, 3)
     assert len(results[True].losses) == 3
     assert all(abs(a - b) < 1e-5 for a, b in zip(results[True].losses, results[False].losses))
