@@ -4,16 +4,23 @@ digit-grid data -> a small dense CLIP trained from scratch (the "pretrained base
 LLaVA stage 1 and stage 2 with a tiny Llama, once with the dense tower and once with the CLIP-MoE tower ->
 lmms-eval on the digit-grid QA task for both -> report.md with tables and plots.
 
-Every step is the command a user would type, run as a subprocess and printed first; a step whose output
-exists is skipped, so an interrupted run continues where it stopped. mllm_bridge is only ever run, never
-imported, which keeps the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
+Every step is the command a user would type, run as a subprocess and printed first. A step that succeeds
+leaves a record of its command line in OUT/.steps/; a re-run skips exactly the steps recorded with the same
+command line, so an interrupted run continues where it stopped, a failed step is never taken for done, and a
+step's leftovers are cleared (or resumed, for the training commands that resume themselves) before it runs
+again. The job's sizes are recorded in OUT/settings.json: a run with other sizes (e.g. --quick over a full
+run) stops with one line instead of mixing the two. mllm_bridge is only ever run, never imported, which keeps
+the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +29,9 @@ from pathlib import Path
 
 from encoder.errors import UserError
 from encoder.export import write_atomic
+from encoder.step_record import claim
+
+STEP_RECORDS = ".steps"
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,9 @@ TOWERS = ("dense", "clip-moe")
 class Step:
     name: str
     argv: list[str]
-    output: Path  # the step counts as done when this exists (outputs are written atomically)
+    output: Path  # what the step leaves when it succeeds (a re-run skips it only with its success record too)
+    clean: Path | None = None  # removed before the step runs again without a success record: the leftovers of a
+    # failed or interrupted run of a command that refuses an existing output. None: the command resumes itself.
 
 
 def plan(out: Path, sizes: Sizes) -> list[Step]:
@@ -81,10 +93,11 @@ def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: i
     data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
     return [
         Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(num_train),
-                      "--num-val", "0", "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json"),
+                      "--num-val", "0", "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json",
+             clean=data),
         Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
                                     "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
-             base_init / "config.json"),
+             base_init / "config.json", clean=base_init),
         Step(f"base: {title}", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
                                 str(data / "train.json"), "--out", str(base), "--trainable", "all", "--epochs",
                                 str(base_epochs), "--batch-size", str(batch_size), "--lr", "1e-3",
@@ -99,43 +112,67 @@ def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int
     py = [sys.executable, "-m"]
     llm = out / "llm"
     steps = [Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
-                  llm / "config.json")]
+                  llm / "config.json", clean=llm)]
     for name, tower in towers.items():
         stage1, stage2 = out / f"llava-{name}-pretrain", out / f"llava-{name}-finetune"
         steps.append(Step(f"LLaVA stage 1: {name} tower", [
             *py, "mllm_bridge.train", "pretrain", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--data_path", str(data / "train.json"), "--output_dir", str(stage1), "--max_steps",
             str(stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
-            "--dataloader_num_workers", "0", "--gradient_checkpointing", "False"], stage1 / "mm_projector.bin"))
+            "--dataloader_num_workers", "0"], stage1 / "mm_projector.bin"))
         steps.append(Step(f"LLaVA stage 2: {name} tower", [
             *py, "mllm_bridge.train", "finetune", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--data_path",
             str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(stage2_steps),
-            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0",
-            "--gradient_checkpointing", "False"], stage2 / "config.json"))
+            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0"],
+             stage2 / "config.json"))
     tasks = out / "lmms-tasks"
     steps.append(Step("lmms-eval task from the test split", [*py, "mllm_bridge", "make-lmms-task", "--data", str(data),
                                                              "--out", str(tasks), "--split", "test"],
-                      tasks / "digit_grids.parquet"))
+                      tasks / "digit_grids.parquet", clean=tasks))
     checkpoints = [a for name in towers for a in ("--checkpoint", f"{name}={out / f'llava-{name}-finetune'}")]
     steps.append(Step("lmms-eval: digit-grid QA", [
         *py, "mllm_bridge", "eval-lmms", *checkpoints, "--tasks", "digit_grids_qa", "--include-path", str(tasks),
         "--limit", str(eval_limit), "--device", "cpu", "--out", str(out / "lmms-eval")],
-        out / "lmms-eval" / "summary.json"))
+        out / "lmms-eval" / "summary.json", clean=out / "lmms-eval"))
     return steps
 
 
-def run_step(step: Step, index: int, total: int) -> float:
-    if step.output.exists():
-        print(f"[{index}/{total}] {step.name}: done earlier ({step.output}), skipped", flush=True)
-        return 0.0
+def step_record(out: Path, step: Step) -> Path:
+    return out / STEP_RECORDS / (re.sub(r"[^a-z0-9]+", "-", step.name.lower()).strip("-") + ".json")
+
+
+def run_step(step: Step, index: int, total: int, out: Path) -> float:
+    """Run one step unless its success record holds the same command line; returns the seconds it ran."""
+    record = step_record(out, step)
+    command = step.argv[1:]  # the interpreter's path is not a setting
+    if record.is_file() and step.output.exists():
+        try:
+            done_before = json.loads(record.read_text()).get("argv") == command
+        except (OSError, ValueError):
+            done_before = False
+        if done_before:
+            print(f"[{index}/{total}] {step.name}: done earlier ({step.output}), skipped", flush=True)
+            return 0.0
+    record.unlink(missing_ok=True)
+    if step.clean is not None and step.clean.exists():
+        print(f"[{index}/{total}] {step.name}: clearing what an unfinished earlier run left in {step.clean}",
+              flush=True)
+        shutil.rmtree(step.clean) if step.clean.is_dir() else step.clean.unlink()
     print(f"\n[{index}/{total}] {step.name}\n  $ {shlex.join(step.argv)}", flush=True)
     start = time.time()
     done = subprocess.run(step.argv)
     if done.returncode != 0:
         raise UserError(f"step '{step.name}' failed (exit {done.returncode}); fix the cause shown above and run "
                         "the same command again: finished steps are skipped")
-    return time.time() - start
+    seconds = time.time() - start
+    write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"argv": command, "seconds": round(seconds, 1)})))
+    return seconds
+
+
+def claim_job(out: Path, job: str, settings: dict) -> None:
+    """OUT holds this job with these settings, or is new: anything else stops with one line."""
+    claim(out, {"job": job, **settings}, f"use another --out, or delete {out} to start over")
 
 
 def run_main_job(args: argparse.Namespace) -> int:
@@ -143,12 +180,13 @@ def run_main_job(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     sizes = QUICK if args.quick else Sizes()
+    claim_job(out, "demo", dataclasses.asdict(sizes))
     steps = plan(out, sizes)
     start = time.time()
     timing_file = out / "report" / "timings.json"
     timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
     for i, step in enumerate(steps, start=1):
-        seconds = run_step(step, i, len(steps))
+        seconds = run_step(step, i, len(steps), out)
         if seconds or step.name not in timings:  # a skipped step keeps the time it took when it ran
             timings[step.name] = round(seconds, 1)
             write_atomic(timing_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))

@@ -40,4 +40,7 @@ def test_bare_scripts_build_everything_and_train(tmp_path, capsys):
     assert args["model"]["pretrain_mm_mlp_adapter"] == str(stage1 / "mm_projector.bin")
     assert args["data"]["data_path"] == str(tmp_path / "digit-grids" / "train_qa.json")
     assert args["model"]["version"] == "v1" and args["data"]["image_aspect_ratio"] == "pad"
+    # LLaVA's defaults, not speed workarounds: both stages recompute activations as LLaVA-1.5's scripts do.
+    stage1_args = json.loads((stage1 / "training_args.json").read_text())
+    assert args["training"]["gradient_checkpointing"] is stage1_args["training"]["gradient_checkpointing"] is True
     assert torch.load(stage1 / "mm_projector.bin", weights_only=True)["model.mm_projector.0.weight"].shape == (128, 64)
