@@ -327,3 +327,15 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch):
         cli_sparse(str(base), tmp_path / "moe")
     assert not (tmp_path / "moe").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_pytorch_bin_base_is_loaded_in_memory_then_streamed(tmp_path):
+    base = tmp_path / "dense"
+    model = tiny_dense_clip()
+    model.config.save_pretrained(base)
+    torch.save(model.state_dict(), base / "pytorch_model.bin")
+    assert not SafetensorsCheckpoint.exists(base)
+    assert not open_dense_clip(str(base)).streamed
+    assert cli_sparse(str(base), tmp_path / "moe") == 0
+    in_memory_reference(base, tmp_path / "ref", 4, 2, "all", ("vision", "text"), 0)
+    assert (tmp_path / "moe" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
