@@ -10,7 +10,7 @@ from transformers.core_model_loading import PrefixChange
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .errors import UserError
-from .experts import CLIPMoEExperts
+from .experts import EXPERT_DISPATCH, CLIPMoEExperts, register_expert_dispatch, set_expert_dispatch
 from .export import parameter_summary, save_clip_moe
 from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
 from .moe import CLIPMoESparseMLP, load_balance_loss, router_z_loss
@@ -31,6 +31,7 @@ for _name, _prefix in (("CLIPMoEVisionModel", "vision_model"), ("CLIPMoETextMode
     register_checkpoint_conversion_mapping(_name, [PrefixChange(prefix_to_remove=_prefix)], overwrite=True)
 
 __all__ = [
+    "EXPERT_DISPATCH",
     "CLIPMoEConfig",
     "CLIPMoEEncoderOutput",
     "CLIPMoEExperts",
@@ -38,6 +39,8 @@ __all__ = [
     "CLIPMoEOutput",
     "CLIPMoEOutputWithPooling",
     "CLIPMoEPreTrainedModel",
+    "register_expert_dispatch",
+    "set_expert_dispatch",
     "CLIPMoESparseMLP",
     "CLIPMoETextConfig",
     "CLIPMoETextModel",

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPConfig, CLIPModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,3 +225,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Which dtype each matmul ran in (mixed-precision tests of the experts, the trainers and LLaVA's stages).
+
+aten = torch.ops.aten
+MATMULS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten._grouped_mm)
+
+
+class MatmulLog(TorchDispatchMode):
+    """Records each matmul-family op: the dtypes of its tensor inputs and outputs, and whether it ran
+    inside a `CLIPMoEExperts.forward` (set by module hooks) or elsewhere (incl. backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_experts = False
+        self.calls: list[tuple[object, bool, set[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in MATMULS:
+            tensors = [t for t in (*args, *kwargs.values(), *(out if isinstance(out, tuple) else (out,)))
+                       if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            self.calls.append((func.overloadpacket, self.in_experts, {t.dtype for t in tensors}))
+        return out
+
+    def watch(self, model: torch.nn.Module) -> list:
+        def enter(*_):
+            self.in_experts = True
+
+        def leave(*_):
+            self.in_experts = False
+
+        from encoder.experts import CLIPMoEExperts
+
+        handles = []
+        for m in model.modules():
+            if isinstance(m, CLIPMoEExperts):
+                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        return handles

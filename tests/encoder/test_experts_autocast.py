@@ -3,47 +3,12 @@ are invisible to autocast, so the experts cast for themselves), and the CUDA pat
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_batch, tiny_dense_clip
+from conftest import MatmulLog, tiny_batch, tiny_dense_clip
 from encoder.experts import CLIPMoEExperts, set_expert_dispatch
 from upcycle import sparse_upcycle
 
 aten = torch.ops.aten
-MATMULS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten._grouped_mm)
-
-
-class MatmulLog(TorchDispatchMode):
-    """Records each matmul-family op: the dtypes of its tensor inputs and outputs, and whether it ran
-    inside a `CLIPMoEExperts.forward` (set by module hooks) or elsewhere (incl. backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.in_experts = False
-        self.calls: list[tuple[object, bool, set[torch.dtype]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func.overloadpacket in MATMULS:
-            tensors = [t for t in (*args, *kwargs.values(), *(out if isinstance(out, tuple) else (out,)))
-                       if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            self.calls.append((func.overloadpacket, self.in_experts, {t.dtype for t in tensors}))
-        return out
-
-    def watch(self, model: torch.nn.Module) -> list:
-        def enter(*_):
-            self.in_experts = True
-
-        def leave(*_):
-            self.in_experts = False
-
-        handles = []
-        for m in model.modules():
-            if isinstance(m, CLIPMoEExperts):
-                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-        return handles
-
 
 def clip_moe():
     """A CLIP-MoE whose every layer (both towers) is MoE, with the experts perturbed apart."""
