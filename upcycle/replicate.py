@@ -25,9 +25,10 @@ from pathlib import Path
 
 from encoder.export import write_atomic
 
-from .main_job import Step, data_and_base_steps, mllm_steps, run_step
+from .main_job import Step, claim_job, data_and_base_steps, mllm_steps, run_step
 
 MLLM_ARMS = ("dense", "sparse-all", "dmu")
+PLAN_SETTINGS = ("num_train", "num_test", "base_epochs", "seeds", "stage_steps", "eval_limit")  # what `plan` reads
 
 
 def plan(out: Path, args: argparse.Namespace) -> list[Step]:
@@ -46,12 +47,13 @@ def plan(out: Path, args: argparse.Namespace) -> list[Step]:
 
 def run_replicate(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    claim_job(out, "replicate", {name: getattr(args, name) for name in PLAN_SETTINGS})
     steps = plan(out, args)
     start = time.time()
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     for i, step in enumerate(steps, start=1):
-        seconds = run_step(step, i, len(steps))
+        seconds = run_step(step, i, len(steps), out)
         if seconds or step.name not in timings:
             timings[step.name] = round(seconds, 1)
             write_atomic(timings_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))

@@ -36,3 +36,6 @@ def test_quick_main_job_runs_every_stage_and_fills_the_report(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(out), "--quick"]) == 0  # everything is reused
     assert capsys.readouterr().out.count("skipped") == len(plan(out, QUICK))
+    assert main(["demo", "--out", str(out)]) == 2  # the full sizes over a quick run: refused, nothing mixed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_train: 96 -> 2000" in err[0], err

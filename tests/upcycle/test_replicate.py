@@ -28,10 +28,10 @@ def test_every_mllm_arm_gets_identical_llava_training(tmp_path):
     assert compare.argv[compare.argv.index("--seeds") + 1] == "0,1,2"
 
 
-def test_a_step_whose_output_exists_is_skipped(tmp_path, capsys):
+def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp_path, capsys):
     done = tmp_path / "out.txt"
     done.write_text("x")
-    assert run_step(Step("finished", ["false"], done), 1, 2) == 0.0
-    assert "skipped" in capsys.readouterr().out
-    seconds = run_step(Step("to do", ["true"], tmp_path / "new"), 2, 2)
-    assert seconds > 0
+    step = Step("finished", ["true"], done)
+    assert run_step(step, 1, 2, tmp_path) > 0  # an output without a success record is not done
+    assert run_step(step, 1, 2, tmp_path) == 0.0 and "skipped" in capsys.readouterr().out
+    assert run_step(Step("finished", ["true", "--other"], done), 1, 2, tmp_path) > 0  # another command line
