@@ -41,3 +41,64 @@ def test_an_unreadable_record_is_one_line(tmp_path):
 def test_differences_name_every_changed_setting_in_order():
     assert differences({"a": 1, "b": 2, "c": 3}, {"a": 1, "b": 5, "d": 4}) == [
         "b: 2 -> 5", "c: 3 -> (unset)", "d: (unset) -> 4"]
+
+
+# -- `upcycle train` / the contrastive trainer: a resume refuses settings that would change the result -------
+
+def crash_after_two_steps(monkeypatch):
+    from upcycle.train import ContrastiveTrainer
+
+    real = ContrastiveTrainer._optimizer_step
+
+    def crash(self, batches):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real(self, batches)
+
+    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", crash)
+    return real
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(lr=0.1), "lr: 0.001 -> 0.1"),
+    (dict(trainable="ffn"), "trainable: all -> ffn"),
+    (dict(max_steps=9), "max_steps: 4 -> 9"),
+    (dict(identity={"model": "another"}), "model: base -> another"),
+])
+def test_a_trainer_resume_with_changed_settings_is_refused_naming_them(change, named, base_clip_dir, grids_dir,
+                                                                        tmp_path, monkeypatch):
+    from conftest import dataset_for
+    from encoder.loading import load_clip
+    from upcycle.train import ContrastiveTrainer, TrainConfig
+
+    loaded = load_clip(base_clip_dir)
+    data = dataset_for(loaded, grids_dir / "train.json")
+    settings = dict(trainable="all", max_steps=4, batch_size=16, lr=1e-3, checkpoint_every=1)
+    real = crash_after_two_steps(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        ContrastiveTrainer(loaded.model, data, data.collate, TrainConfig(**settings), tmp_path / "w",
+                           identity={"model": "base"}).train()
+    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", real)
+    identity = change.pop("identity", {"model": "base"})
+    resumed = ContrastiveTrainer(load_clip(base_clip_dir).model, data, data.collate,
+                                 TrainConfig(**{**settings, **change, "checkpoint_every": 3}), tmp_path / "w",
+                                 identity=identity)
+    with pytest.raises(SettingsChanged, match="other settings") as refused:
+        resumed.train(resume=True)
+    assert named in str(refused.value) and "checkpoint_every" not in str(refused.value)
+
+
+def test_upcycle_train_resume_with_another_lr_is_one_line(base_clip_dir, grids_dir, tmp_path, monkeypatch, capsys):
+    from upcycle.cli import main
+
+    args = ["train", "--model", str(base_clip_dir), "--train-data", str(grids_dir / "train.json"), "--out",
+            str(tmp_path / "out"), "--max-steps", "4", "--batch-size", "16", "--checkpoint-every", "1"]
+    crash_after_two_steps(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*args, "--resume", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lr: 1e-05 -> 0.1" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from encoder.errors import UserError
-from encoder.export import check_output_dir, save_clip_moe
+from encoder.export import check_output_dir, file_sha256, save_clip_moe
 from encoder.loading import load_clip
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
@@ -48,7 +48,10 @@ def run_train(args: argparse.Namespace) -> int:
                       label_smoothing=args.label_smoothing, logit_scale=args.logit_scale, aux_loss_coef=aux,
                       z_loss_coef=z, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
                       precision=args.precision, seed=args.seed, desc="train")
-    trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work)
+    weights = Path(args.model) / "model.safetensors"
+    identity = {"model": str(args.model), "train_data": str(args.train_data), "image_root": str(args.image_root),
+                "model_sha256": file_sha256(weights) if weights.is_file() else None}
+    trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity)
     model = trainer.train(resume=args.resume)
     if trainer.accelerator.is_main_process:
         card = {

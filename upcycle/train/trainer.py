@@ -10,6 +10,7 @@ starting model's, so an FFN-only stage of a ViT-L does not write the whole model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from encoder.errors import TrainingDiverged, UserError
 from encoder.export import atomic_output_dir
+from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, NullLog, RunLog, endless_batches, make_accelerator
 
 from .losses import clip_contrastive_loss
@@ -36,6 +38,10 @@ from .params import select_trainable
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
+
+
+# TrainConfig fields that change neither the weights nor the schedule, so a resume may change them.
+NOT_SHAPING = ("desc", "checkpoint_every", "num_workers")
 
 
 @dataclass
@@ -119,10 +125,12 @@ class ContrastiveTrainer:
 
     `labels` (one int per pair) restricts every global batch to one label; None = ordinary shuffling.
     `work_dir` receives checkpoints (`step-N/`), `metrics.jsonl` and TensorBoard logs (`tb/`).
+    `identity`: what else makes this run (the model's and data's names and hashes), recorded in every
+    checkpoint beside the config; a resume with anything that shapes the result changed is refused.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
-                 work_dir: str | Path, labels=None):
+                 work_dir: str | Path, labels=None, identity: dict | None = None):
         self.config = config
         self.work_dir = Path(work_dir)
         self.accelerator = _accelerator(config.precision)
@@ -141,6 +149,8 @@ class ContrastiveTrainer:
             self.trainable = [t for t in self.trainable if t != "logit_scale"]
         self.sampler = ClusterBatchSampler(labels if labels is not None else [0] * n, config.batch_size,
                                            acc.num_processes, acc.process_index, config.seed)
+        batch_plan = hashlib.sha256(json.dumps([int(x) for x in labels] if labels is not None else n).encode())
+        self.identity = {**(identity or {}), "pairs": n, "batch_plan_sha256": batch_plan.hexdigest()}
         workers = config.num_workers
         if workers is None:
             workers = min(8, os.cpu_count() or 1) if acc.device.type == "cuda" else 0
@@ -173,7 +183,7 @@ class ContrastiveTrainer:
             named = dict(model.named_parameters())
             tensors = {k: named[k].detach().cpu().contiguous() for k in self.trainable}
             state = {"step": self.step, "batches_done": self.batches_done, "pairs_seen": self.pairs_seen,
-                     "config": asdict(self.config), "num_processes": acc.num_processes}
+                     "config": asdict(self.config), "identity": self.identity, "num_processes": acc.num_processes}
 
             def write(tmp: Path) -> None:
                 save_file(tensors, str(tmp / "trainable.safetensors"))
@@ -191,6 +201,11 @@ class ContrastiveTrainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of this same run: parameters, optimizer, schedule, batch position."""
         state = json.loads((path / "state.json").read_text())
+        changed = differences(self.shaping_settings(state.get("config", {}), state.get("identity", {})),
+                              self.shaping_settings(asdict(self.config), self.identity))
+        if changed:
+            raise SettingsChanged(f"{path} belongs to a run with other settings ({'; '.join(changed)}); resume with "
+                                  "the same settings, or remove the work directory to start over")
         if state["num_processes"] != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {state['num_processes']} processes, this run has "
                             f"{self.accelerator.num_processes}; resume with the same number of processes")
@@ -201,6 +216,11 @@ class ContrastiveTrainer:
         self.step, self.batches_done, self.pairs_seen = state["step"], state["batches_done"], state["pairs_seen"]
         if self.accelerator.is_main_process:
             print(f"{self.config.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
+
+    @staticmethod
+    def shaping_settings(config: dict, identity: dict) -> dict:
+        """The settings a resumed run must share with its checkpoint: all but logging and I/O choices."""
+        return {**{k: v for k, v in config.items() if k not in NOT_SHAPING}, **identity}
 
     # -- training ----------------------------------------------------------------------------------------
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
