@@ -17,9 +17,15 @@ REPORT_TARGETS = ("tensorboard", "wandb", "all", "none")
 
 
 class RunLog:
-    """Appends one JSON line per logged step to `metrics.jsonl` and mirrors the scalars to the trackers."""
+    """Appends one JSON line per logged step to `metrics.jsonl` and mirrors the scalars to the trackers.
 
-    def __init__(self, output_dir: Path, logging_dir: Path, report_to: list[str], run_name: str, config: dict):
+    `start_step`: the step the run (re)starts from. Lines of later steps are what an interrupted run logged
+    after its last checkpoint; the resumed run logs those steps again, so they are dropped first (a fresh run
+    starts from 0 and keeps none) and metrics.jsonl never holds a step twice.
+    """
+
+    def __init__(self, output_dir: Path, logging_dir: Path, report_to: list[str], run_name: str, config: dict,
+                 start_step: int = 0):
         unknown = [t for t in report_to if t not in REPORT_TARGETS]
         if unknown:
             raise UserError(f"--report_to {' '.join(unknown)} is not supported; use any of {', '.join(REPORT_TARGETS)}")
@@ -27,6 +33,7 @@ class RunLog:
         if "all" in wanted:
             wanted = {"tensorboard", "wandb"}
         output_dir.mkdir(parents=True, exist_ok=True)
+        _drop_replayed(output_dir / "metrics.jsonl", start_step)
         self._metrics = open(output_dir / "metrics.jsonl", "a")
         self._tensorboard = _tensorboard(logging_dir) if "tensorboard" in wanted else None
         self._wandb = _wandb(run_name, config, output_dir) if "wandb" in wanted else None
@@ -46,6 +53,23 @@ class RunLog:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _drop_replayed(path: Path, start_step: int) -> None:
+    """Keep only the lines of steps <= start_step (and none that cannot be read: a line cut by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if step <= start_step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 class NullLog:

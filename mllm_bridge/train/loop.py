@@ -180,7 +180,7 @@ class LlavaTrainer:
         if resume_from is not None:
             self.resume(resume_from)
         log = (RunLog(self.output_dir, Path(t.logging_dir or self.output_dir / "logs"), t.report_to,
-                      self.output_dir.name, self.args.as_dict()) if acc.is_main_process else NullLog())
+                      self.output_dir.name, self.args.as_dict(), self.step) if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.output_dir.name, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         self.model.train()

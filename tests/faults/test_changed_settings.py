@@ -102,3 +102,31 @@ def test_upcycle_train_resume_with_another_lr_is_one_line(base_clip_dir, grids_d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lr: 1e-05 -> 0.1" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_logs_every_step_once(base_clip_dir, grids_dir, tmp_path, monkeypatch):
+    """The interrupted run logged step 3 after its step-2 checkpoint; the resumed run logs it again: once in all."""
+    from conftest import dataset_for
+    from encoder.loading import load_clip
+    from upcycle.train import ContrastiveTrainer, TrainConfig
+
+    loaded = load_clip(base_clip_dir)
+    data = dataset_for(loaded, grids_dir / "train.json")
+    cfg = TrainConfig(trainable="all", max_steps=5, batch_size=16, lr=1e-3, checkpoint_every=2)
+    real = ContrastiveTrainer._optimizer_step
+
+    def crash_at_step_4(self, batches):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real(self, batches)
+
+    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        ContrastiveTrainer(loaded.model, data, data.collate, cfg, tmp_path / "w").train()
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "loss": 1.')  # a line cut by the kill
+    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", real)
+    ContrastiveTrainer(load_clip(base_clip_dir).model, data, data.collate, cfg, tmp_path / "w").train(resume=True)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5]

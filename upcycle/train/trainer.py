@@ -240,7 +240,7 @@ class ContrastiveTrainer:
         last = latest_checkpoint(self.work_dir) if resume else None
         if last is not None:
             self.resume(last)
-        log = (RunLog(self.work_dir, self.work_dir / "tb", ["tensorboard"], cfg.desc, asdict(cfg))
+        log = (RunLog(self.work_dir, self.work_dir / "tb", ["tensorboard"], cfg.desc, asdict(cfg), self.step)
                if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.desc, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
