@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +37,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield an empty temporary directory next to `out`; move it to `out` only if the block succeeds."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
@@ -44,11 +47,41 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     make_readable(tmp)
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+        old = out.with_name(f".{out.name}.old-{_owner()}-{tmp.name.rsplit('-', 1)[-1]}")
         out.rename(old)
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner() -> str:
+    """host-pid: who writes a temporary sibling, so a later run can tell an abandoned one from a live one."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-HOST-PID-*` / `.NAME.old-HOST-PID-*` siblings that a killed writer on this host left
+    (for a real model, gigabytes); those of live processes and of other hosts are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(?P<host>[^-]+)-(?P<pid>\d+)(?:-.*)?$")
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for sibling in out.parent.glob(f".{out.name}.*"):
+        match = pattern.match(sibling.name)
+        if match is None or match["host"] != host or _pid_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
 
 
 def file_sha256(path: str | Path) -> str:
@@ -189,7 +222,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     if path.is_dir():
         raise UserError(f"output {path} is a directory; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_siblings(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_owner()}")
     try:
         write(tmp)
         os.replace(tmp, path)
