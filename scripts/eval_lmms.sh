@@ -9,5 +9,4 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
-cd "$root"
 exec "${CLIP_MOE_VENV:-$root/.venv}/bin/python" -m mllm_bridge eval-lmms "$@"

@@ -14,5 +14,4 @@ else
   bash "$root/scripts/setup.sh"
   py="${CLIP_MOE_VENV:-$root/.venv}/bin/python"
 fi
-cd "$root"
 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$py" scripts/gpu_check.py "$@"
