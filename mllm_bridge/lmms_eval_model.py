@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
 
 
+MODEL_ARGS = ("pretrained", "model_base", "vision_tower", "conv_template", "dtype", "max_new_tokens", "expert_usage")
+
+
 class LlavaCLIPMoE(lmms):
     """The `llava_clipmoe` model of lmms-eval (see the module docstring for its arguments)."""
 
@@ -56,7 +59,7 @@ class LlavaCLIPMoE(lmms):
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | None = None,
         model_base: str | None = None,
         vision_tower: str | None = None,
         conv_template: str = "vicuna_v1",
@@ -66,13 +69,25 @@ class LlavaCLIPMoE(lmms):
         device: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # lmms-eval passes it; only fixed batch sizes are supported
+        **unknown,
     ) -> None:
         super().__init__()
+        if unknown:
+            raise UserError(f"unknown model argument(s) {', '.join(sorted(unknown))}; the arguments are "
+                            f"{', '.join(MODEL_ARGS)}")
+        if not pretrained:
+            raise UserError("no pretrained=...; pass --model_args pretrained=CHECKPOINT_DIR")
+        try:
+            max_new_tokens = int(max_new_tokens)
+        except (TypeError, ValueError):
+            raise UserError(f"max_new_tokens={max_new_tokens}: expected a whole number of tokens") from None
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={max_new_tokens}: expected at least 1")
         self._rank, self._world_size, self.accelerator = _distributed()
         self._device = _resolve_device(device, self.accelerator)
         self.batch_size_per_gpu = _batch_size(batch_size)
         self.template = conversation_template(conv_template)
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         plan = plan_checkpoint(pretrained, model_base, vision_tower)
         loaded = load_llava(plan, self._device, resolve_dtype(dtype, self._device))
         self.model, self.tokenizer, self.image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
@@ -88,6 +103,17 @@ class LlavaCLIPMoE(lmms):
                              "vision_tower": plan.tower.path, "checkpoint": plan.kind}
         logger.info("llava_clipmoe: %s checkpoint %s, tower %s (%s), %s on %s", plan.kind, pretrained,
                     plan.tower.path, plan.tower.moe_layout(), self.model.dtype, self._device)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """How lmms-eval builds the model from --model_args. lmms-eval catches every Exception a model raises,
+        prints its traceback and exits 0, so a bad model argument would look like a finished run; SystemExit is
+        not an Exception: a UserError ends the run here with one line and exit status 2."""
+        try:
+            return super().create_from_arg_string(arg_string, additional_config)
+        except UserError as err:
+            print(f"error: llava_clipmoe: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     # lmms-eval reads these.
     @property
