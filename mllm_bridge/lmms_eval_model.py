@@ -338,14 +338,24 @@ def _resolve_device(device: str | None, accelerator) -> torch.device:
     return parse_device(device)
 
 
+def _run_by_lmms_eval_cli() -> bool:
+    """Whether this process is `python -m lmms_eval` (also under accelerate) or the `lmms-eval` script."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (spec is not None and spec.name == "lmms_eval.__main__") or Path(sys.argv[0]).name in (
+        "lmms-eval", "lmms_eval")
+
+
 def _usage_path_next_to_results(pretrained: str) -> Path | None:
     """Where lmms-eval's command line writes this run's results, <output_path>/<model name>/, with a file name
     stamped like its `<date>_results.json`; None when not run from that command line with --output_path (then
     pass expert_usage=FILE, or read `usage_summary` after the run)."""
     main = sys.modules.get("lmms_eval.__main__")
-    if main is None:
+    if main is None or not _run_by_lmms_eval_cli():
+        return None  # imported by another program (a test, a notebook): its argv is not lmms-eval's
+    try:
+        _, cli = main.parse_eval_args()  # the command line this process runs (lmms-eval's own parser)
+    except SystemExit:
         return None
-    _, cli = main.parse_eval_args()  # the command line this process runs (lmms-eval's own parser)
     if not cli.output_path:
         return None
     from lmms_eval.utils import get_datetime_str, sanitize_model_name

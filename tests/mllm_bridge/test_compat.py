@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import pytest
 import torch
 
 from mllm_bridge import compat
@@ -98,6 +99,12 @@ print("ok", api.__doc__)
 
 
 def test_a_real_filelock_api_is_left_alone():
+    from pathlib import Path
+
+    import filelock
+
+    if not (Path(filelock.__file__).parent / "_api.py").is_file():
+        pytest.skip(f"filelock {filelock.__version__} has no _api module of its own")
     result = run_python("import filelock._api as a, filelock; print(type(a.__loader__).__name__)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() != "AliasLoader"
