@@ -27,4 +27,16 @@ def make_accelerator(mixed_precision: str = "no", **kwargs):
     from accelerate import Accelerator
 
     process_state()
+    _forget_earlier_precision(mixed_precision)
     return Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(), **kwargs)
+
+
+def _forget_earlier_precision(mixed: str) -> None:
+    """accelerate fixes one precision per process and refuses another; a second run in the same process (the
+    embedded `finetune` runs stage 1 first, in fp32 unless told otherwise; DMU's stages after a bf16 run in a
+    notebook) may need another one. Only the accelerator's state is reset; the process group (PartialState)
+    stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()

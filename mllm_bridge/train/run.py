@@ -47,18 +47,7 @@ def make_accelerator(args: LlavaArguments):
     mixed = "fp16" if t.fp16 else "bf16" if bf16 else "no"
     if t.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    _forget_earlier_precision(mixed)
     return joined_accelerator(mixed, gradient_accumulation_steps=t.gradient_accumulation_steps)
-
-
-def _forget_earlier_precision(mixed: str) -> None:
-    """accelerate fixes one precision per process and refuses another; a second run in the same process (the
-    embedded `finetune` runs stage 1 first, in fp32 unless told otherwise) may need another one. Only the
-    accelerator's state is reset; the process group (PartialState) stays."""
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
-        AcceleratorState._reset_state()
 
 
 def cpu_runs_bf16() -> bool:
