@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from encoder import CLIPMoEModel
 from encoder.dense import default_image_processor, open_dense_clip
-from encoder.errors import UserError
+from encoder.errors import NonFiniteValues, UserError
 from encoder.export import atomic_output_dir, check_output_dir, summary_lines, write_model_extras
 from encoder.tensor_stream import return_large_frees_to_os
 
@@ -48,6 +49,10 @@ def run_sparse(args: argparse.Namespace) -> int:
         with atomic_output_dir(args.out, args.overwrite) as tmp:
             model = write_sparse_upcycled(base, config, tmp, args.seed, progress=_progress)
             diff = layerwise_output_diff(base, tmp)
+            not_finite = [name for name, value in diff.items() if not math.isfinite(value)]
+            if not_finite:  # nothing is written: the atomic directory is dropped
+                raise NonFiniteValues(f"the base {base.source} computes NaN or inf ({', '.join(not_finite[:3])}), so "
+                                      "its weights hold non-finite values; upcycle a finite checkpoint")
             card = {
                 "base": base.source,
                 "recipe": f"sparse upcycling (CLIP-UP): {args.num_experts} experts copied from the dense MLP, "

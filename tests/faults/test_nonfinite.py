@@ -80,3 +80,20 @@ def test_eval_and_routing_on_a_model_with_one_nan_expert_weight_exit_non_zero_wi
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "NaN or infinite" in lines[0], result.stderr[-1500:]
     assert not out.exists() and not (tmp_path / "r.png").exists()
+
+
+def test_upcycling_a_base_with_a_nan_weight_is_refused_and_writes_nothing(tmp_path, capsys):
+    from conftest import save_tiny_dense_clip
+    from upcycle.cli import main as upcycle_main
+
+    base = tmp_path / "nan-base"
+    save_tiny_dense_clip(base)
+    weights = load_file(base / "model.safetensors")
+    name = next(k for k in weights if "mlp.fc1.weight" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "moe"
+    assert upcycle_main(["sparse", "--base", str(base), "--out", str(out), "--num-experts", "2", "--top-k", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "computes NaN or inf" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".moe.*"))
