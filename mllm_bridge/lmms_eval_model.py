@@ -77,12 +77,8 @@ class LlavaCLIPMoE(lmms):
                             f"{', '.join(MODEL_ARGS)}")
         if not pretrained:
             raise UserError("no pretrained=...; pass --model_args pretrained=CHECKPOINT_DIR")
-        try:
-            max_new_tokens = int(max_new_tokens)
-        except (TypeError, ValueError):
-            raise UserError(f"max_new_tokens={max_new_tokens}: expected a whole number of tokens") from None
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+        max_new_tokens = _positive_int(max_new_tokens, f"max_new_tokens={max_new_tokens}: expected a whole number of "
+                                       "tokens", f"max_new_tokens={max_new_tokens}: expected at least 1")
         self._rank, self._world_size, self.accelerator = _distributed()
         self._device = _resolve_device(device, self.accelerator)
         self.batch_size_per_gpu = _batch_size(batch_size)
@@ -313,13 +309,19 @@ def _images(doc_to_visual, doc, task: str) -> list:
 
 
 def _batch_size(value) -> int:
+    return _positive_int(value, f"--batch_size {value}: llava_clipmoe takes a fixed batch size (a number >= 1)",
+                         f"--batch_size {value}: expected a number >= 1")
+
+
+def _positive_int(value, not_a_number: str, below_one: str) -> int:
+    """A model argument as a whole number >= 1 (lmms-eval hands them over as parsed from text)."""
     try:
-        size = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"--batch_size {value}: llava_clipmoe takes a fixed batch size (a number >= 1)") from None
-    if size < 1:
-        raise UserError(f"--batch_size {value}: expected a number >= 1")
-    return size
+        raise UserError(not_a_number) from None
+    if number < 1:
+        raise UserError(below_one)
+    return number
 
 
 def _distributed():

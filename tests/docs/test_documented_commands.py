@@ -251,8 +251,6 @@ def test_readme_command_runs_with_stand_ins(line, command, stand_ins):
     scratch, mapping = stand_ins
     words = [mapping.get(w, w).strip("[]") for w in shlex.split(command) if w not in PLACEHOLDERS]
     entry, argv = resolve(shlex.join(words))
-    if entry == "upcycle" and argv[0] == "sparse":
-        argv = [*argv, "--overwrite"] if "--overwrite" not in argv else argv
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", entry, *argv], cwd=scratch, capture_output=True, text=True,
                             timeout=600, env=env)

@@ -45,13 +45,14 @@ def test_differences_name_every_changed_setting_in_order():
 
 # -- `upcycle train` / the contrastive trainer: a resume refuses settings that would change the result -------
 
-def crash_after_two_steps(monkeypatch):
+def crash_after_two_steps(monkeypatch, steps: int = 2):
+    """Make training stop (as a kill would) once `steps` optimizer steps are done; returns the real step."""
     from upcycle.train import ContrastiveTrainer
 
     real = ContrastiveTrainer._optimizer_step
 
     def crash(self, batches):
-        if self.step == 2:
+        if self.step == steps:
             raise KeyboardInterrupt
         return real(self, batches)
 
@@ -113,14 +114,7 @@ def test_a_resumed_run_logs_every_step_once(base_clip_dir, grids_dir, tmp_path, 
     loaded = load_clip(base_clip_dir)
     data = dataset_for(loaded, grids_dir / "train.json")
     cfg = TrainConfig(trainable="all", max_steps=5, batch_size=16, lr=1e-3, checkpoint_every=2)
-    real = ContrastiveTrainer._optimizer_step
-
-    def crash_at_step_4(self, batches):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real(self, batches)
-
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", crash_at_step_4)
+    real = crash_after_two_steps(monkeypatch, steps=3)
     with pytest.raises(KeyboardInterrupt):
         ContrastiveTrainer(loaded.model, data, data.collate, cfg, tmp_path / "w").train()
     metrics = tmp_path / "w" / "metrics.jsonl"
