@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from transformers.utils import logging as hf_logging
 
 from .errors import UserError
+from .export import environment_error_line
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -35,7 +36,9 @@ def parse_device(name: str | None):
 
 
 def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse `argv` and run the chosen command (`args.run`); user errors print one line and return 2."""
+    """Parse `argv` and run the chosen command (`args.run`); user errors print one line and return 2, and so
+    does a write or open that failed because of the disk or the path (full, read-only, permission denied, a file
+    in the way) where no writer translated it."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # per-file loading bars would drown the command's own output
@@ -43,4 +46,10 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
         return args.run(args) or 0
     except UserError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    except Exception as err:  # a write that failed outside the atomic writers: the disk or the path, not a bug
+        line = environment_error_line(err)
+        if line is None:
+            raise
+        print("error: " + " ".join(line.split()), file=sys.stderr)
         return 2
