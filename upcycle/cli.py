@@ -110,7 +110,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    from .train.command import parse_logit_scale, run_train
+    from .train.command import parse_logit_scale, parse_max_grad_norm, run_train
     from .train.params import TRAINABLE_CHOICES
 
     p = sub.add_parser("train", help="continued contrastive training of a CLIP or CLIP-MoE",
@@ -132,6 +132,8 @@ def _add_train_parser(sub) -> None:
                    help="'learnable' (the model's own; default) or a fixed multiplier such as 100")
     p.add_argument("--aux-loss-coef", type=float, help="load-balance weight (default: the CLIP-MoE config's)")
     p.add_argument("--z-loss-coef", type=float, help="router z-loss weight (default: the CLIP-MoE config's)")
+    p.add_argument("--max-grad-norm", type=parse_max_grad_norm, default=1.0,
+                   help="gradient clipping norm, or 'none' for no clipping (default 1.0)")
     _add_run_args(p)
     p.set_defaults(run=run_train)
 

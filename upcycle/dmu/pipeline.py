@@ -24,6 +24,7 @@ from encoder.export import check_output_dir, save_clip_moe, write_atomic
 from ..assemble import moe_config_for, assemble_clip_moe
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ..train import ContrastiveTrainer, TrainConfig
+from ..train.trainer import _require_finite_weights, check_settings, same_limits, setting
 from encoder.training import process_state
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 
@@ -41,30 +42,39 @@ class DMUConfig:
     out: str
     image_root: str | None = None
     skip_missing: bool = False
-    num_experts: int = 4
+    # The training fields accept what TrainConfig's accept (its Limits, under DMU's flag names), checked when
+    # the config is made: nonsense stops before the base is loaded, not at the stage that first uses it.
+    num_experts: int = setting(4, "--num-experts", int, low=2,
+                               hint="DMU needs at least 2 experts (the base + 1 stage)")
     top_k: int = 2
     moe_layers: str = "all"
     towers: tuple[str, ...] = ("vision", "text")
-    clusters_per_modality: int = 3
-    stage_epochs: float = 1.0
-    router_epochs: float = 1.0
-    stage_max_steps: int | None = None
-    router_max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-5
-    router_lr: float = 1e-6
-    weight_decay: float = 0.2
-    warmup_ratio: float = 0.03
-    label_smoothing: float = 0.1
-    logit_scale: float | None = 100.0  # None: the base's own (frozen) logit scale
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    checkpoint_every: int = 500
-    num_workers: int | None = None
-    precision: str = "auto"
-    seed: int = 0
+    clusters_per_modality: int = setting(3, "--clusters-per-modality", int, low=1)
+    stage_epochs: float = same_limits("epochs", 1.0, "--stage-epochs")
+    router_epochs: float = same_limits("epochs", 1.0, "--router-epochs")
+    stage_max_steps: int | None = same_limits("max_steps", None, "--stage-max-steps",
+                                              hint="leave it out to train for --stage-epochs")
+    router_max_steps: int | None = same_limits("max_steps", None, "--router-max-steps",
+                                               hint="leave it out to train for --router-epochs")
+    batch_size: int = same_limits("batch_size", 64)
+    lr: float = same_limits("lr", 1e-5)
+    router_lr: float = same_limits("lr", 1e-6, "--router-lr")
+    weight_decay: float = same_limits("weight_decay", 0.2)
+    warmup_ratio: float = same_limits("warmup_ratio", 0.03)
+    label_smoothing: float = same_limits("label_smoothing", 0.1)
+    # None: the base's own (frozen) logit scale
+    logit_scale: float | None = same_limits("logit_scale", 100.0)
+    aux_loss_coef: float = same_limits("aux_loss_coef", 0.01)
+    z_loss_coef: float = same_limits("z_loss_coef", 0.0)
+    checkpoint_every: int = same_limits("checkpoint_every", 500)
+    num_workers: int | None = same_limits("num_workers", None)
+    precision: str = same_limits("precision", "auto")
+    seed: int = same_limits("seed", 0)
     work_dir: str | None = None
     overwrite: bool = False
+
+    def __post_init__(self):
+        check_settings(self)
 
     def fingerprint(self) -> dict:
         """The settings that decide the result; a --resume must repeat them."""
@@ -90,6 +100,8 @@ class DMURun:
             raise UserError(f"base {cfg.base} has no tokenizer files; save its tokenizer into the directory")
         self.base, self.image_processor, self.tokenizer = dense.model, dense.image_processor, dense.tokenizer
         self.base_source = dense.source
+        # Before stage 1 encodes the data with it: a NaN weight would surface as a k-means or divergence error.
+        _require_finite_weights(self.base, f"base {cfg.base}")
         self.pairs = read_pairs(cfg.train_data, cfg.image_root, cfg.skip_missing)
         max_len = self.base.config.text_config.max_position_embeddings
         self.dataset = ImageTextDataset(self.pairs, processor_transform(self.image_processor),
@@ -102,14 +114,7 @@ class DMURun:
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
-        cfg = self.cfg
-        if cfg.num_experts < 2:
-            raise UserError(f"--num-experts {cfg.num_experts}: DMU needs at least 2 experts (the base + 1 stage)")
-        if cfg.clusters_per_modality < 1:
-            raise UserError(f"--clusters-per-modality {cfg.clusters_per_modality}: expected 1 or more")
-        for name in ("lr", "router_lr", "batch_size"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+        check_settings(self.cfg)  # again: a dataclass field may have been changed since it was made
 
     def _open_manifest(self, resume: bool) -> dict:
         path = self.work / MANIFEST
@@ -168,7 +173,7 @@ class DMURun:
         model = copy.deepcopy(self.base)  # every stage starts from the base; only its batches differ
         train_cfg = self._train_config("ffn", cfg.lr, cfg.stage_epochs, cfg.stage_max_steps, f"MCL stage {stage}")
         trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, folder / "train",
-                                     labels=batch_labels)
+                                     labels=batch_labels, source=f"base {cfg.base}")
         model = trainer.train(resume=True)
         if _is_main():
             named = dict(model.named_parameters())
@@ -238,7 +243,8 @@ class DMURun:
         start = time.time()
         train_cfg = self._train_config("router", cfg.router_lr, cfg.router_epochs, cfg.router_max_steps,
                                        "router training")
-        trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router")
+        trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
+                                     source="the CLIP-MoE assembled from the base and the stages' FFNs")
         model = trainer.train(resume=True)
         self.manifest["router"] = {"status": "done", "steps": trainer.total_steps, "pairs_seen": trainer.pairs_seen,
                                    "final_loss": _last_loss(self.work / "router" / "metrics.jsonl"),

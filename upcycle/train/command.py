@@ -14,19 +14,42 @@ from .trainer import ContrastiveTrainer, TrainConfig, latest_checkpoint
 
 
 def parse_logit_scale(text: str) -> float | None:
-    """'learnable' -> None (the model's own, trained with --trainable all); a number -> fixed multiplier."""
+    """'learnable' -> None (the model's own, trained with --trainable all); a number -> fixed multiplier.
+
+    Which numbers make sense is TrainConfig's to say (its Limits), for the command line and the API alike."""
     if text == "learnable":
         return None
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: use 'learnable' or a number such as 100") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a logit scale must be positive")
-    return value
+
+
+def parse_max_grad_norm(text: str) -> float | None:
+    """'none' -> None (no clipping); a number -> the clipping norm (checked by TrainConfig)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number such as 1.0, or 'none' for no clipping") from None
+
+
+def train_config(args: argparse.Namespace, aux_loss_coef: float, z_loss_coef: float) -> TrainConfig:
+    """The flags as a TrainConfig, which checks every value (one line naming the flag for nonsense)."""
+    return TrainConfig(trainable=args.trainable, epochs=args.epochs, max_steps=args.max_steps,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+                       label_smoothing=args.label_smoothing, logit_scale=args.logit_scale,
+                       aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, max_grad_norm=args.max_grad_norm,
+                       checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+                       precision=args.precision, seed=args.seed, desc="train")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # Every flag is checked before anything is read, loaded or written; the loss weights left to the model's
+    # config are checked here as 0 and again once the model says what they are.
+    cfg = train_config(args, args.aux_loss_coef or 0.0, args.z_loss_coef or 0.0)
     check_output_dir(args.out, args.overwrite)
     work = Path(args.work_dir) if args.work_dir else Path(args.out).with_name(Path(args.out).name + ".train-work")
     if latest_checkpoint(work) is not None and not args.resume:
@@ -39,15 +62,10 @@ def run_train(args: argparse.Namespace) -> int:
         loaded.model.config.vision_config.aux_loss_coef if moe else 0.0)
     z = args.z_loss_coef if args.z_loss_coef is not None else (
         loaded.model.config.vision_config.router_z_loss_coef if moe else 0.0)
+    cfg = train_config(args, aux, z)
     pairs = read_pairs(args.train_data, args.image_root, args.skip_missing)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
                                tokenizer_fn(loaded.tokenizer, loaded.model.config.text_config.max_position_embeddings))
-    cfg = TrainConfig(trainable=args.trainable, epochs=args.epochs, max_steps=args.max_steps,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                      label_smoothing=args.label_smoothing, logit_scale=args.logit_scale, aux_loss_coef=aux,
-                      z_loss_coef=z, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
-                      precision=args.precision, seed=args.seed, desc="train")
     weights = Path(args.model) / "model.safetensors"
     identity = {"model": str(args.model), "train_data": str(args.train_data), "image_root": str(args.image_root),
                 "model_sha256": file_sha256(weights) if weights.is_file() else None}

@@ -11,15 +11,18 @@ starting model's, so an FFN-only stage of a ViT-L does not write the whole model
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,13 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import TrainingDiverged, UserError
+from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
 from encoder.export import atomic_output_dir
 from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, NullLog, RunLog, endless_batches, make_accelerator
 
 from .losses import clip_contrastive_loss
-from .params import select_trainable
+from .params import TRAINABLE_CHOICES, select_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +47,135 @@ CHECKPOINT_PREFIX = "step-"
 NOT_SHAPING = ("desc", "checkpoint_every", "num_workers")
 
 
+# -- settings and the values they accept -------------------------------------------------------------------
+# Every TrainConfig field that takes numbers or names says here which values make sense and which command-line
+# flag sets it, so `upcycle train`, `upcycle dmu` (DMUConfig reuses these limits) and the Python API refuse the
+# same nonsense with the same one line, before any model is loaded or anything is written.
+LIMITS = "limits"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The values a setting accepts: a whole or a finite number within bounds, or one of `choices`."""
+
+    flag: str  # how the message names the setting
+    kind: type = float  # int: whole numbers; float: finite numbers; str: one of `choices`
+    low: float | None = None
+    low_open: bool = False  # True: the value must be > low (else >= low)
+    high: float | None = None
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is allowed (it means something: see `hint`)
+    hint: str = ""  # appended to the message, e.g. how to ask for what None means
+
+    def check(self, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if self.kind is str:
+            if value not in self.choices:
+                self._refuse(f"must be one of {', '.join(self.choices)}", value)
+            return
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if self.kind is int and not whole:
+            self._refuse("must be a whole number", value)
+        if not whole and not (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+            self._refuse("must be a number", value)
+        if not math.isfinite(value):
+            self._refuse("must be a finite number", value)
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            self._refuse(f"must be {self.describe()}", value)
+
+    def describe(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        if low and high and not (self.low_open or self.high_open):
+            return f"between {_num(self.low)} and {_num(self.high)}"
+        return " and ".join(part for part in (low, high) if part)
+
+    def _refuse(self, rule: str, value: Any) -> None:
+        raise UserError(f"{self.flag} {rule}, got {value!r}" + (f"; {self.hint}" if self.hint else ""))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def setting(default: Any, flag: str, kind: type = float, **limits) -> Any:
+    """A config field whose values are checked by `check_settings` (see Limits)."""
+    return field(default=default, metadata={LIMITS: Limits(flag, kind, **limits)})
+
+
+def check_settings(config) -> None:
+    """Raise UserError naming the flag of the first field of `config` outside its Limits."""
+    for f in fields(config):
+        limits = f.metadata.get(LIMITS)
+        if limits is not None:
+            limits.check(getattr(config, f.name))
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
-    trainable: str = "all"  # all | ffn | router
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 64  # global batch: pairs per optimizer micro-step over all processes
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.2
-    warmup_ratio: float = 0.03
-    label_smoothing: float = 0.0
-    logit_scale: float | None = None  # a fixed multiplier (DMU: 100); None = the model's learnable one
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 500  # optimizer steps
-    num_workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
-    precision: str = "auto"  # auto (bf16 on capable GPUs) | fp32 | bf16
-    seed: int = 0
+    trainable: str = setting("all", "--trainable", str, choices=TRAINABLE_CHOICES)
+    epochs: float = setting(1.0, "--epochs", low=0, low_open=True)
+    # optimizer steps; overrides epochs when set
+    max_steps: int | None = setting(None, "--max-steps", int, low=1, optional=True,
+                                    hint="leave it out to train for --epochs")
+    # global batch: pairs per optimizer micro-step over all processes
+    batch_size: int = setting(64, "--batch-size", int, low=1)
+    grad_accum: int = setting(1, "--grad-accum", int, low=1)
+    lr: float = setting(1e-5, "--lr", low=0, low_open=True)
+    weight_decay: float = setting(0.2, "--weight-decay", low=0)
+    warmup_ratio: float = setting(0.03, "--warmup-ratio", low=0, high=1)
+    label_smoothing: float = setting(0.0, "--label-smoothing", low=0, high=1, high_open=True)
+    # a fixed multiplier (DMU: 100); None = the model's learnable one
+    logit_scale: float | None = setting(None, "--logit-scale", low=0, low_open=True, optional=True,
+                                        hint="pass 'learnable' for the model's own")
+    aux_loss_coef: float = setting(0.01, "--aux-loss-coef", low=0)
+    z_loss_coef: float = setting(0.0, "--z-loss-coef", low=0)
+    max_grad_norm: float | None = setting(1.0, "--max-grad-norm", low=0, low_open=True, optional=True,
+                                          hint="use 'none' to train without clipping")
+    checkpoint_every: int = setting(500, "--checkpoint-every", int, low=1)  # optimizer steps
+    # None: 0 on CPU, min(8, cores) on GPU
+    num_workers: int | None = setting(None, "--num-workers", int, low=0, optional=True)
+    # auto (bf16 on capable GPUs) | fp32 | bf16
+    precision: str = setting("auto", "--precision", str, choices=PRECISIONS)
+    seed: int = setting(0, "--seed", int, low=0)
     desc: str = "train"
+
+    def __post_init__(self):
+        check_settings(self)
+
+    @staticmethod
+    def limits(name: str) -> Limits:
+        """The Limits of field `name`, for other configs whose fields become this one's (DMUConfig)."""
+        return next(f.metadata[LIMITS] for f in fields(TrainConfig) if f.name == name)
+
+
+def same_limits(name: str, default: Any, flag: str | None = None, hint: str | None = None) -> Any:
+    """A field of another config that accepts what TrainConfig's `name` accepts (under its own flag)."""
+    limits = TrainConfig.limits(name)
+    renamed = replace(limits, flag=flag or limits.flag, hint=limits.hint if hint is None else hint)
+    return field(default=default, metadata={LIMITS: renamed})
+
+
+def _require_finite_weights(model: nn.Module, source: str, names: Collection[str] | None = None) -> None:
+    """Raise NonFiniteValues naming the first floating parameter or buffer of `model` (or of `names`) that holds
+    NaN or inf. Frozen tensors count as much as trained ones: one NaN anywhere in the forward pass makes the loss
+    NaN, which would otherwise be reported as a divergence (and blamed on the learning rate) at the first step."""
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if (names is not None and name not in names) or not tensor.is_floating_point():
+            continue
+        finite = torch.isfinite(tensor.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteValues(f"{source}: {name} holds {bad} NaN or infinite value(s) of {finite.numel()}, so "
+                                  "every loss computed from it would be NaN; start from a model (or an earlier "
+                                  "checkpoint) whose weights are finite")
 
 
 class ContrastiveHead(nn.Module):
@@ -90,8 +202,6 @@ def _has(output, field: str) -> bool:
 
 
 def _accelerator(precision: str):
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision {precision!r} not understood: use auto, fp32 or bf16")
     mixed = "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
@@ -127,12 +237,16 @@ class ContrastiveTrainer:
     `work_dir` receives checkpoints (`step-N/`), `metrics.jsonl` and TensorBoard logs (`tb/`).
     `identity`: what else makes this run (the model's and data's names and hashes), recorded in every
     checkpoint beside the config; a resume with anything that shapes the result changed is refused.
+    `source`: how messages name the starting model (default: identity["model"]); its weights, trained and
+    frozen, must be finite, which `train` checks before the first step.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
-                 work_dir: str | Path, labels=None, identity: dict | None = None):
+                 work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None):
+        check_settings(config)  # again: a dataclass field may have been changed since it was made
         self.config = config
         self.work_dir = Path(work_dir)
+        self.source = source or str((identity or {}).get("model") or "the model to train")
         self.accelerator = _accelerator(config.precision)
         acc = self.accelerator
         if config.batch_size % acc.num_processes:
@@ -173,6 +287,8 @@ class ContrastiveTrainer:
         self.step = 0
         self.batches_done = 0  # global micro-batches consumed, over all epochs
         self.pairs_seen = 0
+        self.resumed_from: Path | None = None
+        self.first_step = 0  # the step this process started from (no update made by it before)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -209,11 +325,13 @@ class ContrastiveTrainer:
         if state["num_processes"] != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {state['num_processes']} processes, this run has "
                             f"{self.accelerator.num_processes}; resume with the same number of processes")
-        load_trained_parameters(self.accelerator.unwrap_model(self.head).model, path)
+        model = self.accelerator.unwrap_model(self.head).model
+        _require_finite_weights(model, f"checkpoint {path}", load_trained_parameters(model, path))
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step, self.batches_done, self.pairs_seen = state["step"], state["batches_done"], state["pairs_seen"]
+        self.resumed_from, self.first_step = path, self.step
         if self.accelerator.is_main_process:
             print(f"{self.config.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
 
@@ -236,10 +354,11 @@ class ContrastiveTrainer:
     def train(self, resume: bool = True) -> nn.Module:
         """Run to `total_steps` (resuming from the newest checkpoint in work_dir when asked); return the model."""
         acc, cfg = self.accelerator, self.config
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         last = latest_checkpoint(self.work_dir) if resume else None
         if last is not None:
             self.resume(last)
+        _require_finite_weights(acc.unwrap_model(self.head).model, self.source)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         log = (RunLog(self.work_dir, self.work_dir / "tb", ["tensorboard"], cfg.desc, asdict(cfg), self.step)
                if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.desc, unit="step",
@@ -287,8 +406,21 @@ class ContrastiveTrainer:
         bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=loss.device)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
-        if bad.item() > 0:
-            last = latest_checkpoint(self.work_dir)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if bad.item() == 0:
+            return
+        last = latest_checkpoint(self.work_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if self.step > self.first_step:
             raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}; {where}; lower the "
                                    "learning rate (--lr) and resume or restart")
+        # No update yet in this process, and `train` found the weights finite: this run's learning rate has not
+        # acted on them, so the batch, the loss settings or the precision are the suspects.
+        suspects = "the data (an image or caption the model cannot encode?), --logit-scale or --precision"
+        if self.resumed_from is None:
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}, before any update, from the "
+                                   f"finite weights of {self.source}, so not because of the learning rate: check "
+                                   f"{suspects}; {where}")
+        raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}, the first after resuming from "
+                               f"{self.resumed_from}, before any update, from finite weights: check {suspects}; "
+                               "or the checkpoint is already unstable (too high a --lr before it): remove the work "
+                               "directory and restart with a lower --lr")
