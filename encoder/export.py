@@ -47,7 +47,7 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
 def check_output_parent(out: Path, flag: str = "--out") -> None:
     """The folder `out` is written into exists as a directory, or can be created (the nearest existing folder
     above it is a directory), and that folder is writable."""
-    existing = Path(os.path.abspath(out)).parent
+    existing = Path(out).parent  # as the user wrote it, for the message
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
@@ -81,7 +81,7 @@ _STRERRORS = {os.strerror(code): code for code in _WRITE_FAILURES}
 # ("unexpected pos N vs M", "... failed writing file ...: file write failed") or a failed open ("open file failed
 # with strerror: Read-only file system").
 _TORCH_WRITER = re.compile(r"inline_container\.cc.*(?:open file failed with strerror: (?P<strerror>[^\n]+?)\s*$|"
-                           r"unexpected pos \d+ vs \d+|file write failed)", re.S)
+                           r"unexpected pos \d+ vs \d+|file write failed)", re.DOTALL)
 _TORCH_PARENT = re.compile(r"^Parent directory (?P<path>.+) does not exist\.$")
 # safetensors' writer raises SafetensorError carrying the OS error: "... (os error 28) at path \"...\"".
 _SAFETENSORS_IO = re.compile(r"I/O error: .*\(os error (?P<code>\d+)\)(?: at path \"(?P<path>[^\"]*)\")?")
