@@ -57,10 +57,7 @@ def _import_official(args: argparse.Namespace) -> int:
     model, processor = import_official(args.checkpoint, num_experts=args.num_experts, top_k=args.top_k,
                                        vision_heads=args.vision_heads, text_heads=args.text_heads)
     card = model_card_fields(args.checkpoint, model)
-    try:
-        out = save_clip_moe(model, args.out, image_processor=processor, card=card, overwrite=args.overwrite)
-    except OSError as err:
-        raise UserError(f"cannot write {args.out} ({err.strerror or err}); choose a writable --out") from err
+    out = save_clip_moe(model, args.out, image_processor=processor, card=card, overwrite=args.overwrite)
 
     print(f"CLIP-MoE written to {out}")
     print("\n".join(summary_lines(model)))

@@ -69,6 +69,7 @@ def _make_tiny_llm(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from encoder.errors import UserError
+    from encoder.export import check_output_dir
 
     from .train.embedded_default import save_tiny_llm, training_texts
 
@@ -79,6 +80,7 @@ def _make_tiny_llm(args: argparse.Namespace) -> int:
                         "(python -m upcycle make-digit-grids)")
     if Path(args.out).exists():
         raise UserError(f"{args.out} exists; remove it or choose another --out")
+    check_output_dir(args.out, overwrite=False)  # a folder that is a file or not writable: before any work
     save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
     print(f"tiny Llama written to {args.out}")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from encoder.cli_support import parse_device
 from encoder.errors import UserError
-from encoder.export import write_atomic
+from encoder.export import check_output_file, write_atomic
 from encoder.loading import load_clip, model_type_of
 
 from .data import read_pairs
@@ -68,6 +68,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.templates and not args.classes:
         raise UserError("--templates applies to zero-shot classification; give --classes too")
+    if args.out:
+        check_output_file(args.out, "--out")  # not after the (long) encoding pass
     pairs = read_pairs(args.data, args.image_root, args.skip_missing)
     captions = [p.caption for p in pairs]
     # Every input is checked before the (long) encoding pass.
@@ -94,6 +96,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_routing(args: argparse.Namespace) -> int:
+    for flag, path in (("--out-png", args.out_png), ("--out-json", args.out_json)):
+        if path:
+            check_output_file(path, flag)  # not after routing every pair
     model_type = model_type_of(args.model)
     if model_type not in (None, "clip_moe"):
         raise not_moe_error(f"{args.model} (model_type {model_type!r})")  # refuse before loading the weights
@@ -104,18 +109,18 @@ def run_routing(args: argparse.Namespace) -> int:
                           args.batch_size, args.num_workers)
     if args.out_png:
         figure = routing_figure(stats, Path(loaded.source).name)
-        write_atomic(args.out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+        write_atomic(args.out_png, lambda tmp: figure.savefig(tmp, format="png", dpi=150), "--out-png")
         print(f"routing heat map written to {args.out_png}", file=sys.stderr)
-    _emit({"model": loaded.source, "data": str(args.data), "n_pairs": len(pairs), **stats}, args.out_json)
+    _emit({"model": loaded.source, "data": str(args.data), "n_pairs": len(pairs), **stats}, args.out_json, "--out-json")
     return 0
 
 
-def _emit(result: dict, out: str | None) -> None:
-    """Print the result as JSON (4 decimals) and write it to `out` when given."""
+def _emit(result: dict, out: str | None, flag: str = "--out") -> None:
+    """Print the result as JSON (4 decimals) and write it to `out` (the value of `flag`) when given."""
     text = json.dumps(_rounded(result), indent=2)
     print(text)
     if out:
-        write_atomic(out, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        write_atomic(out, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), flag)
 
 
 def _rounded(value):

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import math
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -81,12 +80,13 @@ def print_summary(model, diff: dict, out) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Build a small dense CLIP, sparse-upcycle it via the `sparse` command, check it on real digit images."""
-    out = Path(args.out)
+    out = check_output_dir(args.out, overwrite=True)  # a working directory: its outputs are replaced
     base_dir, moe_dir = out / "dense-clip", out / "clip-moe"
     torch.manual_seed(0)
     base = CLIPModel(small_clip_config()).eval()
-    base.save_pretrained(base_dir)
-    default_image_processor(base.config.vision_config.image_size).save_pretrained(base_dir)
+    with atomic_output_dir(base_dir, overwrite=True) as tmp:
+        base.save_pretrained(tmp)
+        default_image_processor(base.config.vision_config.image_size).save_pretrained(tmp)
     print(f"built a small dense CLIP ({sum(p.numel() for p in base.parameters()):,} parameters) in {base_dir}")
 
     ns = argparse.Namespace(base=str(base_dir), out=str(moe_dir), num_experts=4, top_k=2, moe_layers="all",
