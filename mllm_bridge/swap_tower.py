@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder.errors import UserError
+from encoder.export import check_output_file, write_failure
 
 from .checks import image_tokens, llava_tower_class, tower_problems
 from .llava_config import LlavaCheckpointConfig, read_llava_config, write_llava_config
@@ -50,8 +51,25 @@ def swap_tower(
                         "checkpoint over the new tower; set it to false first")
     if problems:
         raise UserError("; ".join(problems) + f" ({old.config_path} left unchanged)")
-    backup = write_llava_config(old, new)
+    backup = _write(old, new)
     return SwapResult(new, backup, _notes(old, new, tower))
+
+
+def _write(old: LlavaCheckpointConfig, new: LlavaCheckpointConfig) -> Path:
+    """`write_llava_config`, refused up front when the checkpoint's folder cannot be written; a write that fails
+    on the way (disk full, ...) leaves config.json as it was, no new backup, and one line naming the reason."""
+    directory = old.config_path.parent
+    check_output_file(old.config_path, "LLAVA_DIR")
+    backups = set(directory.glob(f"{old.config_path.name}.bak*"))
+    try:
+        return write_llava_config(old, new)
+    except BaseException as exc:
+        for path in set(directory.glob(f"{old.config_path.name}.bak*")) - backups:
+            path.unlink(missing_ok=True)  # a backup copied (maybe in part) by this failed run
+        failure = write_failure(exc, directory, None, "LLAVA_DIR")
+        if failure is not None:
+            raise UserError(f"{failure} ({old.config_path} left unchanged)") from exc
+        raise
 
 
 def _notes(old: LlavaCheckpointConfig, new: LlavaCheckpointConfig, tower: TowerInfo) -> list[str]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from encoder.errors import UserError
-from encoder.export import make_readable
+from encoder.export import make_readable, write_failure
 
 from .projector import PROJECTOR_FILE, projector_state
 
@@ -114,9 +114,10 @@ def _load_trained(model: nn.Module, weights: dict[str, torch.Tensor], directory:
 def publish(write: Callable[[Path], None], out: Path) -> None:
     """Write files through `write(tmp)` into a hidden folder inside `out`, then move them into `out`,
     config.json last: `out` also holds checkpoints and logs, so it cannot be swapped as a whole."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    tmp = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
         write(tmp)
         make_readable(tmp)  # mkdtemp and save_pretrained create owner-only modes
         files = sorted(p for p in tmp.iterdir() if p.name != CONFIG_FILE)
@@ -126,5 +127,11 @@ def publish(write: Callable[[Path], None], out: Path) -> None:
                 if target.exists():
                     shutil.rmtree(target)
             os.replace(path, out / path.name)
+    except BaseException as exc:  # a full or read-only disk: one line naming --output_dir, no traceback
+        failure = write_failure(exc, out, tmp, "--output_dir")
+        if failure is not None:
+            raise failure from exc
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
