@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,22 @@ ACCEPTED_ONLY: dict[str, tuple[Any, str]] = {
 }
 GIVEN = "_given_flags"  # namespace attribute: the flags named on the command line
 
+# The flags that change neither the trained weights nor the schedule, so a resumed run may change them. Every
+# other field of the three argument classes shapes the result: a resume compares it with the checkpoint's record
+# and refuses any difference, naming it (a new field is compared unless it is added here, with its reason).
+NOT_SHAPING = frozenset({
+    # where the run reads and writes: the checkpoint is compared by what it holds, not by where it lies
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "cache_dir",
+    # when progress is saved and where it is logged
+    "save_strategy", "save_steps", "save_total_limit", "logging_steps", "logging_dir", "report_to",
+    # how fast, not what: the processes that load data, and recomputing activations instead of keeping them
+    "dataloader_num_workers", "gradient_checkpointing",
+    # there is no evaluation, and these take the one value "no" anyway
+    "evaluation_strategy", "eval_strategy",
+    # accepted but without effect here (each has its note)
+    *ACCEPTED_ONLY,
+})
+
 
 @dataclass
 class LlavaArguments:
@@ -163,6 +180,13 @@ class LlavaArguments:
     def as_dict(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
                 "training": dataclasses.asdict(self.training)}
+
+
+def shaping_settings(groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`--flag: value` for every flag that shapes the result, from `LlavaArguments.as_dict()` (or a checkpoint's
+    record of it): what a resumed run must share with the checkpoint it continues."""
+    return {f"--{name}": value for group in groups.values() for name, value in group.items()
+            if name not in NOT_SHAPING}
 
 
 class _Given(argparse.Action):
@@ -237,6 +261,13 @@ def validate(args: LlavaArguments) -> None:
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"--{flag} {value}: expected a positive number")
+    if not math.isfinite(t.learning_rate):
+        raise UserError(f"--learning_rate {t.learning_rate}: expected a finite positive number")
+    for flag, value in (("weight_decay", t.weight_decay), ("warmup_steps", t.warmup_steps),
+                        ("max_grad_norm", t.max_grad_norm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag} {value}: expected 0 or a positive number"
+                            + (" (0 turns clipping off)" if flag == "max_grad_norm" else ""))
     if t.max_steps <= 0 and not t.num_train_epochs > 0:
         raise UserError(f"--num_train_epochs {t.num_train_epochs}: expected a positive number (or set --max_steps)")
     if not 0 <= t.warmup_ratio <= 1:

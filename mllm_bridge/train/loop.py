@@ -14,23 +14,25 @@ schedule, the flags and the loop's position.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import UserError
+from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
 from encoder.export import atomic_output_dir
-from encoder.errors import TrainingDiverged
+from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, endless_batches
 
-from .arguments import LlavaArguments
+from .arguments import LlavaArguments, shaping_settings
 from .data import modality_lengths
 from .model_setup import TrainingModel
 from .outputs import FullOutput, ProjectorOutput, publish
@@ -42,6 +44,7 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 OPTIMIZER_FILE = "optimizer.pt"
 ARGS_FILE = "training_args.json"
 LOSS_WINDOW = 10  # steps averaged for the start and end loss of the summary
+TOWER_PART, PROJECTOR_PART = ".vision_tower.", ".mm_projector."  # in the names of the tower's / projector's weights
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -54,6 +57,53 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+# What a run derives from its flags, its data and its launch that must also match on resume (the flags
+# themselves are compared through `shaping_settings`). TOTAL_STEPS is known only once the data is tokenized.
+NUM_PROCESSES, TOTAL_STEPS = "num_processes", "total_steps"
+
+
+def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | None = None) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it (without total_steps when it is not known yet)."""
+    settings = {**shaping_settings(args.as_dict()), NUM_PROCESSES: num_processes}
+    if total_steps is not None:
+        settings[TOTAL_STEPS] = total_steps
+    return settings
+
+
+def recorded_settings(path: Path) -> dict[str, Any]:
+    """The settings `path` (a checkpoint-N directory) was made with.
+
+    Checkpoints record them in trainer_state.json; older ones recorded a few in its "identity" and every flag in
+    training_args.json, which is read instead (flags that version did not have then show as unset)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a complete checkpoint ({err}); pass a checkpoint-N directory") from None
+    if "settings" in state:
+        return state["settings"]
+    try:
+        flags = json.loads((path / ARGS_FILE).read_text())
+        settings = shaping_settings(flags)
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{path} records neither its settings nor its flags ({ARGS_FILE}: {err}), so a resume "
+                        "cannot be checked against it; pass --overwrite_output_dir True to start afresh") from None
+    identity = state.get("identity", {})
+    return {**settings, **{key: identity[key] for key in (NUM_PROCESSES, TOTAL_STEPS) if key in identity}}
+
+
+def refuse_changed_settings(path: Path, wanted: dict[str, Any]) -> None:
+    """Raise SettingsChanged naming every setting in which `path` differs from `wanted` (old -> new), in one line.
+
+    Settings `wanted` leaves out (total_steps, before the data is tokenized) are not compared."""
+    recorded = {k: v for k, v in recorded_settings(path).items() if k in wanted or k != TOTAL_STEPS}
+    changed = differences(recorded, wanted)
+    if not changed:
+        return
+    why = "; (unset) marks what the older version that wrote it did not record" if set(wanted) - set(recorded) else ""
+    raise SettingsChanged(f"{path} belongs to a run with other settings ({'; '.join(changed)}){why}; resume with "
+                          "the same flags, or pass --overwrite_output_dir True to start afresh")
 
 
 @dataclass
@@ -112,17 +162,14 @@ class LlavaTrainer:
         self.empty_batches = 0
         self.first_losses: list[float] = []
         self.last_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self.resumed_from: Path | None = None
+        self.first_step = 0  # the step this process started from (it made no update before)
 
     # -- checkpoints -------------------------------------------------------------------------------------
-    def _identity(self) -> dict:
-        """What a checkpoint must share with this run to be resumed by it."""
-        m, d, t = self.args.model, self.args.data, self.args.training
-        return {"output": self.output.kind, "model_name_or_path": m.model_name_or_path,
-                "vision_tower": m.vision_tower, "data_path": d.data_path, "version": m.version,
-                "per_device_train_batch_size": t.per_device_train_batch_size,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps,
-                "num_processes": self.accelerator.num_processes, "total_steps": self.total_steps, "seed": t.seed,
-                "sampler": "modality_length" if t.group_by_modality_length else "shuffle"}
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed by it: every flag that shapes the result,
+        the number of processes and the number of optimizer steps (which the data decides too)."""
+        return run_settings(self.args, self.accelerator.num_processes, self.total_steps)
 
     def save_checkpoint(self) -> Path:
         path = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
@@ -132,7 +179,7 @@ class LlavaTrainer:
             state = {"step": self.step, "batches_done": self.batches_done, "samples_seen": self.samples_seen,
                      "truncated": self.truncated, "empty_batches": self.empty_batches,
                      "first_losses": self.first_losses, "last_losses": list(self.last_losses),
-                     "identity": self._identity()}
+                     "settings": self.settings()}
             with atomic_output_dir(path, overwrite=True) as tmp:
                 self.output.write(model, self.trained.tokenizer, tmp)
                 if not _is_deepspeed(acc):  # DeepSpeed shards the optimizer over the ranks
@@ -148,17 +195,8 @@ class LlavaTrainer:
 
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint of this same run: trained weights, optimizer, schedule, position."""
-        try:
-            state = json.loads((path / STATE_FILE).read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path} is not a complete checkpoint ({err}); pass a checkpoint-N directory") from None
-        ours, theirs = self._identity(), {"sampler": "shuffle", **state["identity"]}  # (older runs: no sampler key)
-        differing = [k for k in ours if theirs.get(k) != ours[k]]
-        if differing:
-            key = differing[0]
-            raise UserError(f"{path} belongs to a run with {key} = {theirs.get(key)!r}, this run has "
-                            f"{ours[key]!r}; resume with the same flags, or pass --overwrite_output_dir to start "
-                            "afresh")
+        refuse_changed_settings(path, self.settings())
+        state = json.loads((path / STATE_FILE).read_text())
         self.output.read_trained(self.accelerator.unwrap_model(self.model), path)
         if (path / OPTIMIZER_FILE).is_file():
             saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
@@ -170,6 +208,7 @@ class LlavaTrainer:
         self.samples_seen, self.truncated = state["samples_seen"], state["truncated"]
         self.empty_batches, self.first_losses = state["empty_batches"], state["first_losses"]
         self.last_losses.extend(state["last_losses"])
+        self.resumed_from, self.first_step = path, self.step
         if self.accelerator.is_main_process:
             print(f"resumed from {path} (step {self.step} of {self.total_steps})")
 
@@ -179,6 +218,7 @@ class LlavaTrainer:
         acc, t = self.accelerator, self.args.training
         if resume_from is not None:
             self.resume(resume_from)
+        self._require_finite_weights()
         log = (RunLog(self.output_dir, Path(t.logging_dir or self.output_dir / "logs"), t.report_to,
                       self.output_dir.name, self.args.as_dict(), self.step) if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.output_dir.name, unit="step",
@@ -247,14 +287,52 @@ class LlavaTrainer:
             stats = acc.reduce(stats, reduction="sum")
         bad, loss_sum, truncated, samples, empty = stats.tolist()
         if bad:
-            last = latest_checkpoint(self.output_dir)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(f"the loss became {loss.item()} at step {self.step + 1}; {where}; lower "
-                                   "--learning_rate and resume from it, or restart")
+            self._diverged(loss.item())
         self.truncated += int(truncated)
         self.samples_seen += int(samples)
         self.empty_batches += int(empty)
         return loss_sum / acc.num_processes
+
+    def _diverged(self, loss: float) -> None:
+        last = latest_checkpoint(self.output_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        if self.step > self.first_step:
+            raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}; {where}; lower "
+                                   "--learning_rate and resume from it, or restart")
+        # No update yet in this process, from weights `train` found finite: the learning rate has not acted.
+        suspects = "the data (a sample or image the model cannot encode?) and --bf16 / --fp16"
+        if self.resumed_from is None:
+            raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}, before any update, from finite "
+                                   f"weights, so not because of the learning rate: check {suspects}; {where}")
+        raise TrainingDiverged(f"the loss became {loss} at step {self.step + 1}, the first after resuming from "
+                               f"{self.resumed_from}, before any update, from finite weights: check {suspects}; or "
+                               "the checkpoint is already unstable (too high a --learning_rate before it): resume "
+                               "from an earlier one if --save_total_limit kept one, or restart with a lower "
+                               "--learning_rate")
+
+    def _require_finite_weights(self) -> None:
+        """Refuse NaN or inf in any weight, trained or frozen, before the first step (one NaN anywhere makes every
+        loss NaN, which would otherwise be reported as a divergence), naming the tensor and where it came from."""
+        m = self.args.model
+        model = self.accelerator.unwrap_model(self.model)
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            finite = torch.isfinite(tensor.detach())
+            if bool(finite.all()):
+                continue
+            if self.resumed_from is not None and tensor.requires_grad:
+                source = f"checkpoint {self.resumed_from}"
+            elif TOWER_PART in name:
+                source = f"--vision_tower {m.vision_tower}"
+            elif PROJECTOR_PART in name:
+                source = (f"--pretrain_mm_mlp_adapter {m.pretrain_mm_mlp_adapter}" if m.pretrain_mm_mlp_adapter
+                          else "the newly initialised projector")
+            else:
+                source = f"--model_name_or_path {m.model_name_or_path}"
+            raise NonFiniteValues(f"{source}: {name} holds {int((~finite).sum())} NaN or infinite value(s) of "
+                                  f"{finite.numel()}, so every loss computed from it would be NaN; start from "
+                                  "weights that are finite")
 
     def _window_metrics(self, window: list[dict[str, float]]) -> dict[str, float]:
         return {"loss": _mean([w["loss"] for w in window]), "learning_rate": window[-1]["learning_rate"],

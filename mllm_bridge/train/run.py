@@ -17,7 +17,8 @@ from encoder.training import on_cpu
 
 from .arguments import LlavaArguments, accepted_only_notes
 from .data import LlavaCollator, LlavaDataset, read_llava_samples
-from .loop import CHECKPOINT_PREFIX, STATE_FILE, LlavaTrainer, TrainResult, latest_checkpoint
+from .loop import (CHECKPOINT_PREFIX, STATE_FILE, LlavaTrainer, TrainResult, latest_checkpoint,
+                   refuse_changed_settings, run_settings)
 from .model_setup import build_training_model, check_tower
 from .outputs import FullOutput, ProjectorOutput, output_for
 from .projector import PROJECTOR_FILE
@@ -134,6 +135,9 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     samples = read_llava_samples(args.data.data_path, args.data.image_folder, args.model.version)
     tower = check_tower(args)
     resume_from = _prepare_output_dir(args, output, accelerator)
+    if resume_from is not None:
+        # Before the language model is loaded; the trainer checks again with the number of steps the data makes.
+        refuse_changed_settings(resume_from, run_settings(args, accelerator.num_processes))
     trained = build_training_model(args, tower, frozen_dtype(accelerator))
     dataset = LlavaDataset(samples, trained.tokenizer, trained.image_processor, trained.image_tokens,
                            args.training.model_max_length, args.data.image_aspect_ratio)

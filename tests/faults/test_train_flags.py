@@ -260,3 +260,51 @@ def test_a_nan_loss_at_the_first_step_after_resuming_names_the_checkpoint_not_th
     message = str(stopped.value)
     assert f"at step 3, the first after resuming from {tmp_path / 'w' / 'step-2'}, before any update" in message
     assert "restart with a lower --lr" in message, message
+
+
+# -- the LLaVA loop: the same refusal for a tower or language model with a NaN weight ---------------------------
+
+@pytest.mark.parametrize("part", ["vision_tower", "model_name_or_path"])
+def test_llava_training_refuses_a_frozen_nan_weight_before_the_first_step(part, tmp_path, digit_llm_dir,
+                                                                          clip_moe_dir, grids_dir, capsys):
+    import shutil
+
+    from mllm_bridge.train.cli import main as train_main
+
+    dirs = {"vision_tower": clip_moe_dir, "model_name_or_path": digit_llm_dir}
+    poisoned = tmp_path / part
+    shutil.copytree(dirs[part], poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    # layer 0 (the tower's text half and its last layer are not used by LLaVA: a NaN there changes no loss)
+    name = next(k for k in weights if k.startswith(("vision_model.encoder.layers.0.mlp", "model.layers.0.mlp"))
+                and k.endswith("weight"))
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    dirs[part] = poisoned
+    out = tmp_path / "llava-nan"
+    argv = ["pretrain", "--model_name_or_path", str(dirs["model_name_or_path"]), "--vision_tower",
+            str(dirs["vision_tower"]), "--data_path", str(grids_dir / "train.json"), "--image_folder", str(grids_dir),
+            "--output_dir", str(out), "--per_device_train_batch_size", "8", "--max_steps", "2", "--report_to", "none",
+            "--gradient_checkpointing", "False"]
+    assert train_main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"--{part} {poisoned}: " in line and "holds 1 NaN or infinite value(s)" in line, line
+    assert "learning_rate" not in line and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("weight_decay", "-1", "--weight_decay -1.0: expected 0 or a positive number"),
+    ("warmup_steps", "-5", "--warmup_steps -5: expected 0 or a positive number"),
+    ("max_grad_norm", "-1", "--max_grad_norm -1.0: expected 0 or a positive number (0 turns clipping off)"),
+    ("max_grad_norm", "nan", "--max_grad_norm nan: expected 0 or a positive number"),
+    ("learning_rate", "inf", "--learning_rate inf: expected a finite positive number"),
+])
+def test_llava_flags_refuse_negative_or_non_finite_optimizer_settings(flag, value, message, tmp_path):
+    from mllm_bridge.train.arguments import split_arguments
+    from mllm_bridge.train.cli import build_parser
+
+    argv = ["pretrain", "--model_name_or_path", "llm", "--vision_tower", "tower", "--data_path", "d.json",
+            "--output_dir", str(tmp_path / "out"), f"--{flag}", value]
+    with pytest.raises(UserError) as refused:
+        split_arguments(build_parser().parse_args(argv))
+    assert str(refused.value).startswith(message)
