@@ -1,17 +1,24 @@
 """Reading image-caption pairs from the formats people ship them in: LLaVA / ShareGPT4V JSON, JSONL, CSV, TSV.
 
-Everything is validated up front (captions present, images on disk) so a training run fails in its first
-second with the row to fix, not hours later in a DataLoader worker.
+One validated reader: every format yields its raw fields per record, and `_pair` checks them the same way
+(the image a path string, the caption a non-empty string: JSON `null`, numbers, lists are refused, never turned
+into the text "None" or "[...]"). Files are decoded as UTF-8 (a BOM is allowed) with the offending byte named.
+Everything is validated up front (record types, captions present, images on disk and not empty) so a training
+run fails in its first second with the row to fix, not hours later in a DataLoader worker.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from encoder.errors import UserError
 
@@ -20,6 +27,7 @@ from .tar_index import index_tar_pairs, is_tar_spec
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".tar")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,33 @@ class Pair:
     caption: str
 
 
+def decode_utf8(data: bytes, name: str, fix: str = "re-save it as UTF-8") -> str:
+    """`data` as text (UTF-8, a leading BOM dropped); a UserError naming `name`, the byte and its offset otherwise."""
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise UserError(f"{name} is not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}, line {line}); "
+                        f"{fix}") from None
+
+
+def json_kind(value: Any) -> str:
+    """How JSON calls the type of a parsed value, with a short preview: 'null', 'array [1, 2]', 'number 3'."""
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+    if value is None:
+        return kind
+    preview = json.dumps(value, ensure_ascii=False)
+    return f"{kind} {preview[:40] + '...' if len(preview) > 40 else preview}"
+
+
 def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_missing: bool = False) -> list[Pair]:
     """Read image-caption pairs; the format comes from the extension, image paths resolve against `image_root`
-    (default: the data file's folder). Missing images are an error unless `skip_missing` drops them.
-    Tar shards (`x.tar`, `x-{000..009}.tar`, a glob) are indexed; their images are references into the shards."""
+    (default: the data file's folder). Missing or empty (0-byte) images are an error unless `skip_missing` drops
+    them. Tar shards (`x.tar`, `x-{000..009}.tar`, a glob) are indexed; their images are references into the
+    shards."""
     if is_tar_spec(path):
         pairs = []
         for where, image, caption in index_tar_pairs(path):
@@ -52,89 +83,153 @@ def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_miss
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the path")
     root = Path(image_root) if image_root is not None else path.parent
-    rows = _READERS[suffix](path)
-    pairs = []
-    for where, image, caption in rows:
-        caption = (caption or "").strip()
-        if not caption:
-            raise UserError(f"{path}: empty caption at {where}; fill it in or remove the row")
-        if not image:
-            raise UserError(f"{path}: no image at {where}; every row needs an image path")
-        pairs.append(Pair(str((root / image).absolute()), caption))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
+    text = decode_utf8(data, f"data file {path}")
+    pairs = [_pair(path, root, *fields) for fields in _READERS[suffix](path, text)]
     if not pairs:
         raise UserError(f"{path} holds no image-caption pairs; expected at least one row")
     return _check_images(pairs, path, skip_missing)
 
 
+def _pair(path: Path, root: Path, where: str, image: Any, caption: Any, caption_from: str = "") -> Pair:
+    """The one check of a record's fields, whatever the format; `caption_from` says where in the record the
+    caption was taken from (a LLaVA record's turn)."""
+    if caption is None:
+        raise UserError(f"{path}: caption at {where}{caption_from} is null; write the caption text or remove the row")
+    if not isinstance(caption, str):
+        raise UserError(f"{path}: caption at {where}{caption_from} is a JSON {json_kind(caption)}, not a string; "
+                        "write the caption as one string")
+    caption = caption.strip()
+    if not caption:
+        raise UserError(f"{path}: empty caption at {where}{caption_from}; fill it in or remove the row")
+    if image is None or image == "":
+        raise UserError(f"{path}: no image at {where}; every row needs an image path")
+    if not isinstance(image, str):
+        raise UserError(f"{path}: \"image\" at {where} is a JSON {json_kind(image)}; expected one image path "
+                        "(a string)")
+    return Pair(str((root / image).absolute()), caption)
+
+
 def _check_images(pairs: list[Pair], path: Path, skip_missing: bool) -> list[Pair]:
-    missing = [p.image for p in pairs if not Path(p.image).is_file()]
-    if not missing:
+    """One stat per image, up front: missing, not a file, or empty (0 bytes, e.g. a failed download).
+
+    Headers and pixels are not read here. Opening each image's header (`Image.open`) costs an open and a read per
+    image, on top of the stat: about a million random reads for a million-image set, minutes on a local disk
+    and far longer on network storage, and it would still pass a truncated file, which only a full decode finds.
+    So the decode, which happens anyway in the DataLoader worker (`datasets.load_rgb`), is where an undecodable,
+    truncated or oversized image is caught, and it stops the run with the image's path in one line.
+    """
+    missing, empty = [], []
+    for p in pairs:
+        try:
+            st = os.stat(p.image)
+        except OSError:
+            missing.append(p.image)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            missing.append(p.image)
+        elif st.st_size == 0:
+            empty.append(p.image)
+    if not missing and not empty:
         return pairs
     if not skip_missing:
-        raise UserError(f"{path}: {len(missing)} of {len(pairs)} images not found, e.g. {', '.join(missing[:3])}; "
-                        "fix --image-root or pass --skip-missing to drop them")
-    logger.warning("%s: dropped %d of %d pairs whose image is missing", path, len(missing), len(pairs))
-    gone = set(missing)
+        if missing:
+            raise UserError(f"{path}: {len(missing)} of {len(pairs)} images not found, e.g. {', '.join(missing[:3])}; "
+                            "fix --image-root or pass --skip-missing to drop them")
+        raise UserError(f"{path}: {len(empty)} of {len(pairs)} images are empty files (0 bytes), e.g. "
+                        f"{', '.join(empty[:3])}; fetch them again, or pass --skip-missing to drop them")
+    logger.warning("%s: dropped %d of %d pairs whose image is missing or empty (0 bytes)", path,
+                   len(missing) + len(empty), len(pairs))
+    gone = set(missing) | set(empty)
     kept = [p for p in pairs if p.image not in gone]
     if not kept:
-        raise UserError(f"{path}: none of the {len(pairs)} images exist; check --image-root")
+        raise UserError(f"{path}: none of the {len(pairs)} images exist (or all are empty); check --image-root")
     return kept
 
 
-def first_gpt_turn(conversations: Iterable[dict]) -> str:
-    """The caption of a LLaVA / ShareGPT4V record: the first answer (`from: gpt`)."""
-    for turn in conversations:
+def _llava_caption(rec: dict, where: str) -> tuple[Any, str]:
+    """(the caption, where in the record it is): the first answer (`from: gpt`) of a LLaVA / ShareGPT4V record,
+    or its "caption" field. Raises UserError for a `conversations` that is not a list of objects."""
+    if "conversations" not in rec:
+        return rec.get("caption", ""), ""
+    turns = rec["conversations"]
+    if not isinstance(turns, list):
+        raise UserError(f"\"conversations\" at {where} is a JSON {json_kind(turns)}; expected a list of "
+                        "{\"from\": ..., \"value\": ...} turns")
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise UserError(f"conversations[{j}] at {where} is a JSON {json_kind(turn)}; expected an object "
+                            "{\"from\": ..., \"value\": ...}")
+    for j, turn in enumerate(turns):
         if turn.get("from") == "gpt":
-            return str(turn.get("value", ""))
-    return ""
+            return turn.get("value", ""), f" (conversations[{j}], the first gpt turn)"
+    raise UserError(f"no gpt turn at {where}; the caption is the value of the first turn with \"from\": \"gpt\"")
 
 
-def _read_llava_json(path: Path) -> Iterator[tuple[str, str, str]]:
+def _read_llava_json(path: Path, text: str) -> Iterator[tuple]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); expected a LLaVA list of records") from None
     if not isinstance(records, list):
         raise UserError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records "
                         '({"image": ..., "conversations": [...]})')
     for i, rec in enumerate(records):
-        where = f"index {i}" + (f" (id {rec.get('id')})" if isinstance(rec, dict) and "id" in rec else "")
         if not isinstance(rec, dict):
-            raise UserError(f"{path}: record at index {i} is not an object; expected LLaVA records")
-        caption = first_gpt_turn(rec.get("conversations", [])) if "conversations" in rec else rec.get("caption", "")
-        yield where, rec.get("image", ""), caption
+            raise UserError(f"{path}: record at index {i} is a JSON {json_kind(rec)}, not an object; expected "
+                            "LLaVA records")
+        where = f"index {i}" + (f" (id {rec['id']})" if "id" in rec else "")
+        try:
+            caption, caption_from = _llava_caption(rec, where)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+        yield where, rec.get("image", ""), caption, caption_from
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, str, str]]:
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: line {n} is not valid JSON ({err}); expected one object per line") from None
-            if not isinstance(rec, dict) or "image" not in rec:
-                raise UserError(f"{path}: line {n} has no \"image\" field; expected {{\"image\": ..., \"caption\": ...}}")
-            yield f"line {n}", rec["image"], rec.get("caption", "")
+def _read_jsonl(path: Path, text: str) -> Iterator[tuple]:
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and friends, which splitlines() breaks on.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {n} is not valid JSON ({err}); expected one object per line") from None
+        if not isinstance(rec, dict) or "image" not in rec:
+            raise UserError(f"{path}: line {n} has no \"image\" field; expected {{\"image\": ..., \"caption\": ...}}")
+        yield f"line {n}", rec["image"], rec.get("caption", "")
 
 
-def _read_table(path: Path, delimiter: str) -> Iterator[tuple[str, str, str]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+def _read_table(path: Path, text: str, delimiter: str) -> Iterator[tuple]:
+    kind, separator = ("TSV", "a tab") if delimiter == "\t" else ("CSV", f"the delimiter {delimiter!r}")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         if reader.fieldnames is None:
             return
         absent = [c for c in ("image", "caption") if c not in reader.fieldnames]
         if absent:
             raise UserError(f"{path}: header {reader.fieldnames} lacks column(s) {absent}; "
                             "expected a header row with image and caption columns")
+        width = len(reader.fieldnames)
         for row in reader:
-            yield f"line {reader.line_num}", row["image"], row["caption"]
+            where = f"line {reader.line_num}"
+            # DictReader puts the fields past the header's under None and fills a short row with None: either
+            # way a field was split or lost (an unquoted delimiter in a caption), and the caption would be cut.
+            fields = width + len(row.get(None, ())) - sum(v is None for k, v in row.items() if k is not None)
+            if fields != width:
+                raise UserError(f"{path}: {where} has {fields} fields but the header has {width}; quote fields "
+                                f"that contain {separator} or a line break")
+            yield where, row["image"], row["caption"]
+    except csv.Error as err:
+        raise UserError(f"{path}: line {reader.line_num} is not valid {kind} ({err}); fix that line") from None
 
 
 _READERS = {
     ".json": _read_llava_json,
     ".jsonl": _read_jsonl,
-    ".csv": lambda p: _read_table(p, ","),
-    ".tsv": lambda p: _read_table(p, "\t"),
+    ".csv": lambda p, t: _read_table(p, t, ","),
+    ".tsv": lambda p, t: _read_table(p, t, "\t"),
 }
