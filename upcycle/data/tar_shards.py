@@ -10,36 +10,51 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .datasets import ImageTransform, Tokenize, collate
-from .tar_index import IMAGE_EXTENSIONS, _split_key, expand_shards
+from encoder.errors import UserError
+
+from .datasets import ImageTransform, SampleError, Tokenize, collate, decode_rgb
+from .formats import decode_utf8
+from .tar_index import expand_shards, iter_shard_files, sample_role
 
 logger = logging.getLogger(__name__)
 
+
 def iter_tar_samples(shard: str) -> Iterator[tuple[str, bytes, str]]:
-    """(key, image bytes, caption) for each complete sample of one shard, in member order."""
+    """(key, image bytes, caption) for each complete sample of one shard, in member order.
+
+    A broken shard (see `tar_index.iter_shard_files`), an empty caption or one that is not UTF-8, or a sample
+    with two images or two captions is a UserError naming the shard; a truncated shard is found when the walk
+    reaches the cut, after the samples before it were yielded.
+    """
     key, image, caption = None, None, None
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = _split_key(member.name)
-            if k != key:
-                if image is not None and caption is not None:
-                    yield key, image, caption
-                elif key is not None:
-                    logger.warning("%s: sample %s lacks an image or a .txt caption; skipped", shard, key)
-                key, image, caption = k, None, None
-            if ext in IMAGE_EXTENSIONS:
-                image = tar.extractfile(member).read()
-            elif ext == "txt":
-                caption = tar.extractfile(member).read().decode("utf-8").strip()
+
+    def complete() -> bool:
         if image is not None and caption is not None:
-            yield key, image, caption
-        elif key is not None:
+            return True
+        if key is not None:
             logger.warning("%s: sample %s lacks an image or a .txt caption; skipped", shard, key)
+        return False
+
+    for k, ext, member, data in iter_shard_files(shard, lambda ext: sample_role(ext) is not None):
+        if k != key:
+            if complete():
+                yield key, image, caption
+            key, image, caption = k, None, None
+        role = sample_role(ext)
+        if role is not None and (image if role == "image" else caption) is not None:
+            raise UserError(f"tar shard {shard}: sample {k} has two {role} members (the second is {member.name}), "
+                            "so which one belongs to the sample is unknown; keep one")
+        if role == "image":
+            image = data
+        elif role == "caption":
+            caption = decode_utf8(data, f"tar shard {shard}: caption {member.name}",
+                                  "re-write the shard with UTF-8 captions").strip()
+            if not caption:
+                raise UserError(f"tar shard {shard}: caption {member.name} is empty; fill it in or remove the sample")
+    if complete():
+        yield key, image, caption
 
 
 class TarShardDataset(IterableDataset):
@@ -62,9 +77,15 @@ class TarShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self._my_shards():
-            for key, data, caption in iter_tar_samples(shard):
-                with Image.open(io.BytesIO(data)) as img:
-                    image = img.convert("RGB")
+            samples = iter_tar_samples(shard)
+            while True:
+                try:
+                    key, data, caption = next(samples)
+                except StopIteration:
+                    break
+                except UserError as err:  # a SampleError comes through a DataLoader worker as one line
+                    raise SampleError(str(err)) from None
+                image = decode_rgb(data, f"{shard} sample {key}")
                 yield {"pixel_values": self.image_transform(image), "caption": caption, "key": key}
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
