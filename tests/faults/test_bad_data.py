@@ -1,5 +1,6 @@
-"""Fault tier, bad data: every corrupt or wrongly typed input of the image-text readers (pairs and tar shards)
-stops with one line naming the file and the record, never trains on a wrong value (a null caption read as the text "None", a 16-bit image clipped to black and white, the samples after a
+"""Fault tier, bad data: every corrupt or wrongly typed input of the image-text readers (upcycle's pairs and tar
+shards, LLaVA's training records) stops with one line naming the file and the record, never trains on a wrong
+value (a null caption read as the text "None", a 16-bit image clipped to black and white, the samples after a
 tar shard's cut silently dropped), and reaches the command line as that line even from a DataLoader worker."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from encoder.errors import UserError
+from mllm_bridge.train import data as llava_data
 from upcycle.data import ImageTextDataset, TarShardDataset, read_pairs, write_tar_shard
 
 
@@ -138,13 +140,62 @@ def test_empty_image_files_are_refused_up_front_or_dropped_when_asked(folder):
     assert [p.caption for p in read_pairs(path, skip_missing=True)] == ["one"]
 
 
-# -- images --------------------------------------------------------------------------------------------------
+# -- records: LLaVA's training reader ---------------------------------------------------------------------
+
+LLAVA_FAULTS = {
+    "null gpt value": ([llava(None)], "conversations[1] (from 'gpt') has a null 'value'; write the turn's text or "
+                                      "remove the record"),
+    "missing value": ([{**llava(), "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt"}]}],
+                      "conversations[1] (from 'gpt') has a missing 'value'; write the turn's text or remove the "
+                      "record"),
+    "int value": ([llava(3)], "conversations[1] (from 'gpt') 'value' is a JSON number 3, not a string; write the "
+                              "turn's text as one string"),
+    "empty answer": ([llava("  ")], "conversations[1] is an empty gpt answer, which teaches nothing but the end of "
+                                    "a turn; write the answer or remove the record"),
+    "turn a string": ([{**llava(), "conversations": ["<image>", "a cat"]}],
+                      "conversations[0] is a JSON string \"<image>\"; every turn must be an object with 'from' and "
+                      "'value'"),
+    "image int": ([llava(image=5)], "'image' must be one path, got a JSON number 5; one image per record is "
+                                    "supported"),
+    "image empty string": ([llava(image="")], "'image' is an empty string; give the image's path, or drop the "
+                                              "field for a text-only record"),
+}
+
+
+@pytest.mark.parametrize("fault", LLAVA_FAULTS)
+def test_llava_records_of_the_wrong_type_are_one_line_naming_the_record(folder, fault):
+    records, problem = LLAVA_FAULTS[fault]
+    path = folder / "llava.json"
+    path.write_text(json.dumps([llava("fine"), *records]))
+    message = one_line_error(lambda: llava_data.read_llava_samples(path, None, "plain"))
+    assert message == f"{path}: record 1 (id r0): {problem}"
+
+
+def test_llava_reader_names_non_utf8_bytes_and_reads_a_bom(folder):
+    path = folder / "llava.json"
+    data = json.dumps([llava("caf\u00e9")], ensure_ascii=False).encode("latin-1")
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    assert one_line_error(lambda: llava_data.read_llava_samples(path, None, "plain")) == (
+        f"--data_path {path} is not UTF-8 (byte 0xe9 at offset {offset}, line 1); re-save it as UTF-8")
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([llava("caf\u00e9")]).encode())
+    assert llava_data.read_llava_samples(path, None, "plain")[0].prompt.text == "<image>caf\u00e9\n"
+    (folder / "a.png").write_bytes(b"")
+    assert "1 of 1 images are empty files (0 bytes)" in one_line_error(
+        lambda: llava_data.read_llava_samples(path, None, "plain"))
+
+
+# -- images: both decoders --------------------------------------------------------------------------------
 
 def upcycle_decode(path):
     return ImageTextDataset(read_pairs(path.parent / "one.jsonl"), to_tensor)[0]["pixel_values"]
 
 
-DECODERS = {"upcycle": (upcycle_decode, "row")}
+def llava_decode(path):
+    return to_tensor(llava_data.load_rgb(str(path)))
+
+
+DECODERS = {"upcycle": (upcycle_decode, "row"), "llava": (llava_decode, "record")}
 
 
 def write_image(folder, data: bytes):
@@ -328,7 +379,7 @@ def test_an_undecodable_image_in_a_shard_names_the_shard_and_member(tmp_path):
 
 # -- through a DataLoader worker and the command line ------------------------------------------------------
 
-@pytest.mark.parametrize("reader", ["upcycle"])
+@pytest.mark.parametrize("reader", ["upcycle", "llava"])
 def test_a_workers_decode_error_arrives_as_the_same_one_line(folder, reader):
     """What a DataLoader worker does with an exception (torch's ExceptionWrapper: the type and the formatted
     traceback go to the main process, which raises `type(text)`), in-process; the real worker process is the
@@ -370,3 +421,17 @@ def test_upcycle_train_stops_on_an_undecodable_image_with_one_error_line(tmp_pat
     assert errors == [f"error: cannot decode image {broken} (image file is truncated); replace the file or remove "
                       "its row"], err[-2000:]
     assert "Traceback" not in err and not out.exists()
+
+
+def test_llava_training_stops_on_a_null_caption_before_writing_anything(tmp_path, folder, capsys):
+    from mllm_bridge.train.cli import main
+
+    path = folder / "llava.json"
+    path.write_text(json.dumps([llava("fine"), llava(None)]))
+    out = tmp_path / "llava-out"
+    assert main(["pretrain", "--model_name_or_path", str(tmp_path / "llm"), "--vision_tower", str(tmp_path / "t"),
+                 "--data_path", str(path), "--output_dir", str(out), "--report_to", "none"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [f"error: {path}: record 1 (id r0): conversations[1] (from 'gpt') has a null 'value'; write "
+                      "the turn's text or remove the record"]
+    assert not out.exists()
