@@ -6,15 +6,55 @@ checkpoint has a CLIP-MoE config that reproduces it.
 
 from __future__ import annotations
 
+import operator
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def layer_indices(value):
+    """`moe_layers` as a sorted list when every entry is an integer (numpy/torch integers included); any other
+    value is returned as given, for `validate_moe` to reject (no '3' -> 3 or 1.5 -> 1 guessing)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value
+    items = list(value)
+    if any(isinstance(i, (bool, str, bytes)) for i in items):
+        return value
+    try:
+        return sorted(operator.index(i) for i in items)
+    except TypeError:
+        return value
 
 
 class MoEFieldsMixin:
     """Validation shared by both tower configs (the fields themselves are declared on each class)."""
 
     def validate_moe(self) -> None:
-        """Run by `@strict` after init: reject MoE settings that cannot describe a working model."""
+        """Run by `@strict` after init: reject MoE settings that cannot describe a working model.
+
+        The MoE fields are checked for type here too (a config.json may say "num_experts": "4"): `@strict` does
+        not check the types of these fields, and a string or float would fail far from its cause, or not at all.
+        """
+        for name in ("num_experts", "top_k"):
+            if not _is_int(getattr(self, name)):
+                raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not isinstance(self.moe_layers, list) or not all(_is_int(i) for i in self.moe_layers):
+            raise TypeError(f"moe_layers must be a list of layer indices (integers), got {self.moe_layers!r}")
+        for name in ("router_jitter", "aux_loss_coef", "router_z_loss_coef"):
+            if not _is_number(getattr(self, name)):
+                raise TypeError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if self.capacity_factor is not None and not _is_number(self.capacity_factor):
+            raise TypeError(f"capacity_factor must be a number or null (dropless), got {self.capacity_factor!r}")
+        if not isinstance(self.output_router_logits, bool):
+            raise TypeError(f"output_router_logits must be true or false, got {self.output_router_logits!r}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -67,7 +107,7 @@ class CLIPMoEVisionConfig(MoEFieldsMixin, CLIPVisionConfig):
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
-        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        self.moe_layers = layer_indices(self.moe_layers)
         super().__post_init__(**kwargs)
 
 
@@ -91,7 +131,7 @@ class CLIPMoETextConfig(MoEFieldsMixin, CLIPTextConfig):
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
-        self.moe_layers = sorted(int(i) for i in self.moe_layers)
+        self.moe_layers = layer_indices(self.moe_layers)
         super().__post_init__(**kwargs)
 
 
