@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,9 @@ LONG_CLIP_KEPT_POSITIONS = 20  # Long-CLIP keeps the first 20 original positions
 LEGACY_ARGMAX_EOS_ID = 2  # transformers' CLIP pools at argmax(input_ids) when eos_token_id == 2
 TOWER_PREFIXES = {"vision": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
 
+# A non-checkpoint file surfaces as any of these, depending on where torch's reader gives up.
+READ_ERRORS = (RuntimeError, EOFError, KeyError, IndexError, ValueError, OSError, struct.error, zipfile.BadZipFile)
+
 # A conversion step: target key <- function of the source tensors at these keys.
 Step = tuple[str, tuple[str, ...], Callable[..., torch.Tensor]]
 
@@ -54,17 +58,18 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch says "Weights only load failed" for any pickle stream it cannot follow: random bytes and a
+        # truncated file too, not only pickles that name other globals. Only well-formed pickles are "unsafe".
+        if not _is_pickled_checkpoint(path):
+            raise UserError(_not_a_checkpoint(path, "no well-formed pickle data in it")) from None
         raise UserError(
             f"{path} holds pickled Python objects other than tensors, which weights_only=True refuses to load "
             "for safety; pass the released CLIP-MoE state dict (a dict of tensors)"
         ) from err
-    # A non-checkpoint file surfaces as any of these, depending on where torch's reader gives up.
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except READ_ERRORS as err:
         reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"cannot read {path} as a PyTorch checkpoint ({type(err).__name__}: {reason}); "
-            "pass the released CLIP-MoE state dict (.pt)"
-        ) from err
+        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+        raise UserError(_not_a_checkpoint(path, reason)) from err
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -79,6 +84,47 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _not_a_checkpoint(path: Path, reason: str) -> str:
+    return (f"{path} is not a PyTorch checkpoint (corrupt, truncated or another kind of file; {reason}); "
+            "pass the released CLIP-MoE state dict (.pt)")
+
+
+PICKLES_BEFORE_DATA = 4  # torch's legacy format: magic number, protocol, system info, then the object itself
+MAX_PICKLE_SCAN = 64 << 20
+
+
+def _is_pickled_checkpoint(path: Path) -> bool:
+    """Whether `path` holds well-formed pickles, parsed opcode by opcode without running any (`pickletools.genops`):
+    the data.pkl of torch's zip format, or the pickles a legacy-format file starts with. Random bytes fail within a
+    few opcodes; a file cut short fails in the pickle it was cut in."""
+    import io
+    import pickletools
+
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                for _op in pickletools.genops(io.BytesIO(archive.read(name))):
+                    pass
+        except Exception:  # noqa: BLE001 - no data.pkl, a damaged member, or garbage in it
+            return False
+        return True
+    with open(path, "rb") as f:
+        head = f.read(MAX_PICKLE_SCAN)
+        complete = not f.read(1)
+    stream = io.BytesIO(head)
+    for _ in range(PICKLES_BEFORE_DATA):
+        if stream.tell() == len(head):
+            return True  # one or more whole pickles and nothing else: a plain pickle file
+        try:
+            for _op in pickletools.genops(stream):
+                pass
+        except Exception:  # noqa: BLE001 - genops raises ValueError, EOFError, struct.error, ... on garbage
+            # Garbage, unless the parse only ran out of the scanned head of a larger file.
+            return not complete and stream.tell() >= len(head)
+    return True
 
 
 def infer_config(
