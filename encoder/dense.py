@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+JSON_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @dataclass
@@ -109,12 +112,17 @@ def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
                            dense.source, dense.model)
 
 
+def _dense_config(path: Path) -> CLIPConfig:
+    """The directory's CLIPConfig, checked against its weights' shapes (safetensors headers only)."""
+    from .model_dir import build_config, check_weights
+
+    config = build_config(path / "config.json", None, lambda: CLIPConfig.from_pretrained(path))
+    check_weights(path, config, CLIPModel)
+    return config
+
+
 def _open_directory(path: Path) -> DenseCLIPSource:
-    try:
-        config = CLIPConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{path}/config.json is not a usable CLIP config ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); re-save the model") from None
+    config = _dense_config(path)
     try:
         tensors = SafetensorsCheckpoint(path)
     except (OSError, CheckpointError) as err:
@@ -161,6 +169,7 @@ def _check_clip_directory(path: Path) -> None:
 
 def _load_directory(path: Path) -> DenseCLIP:
     _check_clip_directory(path)
+    _dense_config(path)
     try:
         model = CLIPModel.from_pretrained(path).eval()
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes
@@ -182,18 +191,109 @@ def _load_hub(repo_id: str) -> DenseCLIP:
 
 
 def image_processor_for(source, config: CLIPConfig) -> CLIPImageProcessor:
+    """The image processor saved with `source`; OpenAI CLIP preprocessing at the model's image size when it has
+    none (a directory without preprocessor_config.json, a hub id without one).
+
+    A preprocessor_config.json that is present but unreadable is refused: the default in its place would give
+    the model other inputs than it was trained on, and a CLIP-MoE upcycled from it would keep that default.
+    """
+    directory = _local_directory(source)
+    if directory is not None and not (directory / PREPROCESSOR_FILE).is_file():
+        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
+        return default_image_processor(config.vision_config.image_size)
+    if directory is not None:
+        return load_image_processor(directory)
     try:
         return CLIPImageProcessor.from_pretrained(source)
     except OSError:
-        logger.info("%s has no preprocessor_config.json; using OpenAI CLIP preprocessing", source)
+        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
         return default_image_processor(config.vision_config.image_size)
 
 
-def tokenizer_for(source):
-    if isinstance(source, Path) and not any((source / f).exists() for f in TOKENIZER_FILES):
-        return None
+def load_image_processor(directory: str | Path) -> CLIPImageProcessor:
+    """DIR/preprocessor_config.json as a CLIP image processor; UserError naming the file when it is missing,
+    not JSON, or holds values no CLIP preprocessing can use (a mean/std that is not 3 numbers, a std of 0, ...)."""
+    file = Path(directory) / PREPROCESSOR_FILE
+    fix = f"restore {file.name} from the model's source or re-save the model's image processor"
+    if not file.is_file():
+        raise UserError(f"{directory} has no {PREPROCESSOR_FILE}; {fix}")
+    _read_json_object(file, fix)
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
-        logger.info("%s has no usable tokenizer files; the CLIP-MoE directory will have none", source)
+        processor = CLIPImageProcessor.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - whatever the processor's own checks raise, it is this file's content
+        raise UserError(f"{file} is not a usable image processor config ({type(err).__name__}: "
+                        f"{_first_line(err)}); {fix}") from None
+    problem = _processor_problem(processor)
+    if problem:
+        raise UserError(f"{file}: {problem}; {fix}")
+    return processor
+
+
+def _processor_problem(processor: CLIPImageProcessor) -> str | None:
+    for name in ("image_mean", "image_std"):
+        values = getattr(processor, name, None)
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numbers or len(values) != 3:
+            return f"{name} is {values!r}, not 3 finite numbers (one per RGB channel)"
+    if any(v <= 0 for v in processor.image_std):
+        return f"image_std {list(processor.image_std)} has a value <= 0 (the pixels are divided by it)"
+    sizes = {"size": processor.size, "crop_size": processor.crop_size if processor.do_center_crop else None}
+    for name, size in sizes.items():
+        if size is None:
+            continue
+        try:
+            values = {k: v for k, v in dict(size).items() if v is not None}  # a dict, or transformers' SizeDict
+        except (TypeError, ValueError):
+            values = {}
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values.values()):
+            return f"{name} is {size!r}, not positive pixel counts"
+    return None
+
+
+def tokenizer_for(source):
+    """The tokenizer saved with `source`, or None when it ships none (a directory without tokenizer files).
+
+    Tokenizer files that are present but unreadable are refused, not taken as "no tokenizer": the commands would
+    go on without one (a CLIP-MoE upcycled from such a base would be written without its tokenizer).
+    """
+    directory = _local_directory(source)
+    if directory is None:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            logger.info("%s has no usable tokenizer files; the CLIP-MoE directory will have none", source)
+            return None
+    present = [name for name in TOKENIZER_FILES if (directory / name).exists()]
+    if not present:
         return None
+    fix = "restore the tokenizer files from the model's source (or remove them all to go on without a tokenizer)"
+    for name in JSON_TOKENIZER_FILES:
+        if (directory / name).exists():
+            _read_json_object(directory / name, fix)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exceptions for files it cannot parse
+        raise UserError(f"{directory}: the tokenizer ({', '.join(present)}) cannot be loaded ({type(err).__name__}: "
+                        f"{_first_line(err)[:200]}); {fix}") from None
+
+
+def _local_directory(source) -> Path | None:
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return Path(source)
+    return None
+
+
+def _read_json_object(file: Path, fix: str) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({type(err).__name__}: {_first_line(err)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

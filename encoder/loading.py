@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from .dense import image_processor_for, load_dense_clip, tokenizer_for
-from .errors import UserError
+from .model_dir import load_clip_moe, read_config_json
 
 
 @dataclass
@@ -31,19 +30,18 @@ def model_type_of(path: str | Path) -> str | None:
     config = Path(path) / "config.json"
     if not config.is_file():
         return None
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config} is not valid JSON ({err}); re-save the model") from None
+    return read_config_json(path).get("model_type")
 
 
 def load_clip(spec: str | Path) -> LoadedCLIP:
-    """A dense CLIP (directory, hub id, open_clip:NAME) or a CLIP-MoE directory."""
+    """A dense CLIP (directory, hub id, open_clip:NAME) or a CLIP-MoE directory, validated (`encoder.model_dir`):
+    a directory whose config, weights, image processor or tokenizer is damaged is a UserError, never a model."""
     if model_type_of(spec) == "clip_moe":
         from .modeling import CLIPMoEModel
 
-        model = CLIPMoEModel.from_pretrained(spec).eval()
         path = Path(spec)
+        model = load_clip_moe(path, CLIPMoEModel).eval()
         return LoadedCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(spec))
     dense = load_dense_clip(str(spec))
     return LoadedCLIP(dense.model, dense.image_processor, dense.tokenizer, dense.source)
+

@@ -20,6 +20,8 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
 
 from .configuration import CLIPMoEConfig, CLIPMoEVisionConfig
+from .dense import load_image_processor
+from .model_dir import clip_moe_config, load_clip_moe, read_config_json
 from .modeling import CLIPMoEVisionModel
 
 logger = logging.getLogger(__name__)
@@ -105,9 +107,13 @@ class CLIPMoEVisionTower(nn.Module):
         self.vision_tower_name = vision_tower
         self.select_layer = args.mm_vision_select_layer
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        if isinstance(vision_tower, (str, os.PathLike)) and (Path(vision_tower) / "config.json").is_file():
+            read_config_json(vision_tower)  # a directory whose config.json is unreadable is no tower of any kind
         self.is_moe = is_clip_moe_dir(vision_tower)
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
+        elif self.is_moe:
+            self.cfg_only = clip_moe_config(vision_tower, CLIPMoEVisionConfig)
         else:
             self.cfg_only = self._config_class.from_pretrained(vision_tower)
 
@@ -124,8 +130,12 @@ class CLIPMoEVisionTower(nn.Module):
         if self.is_loaded:
             logger.warning("%s is already loaded; load_model called again, skipping", self.vision_tower_name)
             return
-        self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
-        self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
+        if self.is_moe:  # validated: a damaged directory is one UserError line, never a tower with random weights
+            self.image_processor = load_image_processor(self.vision_tower_name)
+            self.vision_tower = load_clip_moe(self.vision_tower_name, CLIPMoEVisionModel, device_map=device_map)
+        else:  # exactly what LLaVA's own tower does
+            self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
+            self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from transformers import CLIPImageProcessor, CLIPVisionConfig, PretrainedConfig
 
-from encoder.configuration import CLIPMoEVisionConfig
+from encoder.dense import load_image_processor
 from encoder.errors import UserError
+from encoder.model_dir import check_clip_moe_dir, read_config_json
+from encoder.modeling import CLIPMoEVisionModel
 from encoder.tower import CLIP_MOE_MODEL_TYPES, read_model_type
 
 DENSE_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
@@ -75,7 +77,10 @@ def read_tower(name: str | Path) -> TowerInfo:
                         f"directory (model_type one of {', '.join(CLIP_MOE_MODEL_TYPES + DENSE_CLIP_MODEL_TYPES)})")
     is_moe = model_type in CLIP_MOE_MODEL_TYPES
     try:
-        config = (CLIPMoEVisionConfig if is_moe else CLIPVisionConfig).from_pretrained(name)
+        if is_moe:  # the checks of the tower's own loader: a damaged directory is refused here, as it would be there
+            config = check_clip_moe_dir(name, CLIPMoEVisionModel)
+        else:
+            config = CLIPVisionConfig.from_pretrained(name)
         processor = _read_processor(name)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read the {model_type} tower {name} ({_first_line(err)}); re-export it") from err
@@ -94,6 +99,8 @@ def read_tower(name: str | Path) -> TowerInfo:
 
 def _model_type(name: str | Path) -> str | None:
     if Path(name).is_dir():
+        if (Path(name) / "config.json").is_file():
+            read_config_json(name)  # present but not a JSON object: the line says why
         model_type = read_model_type(name)
         if model_type is None:
             raise UserError(f"{name} is not a model directory (no readable config.json); "
@@ -113,7 +120,7 @@ def _read_processor(name: str | Path) -> ImageProcessorInfo | None:
     if Path(name).is_dir():
         if not (Path(name) / "preprocessor_config.json").is_file():
             return None
-        processor = CLIPImageProcessor.from_pretrained(name)
+        processor = load_image_processor(name)
     else:
         try:
             processor = CLIPImageProcessor.from_pretrained(name)

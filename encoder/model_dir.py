@@ -1,0 +1,233 @@
+"""The one validated way into a CLIP-MoE directory: every defect is a one-line UserError naming the file and the fix.
+
+What `from_pretrained` alone lets through, and this module refuses before any weight is loaded:
+
+- a `config.json` that is not JSON, or whose MoE fields are impossible or of the wrong type
+  (`"num_experts": "4"`, `top_k` 0 or above `num_experts`, `moe_layers` out of range or repeated);
+- a config that disagrees with the weights: transformers re-initialises a tensor the checkpoint lacks at random
+  (a config listing fewer `moe_layers` loads with random dense MLPs and only a warning), so the safetensors
+  headers (no tensor data) are compared with the shapes the config describes;
+- weights that are missing, empty or truncated, and shard indexes naming missing shards;
+- a `preprocessor_config.json` or tokenizer file that is present but unreadable (see `encoder.dense`).
+
+`load_clip_moe(path, model_class)` is the loader; `check_clip_moe_dir` runs its checks without loading (for
+`python -m mllm_bridge check`, which reads a tower without loading it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .errors import UserError
+from .tensor_stream import INDEX_FILE, WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
+
+CONFIG_FILE = "config.json"
+FULL_MODEL_TYPE = CLIPMoEConfig.model_type
+TOWER_CONFIGS = {"vision_config": CLIPMoEVisionConfig, "text_config": CLIPMoETextConfig}
+TOWER_PREFIXES = {"vision_config": "vision_model.", "text_config": "text_model."}
+BIN_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# What a config that transformers cannot build raises, depending on the field and the release.
+CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError)
+LOAD_ERRORS = (OSError, RuntimeError, ValueError, SafetensorError, CheckpointError)
+
+
+def read_config_json(path: str | Path) -> dict:
+    """DIR/config.json as a dict; UserError when `path` is no model directory or the file is not a JSON object."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a model directory (no {CONFIG_FILE}); pass a CLIP-MoE directory")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({err}); re-save the model") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file} holds a JSON {type(raw).__name__}, not an object; re-save the model")
+    return raw
+
+
+def clip_moe_config(path: str | Path, config_class: type[PretrainedConfig] | None = None) -> PretrainedConfig:
+    """The validated config of the CLIP-MoE directory `path`.
+
+    config_class: `CLIPMoEConfig` (a full model), `CLIPMoEVisionConfig` or `CLIPMoETextConfig` (one tower, from
+        a full model or a tower export); None = what the directory holds.
+    """
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    raw = read_config_json(path)
+    model_type = raw.get("model_type")
+    held = {FULL_MODEL_TYPE: CLIPMoEConfig, **{cls.model_type: cls for cls in TOWER_CONFIGS.values()}}
+    if model_type not in held:
+        raise UserError(f"{config_file} says model_type {model_type!r}, not a CLIP-MoE (one of {', '.join(held)}); "
+                        "pass a CLIP-MoE directory")
+    config_class = config_class or held[model_type]
+    if model_type == FULL_MODEL_TYPE:
+        towers = {key: raw.get(key) for key in TOWER_CONFIGS}
+    elif held[model_type] is config_class:
+        towers = {config_class.base_config_key: raw}
+    else:
+        raise UserError(f"{path} holds a {model_type!r} export, not a {config_class.model_type!r} model; pass a "
+                        "full CLIP-MoE directory or that tower's export")
+    for key, tower in towers.items():  # each tower on its own, so the message can say which one is wrong
+        if not isinstance(tower, dict):
+            raise UserError(f"{config_file}: {key} is {tower!r}, not an object; re-save the model")
+        build_config(config_file, key if model_type == FULL_MODEL_TYPE else None, lambda t=tower, k=key:
+               TOWER_CONFIGS[k].from_dict(t))
+    return build_config(config_file, None, lambda: config_class.from_pretrained(path))
+
+
+def build_config(config_file: Path, where: str | None, build):
+    """`build()` (a config constructor), with what it raises for a bad `config_file` as one UserError line."""
+    try:
+        return build()
+    except CONFIG_ERRORS as err:
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        reason = _first_line(cause)
+        raise UserError(f"{config_file}: {where + ': ' if where else ''}{reason}; fix it in {config_file.name} "
+                        "or re-save the model") from None
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file a message about the directory's weights should name: the shard index, else model.safetensors."""
+    path = Path(path)
+    return path / INDEX_FILE if (path / INDEX_FILE).is_file() else path / WEIGHTS_FILE
+
+
+def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """{tensor name: shape} from the safetensors headers (no tensor data is read), every tensor checked to fit
+    its file; None for a directory with only PyTorch .bin weights. UserError when the weights are missing or
+    unreadable."""
+    path = Path(path)
+    cannot = f"{path}: the weights cannot be loaded"
+    if not SafetensorsCheckpoint.exists(path):
+        if any((path / name).is_file() for name in BIN_FILES):
+            return None
+        raise UserError(f"{cannot} ({path / WEIGHTS_FILE} is missing); re-download or re-save the model")
+    try:
+        checkpoint = SafetensorsCheckpoint(path)
+    except FileNotFoundError as err:
+        raise UserError(f"{cannot} ({weights_file(path)} names the shard {Path(err.filename).name}, which is "
+                        "missing); re-download or re-save the model") from None
+    except (OSError, CheckpointError) as err:
+        raise UserError(f"{cannot} ({_first_line(err)}); re-download or re-save the model") from None
+    try:
+        names = checkpoint.keys()
+        return {name: tuple(checkpoint.spec(name).shape) for name in names}
+    finally:
+        checkpoint.close()
+
+
+def check_weights(path: str | Path, config: PretrainedConfig, model_class: type[PreTrainedModel]) -> None:
+    """UserError unless the directory's weights are exactly the tensors, of exactly the shapes, that `model_class`
+    built from `config` loads (tensors it does not load, such as the text tower's for the vision tower, may exist)."""
+    path = Path(path)
+    shapes = read_weight_shapes(path)
+    if shapes is None:
+        return  # .bin weights: `load_clip_moe` checks transformers' loading report instead
+    prefix = _checkpoint_prefix(path, model_class)
+    if isinstance(config, (CLIPMoEConfig, *TOWER_CONFIGS.values())):
+        _check_moe_layout(path, config, shapes, prefix)
+    expected = expected_shapes(config, model_class)
+    missing = [name for name in expected if prefix + name not in shapes]
+    wrong = [f"{prefix + name} has shape {shapes[prefix + name]} in the weights but {shape} in the config"
+             for name, shape in expected.items() if prefix + name in shapes and shapes[prefix + name] != shape]
+    source = weights_file(path)
+    if missing:
+        raise UserError(f"{path / CONFIG_FILE} does not match {source.name}: {len(missing)} tensors it describes are "
+                        f"not in the weights ({_names([prefix + m for m in missing])}); restore the model's own "
+                        f"{CONFIG_FILE} or re-save the model")
+    if wrong:
+        raise UserError(f"{path / CONFIG_FILE} does not match {source.name}: {_names(wrong, 1)}; restore the model's "
+                        f"own {CONFIG_FILE} or re-save the model")
+
+
+def expected_shapes(config: PretrainedConfig, model_class: type[PreTrainedModel]) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor `model_class(config)` loads, from a model built on the meta device (no memory)."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device("meta"):
+        model = model_class(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _checkpoint_prefix(path: Path, model_class: type[PreTrainedModel]) -> str:
+    """A tower loaded from a full CLIP-MoE directory reads its tensors under that tower's prefix."""
+    if read_config_json(path).get("model_type") != FULL_MODEL_TYPE:
+        return ""
+    for key, cls in TOWER_CONFIGS.items():
+        if model_class.config_class is cls:
+            return TOWER_PREFIXES[key]
+    return ""
+
+
+def _check_moe_layout(path: Path, config: PretrainedConfig, shapes: dict, prefix: str) -> None:
+    """The MoE fields against the weights, in the config's own terms: which layers hold experts, and how many."""
+    if isinstance(config, CLIPMoEConfig):
+        towers = [(key, getattr(config, key), TOWER_PREFIXES[key]) for key in TOWER_CONFIGS]
+    else:  # one tower: from a full directory (under its prefix) or from its own export
+        towers = [(config.base_config_key if prefix else None, config, prefix)]
+    config_file = path / CONFIG_FILE
+    source = weights_file(path).name
+    for key, tower, tower_prefix in towers:
+        router = re.compile(re.escape(tower_prefix) + r"encoder\.layers\.(\d+)\.mlp\.router\.weight")
+        experts = {int(m[1]): shape[0] for name, shape in shapes.items() if (m := router.fullmatch(name)) and shape}
+        field = f"{key}.moe_layers" if key else "moe_layers"
+        if sorted(experts) != list(tower.moe_layers):
+            raise UserError(f"{config_file}: {field} is {list(tower.moe_layers)} but {source} has MoE layers "
+                            f"{sorted(experts)}; set {field} to {sorted(experts)} or re-save the model")
+        counts = sorted(set(experts.values()))
+        if counts and counts != [tower.num_experts]:
+            field = f"{key}.num_experts" if key else "num_experts"
+            held = counts[0] if len(counts) == 1 else counts
+            raise UserError(f"{config_file}: {field} is {tower.num_experts} but {source} has {held} experts per MoE "
+                            f"layer; set {field} to match the weights or re-save the model")
+
+
+def check_clip_moe_dir(path: str | Path, model_class: type[PreTrainedModel] | None = None) -> PretrainedConfig:
+    """What `load_clip_moe` checks before it loads, without loading: the config, then the weights' headers against
+    it. Returns the validated config of `model_class` (default `CLIPMoEModel`)."""
+    from .modeling import CLIPMoEModel
+
+    model_class = model_class or CLIPMoEModel
+    config = clip_moe_config(path, model_class.config_class)
+    check_weights(path, config, model_class)
+    return config
+
+
+def load_clip_moe(path: str | Path, model_class: type[PreTrainedModel] | None = None, **from_pretrained_kwargs):
+    """`model_class.from_pretrained(path, ...)` (default `CLIPMoEModel`) after `clip_moe_config` and `check_weights`;
+    also refuses what transformers' loading report lists as missing or misshapen (for .bin weights)."""
+    from .modeling import CLIPMoEModel
+
+    path = Path(path)
+    model_class = model_class or CLIPMoEModel
+    check_clip_moe_dir(path, model_class)
+    try:
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
+    except LOAD_ERRORS as err:
+        raise UserError(f"{path}: the CLIP-MoE weights cannot be loaded ({type(err).__name__}: "
+                        f"{_first_line(err)[:200]}); re-download or re-save the model") from None
+    bad = list(info.get("missing_keys") or []) + [str(k[0] if isinstance(k, tuple) else k)
+                                                   for k in info.get("mismatched_keys") or []]
+    if bad:
+        raise UserError(f"{path / CONFIG_FILE} does not match the weights in {path}: {_names(sorted(bad))} missing or "
+                        f"misshapen; restore the model's own {CONFIG_FILE} or re-save the model")
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more" if len(names) > limit else shown
