@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from .dense import image_processor_for, load_dense_clip, tokenizer_for
+from .errors import NonFiniteValues
 from .model_dir import load_clip_moe, read_config_json
 
 
@@ -45,3 +47,22 @@ def load_clip(spec: str | Path) -> LoadedCLIP:
     dense = load_dense_clip(str(spec))
     return LoadedCLIP(dense.model, dense.image_processor, dense.tokenizer, dense.source)
 
+
+def require_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
+    """NonFiniteValues (a UserError) naming the first parameter or buffer of `model` that holds NaN or inf, and
+    `source` (the file or directory it was loaded from); call it before training on loaded weights.
+
+    Without it, a NaN weight surfaces at the first step as a NaN loss, which reads as a too-high learning rate.
+    Costs one pass over the weights (per tensor, no copy of the model).
+    """
+    for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if not tensor.is_floating_point() or tensor.device.type == "meta":
+                continue
+            with torch.no_grad():
+                bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                raise NonFiniteValues(
+                    f"{source}: {kind} {name} holds {bad} NaN or infinite values (of {tensor.numel()}), so training "
+                    "on it can only give NaN losses; use an earlier checkpoint, or re-create this one from a sound base"
+                )
