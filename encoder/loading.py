@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +50,23 @@ def load_clip(spec: str | Path) -> LoadedCLIP:
     return LoadedCLIP(dense.model, dense.image_processor, dense.tokenizer, dense.source)
 
 
-def require_finite_weights(model: torch.nn.Module, source: str | Path) -> None:
-    """NonFiniteValues (a UserError) naming the first parameter or buffer of `model` that holds NaN or inf, and
-    `source` (the file or directory it was loaded from); call it before training on loaded weights.
+def require_finite_weights(model: torch.nn.Module, source: str | Path | Callable[[str, torch.Tensor], str],
+                           names: Collection[str] | None = None) -> None:
+    """NonFiniteValues (a UserError) naming the first parameter or buffer of `model` (or of `names`) that holds NaN
+    or inf, and where it came from: `source` is the file or directory it was loaded from, or a function of the
+    tensor's name and the tensor that says so (LLaVA's parts come from different flags). Call it before training.
 
-    Without it, a NaN weight surfaces at the first step as a NaN loss, which reads as a too-high learning rate.
-    Costs one pass over the weights (per tensor, no copy of the model).
+    Frozen tensors count as much as trained ones: without this check a NaN weight anywhere in the forward pass
+    surfaces at the first step as a NaN loss, which reads as a too-high learning rate. One pass, no copy.
     """
-    for kind, named in (("weight", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if not tensor.is_floating_point() or tensor.device.type == "meta":
-                continue
-            with torch.no_grad():
-                bad = int((~torch.isfinite(tensor.detach())).sum())
-            if bad:
-                raise NonFiniteValues(
-                    f"{source}: {kind} {name} holds {bad} NaN or infinite values (of {tensor.numel()}), so training "
-                    "on it can only give NaN losses; use an earlier checkpoint, or re-create this one from a sound base"
-                )
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if (names is not None and name not in names) or not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        with torch.no_grad():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad:
+            where = source(name, tensor) if callable(source) else source
+            raise NonFiniteValues(
+                f"{where}: {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}, so every loss computed "
+                "from it would be NaN; start from weights that are finite (an earlier checkpoint, or a sound base)"
+            )

@@ -14,7 +14,6 @@ schedule, the flags and the loop's position.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import shutil
@@ -27,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
+from encoder.errors import TrainingDiverged, UserError
 from encoder.export import atomic_output_dir
+from encoder.loading import require_finite_weights
 from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, endless_batches
 
@@ -311,28 +311,21 @@ class LlavaTrainer:
                                "--learning_rate")
 
     def _require_finite_weights(self) -> None:
-        """Refuse NaN or inf in any weight, trained or frozen, before the first step (one NaN anywhere makes every
-        loss NaN, which would otherwise be reported as a divergence), naming the tensor and where it came from."""
+        """Refuse NaN or inf in any weight, trained or frozen, before the first step, naming the flag its part of
+        the model came from (see encoder.loading.require_finite_weights)."""
         m = self.args.model
-        model = self.accelerator.unwrap_model(self.model)
-        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-            if not tensor.is_floating_point():
-                continue
-            finite = torch.isfinite(tensor.detach())
-            if bool(finite.all()):
-                continue
+
+        def source(name: str, tensor: torch.Tensor) -> str:
             if self.resumed_from is not None and tensor.requires_grad:
-                source = f"checkpoint {self.resumed_from}"
-            elif TOWER_PART in name:
-                source = f"--vision_tower {m.vision_tower}"
-            elif PROJECTOR_PART in name:
-                source = (f"--pretrain_mm_mlp_adapter {m.pretrain_mm_mlp_adapter}" if m.pretrain_mm_mlp_adapter
-                          else "the newly initialised projector")
-            else:
-                source = f"--model_name_or_path {m.model_name_or_path}"
-            raise NonFiniteValues(f"{source}: {name} holds {int((~finite).sum())} NaN or infinite value(s) of "
-                                  f"{finite.numel()}, so every loss computed from it would be NaN; start from "
-                                  "weights that are finite")
+                return f"checkpoint {self.resumed_from}"
+            if TOWER_PART in name:
+                return f"--vision_tower {m.vision_tower}"
+            if PROJECTOR_PART in name:
+                return (f"--pretrain_mm_mlp_adapter {m.pretrain_mm_mlp_adapter}" if m.pretrain_mm_mlp_adapter
+                        else "the newly initialised projector")
+            return f"--model_name_or_path {m.model_name_or_path}"
+
+        require_finite_weights(self.accelerator.unwrap_model(self.model), source)
 
     def _window_metrics(self, window: list[dict[str, float]]) -> dict[str, float]:
         return {"loss": _mean([w["loss"] for w in window]), "learning_rate": window[-1]["learning_rate"],

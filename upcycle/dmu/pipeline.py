@@ -24,7 +24,8 @@ from encoder.export import check_output_dir, save_clip_moe, write_atomic
 from ..assemble import moe_config_for, assemble_clip_moe
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ..train import ContrastiveTrainer, TrainConfig
-from ..train.trainer import _require_finite_weights, check_settings, same_limits, setting
+from ..train.trainer import check_settings, same_limits, setting
+from encoder.loading import require_finite_weights
 from encoder.training import process_state
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 
@@ -101,7 +102,7 @@ class DMURun:
         self.base, self.image_processor, self.tokenizer = dense.model, dense.image_processor, dense.tokenizer
         self.base_source = dense.source
         # Before stage 1 encodes the data with it: a NaN weight would surface as a k-means or divergence error.
-        _require_finite_weights(self.base, f"base {cfg.base}")
+        require_finite_weights(self.base, f"base {cfg.base}")
         self.pairs = read_pairs(cfg.train_data, cfg.image_root, cfg.skip_missing)
         max_len = self.base.config.text_config.max_position_embeddings
         self.dataset = ImageTextDataset(self.pairs, processor_transform(self.image_processor),

@@ -11,14 +11,13 @@ starting model's, so an FFN-only stage of a ViT-L does not write the whole model
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
 import numbers
 import os
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -30,8 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
+from encoder.errors import TrainingDiverged, UserError
 from encoder.export import atomic_output_dir
+from encoder.loading import require_finite_weights
 from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, NullLog, RunLog, endless_batches, make_accelerator
 
@@ -161,21 +161,6 @@ def same_limits(name: str, default: Any, flag: str | None = None, hint: str | No
     limits = TrainConfig.limits(name)
     renamed = replace(limits, flag=flag or limits.flag, hint=limits.hint if hint is None else hint)
     return field(default=default, metadata={LIMITS: renamed})
-
-
-def _require_finite_weights(model: nn.Module, source: str, names: Collection[str] | None = None) -> None:
-    """Raise NonFiniteValues naming the first floating parameter or buffer of `model` (or of `names`) that holds
-    NaN or inf. Frozen tensors count as much as trained ones: one NaN anywhere in the forward pass makes the loss
-    NaN, which would otherwise be reported as a divergence (and blamed on the learning rate) at the first step."""
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if (names is not None and name not in names) or not tensor.is_floating_point():
-            continue
-        finite = torch.isfinite(tensor.detach())
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            raise NonFiniteValues(f"{source}: {name} holds {bad} NaN or infinite value(s) of {finite.numel()}, so "
-                                  "every loss computed from it would be NaN; start from a model (or an earlier "
-                                  "checkpoint) whose weights are finite")
 
 
 class ContrastiveHead(nn.Module):
@@ -326,7 +311,7 @@ class ContrastiveTrainer:
             raise UserError(f"{path} was written by {state['num_processes']} processes, this run has "
                             f"{self.accelerator.num_processes}; resume with the same number of processes")
         model = self.accelerator.unwrap_model(self.head).model
-        _require_finite_weights(model, f"checkpoint {path}", load_trained_parameters(model, path))
+        require_finite_weights(model, f"checkpoint {path}", load_trained_parameters(model, path))
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
@@ -357,7 +342,7 @@ class ContrastiveTrainer:
         last = latest_checkpoint(self.work_dir) if resume else None
         if last is not None:
             self.resume(last)
-        _require_finite_weights(acc.unwrap_model(self.head).model, self.source)
+        require_finite_weights(acc.unwrap_model(self.head).model, self.source)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = (RunLog(self.work_dir, self.work_dir / "tb", ["tensorboard"], cfg.desc, asdict(cfg), self.step)
                if acc.is_main_process else NullLog())
