@@ -119,8 +119,9 @@ def test_interrupted_dmu_resumes_without_retraining_finished_stages(base_clip_di
     trained.clear()
     assert main(dmu_args(base_clip_dir, grids_dir, out)) == 2
     assert "--resume" in capsys.readouterr().err  # an earlier run is never silently mixed in
-    assert main(dmu_args(base_clip_dir, grids_dir, out, "--resume", "--lr", "5e-4")) == 2
-    assert "different lr" in capsys.readouterr().err
+    assert main(dmu_args(base_clip_dir, grids_dir, out, "--resume", "--lr", "5e-4", "--seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr: " in err and "-> 0.0005" in err and "seed: 0 -> 3" in err, err
     assert main(dmu_args(base_clip_dir, grids_dir, out, "--resume")) == 0
     assert trained == [("MCL stage 2", 3), ("router training", 1), ("router training", 2)]
     assert stage1.stat().st_mtime_ns == written

@@ -26,6 +26,7 @@ from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_
 from ..train import ContrastiveTrainer, TrainConfig
 from ..train.trainer import check_settings, same_limits, setting
 from encoder.loading import require_finite_weights
+from encoder.step_record import SettingsChanged, differences
 from encoder.training import process_state
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 
@@ -125,12 +126,14 @@ class DMURun:
         if not resume:
             raise UserError(f"work directory {self.work} holds an earlier DMU run; pass --resume to continue it "
                             "or remove the directory")
-        manifest = json.loads(path.read_text())
-        changed = [k for k, v in fresh["settings"].items() if manifest["settings"].get(k) != v]
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path} is unreadable ({err}); remove {self.work} to start afresh") from None
+        changed = differences(manifest.get("settings", {}), fresh["settings"])
         if changed:
-            key = changed[0]
-            raise UserError(f"--resume with a different {key} ({manifest['settings'].get(key)!r} before, "
-                            f"{fresh['settings'][key]!r} now); use the original settings or a new --work-dir")
+            raise SettingsChanged(f"--resume with other settings than {self.work} was made with ({'; '.join(changed)}); "
+                                  "use the original settings or a new --work-dir")
         return manifest
 
     def _save_manifest(self) -> None:
