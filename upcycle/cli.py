@@ -91,7 +91,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="image-caption pairs: LLaVA/ShareGPT4V JSON, JSONL, CSV or TSV with image and caption "
                    "columns, or WebDataset tar shards (data-{000..099}.tar)")
     p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's folder)")
-    p.add_argument("--skip-missing", action="store_true", help="drop pairs whose image is missing (counted)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="drop pairs whose image is missing or empty (0 bytes), counted")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
