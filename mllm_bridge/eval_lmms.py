@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder.errors import UserError
+from encoder.export import check_output_dir
 
 from .llava_loading import plan_checkpoint
 from .lmms_eval_plugin import MODEL_ID
@@ -139,9 +140,7 @@ def evaluate(checkpoints: list[Checkpoint], tasks: list[str], out: str | Path, i
              limit: int | None = None, batch_size: int = 1, device: str | None = None, overwrite: bool = False,
              echo=print) -> list[RunResult]:
     """Check everything, run every checkpoint on the tasks whose data loads, write results.md and summary.json."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory {out} already exists; pass --overwrite to replace it")
+    out = check_output_dir(out, overwrite)
     if not checkpoints:
         raise UserError("no checkpoint given; pass --checkpoint NAME=DIR (repeat it to compare checkpoints)")
     check_checkpoints(checkpoints)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from encoder.errors import UserError
-from encoder.export import write_atomic
-from encoder.step_record import claim
+from encoder.export import check_output_parent, write_atomic
+from encoder.step_record import SETTINGS_FILE, claim
 
 STEP_RECORDS = ".steps"
 
@@ -172,6 +172,7 @@ def run_step(step: Step, index: int, total: int, out: Path) -> float:
 
 def claim_job(out: Path, job: str, settings: dict) -> None:
     """OUT holds this job with these settings, or is new: anything else stops with one line."""
+    check_output_parent(out / SETTINGS_FILE)
     claim(out, {"job": job, **settings}, f"use another --out, or delete {out} to start over")
 
 

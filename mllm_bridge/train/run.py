@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import torch
 
 from encoder.errors import UserError
+from encoder.export import check_output_parent
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
 
@@ -125,6 +126,8 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
 
     Data and tower are checked before the language model is loaded, so bad input fails in seconds.
     """
+    # Where it will write, first: not after reading the data and loading the model, at the first checkpoint.
+    check_output_parent(Path(args.training.output_dir) / STATE_FILE, "--output_dir")
     accelerator = make_accelerator(args)
     output = output_for(args.model.tune_mm_mlp_adapter)
     notes = (accepted_only_notes(args) + _precision_notes(args, accelerator) + _deepspeed_notes(args, accelerator)

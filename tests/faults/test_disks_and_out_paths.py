@@ -347,3 +347,44 @@ def test_swap_tower_on_a_bad_disk_leaves_the_config_and_no_backup(fault, llava_m
     line = assert_one_line(capsys, llava, REASON[fault])
     assert "LLAVA_DIR" in line
     assert sorted(p.name for p in llava.iterdir()) == ["config.json"] and (llava / "config.json").read_bytes() == before
+
+
+# The long jobs check where they will write before their first step (hours of training, then a failed write).
+
+@pytest.mark.parametrize("case", ["parent_is_file", "read_only"])
+@pytest.mark.parametrize("command", ["demo", "replicate", "compare"])
+def test_long_jobs_check_out_before_their_first_step(command, case, tmp_path, monkeypatch, capsys):
+    from upcycle import main_job
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a step ran before --out was checked")
+
+    monkeypatch.setattr(main_job, "run_step", fail)
+    out = bad_out(case, tmp_path, monkeypatch).with_suffix("")
+    extra = ["--base", str(tmp_path / "base"), "--data", str(tmp_path / "grids")] if command == "compare" else []
+    assert upcycle_main([command, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and EXPECT[case] in err and "--out" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["parent_is_file", "read_only"])
+def test_llava_training_checks_output_dir_before_loading_the_model(case, tmp_path, monkeypatch, capsys):
+    from mllm_bridge.train import run
+    from mllm_bridge.train.cli import main as train_main
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the data was read or the model loaded before --output_dir was checked")
+
+    for name in ("read_llava_samples", "check_tower", "build_training_model"):
+        monkeypatch.setattr(run, name, fail)
+    out = bad_out(case, tmp_path, monkeypatch).with_suffix("")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a digit"}]}]))
+    argv = ["pretrain", "--model_name_or_path", str(tmp_path / "llm"), "--vision_tower", str(tmp_path / "tower"),
+            "--data_path", str(data), "--image_folder", str(tmp_path), "--output_dir", str(out),
+            "--tune_mm_mlp_adapter", "True"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and EXPECT[case] in err and "--output_dir" in err, err

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from encoder.errors import UserError
-from encoder.export import file_sha256, write_atomic
+from encoder.export import check_output_parent, file_sha256, write_atomic
 from encoder.step_record import claim
 
 from .arms import ARMS, ArmSettings, arm_settings, loss_curve, train_arm
@@ -59,6 +59,7 @@ def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_tr
 
 def run_compare(args: argparse.Namespace) -> int:
     base_dir, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
+    check_output_parent(out / "compare.json")  # before hours of training the arms, not after
     for needed in (base_dir / "model.safetensors", data_dir / "train.json", data_dir / "test.json"):
         if not needed.is_file():
             raise UserError(f"{needed} not found; --base must be a CLIP directory and --data a digit-grid "
