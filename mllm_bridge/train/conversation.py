@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from encoder.errors import UserError
+from encoder.user_files import json_kind
 
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX: positions the loss skips
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX: where the image features go
@@ -24,6 +25,20 @@ V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assis
 V1_ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 V1_SEP, V1_END = " ", "</s>"  # after a user turn / after an assistant turn (the literal LLaVA writes)
 PLAIN_END = "\n"
+
+
+def turn_text(turn: dict, name: str) -> str:
+    """A turn's text (its "value"); a UserError naming the turn (`name`, e.g. 'turn 2') when the value is null,
+    missing or not a string, which `str()` would have turned into the text "None" or "7" to train on."""
+    value = turn.get("value")
+    if isinstance(value, str):
+        return value
+    where = f"{name} (from {turn.get('from')!r})"
+    if value is None:
+        state = "null" if "value" in turn else "missing"
+        raise UserError(f"{where} has a {state} 'value'; write the turn's text or remove the record")
+    raise UserError(f"{where} 'value' is a JSON {json_kind(value)}, not a string; write the turn's text as one "
+                    "string")
 
 
 @dataclass(frozen=True)
@@ -47,9 +62,9 @@ def plain_prompt(turns: Sequence[dict]) -> Prompt:
     if len(turns) != 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
         raise UserError(f"the 'plain' template needs exactly one human turn and one gpt turn, got "
                         f"{[t.get('from') for t in turns]}; use --version v1 for conversations")
-    if IMAGE_TOKEN not in str(turns[0].get("value", "")):
+    if IMAGE_TOKEN not in turn_text(turns[0], "turn 1"):
         raise UserError("the 'plain' template needs '<image>' in the human turn (image-caption records)")
-    caption = str(turns[1].get("value", ""))
+    caption = turn_text(turns[1], "turn 2")
     text = IMAGE_TOKEN + caption + PLAIN_END
     return Prompt(text, ((len(IMAGE_TOKEN), len(text)),))
 
@@ -70,7 +85,7 @@ def v1_prompt(turns: Sequence[dict]) -> Prompt:
             raise UserError(f"turn {i + 1} is from {turn.get('from')!r} where {expected!r} was expected; "
                             "turns must alternate human, gpt, human, ...")
         role = V1_ROLES[expected]
-        value = _image_first(str(turn.get("value", "")))
+        value = _image_first(turn_text(turn, f"turn {i + 1}"))
         if expected == "human":
             text += f"{role}: {value}{V1_SEP}"
         else:

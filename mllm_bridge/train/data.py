@@ -4,30 +4,27 @@ Everything that can be checked without tokenizing is checked when the data set i
 field types (a `null` or numeric turn value is refused, never trained on as the text "None"), turn order,
 `<image>` placement, image files on disk and not empty — so a bad record stops the run in its first seconds
 with its index, not hours later in a DataLoader worker. Images are decoded in `__getitem__`, as LLaVA's
-lazy data set does; one that cannot be decoded stops the run with its path (`SampleError`, one line even
-from a worker process). A sample longer than `model_max_length` (counting the image's tokens) is cut at the
+lazy data set does; one that cannot be decoded stops the run with its path (one line even from a worker
+process, see `encoder.errors.UserError`). Text and images are decoded as upcycle.data decodes them
+(`encoder.user_files`). A sample longer than `model_max_length` (counting the image's tokens) is cut at the
 end and counted; one whose answers were cut away entirely stays in the batch and adds nothing to the loss.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import stat
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from encoder.errors import UserError
+from encoder.user_files import decode_rgb, json_kind, llava_records, missing_or_empty, read_utf8
 
-from .conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Prompt, template, tokenize_prompt
+from .conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Prompt, template, tokenize_prompt, turn_text
 
 ASPECT_RATIOS = ("square", "pad")
 
@@ -59,45 +56,10 @@ def read_llava_samples(data_path: str | Path, image_folder: str | Path | None, v
     return samples
 
 
-_BOM = b"\xef\xbb\xbf"
-
-
-def decode_utf8(data: bytes, name: str) -> str:
-    """`data` as text (UTF-8, a leading BOM dropped); a UserError naming `name`, the byte and its offset otherwise.
-    (The same check as upcycle.data.formats.decode_utf8: the packages do not import each other.)"""
-    bom = len(_BOM) if data.startswith(_BOM) else 0
-    try:
-        return data[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = bom + err.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise UserError(f"{name} is not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}, line {line}); "
-                        "re-save it as UTF-8") from None
-
-
-def _json_kind(value: Any) -> str:
-    kind = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-    if value is None:
-        return kind
-    preview = json.dumps(value, ensure_ascii=False)
-    return f"{kind} {preview[:40] + '...' if len(preview) > 40 else preview}"
-
-
 def _load_records(path: Path) -> list:
     if not path.is_file():
         raise UserError(f"--data_path {path} does not exist; pass a LLaVA JSON file (a list of records)")
-    try:
-        text = decode_utf8(path.read_bytes(), f"--data_path {path}")
-    except OSError as err:
-        raise UserError(f"cannot read --data_path {path} ({err.strerror or err}); check its permissions") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); expected a LLaVA list of records") from None
-    if not isinstance(records, list):
-        raise UserError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records "
-                        '({"image": ..., "conversations": [...]})')
+    records = llava_records(read_utf8(path, f"--data_path {path}"), path)
     if not records:
         raise UserError(f"{path} holds no records; the training set is empty")
     return records
@@ -109,23 +71,19 @@ def _sample(record: Any, build, root: Path, where: str) -> Sample:
     turns = record["conversations"]
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise UserError(f"{where}: conversations[{j}] is a JSON {_json_kind(turn)}; every turn must be an "
+            raise UserError(f"{where}: conversations[{j}] is a JSON {json_kind(turn)}; every turn must be an "
                             "object with 'from' and 'value'")
-        value = turn.get("value")
-        if value is None:
-            state = "null" if "value" in turn else "missing"
-            raise UserError(f"{where}: conversations[{j}] (from {turn.get('from')!r}) has a {state} 'value'; write "
-                            "the turn's text or remove the record")
-        if not isinstance(value, str):
-            raise UserError(f"{where}: conversations[{j}] (from {turn.get('from')!r}) 'value' is a JSON "
-                            f"{_json_kind(value)}, not a string; write the turn's text as one string")
+        try:
+            value = turn_text(turn, f"conversations[{j}]")
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
         if turn.get("from") == "gpt" and not value.strip():
             raise UserError(f"{where}: conversations[{j}] is an empty gpt answer, which teaches nothing but the "
                             "end of a turn; write the answer or remove the record")
     mentions = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     image = record.get("image")
     if image is not None and not isinstance(image, str):
-        raise UserError(f"{where}: 'image' must be one path, got a JSON {_json_kind(image)}; "
+        raise UserError(f"{where}: 'image' must be one path, got a JSON {json_kind(image)}; "
                         "one image per record is supported")
     if image == "":
         raise UserError(f"{where}: 'image' is an empty string; give the image's path, or drop the field for a "
@@ -151,26 +109,9 @@ def modality_lengths(samples: Sequence[Sample]) -> list[int]:
 
 
 def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
-    """One stat per image, up front: missing, not a file, or empty (0 bytes, e.g. a failed download).
-
-    Headers and pixels are not read here: opening each header costs an open and a read per image on top of the
-    stat (a million random reads for a LLaVA-sized set: minutes locally, far longer on network storage) and
-    still passes a truncated file, which only a full decode finds. The decode in `LlavaDataset._pixels`, which
-    happens anyway, is where an undecodable, truncated or oversized image stops the run with its path.
-    """
-    missing, empty = [], []
-    for s in samples:
-        if s.image is None:
-            continue
-        try:
-            st = os.stat(s.image)
-        except OSError:
-            missing.append(s.image)
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            missing.append(s.image)
-        elif st.st_size == 0:
-            empty.append(s.image)
+    """One stat per image, up front (see `encoder.user_files.missing_or_empty`): missing, not a file, or empty
+    (0 bytes, e.g. a failed download); an undecodable image is found where it is decoded (`load_rgb`)."""
+    missing, empty = missing_or_empty(s.image for s in samples if s.image is not None)
     if missing:
         raise UserError(f"{path}: {len(missing)} of {len(samples)} images not found under {root}, e.g. "
                         f"{', '.join(missing[:3])}; fix --image_folder or remove those records")
@@ -179,66 +120,10 @@ def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
                         f"{', '.join(empty[:3])}; fetch them again or remove those records")
 
 
-class SampleError(UserError):
-    """An image that cannot be decoded, raised in `LlavaDataset.__getitem__`, i.e. in a DataLoader worker.
-
-    torch re-raises a worker's exception as `SampleError(text)` with text "Caught SampleError in DataLoader worker
-    process N.\nOriginal Traceback ...\n<module>.SampleError: <message>"; the message is taken back out of it,
-    so the command prints its one line, not a traceback. (As upcycle.data.datasets.SampleError.)
-    """
-
-    def __init__(self, message: str):
-        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
-            last = message.rstrip().rsplit("\n", 1)[-1]
-            message = last.partition(": ")[2] or last
-        super().__init__(message)
-
-
-def _rgb_or_problem(img: Image.Image) -> Image.Image | str:
-    """`img` as 8-bit RGB keeping the range of 16-bit ("I;16*", "I": top 8 bits of 0..65535) and float ("F":
-    0..1 times 255) greyscale, which PIL's `convert("RGB")` clips at 255 (a 16-bit gradient becomes black and
-    white); or what is wrong with pixels of unknown scale. (As upcycle.data.datasets.rgb_or_problem.)"""
-    mode = img.mode
-    if mode == "I" or mode.startswith("I;16"):
-        pixels = np.asarray(img)
-        low, high = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
-        if low < 0 or high > 65535:
-            return (f"holds {mode} pixels from {low} to {high}, outside the 16-bit range 0..65535; save it as an 8- "
-                    "or 16-bit image")
-        grey = (pixels.astype(np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if mode == "F":
-        pixels = np.asarray(img, dtype=np.float32)
-        finite = bool(np.isfinite(pixels).all())
-        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
-        if not finite or low < 0 or high > 1:
-            what = "non-finite values" if not finite else f"values from {low:g} to {high:g}"
-            return (f"holds float pixels with {what}, outside 0..1; save it as an 8- or 16-bit image, or with float "
-                    "pixels in 0..1")
-        return Image.fromarray(np.rint(pixels * 255).astype(np.uint8), mode="L").convert("RGB")
-    return img.convert("RGB")
-
-
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to 8-bit RGB; anything that stops the decode (not an image, truncated, over PIL's
-    decompression-bomb limit, pixels of unknown scale) is a SampleError naming the file."""
-    fix = "replace the file or remove its record"
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that, and decodes: gigabytes per image per worker.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                rgb = _rgb_or_problem(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise SampleError(f"image {path} is too large to decode safely ({err}); downscale it (the tower sees a few "
-                          f"hundred pixels a side) or remove its record") from None
-    except Exception as err:  # noqa: BLE001 - whatever PIL raises on this file, the file is at fault
-        raise SampleError(f"cannot decode image {path} ({' '.join(str(err).split()) or type(err).__name__}); "
-                          f"{fix}") from None
-    if isinstance(rgb, str):
-        raise SampleError(f"image {path} {rgb}")
-    return rgb
+    """Decode an image file to 8-bit RGB (`encoder.user_files.decode_rgb`); a UserError names the file when it
+    cannot be decoded."""
+    return decode_rgb(path, path, record="record")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:

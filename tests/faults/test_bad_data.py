@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from encoder.errors import UserError
+from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
 from mllm_bridge.train import data as llava_data
 from upcycle.data import ImageTextDataset, TarShardDataset, read_pairs, write_tar_shard
 
@@ -399,6 +399,64 @@ def test_a_workers_decode_error_arrives_as_the_same_one_line(folder, reader):
     assert type(from_worker.value) is type(in_process.value)
     assert str(from_worker.value) == str(in_process.value)  # not torch's "Caught ... Original Traceback ..."
     assert str(in_process.value).startswith(f"cannot decode image {broken} (cannot identify image file")
+
+
+class _Diverges(TrainingDiverged):
+    """A UserError subclass defined outside the library, with no constructor of its own."""
+
+
+def _cause_then(error: UserError):
+    try:
+        int("not a number")
+    except ValueError as cause:
+        raise error from cause
+
+
+@pytest.mark.parametrize("error", [
+    UserError("--lr 3 is too high: the loss went up; lower it"),
+    _Diverges("loss is NaN at step 7;\nthe last good checkpoint is step-5"),  # a message over two lines
+    NonFiniteValues(""),
+], ids=["plain, with a cause", "subclass, two lines", "empty"])
+def test_any_user_error_from_a_worker_keeps_its_type_and_message(error):
+    """torch's wrapper text for a UserError raised with a cause (its traceback comes first in the text) gives the
+    message back to the constructor, whatever the subclass; in-process, as torch's worker loop does it."""
+    from torch._utils import ExceptionWrapper
+
+    try:
+        _cause_then(error)
+    except UserError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    assert wrapped.exc_msg.startswith("Traceback") and "ValueError" in wrapped.exc_msg
+    with pytest.raises(UserError) as from_worker:
+        wrapped.reraise()
+    assert type(from_worker.value) is type(error) and str(from_worker.value) == str(error)
+
+
+class _RefusesInWorker(torch.utils.data.Dataset):
+    """A data set whose second item is refused with a plain UserError (no data-reading code involved)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 1:
+            _cause_then(UserError(f"item {index}: refused: the toy setting --toy 3 is out of range;\nuse 1 or 2"))
+        return torch.zeros(1)
+
+
+def test_a_plain_user_error_in_a_dataloader_worker_is_one_line_from_run_cli(capfd):
+    """A real worker process (kept to this one test: each starts a process): whatever UserError it raises, even
+    with a cause and over two lines, `run_cli` prints the original message as the command's only line and returns
+    2."""
+    from torch.utils.data import DataLoader
+
+    from encoder.cli_support import UserErrorParser, run_cli
+
+    parser = UserErrorParser(prog="toy")
+    parser.set_defaults(run=lambda args: sum(len(b) for b in DataLoader(_RefusesInWorker(), num_workers=1)))
+    assert run_cli(parser, []) == 2
+    assert capfd.readouterr().err == ("error: item 1: refused: the toy setting --toy 3 is out of range; use 1 or "
+                                      "2\n")
 
 
 def test_upcycle_train_stops_on_an_undecodable_image_with_one_error_line(tmp_path, base_clip_dir, grids_dir, capfd):

@@ -111,6 +111,21 @@ def test_v1_template_text_and_turn_order():
         v1_prompt([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
 
 
+@pytest.mark.parametrize("build, turns, message", [
+    (plain_prompt, [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": None}],
+     "turn 2 (from 'gpt') has a null 'value'; write the turn's text or remove the record"),
+    (plain_prompt, [{"from": "human"}, {"from": "gpt", "value": "a 3"}],
+     "turn 1 (from 'human') has a missing 'value'; write the turn's text or remove the record"),
+    (v1_prompt, [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": 3}],
+     "turn 2 (from 'gpt') 'value' is a JSON number 3, not a string; write the turn's text as one string"),
+], ids=["plain null", "plain missing", "v1 number"])
+def test_templates_refuse_a_turn_value_that_is_not_text(build, turns, message):
+    """Called directly (not through read_llava_samples' checks), a template must not train on str(None)."""
+    with pytest.raises(UserError) as refused:
+        build(turns)
+    assert str(refused.value) == message
+
+
 def write_records(tmp_path, records, images=()):
     for name in images:
         Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / name)

@@ -13,21 +13,19 @@ import csv
 import io
 import json
 import logging
-import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from encoder.errors import UserError
+from encoder.user_files import json_kind, llava_records, missing_or_empty, read_utf8
 
 from .tar_index import index_tar_pairs, is_tar_spec
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv", ".tar")
-_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -36,28 +34,6 @@ class Pair:
 
     image: str
     caption: str
-
-
-def decode_utf8(data: bytes, name: str, fix: str = "re-save it as UTF-8") -> str:
-    """`data` as text (UTF-8, a leading BOM dropped); a UserError naming `name`, the byte and its offset otherwise."""
-    bom = len(_BOM) if data.startswith(_BOM) else 0
-    try:
-        return data[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        offset = bom + err.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise UserError(f"{name} is not UTF-8 (byte 0x{data[offset]:02x} at offset {offset}, line {line}); "
-                        f"{fix}") from None
-
-
-def json_kind(value: Any) -> str:
-    """How JSON calls the type of a parsed value, with a short preview: 'null', 'array [1, 2]', 'number 3'."""
-    kind = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
-    if value is None:
-        return kind
-    preview = json.dumps(value, ensure_ascii=False)
-    return f"{kind} {preview[:40] + '...' if len(preview) > 40 else preview}"
 
 
 def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_missing: bool = False) -> list[Pair]:
@@ -83,11 +59,7 @@ def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_miss
     if not path.is_file():
         raise UserError(f"data file {path} does not exist; check the path")
     root = Path(image_root) if image_root is not None else path.parent
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
-    text = decode_utf8(data, f"data file {path}")
+    text = read_utf8(path, f"data file {path}")
     pairs = [_pair(path, root, *fields) for fields in _READERS[suffix](path, text)]
     if not pairs:
         raise UserError(f"{path} holds no image-caption pairs; expected at least one row")
@@ -114,25 +86,9 @@ def _pair(path: Path, root: Path, where: str, image: Any, caption: Any, caption_
 
 
 def _check_images(pairs: list[Pair], path: Path, skip_missing: bool) -> list[Pair]:
-    """One stat per image, up front: missing, not a file, or empty (0 bytes, e.g. a failed download).
-
-    Headers and pixels are not read here. Opening each image's header (`Image.open`) costs an open and a read per
-    image, on top of the stat: about a million random reads for a million-image set, minutes on a local disk
-    and far longer on network storage, and it would still pass a truncated file, which only a full decode finds.
-    So the decode, which happens anyway in the DataLoader worker (`datasets.load_rgb`), is where an undecodable,
-    truncated or oversized image is caught, and it stops the run with the image's path in one line.
-    """
-    missing, empty = [], []
-    for p in pairs:
-        try:
-            st = os.stat(p.image)
-        except OSError:
-            missing.append(p.image)
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            missing.append(p.image)
-        elif st.st_size == 0:
-            empty.append(p.image)
+    """One stat per image, up front (see `encoder.user_files.missing_or_empty`): missing, not a file, or empty
+    (0 bytes, e.g. a failed download); an undecodable image is found where it is decoded (`datasets.load_rgb`)."""
+    missing, empty = missing_or_empty(p.image for p in pairs)
     if not missing and not empty:
         return pairs
     if not skip_missing:
@@ -170,14 +126,7 @@ def _llava_caption(rec: dict, where: str) -> tuple[Any, str]:
 
 
 def _read_llava_json(path: Path, text: str) -> Iterator[tuple]:
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); expected a LLaVA list of records") from None
-    if not isinstance(records, list):
-        raise UserError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records "
-                        '({"image": ..., "conversations": [...]})')
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(llava_records(text, path)):
         if not isinstance(rec, dict):
             raise UserError(f"{path}: record at index {i} is a JSON {json_kind(rec)}, not an object; expected "
                             "LLaVA records")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from encoder.errors import UserError
+from encoder.user_files import decode_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +153,6 @@ def index_tar_pairs(spec: str | Path) -> list[tuple[str, str, str]]:
     """(where, image reference, caption) for every complete sample of the shards, reading headers and captions
     only; images stay in the shards until a DataLoader worker decodes them. A broken shard, a caption that is not
     UTF-8, or a sample with two images or two captions is a UserError naming the shard and member."""
-    from .formats import decode_utf8  # (formats imports this module)
-
     rows = []
     for shard in expand_shards(spec):
         samples: dict[str, dict[str, object]] = {}

@@ -13,9 +13,9 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from encoder.errors import UserError
+from encoder.user_files import decode_rgb, decode_utf8
 
-from .datasets import ImageTransform, SampleError, Tokenize, collate, decode_rgb
-from .formats import decode_utf8
+from .datasets import ImageTransform, Tokenize, collate
 from .tar_index import expand_shards, iter_shard_files, sample_role
 
 logger = logging.getLogger(__name__)
@@ -77,14 +77,7 @@ class TarShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in self._my_shards():
-            samples = iter_tar_samples(shard)
-            while True:
-                try:
-                    key, data, caption = next(samples)
-                except StopIteration:
-                    break
-                except UserError as err:  # a SampleError comes through a DataLoader worker as one line
-                    raise SampleError(str(err)) from None
+            for key, data, caption in iter_tar_samples(shard):
                 image = decode_rgb(data, f"{shard} sample {key}")
                 yield {"pixel_values": self.image_transform(image), "caption": caption, "key": key}
 
