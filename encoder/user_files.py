@@ -10,17 +10,18 @@ is found with one stat, before any decoding.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .errors import UserError
 
@@ -130,7 +131,7 @@ def decode_rgb(source: str | bytes, name: str | Callable[[], str], record: str =
     UserError naming `name` (a callable is asked only then, e.g. to read a shard member's name); its fix says to
     remove the image's `record` ('row', 'record')."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _truncated_images_refused():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that, and decodes: gigabytes per image per worker.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -146,6 +147,19 @@ def decode_rgb(source: str | bytes, name: str | Callable[[], str], record: str =
     if isinstance(rgb, str):
         raise UserError(f"image {_name(name)} {rgb}")
     return rgb
+
+
+@contextlib.contextmanager
+def _truncated_images_refused() -> Iterator[None]:
+    """PIL's process-wide LOAD_TRUNCATED_IMAGES off for one decode. lmms-eval sets it on when imported (its
+    `api/task.py`), after which PIL fills a cut-off file's missing rows with grey and says nothing: in a process
+    that also imported lmms-eval, a truncated image would otherwise be trained on as a half-grey one."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _name(name: str | Callable[[], str]) -> str:

@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
 from mllm_bridge.train import data as llava_data
@@ -227,7 +227,10 @@ IMAGE_FAULTS = {
 
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("fault", IMAGE_FAULTS)
-def test_an_undecodable_image_is_one_line_naming_the_file(folder, decoder, fault):
+@pytest.mark.parametrize("lenient_pil", [False, True], ids=["", "after lmms-eval's import"])
+def test_an_undecodable_image_is_one_line_naming_the_file(folder, decoder, fault, lenient_pil, monkeypatch):
+    # Importing lmms-eval turns on PIL's LOAD_TRUNCATED_IMAGES for the whole process; ours still refuse.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient_pil)
     decode, what = DECODERS[decoder]
     data, expected = IMAGE_FAULTS[fault]
     path = write_image(folder, data)
