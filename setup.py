@@ -1,7 +1,7 @@
 """Installs mllm_bridge's start-up file `mllm_bridge_llava_hook.pth` into site-packages.
 
 Project metadata lives in pyproject.toml; this file only adds the .pth (why it exists: see
-mllm_bridge/llava_hook.py), for wheels and for editable installs (`pip install -e .`).
+mllm_bridge/llava/hook.py), for wheels and for editable installs (`pip install -e .`).
 """
 
 from pathlib import Path

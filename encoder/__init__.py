@@ -9,13 +9,14 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import PrefixChange
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .errors import UserError
 from .experts import EXPERT_DISPATCH, CLIPMoEExperts, register_expert_dispatch, set_expert_dispatch
-from .export import parameter_summary, save_clip_moe
+from .model_card import parameter_summary
 from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
 from .moe import CLIPMoESparseMLP, load_balance_loss, router_z_loss
 from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
+from .save import save_clip_moe
 from .tower import CLIPMoEVisionTower, LlavaVisionTower, is_clip_moe_dir
+from .utils.errors import UserError
 
 for _config, _model in (
     (CLIPMoEConfig, CLIPMoEModel),

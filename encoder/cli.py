@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .errors import UserError
-from .cli_support import UserErrorParser, run_cli
-from .export import check_output_dir, save_clip_moe, summary_lines
+from .model_card import summary_lines
+from .save import save_clip_moe
+from .utils.cli import UserErrorParser, run_cli
+from .utils.errors import UserError
+from .utils.files import check_output_dir
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import_official(args: argparse.Namespace) -> int:
-    from .official_import import import_official, model_card_fields
+    from .convert.official import import_official, model_card_fields
 
     if args.num_experts is not None and args.top_k > args.num_experts:
         raise UserError(f"--top-k {args.top_k} exceeds --num-experts {args.num_experts}; pass --top-k <= {args.num_experts}")

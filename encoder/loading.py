@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .dense import image_processor_for, load_dense_clip, tokenizer_for
-from .errors import NonFiniteValues
+from .convert.dense import image_processor_for, load_dense_clip, tokenizer_for
 from .model_dir import load_clip_moe, read_config_json
+from .utils.errors import NonFiniteValues
 
 
 @dataclass

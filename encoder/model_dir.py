@@ -8,7 +8,7 @@ What `from_pretrained` alone lets through, and this module refuses before any we
   (a config listing fewer `moe_layers` loads with random dense MLPs and only a warning), so the safetensors
   headers (no tensor data) are compared with the shapes the config describes;
 - weights that are missing, empty or truncated, and shard indexes naming missing shards;
-- a `preprocessor_config.json` or tokenizer file that is present but unreadable (see `encoder.dense`).
+- a `preprocessor_config.json` or tokenizer file that is present but unreadable (see `encoder.convert.dense`).
 
 `load_clip_moe(path, model_class)` is the loader; `check_clip_moe_dir` runs its checks without loading (for
 `python -m mllm_bridge check`, which reads a tower without loading it).
@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .errors import UserError
 from .tensor_stream import INDEX_FILE, WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
+from .utils.errors import UserError
 
 CONFIG_FILE = "config.json"
 FULL_MODEL_TYPE = CLIPMoEConfig.model_type

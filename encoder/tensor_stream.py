@@ -261,7 +261,7 @@ def write_safetensors(
 
     Each piece is checked against its spec (dtype, total size) before the next is asked for, so nothing
     but the piece being written is held here. A failure leaves a partial file: write inside a temporary
-    directory (`encoder.export.atomic_output_dir`) so it is never seen.
+    directory (`encoder.utils.files.atomic_output_dir`) so it is never seen.
     """
     path = Path(path)
     order = file_order(specs)

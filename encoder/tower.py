@@ -20,7 +20,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
 
 from .configuration import CLIPMoEConfig, CLIPMoEVisionConfig
-from .dense import load_image_processor
+from .convert.dense import load_image_processor
 from .model_dir import clip_moe_config, load_clip_moe, read_config_json
 from .modeling import CLIPMoEVisionModel
 

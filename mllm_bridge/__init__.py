@@ -13,6 +13,6 @@ it in every interpreter; heavier modules are imported where used:
   make-lmms-task | init-llava`.
 """
 
-from .llava_hook import install_llava_hook
+from .llava.hook import install_llava_hook
 
 __all__ = ["install_llava_hook"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from encoder.cli_support import UserErrorParser, run_cli
 from encoder.tower import SELECT_FEATURES
+from encoder.utils.cli import UserErrorParser, run_cli
 
-from .lmms_cli import add_lmms_commands
+from .lmms.commands import add_lmms_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_tiny_llm(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from encoder.errors import UserError
-    from encoder.export import check_output_dir
+    from encoder.utils.errors import UserError
+    from encoder.utils.files import check_output_dir
 
     from .train.embedded_default import save_tiny_llm, training_texts
 
@@ -87,7 +87,7 @@ def _make_tiny_llm(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .checks import check_llava_dir
+    from .llava.checks import check_llava_dir
 
     report = check_llava_dir(args.llava_dir)
     print("\n".join(report.lines))
@@ -100,7 +100,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _swap_tower(args: argparse.Namespace) -> int:
-    from .swap_tower import swap_tower
+    from .llava.swap_tower import swap_tower
 
     result = swap_tower(args.llava_dir, args.tower, args.select_layer, args.select_feature)
     print(f"{result.config.config_path}: mm_vision_tower = {result.config.vision_tower}, "

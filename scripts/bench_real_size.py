@@ -68,7 +68,7 @@ TARGET_RATIO = 1.5  # peak RSS of the upcycling step over the output size
 BUILD_BASE = """
 import json, sys, torch
 from transformers import CLIPConfig, CLIPModel
-from encoder.dense import default_image_processor
+from encoder.convert.dense import default_image_processor
 config = CLIPConfig(**json.loads(sys.argv[2]))
 torch.manual_seed(0)
 model = CLIPModel(config).eval()
@@ -79,10 +79,10 @@ print(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
 
 IN_MEMORY = """
 import json, sys
-from encoder.dense import load_dense_clip
-from encoder.export import save_clip_moe
+from encoder.convert.dense import load_dense_clip
+from encoder.utils.files import save_clip_moe
 from upcycle import sparse_upcycle
-from upcycle.check import max_output_diff
+from upcycle.eval.function_check import max_output_diff
 dense = load_dense_clip(sys.argv[1])
 model = sparse_upcycle(dense.model, 4, 2, "all", ("vision", "text"), 0)
 diff = max_output_diff(dense.model, model)
@@ -113,7 +113,7 @@ print(json.dumps(result))
 ROUNDTRIP = """
 import json, sys, time
 from encoder import CLIPMoEModel
-from encoder.export import file_sha256
+from encoder.utils.files import file_sha256
 t0 = time.perf_counter()
 model = CLIPMoEModel.from_pretrained(sys.argv[1])
 t1 = time.perf_counter()
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             old = work / "clip-moe-in-memory"
             steps["upcycle_in_memory"] = python_step("upcycle_in_memory", IN_MEMORY, [str(base), str(old)], work)
-            from encoder.export import file_sha256
+            from encoder.utils.files import file_sha256
 
             steps["upcycle_in_memory"]["weights_identical_to_streamed"] = (
                 file_sha256(old / "model.safetensors") == file_sha256(moe / "model.safetensors"))
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2) + "\n"
     print(text, end="")
     if args.out:
-        from encoder.export import write_atomic
+        from encoder.utils.files import write_atomic
 
         write_atomic(args.out, lambda tmp: tmp.write_text(text))
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with exactly the versions of requirements.lock (the ones the
-# suite passed with), then the toolkit itself (editable). Re-runs only when the lock, pyproject.toml, setup.py or
-# this script changed since the last successful set-up.
+# suite passed with), then the toolkit itself (editable). Re-runs only when the lock, pyproject.toml, setup.py,
+# the start-up .pth or this script changed since the last successful set-up (`--stamp` prints that record).
 # Usage: bash scripts/setup.sh
 #   CLIP_MOE_VENV=DIR      the environment (default: .venv in the checkout)
 #   CLIP_MOE_PYTHON=PY     the interpreter that creates it (default: python3; must match the lock's Python)
@@ -15,9 +15,12 @@ python="${CLIP_MOE_PYTHON:-python3}"
 lock="${CLIP_MOE_LOCK:-$root/requirements.lock}"
 unlocked="${CLIP_MOE_UNLOCKED:-0}"
 stamp="$venv/.clip-moe-setup"
-want="$( (cat "$root/pyproject.toml" "$root/setup.py" "$root/scripts/setup.sh"; [[ "$unlocked" == 1 ]] \
+want="$( (cat "$root/pyproject.toml" "$root/setup.py" "$root/mllm_bridge/mllm_bridge_llava_hook.pth" "$root/scripts/setup.sh"; [[ "$unlocked" == 1 ]] \
   && echo unlocked || cat "$lock") 2>/dev/null | sha256sum | cut -d' ' -f1)"
 
+if [[ "${1:-}" == "--stamp" ]]; then  # what a finished set-up records (tests fake an environment with it)
+  echo "$want"; exit 0
+fi
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPConfig, CLIPModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout; tests at any depth use this, not parents[N]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -75,7 +78,7 @@ def save_tiny_clip_moe(out, seed: int = 0, vision_only: bool = False):
     The experts are perturbed apart, so the CLIP-MoE no longer computes its dense base's function.
     """
     from encoder import save_clip_moe
-    from encoder.dense import default_image_processor
+    from encoder.convert.dense import default_image_processor
     from upcycle import sparse_upcycle
 
     moe = sparse_upcycle(tiny_dense_clip(seed), num_experts=4, top_k=2, moe_layers="all", towers=("vision",))
@@ -90,7 +93,7 @@ def save_tiny_clip_moe(out, seed: int = 0, vision_only: bool = False):
 
 def save_tiny_dense_clip(out, seed: int = 0):
     """`tiny_dense_clip(seed)` saved as a transformers CLIP directory with its image processor."""
-    from encoder.dense import default_image_processor
+    from encoder.convert.dense import default_image_processor
 
     tiny_dense_clip(seed).save_pretrained(out)
     default_image_processor(32).save_pretrained(out)
@@ -110,7 +113,7 @@ def dense_clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    from mllm_bridge.tiny_lm import train_tokenizer
+    from mllm_bridge.llava.tiny_lm import train_tokenizer
 
     return train_tokenizer(CAPTIONS * 4, merges_vocab_size=160)
 
@@ -118,8 +121,8 @@ def llama_tokenizer():
 @pytest.fixture(scope="session")
 def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
     """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `clip_moe_dir`."""
-    from mllm_bridge.llava_model import build_llava_model
-    from mllm_bridge.tiny_lm import tiny_llama_config
+    from mllm_bridge.llava.model import build_llava_model
+    from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
     out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-clip-moe"
     torch.manual_seed(0)
@@ -133,7 +136,7 @@ def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 
 @pytest.fixture(scope="session")
 def grids_dir(tmp_path_factory):
-    from upcycle.data.digit_grids import make_digit_grids
+    from upcycle.experiments.digit_grids import make_digit_grids
 
     out = tmp_path_factory.mktemp("data") / "grids"
     make_digit_grids(out, num_train=96, num_val=8, num_test=32, image_size=32, grid=2, seed=0)
@@ -145,7 +148,7 @@ def base_clip_dir(tmp_path_factory, grids_dir):
     """A width-32, 2-layer dense CLIP with a word tokenizer fitted to the digit captions."""
     import json
 
-    from upcycle.small_base import init_small_clip
+    from upcycle.experiments.small_base import init_small_clip
 
     out = tmp_path_factory.mktemp("models") / "base"
     captions = [r["conversations"][1]["value"] for r in json.loads((grids_dir / "train.json").read_text())]
@@ -185,8 +188,8 @@ def lmms_checkpoints(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 
     from transformers import LlamaForCausalLM
 
-    from mllm_bridge.llava_model import build_llava_model
-    from mllm_bridge.tiny_lm import tiny_llama_config
+    from mllm_bridge.llava.model import build_llava_model
+    from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
     root = tmp_path_factory.mktemp("lmms-checkpoints")
     parts = SimpleNamespace(full=root / "llava-full", stage1=root / "llava-stage1", llm=root / "llm")
@@ -210,7 +213,7 @@ def lmms_checkpoints(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 @pytest.fixture(scope="session")
 def digit_task_dir(tmp_path_factory, grids_dir):
     """The lmms-eval digit-grid task folder over `grids_dir`'s test split (32 images, 128 questions)."""
-    from mllm_bridge.lmms_task_data import make_lmms_task
+    from mllm_bridge.lmms.task_data import make_lmms_task
 
     out = tmp_path_factory.mktemp("lmms-tasks") / "digit_grids"
     make_lmms_task(grids_dir, out)

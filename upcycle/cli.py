@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from encoder.cli_support import UserErrorParser, run_cli
+from encoder.utils.cli import UserErrorParser, run_cli
 
 from . import commands
-from .data import cli_commands as data_commands
-from .analysis_commands import add_eval_commands
+from .eval.commands import add_eval_commands
+from .experiments import data_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +140,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_dmu_parser(sub) -> None:
-    from .dmu.command import run_dmu_command
+    from .recipes.dmu.command import run_dmu_command
     from .train.command import parse_logit_scale
 
     p = sub.add_parser("dmu", help="Diversified Multiplet Upcycling: MCL stages, assembly, router training",
@@ -180,8 +180,8 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_compare_parser(sub) -> None:
-    from .compare.arms import ARMS
-    from .compare.run import run_compare
+    from .experiments.compare.arms import ARMS
+    from .experiments.compare.run import run_compare
 
     p = sub.add_parser("compare", help="dense fine-tuning vs sparse upcycling vs DMU vs the base, equal budgets",
                        description="Trains every arm from the same base with the same number of image-text pairs "
@@ -223,13 +223,13 @@ def _add_replicate_parser(sub) -> None:
 
 
 def _run_replicate(args: argparse.Namespace) -> int:
-    from .replicate import run_replicate
+    from .experiments.replicate import run_replicate
 
     return run_replicate(args)
 
 
 def _run_main_job(args: argparse.Namespace) -> int:
-    from .main_job import run_main_job
+    from .experiments.main_job import run_main_job
 
     return run_main_job(args)
 

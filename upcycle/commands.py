@@ -12,14 +12,16 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel
 
 from encoder import CLIPMoEModel
-from encoder.dense import default_image_processor, open_dense_clip
-from encoder.errors import NonFiniteValues, UserError
-from encoder.export import atomic_output_dir, check_output_dir, summary_lines, write_model_extras
+from encoder.convert.dense import default_image_processor, open_dense_clip
+from encoder.model_card import summary_lines
+from encoder.save import write_model_extras
 from encoder.tensor_stream import return_large_frees_to_os
+from encoder.utils.errors import NonFiniteValues, UserError
+from encoder.utils.files import atomic_output_dir, check_output_dir
 
-from .assemble import check_expert_counts, moe_config_for
-from .check import max_output_diff
-from .sparse import layerwise_output_diff, write_sparse_upcycled
+from .eval.function_check import max_output_diff
+from .recipes.assemble import check_expert_counts, moe_config_for
+from .recipes.sparse import layerwise_output_diff, write_sparse_upcycled
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def digit_inputs(model: CLIPModel, n: int = 16) -> dict[str, torch.Tensor]:
 
 def run_init_base(args: argparse.Namespace) -> int:
     from .data import read_pairs
-    from .small_base import init_small_clip
+    from .experiments.small_base import init_small_clip
 
     check_output_dir(args.out, args.overwrite)
     captions = [p.caption for p in read_pairs(args.captions, skip_missing=True)]

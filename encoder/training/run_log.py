@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..errors import UserError
+from ..utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from encoder.errors import UserError
 from encoder.tower import SELECT_FEATURES
+from encoder.training.run_log import REPORT_TARGETS
+from encoder.utils.errors import UserError
 
 from .conversation import TEMPLATES
 from .data import ASPECT_RATIOS
 from .projector import check_projector_type
-from encoder.training.run_log import REPORT_TARGETS
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 

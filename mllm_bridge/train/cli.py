@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from encoder.cli_support import UserErrorParser, run_cli
+from encoder.utils.cli import UserErrorParser, run_cli
 
 from .arguments import add_llava_arguments, split_arguments
 from .embedded_default import DEFAULT_DIR

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from encoder.errors import UserError
-from encoder.user_files import json_kind
+from encoder.utils.errors import UserError
+from encoder.utils.user_files import json_kind
 
 IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX: positions the loss skips
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX: where the image features go

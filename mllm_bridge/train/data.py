@@ -5,8 +5,8 @@ field types (a `null` or numeric turn value is refused, never trained on as the 
 `<image>` placement, image files on disk and not empty — so a bad record stops the run in its first seconds
 with its index, not hours later in a DataLoader worker. Images are decoded in `__getitem__`, as LLaVA's
 lazy data set does; one that cannot be decoded stops the run with its path (one line even from a worker
-process, see `encoder.errors.UserError`). Text and images are decoded as upcycle.data decodes them
-(`encoder.user_files`). A sample longer than `model_max_length` (counting the image's tokens) is cut at the
+process, see `encoder.utils.errors.UserError`). Text and images are decoded as upcycle.data decodes them
+(`encoder.utils.user_files`). A sample longer than `model_max_length` (counting the image's tokens) is cut at the
 end and counted; one whose answers were cut away entirely stays in the batch and adds nothing to the loss.
 """
 
@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from encoder.errors import UserError
-from encoder.user_files import decode_rgb, json_kind, llava_records, missing_or_empty, read_utf8
+from encoder.utils.errors import UserError
+from encoder.utils.user_files import decode_rgb, json_kind, llava_records, missing_or_empty, read_utf8
 
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Prompt, template, tokenize_prompt, turn_text
 
@@ -109,7 +109,7 @@ def modality_lengths(samples: Sequence[Sample]) -> list[int]:
 
 
 def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
-    """One stat per image, up front (see `encoder.user_files.missing_or_empty`): missing, not a file, or empty
+    """One stat per image, up front (see `encoder.utils.user_files.missing_or_empty`): missing, not a file, or empty
     (0 bytes, e.g. a failed download); an undecodable image is found where it is decoded (`load_rgb`)."""
     missing, empty = missing_or_empty(s.image for s in samples if s.image is not None)
     if missing:
@@ -121,7 +121,7 @@ def _check_images(samples: list[Sample], path: Path, root: Path) -> None:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to 8-bit RGB (`encoder.user_files.decode_rgb`); a UserError names the file when it
+    """Decode an image file to 8-bit RGB (`encoder.utils.user_files.decode_rgb`); a UserError names the file when it
     cannot be decoded."""
     return decode_rgb(path, path, record="record")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from encoder.errors import UserError
-from encoder.export import atomic_output_dir
+from encoder.utils.errors import UserError
+from encoder.utils.files import atomic_output_dir
 
-from ..tiny_lm import tiny_llama_config, train_tokenizer
+from ..llava.tiny_lm import tiny_llama_config, train_tokenizer
 from .conversation import V1_END, V1_ROLES, V1_SYSTEM
 
 DEFAULT_DIR = Path("runs/llava-default")

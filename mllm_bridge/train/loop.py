@@ -26,18 +26,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from encoder.errors import TrainingDiverged, UserError
-from encoder.export import atomic_output_dir
 from encoder.loading import require_finite_weights
-from encoder.step_record import SettingsChanged, differences
 from encoder.training import ClusterBatchSampler, endless_batches
+from encoder.training.run_log import NullLog, RunLog
+from encoder.utils.errors import TrainingDiverged, UserError
+from encoder.utils.files import atomic_output_dir
+from encoder.utils.step_record import SettingsChanged, differences
 
 from .arguments import LlavaArguments, shaping_settings
 from .data import modality_lengths
 from .model_setup import TrainingModel
 from .outputs import FullOutput, ProjectorOutput, publish
 from .sampler import ModalityLengthBatchSampler
-from encoder.training.run_log import NullLog, RunLog
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint

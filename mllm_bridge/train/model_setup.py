@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from encoder.errors import UserError
+from encoder.utils.errors import UserError
 
-from ..checks import image_tokens, tower_problems
-from ..llava_config import LlavaCheckpointConfig
-from ..llava_model import build_llava_model
-from ..tower_info import TowerInfo, read_tower
+from ..llava.checks import image_tokens, tower_problems
+from ..llava.config import LlavaCheckpointConfig
+from ..llava.model import build_llava_model
+from ..llava.tower_info import TowerInfo, read_tower
 from .arguments import LlavaArguments
 from .projector import load_pretrained_projector
 

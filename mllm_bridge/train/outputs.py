@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from encoder.errors import UserError
-from encoder.export import make_readable, write_failure
+from encoder.utils.errors import UserError
+from encoder.utils.files import make_readable, write_failure
 
 from .projector import PROJECTOR_FILE, projector_state
 

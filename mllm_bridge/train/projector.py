@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoder.errors import UserError
+from encoder.utils.errors import UserError
 
 PROJECTOR_FILE = "mm_projector.bin"
 PROJECTOR_KEYWORD = "mm_projector"  # LLaVA's own selector: every key containing it

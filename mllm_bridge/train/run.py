@@ -11,15 +11,22 @@ from urllib.parse import urlparse
 
 import torch
 
-from encoder.errors import UserError
-from encoder.export import check_output_parent
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
+from encoder.utils.errors import UserError
+from encoder.utils.files import check_output_parent
 
 from .arguments import LlavaArguments, accepted_only_notes
 from .data import LlavaCollator, LlavaDataset, read_llava_samples
-from .loop import (CHECKPOINT_PREFIX, STATE_FILE, LlavaTrainer, TrainResult, latest_checkpoint,
-                   refuse_changed_settings, run_settings)
+from .loop import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    LlavaTrainer,
+    TrainResult,
+    latest_checkpoint,
+    refuse_changed_settings,
+    run_settings,
+)
 from .model_setup import build_training_model, check_tower
 from .outputs import FullOutput, ProjectorOutput, output_for
 from .projector import PROJECTOR_FILE

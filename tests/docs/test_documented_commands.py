@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 README = ROOT / "README.md"
 PLACEHOLDERS = {"...", "\\"}
 LAUNCHER_FLAGS_WITH_VALUE = {"--num_processes", "--nproc_per_node", "--deepspeed_config_file", "--config_file",

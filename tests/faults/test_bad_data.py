@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
+from encoder.utils.errors import NonFiniteValues, TrainingDiverged, UserError
 from mllm_bridge.train import data as llava_data
 from upcycle.data import ImageTextDataset, TarShardDataset, read_pairs, write_tar_shard
 
@@ -350,7 +350,7 @@ def test_bad_members_of_a_whole_shard_are_one_line_naming_the_member(tmp_path):
     empty = shard(tmp_path / "empty.tar", k1=("k1", b"", "png", "caption 1"))
     assert both_readers(empty) == (f"tar shard {empty}: image k1.png is empty (0 bytes); re-download or re-write "
                                    "the shard without that sample",) * 2
-    blank = shard(tmp_path / "blank.tar", k1=("k1", png(), "png", "  "))  # (the index: tests/upcycle/test_data.py)
+    blank = shard(tmp_path / "blank.tar", k1=("k1", png(), "png", "  "))  # (the index: tests/upcycle/data/test_formats.py)
     assert one_line_error(lambda: list(TarShardDataset(str(blank), to_tensor))) == (
         f"tar shard {blank}: caption k1.txt is empty; fill it in or remove the sample")
     twice = tmp_path / "twice.tar"
@@ -453,7 +453,7 @@ def test_a_plain_user_error_in_a_dataloader_worker_is_one_line_from_run_cli(capf
     2."""
     from torch.utils.data import DataLoader
 
-    from encoder.cli_support import UserErrorParser, run_cli
+    from encoder.utils.cli import UserErrorParser, run_cli
 
     parser = UserErrorParser(prog="toy")
     parser.set_defaults(run=lambda args: sum(len(b) for b in DataLoader(_RefusesInWorker(), num_workers=1)))

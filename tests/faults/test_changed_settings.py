@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from encoder.errors import UserError
-from encoder.step_record import SETTINGS_FILE, SettingsChanged, claim, differences
+from encoder.utils.errors import UserError
+from encoder.utils.step_record import SETTINGS_FILE, SettingsChanged, claim, differences
 
 
 def test_a_folder_is_claimed_once_and_reused_only_for_equal_settings(tmp_path):
@@ -69,6 +69,7 @@ def crash_after_two_steps(monkeypatch, steps: int = 2):
 def test_a_trainer_resume_with_changed_settings_is_refused_naming_them(change, named, base_clip_dir, grids_dir,
                                                                         tmp_path, monkeypatch):
     from conftest import dataset_for
+
     from encoder.loading import load_clip
     from upcycle.train import ContrastiveTrainer, TrainConfig
 
@@ -108,6 +109,7 @@ def test_upcycle_train_resume_with_another_lr_is_one_line(base_clip_dir, grids_d
 def test_a_resumed_run_logs_every_step_once(base_clip_dir, grids_dir, tmp_path, monkeypatch):
     """The interrupted run logged step 3 after its step-2 checkpoint; the resumed run logs it again: once in all."""
     from conftest import dataset_for
+
     from encoder.loading import load_clip
     from upcycle.train import ContrastiveTrainer, TrainConfig
 

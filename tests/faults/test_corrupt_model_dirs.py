@@ -16,20 +16,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CAPTIONS, REPO_ROOT, save_tiny_clip_moe, save_tiny_dense_clip
 from safetensors.torch import load_file, save_file
 
-from conftest import CAPTIONS, save_tiny_clip_moe, save_tiny_dense_clip
-from encoder.errors import NonFiniteValues, UserError
 from encoder.loading import load_clip, require_finite_weights
 from encoder.tower import CLIPMoEVisionTower
-from mllm_bridge.tower_info import read_tower
+from encoder.utils.errors import NonFiniteValues, UserError
+from mllm_bridge.llava.tower_info import read_tower
 
-REPO = Path(__file__).absolute().parents[2]
+REPO = REPO_ROOT
 WEIGHTS, CONFIG, PREPROCESSOR = "model.safetensors", "config.json", "preprocessor_config.json"
 
 
 def save_word_tokenizer(directory: Path) -> None:
-    from upcycle.small_base import build_word_tokenizer
+    from upcycle.experiments.small_base import build_word_tokenizer
 
     build_word_tokenizer(CAPTIONS, max_length=16).save_pretrained(directory)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoder.cli_support import UserErrorParser, run_cli
-from encoder.errors import UserError
-from encoder.export import atomic_output_dir, write_atomic, write_errno
+from encoder.utils.cli import UserErrorParser, run_cli
+from encoder.utils.errors import UserError
+from encoder.utils.files import atomic_output_dir, write_atomic, write_errno
 from mllm_bridge.cli import main as bridge_main
-from upcycle import analysis_commands
 from upcycle.cli import main as upcycle_main
+from upcycle.eval import commands as analysis_commands
 
 FAULTS = ("full", "read_only", "parent_is_file")
 REASON = {"full": "disk full", "read_only": "read-only file system", "parent_is_file": "is a file, not a directory"}
@@ -319,7 +319,7 @@ def test_eval_and_routing_check_out_before_any_work(command, case, tmp_path, mon
 
 
 def test_check_helpers_accept_fresh_nested_paths(tmp_path):
-    from encoder.export import check_output_dir, check_output_file
+    from encoder.utils.files import check_output_dir, check_output_file
 
     assert check_output_dir(tmp_path / "a" / "b" / "model", overwrite=False) == tmp_path / "a" / "b" / "model"
     assert check_output_file(tmp_path / "a" / "r.json") == tmp_path / "a" / "r.json"
@@ -354,7 +354,7 @@ def test_swap_tower_on_a_bad_disk_leaves_the_config_and_no_backup(fault, llava_m
 @pytest.mark.parametrize("case", ["parent_is_file", "read_only"])
 @pytest.mark.parametrize("command", ["demo", "replicate", "compare"])
 def test_long_jobs_check_out_before_their_first_step(command, case, tmp_path, monkeypatch, capsys):
-    from upcycle import main_job
+    from upcycle.experiments import main_job
 
     def fail(*args, **kwargs):
         raise AssertionError("a step ran before --out was checked")

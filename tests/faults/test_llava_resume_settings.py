@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from encoder.step_record import SettingsChanged
+from encoder.utils.step_record import SettingsChanged
 from mllm_bridge.train import loop
 from mllm_bridge.train import run as run_module
 from mllm_bridge.train.arguments import NOT_SHAPING, split_arguments

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mllm_bridge.lmms_eval_model import LlavaCLIPMoE
+from mllm_bridge.lmms.model import LlavaCLIPMoE
 
 
 @pytest.mark.parametrize("arg_string, message", [

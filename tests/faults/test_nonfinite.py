@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from encoder.errors import NonFiniteValues
-from upcycle.evaluate import position_accuracy, retrieval_metrics, topk_accuracy
-from upcycle.routing import _LayerTally
+from encoder.utils.errors import NonFiniteValues
+from upcycle.eval.retrieval import position_accuracy, retrieval_metrics, topk_accuracy
+from upcycle.eval.routing import _LayerTally
 
 
 def unit(n, d=8, seed=0):
@@ -84,6 +84,7 @@ def test_eval_and_routing_on_a_model_with_one_nan_expert_weight_exit_non_zero_wi
 
 def test_upcycling_a_base_with_a_nan_weight_is_refused_and_writes_nothing(tmp_path, capsys):
     from conftest import save_tiny_dense_clip
+
     from upcycle.cli import main as upcycle_main
 
     base = tmp_path / "nan-base"

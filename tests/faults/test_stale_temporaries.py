@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from encoder.export import atomic_output_dir, write_atomic
+from encoder.utils.files import atomic_output_dir, write_atomic
 
 HOST = socket.gethostname().replace("-", "_")
 

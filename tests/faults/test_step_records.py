@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from encoder.errors import UserError
-from encoder.step_record import SettingsChanged
-from upcycle.main_job import STEP_RECORDS, Step, claim_job, run_step, step_record
+from encoder.utils.errors import UserError
+from encoder.utils.step_record import SettingsChanged
+from upcycle.experiments.main_job import STEP_RECORDS, Step, claim_job, run_step, step_record
 
 PY = sys.executable
 

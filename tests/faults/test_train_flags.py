@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from encoder.errors import NonFiniteValues, TrainingDiverged, UserError
+from encoder.utils.errors import NonFiniteValues, TrainingDiverged, UserError
 from upcycle.cli import main
-from upcycle.dmu.pipeline import DMUConfig
+from upcycle.recipes.dmu.config import DMUConfig
 from upcycle.train import ContrastiveTrainer, TrainConfig
 
 # flag, bad value, what the one line says
@@ -43,7 +43,7 @@ BAD_TRAIN_FLAGS = [
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Loading a model or reading the data is a failure here: the flags must be refused first."""
-    import upcycle.dmu.pipeline as dmu
+    import upcycle.recipes.dmu.pipeline as dmu
     import upcycle.train.command as command
 
     def refuse(*args, **kwargs):
@@ -130,7 +130,7 @@ def test_sensible_edge_values_are_accepted():
 
 
 def test_a_dmu_config_field_changed_after_it_was_made_is_still_refused(tmp_path):
-    from upcycle.dmu.pipeline import DMURun
+    from upcycle.recipes.dmu.pipeline import DMURun
 
     cfg = DMUConfig(base=str(tmp_path / "base"), train_data="d", out=str(tmp_path / "out"))
     cfg.router_lr = -1.0
@@ -140,6 +140,7 @@ def test_a_dmu_config_field_changed_after_it_was_made_is_still_refused(tmp_path)
 
 def test_the_trainer_checks_a_config_changed_after_it_was_made(base_clip_dir, grids_dir, tmp_path):
     from conftest import dataset_for
+
     from encoder.loading import load_clip
 
     loaded = load_clip(base_clip_dir)
@@ -185,6 +186,7 @@ def test_upcycle_train_refuses_a_model_with_a_nan_weight_before_the_first_step(t
 
 def test_a_checkpoint_with_a_nan_weight_is_named_on_resume(base_clip_dir, grids_dir, tmp_path, monkeypatch):
     from conftest import dataset_for
+
     from encoder.loading import load_clip
     from upcycle.train import latest_checkpoint
 
@@ -216,6 +218,7 @@ def test_a_checkpoint_with_a_nan_weight_is_named_on_resume(base_clip_dir, grids_
 def test_a_nan_loss_at_the_first_step_from_finite_weights_does_not_blame_the_learning_rate(
         base_clip_dir, grids_dir, tmp_path, monkeypatch):
     from conftest import dataset_for
+
     from encoder.loading import load_clip
     from upcycle.train import trainer as trainer_module
 
@@ -236,6 +239,7 @@ def test_a_nan_loss_at_the_first_step_from_finite_weights_does_not_blame_the_lea
 def test_a_nan_loss_at_the_first_step_after_resuming_names_the_checkpoint_not_the_learning_rate(
         base_clip_dir, grids_dir, tmp_path, monkeypatch):
     from conftest import dataset_for
+
     from encoder.loading import load_clip
     from upcycle.train import trainer as trainer_module
 

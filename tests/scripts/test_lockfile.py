@@ -3,9 +3,10 @@ Python or a malformed one stops the set-up with one line before anything is writ
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import REPO_ROOT
+
+ROOT = REPO_ROOT
 LOCKFILE = [sys.executable, str(ROOT / "scripts" / "lockfile.py")]
 
 

@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_dense_clip
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, CLIPImageProcessor, PreTrainedTokenizerFast
 
-from conftest import tiny_dense_clip
 from encoder import CLIPMoEModel, CLIPMoEVisionModel
-from upcycle.check import max_output_diff
 from upcycle.cli import main
+from upcycle.eval.function_check import max_output_diff
 
 
 @pytest.fixture

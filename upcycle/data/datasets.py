@@ -1,7 +1,7 @@
 """Torch datasets over image-caption pairs: images are decoded in __getitem__, i.e. inside DataLoader
 workers, so the main process only holds paths and strings. A file that cannot be decoded stops the run with
 a UserError naming it, which reaches the command line as one line even from a worker process (see
-`encoder.errors.UserError`)."""
+`encoder.utils.errors.UserError`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from encoder.user_files import decode_rgb
+from encoder.utils.user_files import decode_rgb
 
 from .formats import Pair
 from .tar_index import describe_image, read_tar_image
@@ -56,7 +56,7 @@ def tokenizer_fn(tokenizer: Any, max_length: int = 77) -> Tokenize:
 
 def load_rgb(path: str) -> Image.Image:
     """Decode an image file, or an image inside a tar shard (see `tar_index.index_tar_pairs`), to RGB
-    (see `encoder.user_files.decode_rgb`); a UserError names the file, or the shard and member, when it cannot be
+    (see `encoder.utils.user_files.decode_rgb`); a UserError names the file, or the shard and member, when it cannot be
     read or decoded."""
     data = read_tar_image(path)
     if data is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encoder.errors import UserError
-from encoder.user_files import json_kind, llava_records, missing_or_empty, read_utf8
+from encoder.utils.errors import UserError
+from encoder.utils.user_files import json_kind, llava_records, missing_or_empty, read_utf8
 
 from .tar_index import index_tar_pairs, is_tar_spec
 
@@ -86,7 +86,7 @@ def _pair(path: Path, root: Path, where: str, image: Any, caption: Any, caption_
 
 
 def _check_images(pairs: list[Pair], path: Path, skip_missing: bool) -> list[Pair]:
-    """One stat per image, up front (see `encoder.user_files.missing_or_empty`): missing, not a file, or empty
+    """One stat per image, up front (see `encoder.utils.user_files.missing_or_empty`): missing, not a file, or empty
     (0 bytes, e.g. a failed download); an undecodable image is found where it is decoded (`datasets.load_rgb`)."""
     missing, empty = missing_or_empty(p.image for p in pairs)
     if not missing and not empty:

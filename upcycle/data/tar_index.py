@@ -13,8 +13,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from encoder.errors import UserError
-from encoder.user_files import decode_utf8
+from encoder.utils.errors import UserError
+from encoder.utils.user_files import decode_utf8
 
 logger = logging.getLogger(__name__)
 

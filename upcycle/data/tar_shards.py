@@ -12,8 +12,8 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from encoder.errors import UserError
-from encoder.user_files import decode_rgb, decode_utf8
+from encoder.utils.errors import UserError
+from encoder.utils.user_files import decode_rgb, decode_utf8
 
 from .datasets import ImageTransform, Tokenize, collate
 from .tar_index import expand_shards, iter_shard_files, sample_role

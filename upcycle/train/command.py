@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from encoder.errors import UserError
-from encoder.export import check_output_dir, file_sha256, save_clip_moe
 from encoder.loading import load_clip
+from encoder.save import save_clip_moe
+from encoder.utils.errors import UserError
+from encoder.utils.files import check_output_dir, file_sha256
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
-from .trainer import ContrastiveTrainer, TrainConfig, latest_checkpoint
+from .config import TrainConfig
+from .trainer import ContrastiveTrainer, latest_checkpoint
 
 
 def parse_logit_scale(text: str) -> float | None:

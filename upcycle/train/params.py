@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from encoder.errors import UserError
+from encoder.utils.errors import UserError
 
 TRAINABLE_CHOICES = ("all", "ffn", "router")
 _FFN = re.compile(r"\.mlp\.(fc1|fc2|experts)\.")

@@ -1,0 +1,299 @@
+"""Loading a dense CLIP base from wherever users keep one, as a transformers `CLIPModel`.
+
+Accepted specs: a transformers CLIP directory, a hub id (where a network exists), or
+`open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (converted to the transformers layout).
+
+`load_dense_clip` builds the model in memory; `open_dense_clip` opens a base for streaming (config and
+preprocessing now, weights one tensor at a time), which is what real-size upcycling needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from ..tensor_stream import CheckpointError, SafetensorsCheckpoint, StateDictSource, TensorSource
+from ..utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+JSON_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+@dataclass
+class DenseCLIP:
+    """A dense CLIP and what preprocesses its inputs."""
+
+    model: CLIPModel
+    image_processor: CLIPImageProcessor
+    tokenizer: object | None  # a transformers CLIP tokenizer, or None when the base ships none
+    source: str
+
+
+@dataclass
+class DenseCLIPSource:
+    """A dense CLIP opened for streaming: config and preprocessing, and its weights one tensor at a time.
+
+    `tensors` reads a transformers directory's safetensors lazily; for bases that only exist in memory
+    (open_clip conversions, hub ids, `pytorch_model.bin` directories) it is the loaded model's state dict
+    and `model` is that model. `dtype` is the dtype `CLIPModel.from_pretrained` would load the weights in.
+    """
+
+    config: CLIPConfig
+    dtype: torch.dtype
+    tensors: TensorSource
+    image_processor: CLIPImageProcessor
+    tokenizer: object | None
+    source: str
+    model: CLIPModel | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.model is None
+
+    def close(self) -> None:
+        self.tensors.close()
+
+
+def default_image_processor(image_size: int) -> CLIPImageProcessor:
+    """OpenAI CLIP preprocessing at `image_size`: bicubic shortest-edge resize, center crop, OpenAI mean/std."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD,
+        resample=3,
+    )
+
+
+def load_dense_clip(spec: str | CLIPModel) -> DenseCLIP:
+    """Load a dense CLIP from a directory, hub id, `open_clip:` spec, or take a `CLIPModel` as is."""
+    if isinstance(spec, CLIPModel):
+        size = spec.config.vision_config.image_size
+        return DenseCLIP(spec.eval(), default_image_processor(size), None, "in-memory CLIPModel")
+    spec = str(spec)
+    if spec.startswith("open_clip:"):
+        from .open_clip import load_open_clip
+
+        oc = load_open_clip(spec)
+        return DenseCLIP(oc.model, oc.image_processor, oc.tokenizer, spec)
+    path = Path(spec)
+    if path.exists():
+        return _load_directory(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return _load_hub(spec)
+    raise UserError(
+        f"CLIP {spec!r} not found: give a transformers CLIP directory, a hub id, or open_clip:MODEL_NAME[:CHECKPOINT]"
+    )
+
+
+def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
+    """A dense CLIP for streaming: read lazily from a transformers directory with safetensors weights, else
+    (open_clip, hub id, .bin weights, an in-memory model) loaded with `load_dense_clip` and seen tensor-wise."""
+    path = Path(str(spec)) if not isinstance(spec, CLIPModel) else None
+    if path is not None and not str(spec).startswith("open_clip:") and path.exists():
+        _check_clip_directory(path)
+        if SafetensorsCheckpoint.exists(path):
+            return _open_directory(path)
+    dense = load_dense_clip(spec)
+    return DenseCLIPSource(dense.model.config, next(dense.model.parameters()).dtype,
+                           StateDictSource(dense.model.state_dict()), dense.image_processor, dense.tokenizer,
+                           dense.source, dense.model)
+
+
+def _dense_config(path: Path) -> CLIPConfig:
+    """The directory's CLIPConfig, checked against its weights' shapes (safetensors headers only)."""
+    from ..model_dir import build_config, check_weights
+
+    config = build_config(path / "config.json", None, lambda: CLIPConfig.from_pretrained(path))
+    check_weights(path, config, CLIPModel)
+    return config
+
+
+def _open_directory(path: Path) -> DenseCLIPSource:
+    config = _dense_config(path)
+    try:
+        tensors = SafetensorsCheckpoint(path)
+    except (OSError, CheckpointError) as err:
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
+    dtype = load_dtype(config, tensors)
+    config.dtype = dtype  # recorded on the config and both tower configs, as from_pretrained does (it ends up
+    for sub in config.sub_configs:  # in the CLIP-MoE's config.json, which must not depend on the path taken)
+        if getattr(config, sub, None) is not None:
+            getattr(config, sub).dtype = dtype
+    return DenseCLIPSource(config, dtype, tensors, image_processor_for(path, config), tokenizer_for(path), str(path))
+
+
+def load_dtype(config: CLIPConfig, tensors: TensorSource) -> torch.dtype:
+    """The dtype `from_pretrained` (dtype="auto", transformers' default) gives the model: the config's `dtype`,
+    else that of the checkpoint's first floating-point tensor (by name)."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    for name in sorted(tensors.keys()):
+        if tensors.spec(name).dtype.is_floating_point:
+            return tensors.spec(name).dtype
+    return torch.get_default_dtype()
+
+
+def _check_clip_directory(path: Path) -> None:
+    """The user errors of a directory that is not a dense transformers CLIP, before any weight is read."""
+    config_file = path / "config.json"
+    if not path.is_dir() or not config_file.is_file():
+        raise UserError(f"{path} is not a model directory (no config.json): give a transformers CLIP directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}/config.json is not valid JSON ({err}); re-save the model") from None
+    if model_type == "clip_moe":
+        raise UserError(f"base {path} is already a CLIP-MoE; give the dense CLIP it came from")
+    if model_type != "clip":
+        raise UserError(
+            f"{path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
+        )
+
+
+def _load_directory(path: Path) -> DenseCLIP:
+    _check_clip_directory(path)
+    _dense_config(path)
+    try:
+        model = CLIPModel.from_pretrained(path).eval()
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
+    return DenseCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(path))
+
+
+def _load_hub(repo_id: str) -> DenseCLIP:
+    try:
+        config = CLIPConfig.from_pretrained(repo_id)
+        model = CLIPModel.from_pretrained(repo_id).eval()
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
+            "download it first and pass its directory"
+        ) from None
+    return DenseCLIP(model, image_processor_for(repo_id, config), tokenizer_for(repo_id), repo_id)
+
+
+def image_processor_for(source, config: CLIPConfig) -> CLIPImageProcessor:
+    """The image processor saved with `source`; OpenAI CLIP preprocessing at the model's image size when it has
+    none (a directory without preprocessor_config.json, a hub id without one).
+
+    A preprocessor_config.json that is present but unreadable is refused: the default in its place would give
+    the model other inputs than it was trained on, and a CLIP-MoE upcycled from it would keep that default.
+    """
+    directory = _local_directory(source)
+    if directory is not None and not (directory / PREPROCESSOR_FILE).is_file():
+        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
+        return default_image_processor(config.vision_config.image_size)
+    if directory is not None:
+        return load_image_processor(directory)
+    try:
+        return CLIPImageProcessor.from_pretrained(source)
+    except OSError:
+        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
+        return default_image_processor(config.vision_config.image_size)
+
+
+def load_image_processor(directory: str | Path) -> CLIPImageProcessor:
+    """DIR/preprocessor_config.json as a CLIP image processor; UserError naming the file when it is missing,
+    not JSON, or holds values no CLIP preprocessing can use (a mean/std that is not 3 numbers, a std of 0, ...)."""
+    file = Path(directory) / PREPROCESSOR_FILE
+    fix = f"restore {file.name} from the model's source or re-save the model's image processor"
+    if not file.is_file():
+        raise UserError(f"{directory} has no {PREPROCESSOR_FILE}; {fix}")
+    _read_json_object(file, fix)
+    try:
+        processor = CLIPImageProcessor.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - whatever the processor's own checks raise, it is this file's content
+        raise UserError(f"{file} is not a usable image processor config ({type(err).__name__}: "
+                        f"{_first_line(err)}); {fix}") from None
+    problem = _processor_problem(processor)
+    if problem:
+        raise UserError(f"{file}: {problem}; {fix}")
+    return processor
+
+
+def _processor_problem(processor: CLIPImageProcessor) -> str | None:
+    for name in ("image_mean", "image_std"):
+        values = getattr(processor, name, None)
+        numbers = isinstance(values, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not numbers or len(values) != 3:
+            return f"{name} is {values!r}, not 3 finite numbers (one per RGB channel)"
+    if any(v <= 0 for v in processor.image_std):
+        return f"image_std {list(processor.image_std)} has a value <= 0 (the pixels are divided by it)"
+    sizes = {"size": processor.size, "crop_size": processor.crop_size if processor.do_center_crop else None}
+    for name, size in sizes.items():
+        if size is None:
+            continue
+        try:
+            values = {k: v for k, v in dict(size).items() if v is not None}  # a dict, or transformers' SizeDict
+        except (TypeError, ValueError):
+            values = {}
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values.values()):
+            return f"{name} is {size!r}, not positive pixel counts"
+    return None
+
+
+def tokenizer_for(source):
+    """The tokenizer saved with `source`, or None when it ships none (a directory without tokenizer files).
+
+    Tokenizer files that are present but unreadable are refused, not taken as "no tokenizer": the commands would
+    go on without one (a CLIP-MoE upcycled from such a base would be written without its tokenizer).
+    """
+    directory = _local_directory(source)
+    if directory is None:
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            logger.info("%s has no usable tokenizer files; the CLIP-MoE directory will have none", source)
+            return None
+    present = [name for name in TOKENIZER_FILES if (directory / name).exists()]
+    if not present:
+        return None
+    fix = "restore the tokenizer files from the model's source (or remove them all to go on without a tokenizer)"
+    for name in JSON_TOKENIZER_FILES:
+        if (directory / name).exists():
+            _read_json_object(directory / name, fix)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exceptions for files it cannot parse
+        raise UserError(f"{directory}: the tokenizer ({', '.join(present)}) cannot be loaded ({type(err).__name__}: "
+                        f"{_first_line(err)[:200]}); {fix}") from None
+
+
+def _local_directory(source) -> Path | None:
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return Path(source)
+    return None
+
+
+def _read_json_object(file: Path, fix: str) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({type(err).__name__}: {_first_line(err)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

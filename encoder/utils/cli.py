@@ -1,0 +1,55 @@
+"""What every `python -m <package>` command line shares: the error shape and the run wrapper."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from transformers.utils import logging as hf_logging
+
+from .errors import UserError
+from .files import environment_error_line
+
+
+class UserErrorParser(argparse.ArgumentParser):
+    """argparse with the project's error shape: one `error: ...` line, exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def parse_device(name: str | None):
+    """A --device value (cpu, cuda, cuda:N; None = a GPU when one is visible), checked as user input."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} not understood; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` and run the chosen command (`args.run`); user errors print one line and return 2, and so
+    does a write or open that failed because of the disk or the path (full, read-only, permission denied, a file
+    in the way) where no writer translated it."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()  # per-file loading bars would drown the command's own output
+    try:
+        return args.run(args) or 0
+    except UserError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    except Exception as err:  # a write that failed outside the atomic writers: the disk or the path, not a bug
+        line = environment_error_line(err)
+        if line is None:
+            raise
+        print("error: " + " ".join(line.split()), file=sys.stderr)
+        return 2

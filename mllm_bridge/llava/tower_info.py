@@ -1,0 +1,143 @@
+"""What a LLaVA checkpoint needs to know about a vision tower, read from its directory without loading weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import CLIPImageProcessor, CLIPVisionConfig, PretrainedConfig
+
+from encoder.convert.dense import load_image_processor
+from encoder.model_dir import check_clip_moe_dir, read_config_json
+from encoder.modeling import CLIPMoEVisionModel
+from encoder.tower import CLIP_MOE_MODEL_TYPES, read_model_type
+from encoder.utils.errors import UserError
+
+DENSE_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+
+
+@dataclass(frozen=True)
+class ImageProcessorInfo:
+    """The fields of a CLIP image processor that LLaVA's preprocessing uses."""
+
+    shortest_edge: int | None
+    crop_height: int
+    crop_width: int
+    image_mean: list[float]
+    image_std: list[float]
+
+    def describe(self) -> str:
+        return (f"shortest edge {self.shortest_edge}, crop {self.crop_height}x{self.crop_width}, "
+                f"mean {_rounded(self.image_mean)}, std {_rounded(self.image_std)}")
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    """A CLIP or CLIP-MoE vision tower as LLaVA will see it."""
+
+    path: str
+    is_moe: bool
+    hidden_size: int
+    num_layers: int
+    image_size: int
+    patch_size: int
+    num_experts: int = 1
+    top_k: int = 1
+    moe_layers: list[int] = field(default_factory=list)
+    processor: ImageProcessorInfo | None = None  # None: the directory has no preprocessor_config.json
+
+    @property
+    def kind(self) -> str:
+        return "CLIP-MoE" if self.is_moe else "CLIP"
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+    def moe_layout(self) -> str:
+        if not self.moe_layers:
+            return f"dense ({self.num_layers} layers, no MoE layers)"
+        return (f"top-{self.top_k} of {self.num_experts} experts in layers {self.moe_layers} "
+                f"of {self.num_layers}")
+
+
+def read_tower(name: str | Path) -> TowerInfo:
+    """Describe the CLIP or CLIP-MoE tower `name`: a directory (a full model or a vision-only export) or
+    a hub id already in the local Hugging Face cache.
+
+    Raises UserError when `name` is neither, or holds another kind of model.
+    """
+    model_type = _model_type(name)
+    if model_type not in CLIP_MOE_MODEL_TYPES + DENSE_CLIP_MODEL_TYPES:
+        raise UserError(f"{name} holds a {model_type!r} model, not a vision tower; pass a CLIP or CLIP-MoE "
+                        f"directory (model_type one of {', '.join(CLIP_MOE_MODEL_TYPES + DENSE_CLIP_MODEL_TYPES)})")
+    is_moe = model_type in CLIP_MOE_MODEL_TYPES
+    try:
+        if is_moe:  # the checks of the tower's own loader: a damaged directory is refused here, as it would be there
+            config = check_clip_moe_dir(name, CLIPMoEVisionModel)
+        else:
+            config = CLIPVisionConfig.from_pretrained(name)
+        processor = _read_processor(name)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"cannot read the {model_type} tower {name} ({_first_line(err)}); re-export it") from err
+    moe = dict(num_experts=config.num_experts, top_k=config.top_k, moe_layers=list(config.moe_layers)) if is_moe else {}
+    return TowerInfo(
+        path=str(name),
+        is_moe=is_moe,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        processor=processor,
+        **moe,
+    )
+
+
+def _model_type(name: str | Path) -> str | None:
+    if Path(name).is_dir():
+        if (Path(name) / "config.json").is_file():
+            read_config_json(name)  # present but not a JSON object: the line says why
+        model_type = read_model_type(name)
+        if model_type is None:
+            raise UserError(f"{name} is not a model directory (no readable config.json); "
+                            "pass a CLIP or CLIP-MoE directory")
+        return model_type
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(str(name))
+    except (OSError, ValueError) as err:
+        raise UserError(f"vision tower {name} is neither a directory nor a hub id readable here "
+                        f"({_first_line(err)}); pass an existing CLIP or CLIP-MoE directory") from err
+    return config_dict.get("model_type")
+
+
+def _read_processor(name: str | Path) -> ImageProcessorInfo | None:
+    """The tower's image processor; None when it has none (a directory without preprocessor_config.json,
+    or a hub id whose processor is not cached)."""
+    if Path(name).is_dir():
+        if not (Path(name) / "preprocessor_config.json").is_file():
+            return None
+        processor = load_image_processor(name)
+    else:
+        try:
+            processor = CLIPImageProcessor.from_pretrained(name)
+        except OSError:
+            return None
+    return ImageProcessorInfo(
+        shortest_edge=processor.size.get("shortest_edge"),
+        crop_height=processor.crop_size["height"],
+        crop_width=processor.crop_size["width"],
+        image_mean=list(processor.image_mean),
+        image_std=list(processor.image_std),
+    )
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]

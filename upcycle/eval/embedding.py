@@ -1,0 +1,107 @@
+"""Encoding image-caption pairs into L2-normalised CLIP embeddings, for dense CLIPs and CLIP-MoEs alike.
+
+Used by zero-shot evaluation and by training stages that cluster a whole training set, so only the
+final embeddings are kept: [N, projection_dim] float32 on the CPU, filled batch by batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from encoder.utils.errors import UserError
+
+from ..data import ImageTextDataset, Pair, processor_transform, tokenizer_fn
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def text_max_length(model: PreTrainedModel) -> int:
+    """The text tower's context length: longer captions are truncated to it, as CLIP was trained."""
+    return model.config.text_config.max_position_embeddings
+
+
+def pair_loader(pairs: Sequence[Pair], image_processor, tokenizer, max_length: int, batch_size: int = 64,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of {"pixel_values", "captions", "input_ids", "attention_mask"} in pair order (no tokens when
+    `tokenizer` is None); images are decoded in the workers."""
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: expected 1 or more")
+    tokenize = tokenizer_fn(tokenizer, max_length) if tokenizer is not None else None
+    dataset = ImageTextDataset(pairs, processor_transform(image_processor), tokenize)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=dataset.collate, pin_memory=pin_memory)
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[torch.device]:
+    """Eval mode (no router jitter), inference mode and bf16 autocast on CUDA; restores the model's mode.
+
+    Yields the model's device. Callers inside a training loop get their model back in training mode.
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            yield device
+    finally:
+        model.train(was_training)
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1).cpu()
+
+
+def _text_features(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
+    out = model.get_text_features(input_ids=batch["input_ids"].to(device, non_blocking=True),
+                                  attention_mask=batch["attention_mask"].to(device, non_blocking=True))
+    return _normalized(out.pooler_output)
+
+
+def encode_pairs(model: PreTrainedModel, pairs: Sequence[Pair], image_processor, tokenizer, batch_size: int = 64,
+                 num_workers: int = 0, device: str | torch.device | None = None,
+                 desc: str = "encoding") -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and caption embeddings of `pairs` (a `CLIPModel` or `CLIPMoEModel`), L2-normalised.
+
+    Returns (image_emb, text_emb), each [len(pairs), projection_dim] float32 on the CPU, row i = pair i.
+    `device`: where to run (the model is moved there); default: where the model already is.
+    """
+    if tokenizer is None:
+        raise UserError("the model has no tokenizer; save one into its directory (tokenizer.json) to encode captions")
+    if device is not None:
+        model.to(device)
+    dim = model.config.projection_dim
+    image_emb = torch.empty(len(pairs), dim)
+    text_emb = torch.empty(len(pairs), dim)
+    with inference(model) as dev:
+        loader = pair_loader(pairs, image_processor, tokenizer, text_max_length(model), batch_size, num_workers,
+                             pin_memory=dev.type == "cuda")
+        start = 0
+        for batch in tqdm(loader, desc=desc, unit="batch"):
+            end = start + len(batch["captions"])
+            pixels = batch["pixel_values"].to(dev, non_blocking=True)
+            image_emb[start:end] = _normalized(model.get_image_features(pixel_values=pixels).pooler_output)
+            text_emb[start:end] = _text_features(model, batch, dev)
+            start = end
+    return image_emb, text_emb
+
+
+def encode_texts(model: PreTrainedModel, tokenizer, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings [len(texts), projection_dim] (float32, CPU), e.g. of class prompts."""
+    if tokenizer is None:
+        raise UserError("the model has no tokenizer; save one into its directory (tokenizer.json) to encode text")
+    tokenize = tokenizer_fn(tokenizer, text_max_length(model))
+    chunks = [torch.empty(0, model.config.projection_dim)]
+    with inference(model) as device:
+        for start in range(0, len(texts), batch_size):
+            chunks.append(_text_features(model, tokenize(list(texts[start:start + batch_size])), device))
+    return torch.cat(chunks)

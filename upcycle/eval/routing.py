@@ -1,0 +1,134 @@
+"""How a CLIP-MoE routes real data: expert usage, router entropy and token counts per tower and MoE layer.
+
+Collapsed routing (one expert taking most choices) or routers that never leave uniform are the first
+things to rule out after upcycling or router training; the heat map shows both at a glance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from encoder.utils.errors import UserError, require_finite
+
+from ..data import Pair
+from .embedding import inference, pair_loader, text_max_length
+
+TOWERS = ("vision", "text")
+
+
+def not_moe_error(what: str) -> UserError:
+    return UserError(f"not a CLIP-MoE: {what} has no routers, nothing to route; give a CLIP-MoE directory "
+                     "(e.g. one written by `python -m upcycle sparse`)")
+
+
+class _LayerTally:
+    """Running counts over the MoE layers of one tower (float64 sums, so large data sets add up exactly)."""
+
+    def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int):
+        self.moe_layers, self.num_experts, self.top_k = list(moe_layers), num_experts, top_k
+        self.choices = torch.zeros(len(self.moe_layers), num_experts, dtype=torch.float64)
+        self.entropy = torch.zeros(len(self.moe_layers), dtype=torch.float64)
+        self.tokens = torch.zeros(len(self.moe_layers), dtype=torch.long)
+
+    def add(self, router_logits: Sequence[torch.Tensor], keep: torch.Tensor | None = None) -> None:
+        """router_logits: one [T, E] tensor per MoE layer; keep [T] bool selects the tokens to count."""
+        for i, logits in enumerate(router_logits):
+            logits = logits.float() if keep is None else logits.float()[keep]
+            require_finite(logits, f"router logits of MoE layer {self.moe_layers[i]}")
+            probs = logits.softmax(dim=-1)
+            # The layer picks top-k of the softmax (not of the logits), so count exactly what it picks.
+            chosen = probs.topk(self.top_k, dim=-1).indices.reshape(-1)
+            self.choices[i] += torch.bincount(chosen, minlength=self.num_experts).double().cpu()
+            self.entropy[i] += -(probs * logits.log_softmax(dim=-1)).sum().double().cpu()
+            self.tokens[i] += logits.shape[0]
+
+    def summary(self) -> dict:
+        log_e = math.log(self.num_experts)
+        layers = []
+        for i, layer in enumerate(self.moe_layers):
+            tokens = int(self.tokens[i])
+            fraction = self.choices[i] / self.choices[i].sum().clamp_min(1)
+            usage_entropy = -(fraction * fraction.clamp_min(1e-300).log()).sum().item()
+            token_entropy = self.entropy[i].item() / max(tokens, 1)
+            layers.append({
+                "layer": layer,
+                "tokens": tokens,
+                "expert_fraction": fraction.tolist(),
+                "router_entropy": token_entropy,
+                "router_entropy_norm": token_entropy / log_e if log_e else 0.0,
+                "usage_entropy_norm": usage_entropy / log_e if log_e else 1.0,
+            })
+        return {"num_experts": self.num_experts, "top_k": self.top_k, "layers": layers}
+
+
+def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor, tokenizer, batch_size: int = 64,
+                  num_workers: int = 0, desc: str = "routing") -> dict:
+    """Routing of `pairs` through a `CLIPMoEModel`, per tower with MoE layers and per MoE layer.
+
+    Returns {"towers": {tower: {"num_experts", "top_k", "layers": [{"layer", "tokens", "expert_fraction" (the
+    share of all top-k choices each expert received; sums to 1), "router_entropy" (mean per-token entropy of
+    the router softmax, nats), "router_entropy_norm" (the same / log E), "usage_entropy_norm" (entropy of
+    expert_fraction / log E: 1 = perfectly balanced)}]}}}. Vision counts every token (patches and CLS);
+    text counts real tokens only (attention_mask 1), since padding is never part of a caption.
+    """
+    config = model.config
+    if getattr(config, "model_type", None) != "clip_moe":
+        raise not_moe_error(f"a {type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})")
+    tallies = {}
+    for tower in TOWERS:
+        cfg = getattr(config, f"{tower}_config")
+        if cfg.moe_layers:
+            tallies[tower] = _LayerTally(cfg.moe_layers, cfg.num_experts, cfg.top_k)
+    if not tallies:
+        raise not_moe_error("this CLIP-MoE (no MoE layers in either tower)")
+    if "text" in tallies and tokenizer is None:
+        raise UserError("the CLIP-MoE has text MoE layers but no tokenizer; save one into its directory")
+    with inference(model) as device:
+        loader = pair_loader(pairs, image_processor, tokenizer if "text" in tallies else None,
+                             text_max_length(model), batch_size, num_workers, pin_memory=device.type == "cuda")
+        for batch in tqdm(loader, desc=desc, unit="batch"):
+            if "vision" in tallies:
+                out = model.vision_model(pixel_values=batch["pixel_values"].to(device), output_router_logits=True)
+                tallies["vision"].add(out.router_logits)
+            if "text" in tallies:
+                mask = batch["attention_mask"].to(device)
+                out = model.text_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                       output_router_logits=True)
+                tallies["text"].add(out.router_logits, mask.reshape(-1).bool())
+    return {"towers": {tower: tally.summary() for tower, tally in tallies.items()}}
+
+
+def routing_figure(stats: dict, name: str | None = None):
+    """A heat map of `routing_stats` output (rows = MoE layers per tower, columns = experts, cells annotated
+    with the fraction), titled with the model's `name`, as a matplotlib Figure on the Agg canvas (no display,
+    no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [(f"{tower} L{layer['layer']}", layer["expert_fraction"])
+            for tower, t in stats["towers"].items() for layer in t["layers"]]
+    width = max(len(fractions) for _, fractions in rows)
+    grid = np.full((len(rows), width), np.nan)
+    for r, (_, fractions) in enumerate(rows):
+        grid[r, : len(fractions)] = fractions
+    vmax = float(np.nanmax(grid)) or 1.0
+
+    fig = Figure(figsize=(2.5 + 0.8 * width, 1.2 + 0.4 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+    for (r, c), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if value < 0.6 * vmax else "black")
+    ax.set_xticks(range(width), [f"expert {e}" for e in range(width)])
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_title(f"{name + ': ' if name else ''}share of top-k choices per expert (uniform = 1/E)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fraction of choices")
+    return fig

@@ -1,0 +1,132 @@
+"""The arms of the upcycling comparison, each trained from the same base with the same budget of pairs.
+
+Budget: DMU sees the training set (E-1) x stage_epochs times in its MCL stages plus router_epochs times in
+router training; every other arm trains for that many whole epochs. Whole epochs show every pair exactly
+once (the batch plan guarantees it), so "pairs seen" is equal by construction, and `train_arm` returns the
+count so the caller can assert it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoder.loading import load_clip
+from encoder.save import save_clip_moe
+
+from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+from ...recipes.dmu import DMUConfig, run_dmu
+from ...recipes.sparse import sparse_upcycle
+from ...train import ContrastiveTrainer, TrainConfig
+
+ARMS = ("base", "dense", "sparse-even", "sparse-all", "dmu")
+ARM_TITLES = {
+    "base": "base (no extra training)",
+    "dense": "dense, continued fine-tuning (all weights)",
+    "sparse-even": "sparse upcycling, MoE every other layer + continued training (CLIP-UP)",
+    "sparse-all": "sparse upcycling, MoE in all layers + continued training (CLIP-UP)",
+    "dmu": "DMU: MCL stages + router training (CLIP-MoE)",
+}
+
+
+@dataclass
+class ArmSettings:
+    """One recipe per arm family; learning rates are per arm because the recipes differ in what they train."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    stage_epochs: int = 1
+    router_epochs: int = 1
+    batch_size: int = 64
+    dense_lr: float = 1e-4
+    sparse_lr: float = 5e-5  # CLIP-UP: a reduced learning rate for the upcycled model
+    stage_lr: float = 2e-4
+    router_lr: float = 1e-3
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    @property
+    def budget_epochs(self) -> int:
+        return (self.num_experts - 1) * self.stage_epochs + self.router_epochs
+
+
+# The settings that shape each arm's result beyond the budget (epochs, batch, weight decay) that all trained arms
+# share: a re-run reuses an arm's folder only when these are unchanged.
+ARM_FIELDS = {
+    "base": (),
+    "dense": ("dense_lr",),
+    "sparse-even": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
+    "sparse-all": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
+    "dmu": ("num_experts", "top_k", "stage_epochs", "router_epochs", "stage_lr", "router_lr", "aux_loss_coef"),
+}
+
+
+def arm_settings(arm: str, seed: int, settings: ArmSettings, inputs: dict[str, str]) -> dict:
+    """Everything that makes one arm x seed's result: the arm's recipe fields, the budget and the inputs' hashes."""
+    shared = {} if arm == "base" else {"seed": seed, "budget_epochs": settings.budget_epochs,
+                                       "batch_size": settings.batch_size, "weight_decay": settings.weight_decay}
+    return {"arm": arm, **shared, **{name: getattr(settings, name) for name in ARM_FIELDS[arm]}, **inputs}
+
+
+def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Path, settings: ArmSettings) -> dict:
+    """Train `arm` into folder/model (resuming inside folder); returns {"model": dir, "pairs_seen": n}."""
+    if arm == "base":
+        return {"model": str(base_dir), "pairs_seen": 0}
+    if arm == "dmu":
+        return _train_dmu(seed, base_dir, train_data, folder, settings)
+    out = folder / "model"
+    if out.exists():
+        recipe = json.loads((out / "clip_moe_recipe.json").read_text())
+        return {"model": str(out), "pairs_seen": recipe["metrics"]["pairs seen"]}
+    loaded = load_clip(base_dir)
+    model, lr, aux, z = loaded.model, settings.dense_lr, 0.0, 0.0
+    if arm.startswith("sparse-"):
+        layers = arm.split("-", 1)[1]
+        model = sparse_upcycle(model, settings.num_experts, settings.top_k, layers, seed=seed)
+        lr, aux, z = settings.sparse_lr, settings.aux_loss_coef, settings.z_loss_coef
+    elif arm != "dense":
+        raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    pairs = read_pairs(train_data)
+    max_len = loaded.model.config.text_config.max_position_embeddings
+    dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
+                               tokenizer_fn(loaded.tokenizer, max_len))
+    cfg = TrainConfig(trainable="all", epochs=settings.budget_epochs, batch_size=settings.batch_size, lr=lr,
+                      weight_decay=settings.weight_decay, aux_loss_coef=aux, z_loss_coef=z, seed=seed,
+                      desc=f"{arm} seed {seed}")
+    trainer = ContrastiveTrainer(model, dataset, dataset.collate, cfg, folder / "train")
+    model = trainer.train(resume=True)
+    card = {"base": str(base_dir), "recipe": ARM_TITLES[arm],
+            "metrics": {"pairs seen": trainer.pairs_seen, "optimizer steps": trainer.total_steps},
+            "details": {"seed": seed, "lr": lr, "aux_loss_coef": aux, "z_loss_coef": z}}
+    save_clip_moe(model, out, loaded.image_processor, loaded.tokenizer, card)
+    return {"model": str(out), "pairs_seen": trainer.pairs_seen}
+
+
+def _train_dmu(seed: int, base_dir: Path, train_data: Path, folder: Path, settings: ArmSettings) -> dict:
+    out = folder / "model"
+    if not out.exists():
+        cfg = DMUConfig(base=str(base_dir), train_data=str(train_data), out=str(out), work_dir=str(folder / "dmu"),
+                        num_experts=settings.num_experts, top_k=settings.top_k, stage_epochs=settings.stage_epochs,
+                        router_epochs=settings.router_epochs, batch_size=settings.batch_size, lr=settings.stage_lr,
+                        router_lr=settings.router_lr, weight_decay=settings.weight_decay, logit_scale=None,
+                        aux_loss_coef=settings.aux_loss_coef, seed=seed)
+        run_dmu(cfg, resume=(folder / "dmu" / "manifest.json").exists())
+    details = json.loads((out / "clip_moe_recipe.json").read_text())["details"]
+    seen = sum(s["clusters"]["pairs_seen"] for s in details["stages"].values()) + details["router"]["pairs_seen"]
+    return {"model": str(out), "pairs_seen": seen}
+
+
+def loss_curve(folder: Path, arm: str) -> list[tuple[int, float]]:
+    """(pairs seen, contrastive loss) along an arm's training, DMU stages and router training back to back."""
+    logs = sorted((folder / "dmu").glob("stage-*/train/metrics.jsonl")) + [folder / "dmu" / "router" / "metrics.jsonl"] \
+        if arm == "dmu" else [folder / "train" / "metrics.jsonl"]
+    curve, offset = [], 0
+    for log in logs:
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        curve += [(offset + int(r["pairs_seen"]), r["contrastive"]) for r in rows]
+        offset += int(rows[-1]["pairs_seen"]) if rows else 0
+    return curve

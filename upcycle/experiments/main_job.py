@@ -1,0 +1,196 @@
+"""The embedded main job: the whole product on a CPU, from real handwriting to an MLLM benchmark table.
+
+digit-grid data -> a small dense CLIP trained from scratch (the "pretrained base") -> a CLIP-MoE by DMU ->
+LLaVA stage 1 and stage 2 with a tiny Llama, once with the dense tower and once with the CLIP-MoE tower ->
+lmms-eval on the digit-grid QA task for both -> report.md with tables and plots.
+
+Every step is the command a user would type, run as a subprocess and printed first. A step that succeeds
+leaves a record of its command line in OUT/.steps/; a re-run skips exactly the steps recorded with the same
+command line, so an interrupted run continues where it stopped, a failed step is never taken for done, and a
+step's leftovers are cleared (or resumed, for the training commands that resume themselves) before it runs
+again. The job's sizes are recorded in OUT/settings.json: a run with other sizes (e.g. --quick over a full
+run) stops with one line instead of mixing the two. mllm_bridge is only ever run, never imported, which keeps
+the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from encoder.utils.errors import UserError
+from encoder.utils.files import check_output_parent, write_atomic
+from encoder.utils.step_record import SETTINGS_FILE, claim
+
+STEP_RECORDS = ".steps"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part of the job is; `quick` is the shortened run the test suite makes."""
+
+    num_train: int = 2000
+    num_test: int = 200
+    base_epochs: int = 20
+    batch_size: int = 64
+    dmu_stage_epochs: int = 2
+    stage1_steps: int = 400
+    stage2_steps: int = 400
+    eval_limit: int = 200
+
+
+QUICK = Sizes(num_train=96, num_test=32, base_epochs=1, batch_size=16, dmu_stage_epochs=1, stage1_steps=2,
+              stage2_steps=2, eval_limit=4)
+TOWERS = ("dense", "clip-moe")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    output: Path  # what the step leaves when it succeeds (a re-run skips it only with its success record too)
+    clean: Path | None = None  # removed before the step runs again without a success record: the leftovers of a
+    # failed or interrupted run of a command that refuses an existing output. None: the command resumes itself.
+
+
+def plan(out: Path, sizes: Sizes) -> list[Step]:
+    """The job's commands in order."""
+    py = [sys.executable, "-m"]
+    data, base, moe = out / "digit-grids", out / "base", out / "clip-moe"
+    towers = {"dense": base, "clip-moe": moe}
+    steps = [
+        *data_and_base_steps(out, sizes.num_train, sizes.num_test, sizes.base_epochs, sizes.batch_size),
+        Step("CLIP-MoE by DMU", [*py, "upcycle", "dmu", "--base", str(base), "--train-data", str(data / "train.json"),
+                                 "--out", str(moe), "--num-experts", "4", "--top-k", "2",
+                                 "--stage-epochs", str(sizes.dmu_stage_epochs), "--router-epochs", "1",
+                                 "--batch-size", str(sizes.batch_size), "--lr", "2e-4", "--router-lr", "1e-3",
+                                 "--logit-scale", "learnable", "--resume"], moe / "config.json"),
+    ]
+    for name, tower in towers.items():
+        steps.append(Step(f"retrieval: {name}", [*py, "upcycle", "eval", "--model", str(tower), "--data",
+                                                  str(data / "test.json"), "--digit-positions", "--out",
+                                                  str(out / "eval" / f"{name}.json")], out / "eval" / f"{name}.json"))
+    steps.append(Step("expert usage", [*py, "upcycle", "routing", "--model", str(moe), "--data", str(data / "test.json"),
+                                       "--out-png", str(out / "report" / "expert_usage.png"),
+                                       "--out-json", str(out / "eval" / "routing.json")], out / "eval" / "routing.json"))
+    steps += mllm_steps(out, data, towers, sizes.stage1_steps, sizes.stage2_steps, sizes.eval_limit)
+    return steps
+
+
+def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: int, batch_size: int = 64,
+                        title: str = "trained from scratch") -> list[Step]:
+    """Digit grids under OUT/digit-grids and a small CLIP trained on them from scratch into OUT/base."""
+    py = [sys.executable, "-m"]
+    data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
+    return [
+        Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(num_train),
+                      "--num-val", "0", "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json",
+             clean=data),
+        Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
+                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
+             base_init / "config.json", clean=base_init),
+        Step(f"base: {title}", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
+                                str(data / "train.json"), "--out", str(base), "--trainable", "all", "--epochs",
+                                str(base_epochs), "--batch-size", str(batch_size), "--lr", "1e-3",
+                                "--weight-decay", "0.1", "--resume"], base / "config.json"),
+    ]
+
+
+def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int, stage2_steps: int,
+               eval_limit: int) -> list[Step]:
+    """A tiny LLM, LLaVA stage 1 and stage 2 for every tower with identical settings, then lmms-eval on the
+    digit-grid QA task for all of them side by side."""
+    py = [sys.executable, "-m"]
+    llm = out / "llm"
+    steps = [Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
+                  llm / "config.json", clean=llm)]
+    for name, tower in towers.items():
+        stage1, stage2 = out / f"llava-{name}-pretrain", out / f"llava-{name}-finetune"
+        steps.append(Step(f"LLaVA stage 1: {name} tower", [
+            *py, "mllm_bridge.train", "pretrain", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
+            "--data_path", str(data / "train.json"), "--output_dir", str(stage1), "--max_steps",
+            str(stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+            "--dataloader_num_workers", "0"], stage1 / "mm_projector.bin"))
+        steps.append(Step(f"LLaVA stage 2: {name} tower", [
+            *py, "mllm_bridge.train", "finetune", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
+            "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--data_path",
+            str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(stage2_steps),
+            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0"],
+             stage2 / "config.json"))
+    tasks = out / "lmms-tasks"
+    steps.append(Step("lmms-eval task from the test split", [*py, "mllm_bridge", "make-lmms-task", "--data", str(data),
+                                                             "--out", str(tasks), "--split", "test"],
+                      tasks / "digit_grids.parquet", clean=tasks))
+    checkpoints = [a for name in towers for a in ("--checkpoint", f"{name}={out / f'llava-{name}-finetune'}")]
+    steps.append(Step("lmms-eval: digit-grid QA", [
+        *py, "mllm_bridge", "eval-lmms", *checkpoints, "--tasks", "digit_grids_qa", "--include-path", str(tasks),
+        "--limit", str(eval_limit), "--device", "cpu", "--out", str(out / "lmms-eval")],
+        out / "lmms-eval" / "summary.json", clean=out / "lmms-eval"))
+    return steps
+
+
+def step_record(out: Path, step: Step) -> Path:
+    return out / STEP_RECORDS / (re.sub(r"[^a-z0-9]+", "-", step.name.lower()).strip("-") + ".json")
+
+
+def run_step(step: Step, index: int, total: int, out: Path) -> float:
+    """Run one step unless its success record holds the same command line; returns the seconds it ran."""
+    record = step_record(out, step)
+    command = step.argv[1:]  # the interpreter's path is not a setting
+    if record.is_file() and step.output.exists():
+        try:
+            done_before = json.loads(record.read_text()).get("argv") == command
+        except (OSError, ValueError):
+            done_before = False
+        if done_before:
+            print(f"[{index}/{total}] {step.name}: done earlier ({step.output}), skipped", flush=True)
+            return 0.0
+    record.unlink(missing_ok=True)
+    if step.clean is not None and step.clean.exists():
+        print(f"[{index}/{total}] {step.name}: clearing what an unfinished earlier run left in {step.clean}",
+              flush=True)
+        shutil.rmtree(step.clean) if step.clean.is_dir() else step.clean.unlink()
+    print(f"\n[{index}/{total}] {step.name}\n  $ {shlex.join(step.argv)}", flush=True)
+    start = time.time()
+    done = subprocess.run(step.argv)
+    if done.returncode != 0:
+        raise UserError(f"step '{step.name}' failed (exit {done.returncode}); fix the cause shown above and run "
+                        "the same command again: finished steps are skipped")
+    seconds = time.time() - start
+    write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"argv": command, "seconds": round(seconds, 1)})))
+    return seconds
+
+
+def claim_job(out: Path, job: str, settings: dict) -> None:
+    """OUT holds this job with these settings, or is new: anything else stops with one line."""
+    check_output_parent(out / SETTINGS_FILE)
+    claim(out, {"job": job, **settings}, f"use another --out, or delete {out} to start over")
+
+
+def run_main_job(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = Path(args.out)
+    sizes = QUICK if args.quick else Sizes()
+    claim_job(out, "demo", dataclasses.asdict(sizes))
+    steps = plan(out, sizes)
+    start = time.time()
+    timing_file = out / "report" / "timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    for i, step in enumerate(steps, start=1):
+        seconds = run_step(step, i, len(steps), out)
+        if seconds or step.name not in timings:  # a skipped step keeps the time it took when it ran
+            timings[step.name] = round(seconds, 1)
+            write_atomic(timing_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))
+    report = write_report(out, sizes, timings, time.time() - start)
+    print(f"\nreport: {report}")
+    return 0

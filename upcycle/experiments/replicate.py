@@ -1,0 +1,99 @@
+"""The papers' comparison at tiny scale (`scripts/replicate.sh`): CLIP arms over seeds, then the MLLM comparison.
+
+1. Digit grids; a base CLIP trained *briefly* from scratch (few epochs: far from converged, so extra training
+   helps every arm, and the question is which way of spending the same extra budget helps most).
+2. `upcycle compare`: base / dense fine-tuning / sparse upcycling (every other layer, all layers) / DMU, equal
+   pair budgets from the same base weights, 3 seeds.
+3. The MLLM comparison: LLaVA stage 1 + stage 2 with a tiny Llama on the seed-0 tower of the dense,
+   sparse-upcycled (all layers) and DMU arms, then lmms-eval on digit-grid QA for the three.
+4. OUT/report.md (+ PNGs) with the exact command, machine, wall time and versions.
+
+Steps run as subprocesses through the main job's step runner: finished steps (and finished arm/seed runs
+inside `compare`) are skipped when the command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from encoder.utils.files import write_atomic
+
+from .main_job import Step, claim_job, data_and_base_steps, mllm_steps, run_step
+
+MLLM_ARMS = ("dense", "sparse-all", "dmu")
+PLAN_SETTINGS = ("num_train", "num_test", "base_epochs", "seeds", "stage_steps", "eval_limit")  # what `plan` reads
+
+
+def plan(out: Path, args: argparse.Namespace) -> list[Step]:
+    py = [sys.executable, "-m"]
+    data, base = out / "digit-grids", out / "base"
+    compare = out / "compare"
+    steps = [
+        *data_and_base_steps(out, args.num_train, args.num_test, args.base_epochs, title="trained briefly"),
+        Step("CLIP arms x seeds", [*py, "upcycle", "compare", "--base", str(base), "--data", str(data), "--out",
+                                   str(compare), "--seeds", args.seeds], compare / "compare.md"),
+    ]
+    towers = {arm: compare / "arms" / arm / f"seed-{args.seeds.split(',')[0]}" / "model" for arm in MLLM_ARMS}
+    steps += mllm_steps(out, data, towers, args.stage_steps, args.stage_steps, args.eval_limit)
+    return steps
+
+
+def run_replicate(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    claim_job(out, "replicate", {name: getattr(args, name) for name in PLAN_SETTINGS})
+    steps = plan(out, args)
+    start = time.time()
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for i, step in enumerate(steps, start=1):
+        seconds = run_step(step, i, len(steps), out)
+        if seconds or step.name not in timings:
+            timings[step.name] = round(seconds, 1)
+            write_atomic(timings_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))
+    report = write_report(out, args, timings, time.time() - start)
+    print(f"\nreport: {report}")
+    return 0
+
+
+def write_report(out: Path, args: argparse.Namespace, timings: dict, seconds: float) -> Path:
+    import torch
+    import transformers
+
+    compare_md = (out / "compare" / "compare.md").read_text()
+    shutil.copyfile(out / "compare" / "training_loss.png", out / "training_loss.png")
+    lmms = out / "lmms-eval" / "results.md"
+    mllm = "\n".join("#" + line if line.startswith("##") else line
+                     for line in lmms.read_text().splitlines() if not line.startswith("# ")) if lmms.exists() else ""
+    total = sum(timings.values())
+    text = f"""# Tiny-scale replication: dense fine-tuning vs sparse upcycling vs DMU
+
+Command: `{shlex.join(['bash', 'scripts/replicate.sh', *sys.argv[2:]])}`
+
+Data: digit grids of scikit-learn's real handwritten digits, {args.num_train} training and {args.num_test}
+test images (2x2 grids; test digits never seen in training). Base: a small CLIP (width 64, 4 layers per tower,
+32 px, patch 8) trained from scratch for only {args.base_epochs} epochs on the same captions, deliberately far
+from converged, so every arm can improve on it and the comparison is about how the same extra budget is spent.
+
+{compare_md}
+
+## MLLM comparison (LLaVA with a tiny Llama, seed-0 towers, digit-grid QA via lmms-eval)
+
+Stage 1 (projector) and stage 2 (projector + LLM, one-word digit questions) with {args.stage_steps} steps each,
+identical settings for every tower.
+
+{mllm}
+
+## Run
+
+Wall time of the steps: {total / 60:.1f} min (this invocation {seconds / 60:.1f} min). Machine:
+{platform.machine()}, {torch.get_num_threads()} threads; Python {platform.python_version()}, torch
+{torch.__version__}, transformers {transformers.__version__}.
+"""
+    return write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))

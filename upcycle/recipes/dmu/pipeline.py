@@ -1,0 +1,257 @@
+"""Diversified Multiplet Upcycling: MCL stages -> one FFN set per stage -> CLIP-MoE -> router training.
+
+Everything a run produces lives in a work directory with a manifest, so an interrupted run continues where it
+stopped: finished stages are skipped, an unfinished stage keeps its clusters and resumes from its last
+checkpoint. A stage's output is its FFN weights only (everything else is the base's, by construction).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from encoder.convert.dense import load_dense_clip
+from encoder.loading import require_finite_weights
+from encoder.save import save_clip_moe
+from encoder.training import process_state
+from encoder.utils.errors import UserError
+from encoder.utils.files import check_output_dir, write_atomic
+from encoder.utils.step_record import SettingsChanged, differences
+
+from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+from ...train import ContrastiveTrainer, TrainConfig
+from ...train.config import check_settings
+from ..assemble import assemble_clip_moe, moe_config_for
+from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
+from .config import DMUConfig, default_work_dir, jsonable
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+class DMURun:
+    """One DMU run bound to its work directory."""
+
+    def __init__(self, cfg: DMUConfig, resume: bool = False):
+        self.cfg = cfg
+        self.work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir(cfg.out)
+        check_output_dir(cfg.out, cfg.overwrite)
+        self._check_settings()
+        self.manifest = self._open_manifest(resume)
+        dense = load_dense_clip(cfg.base)
+        if dense.tokenizer is None:
+            raise UserError(f"base {cfg.base} has no tokenizer files; save its tokenizer into the directory")
+        self.base, self.image_processor, self.tokenizer = dense.model, dense.image_processor, dense.tokenizer
+        self.base_source = dense.source
+        # Before stage 1 encodes the data with it: a NaN weight would surface as a k-means or divergence error.
+        require_finite_weights(self.base, f"base {cfg.base}")
+        self.pairs = read_pairs(cfg.train_data, cfg.image_root, cfg.skip_missing)
+        max_len = self.base.config.text_config.max_position_embeddings
+        self.dataset = ImageTextDataset(self.pairs, processor_transform(self.image_processor),
+                                        tokenizer_fn(self.tokenizer, max_len))
+        if len(self.pairs) < cfg.batch_size:
+            raise UserError(f"{len(self.pairs)} training pairs but the global batch is {cfg.batch_size}; "
+                            "lower --batch-size or add data")
+        self.moe_config = moe_config_for(self.base, cfg.num_experts, cfg.top_k, cfg.moe_layers, cfg.towers,
+                                         aux_loss_coef=cfg.aux_loss_coef, router_z_loss_coef=cfg.z_loss_coef)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        check_settings(self.cfg)  # again: a dataclass field may have been changed since it was made
+
+    def _open_manifest(self, resume: bool) -> dict:
+        path = self.work / MANIFEST
+        fresh = {"settings": self.cfg.fingerprint(), "stages": {}, "router": None}
+        if not path.exists():
+            return fresh
+        if not resume:
+            raise UserError(f"work directory {self.work} holds an earlier DMU run; pass --resume to continue it "
+                            "or remove the directory")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path} is unreadable ({err}); remove {self.work} to start afresh") from None
+        changed = differences(manifest.get("settings", {}), fresh["settings"])
+        if changed:
+            raise SettingsChanged(f"--resume with other settings than {self.work} was made with ({'; '.join(changed)}); "
+                                  "use the original settings or a new --work-dir")
+        return manifest
+
+    def _save_manifest(self) -> None:
+        if not _is_main():
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        _write_json(self.work / MANIFEST, self.manifest)
+
+    def stage_dir(self, stage: int) -> Path:
+        return self.work / f"stage-{stage}"
+
+    # -- the algorithm -----------------------------------------------------------------------------------
+    def run(self) -> Path:
+        labels = np.zeros(len(self.pairs), dtype=np.int64)
+        for stage in range(1, self.cfg.num_experts):
+            labels = self.run_stage(stage, labels)
+        model = self.train_routers()
+        self.save(model)
+        return Path(self.cfg.out)
+
+    def stage_model(self, stage: int):
+        """The dense CLIP of `stage`: the base with that stage's FFNs (stage 0 = the base)."""
+        model = copy.deepcopy(self.base)
+        if stage > 0:
+            model.load_state_dict(load_file(str(self.stage_dir(stage) / "ffn.safetensors")), strict=False)
+        return model.eval()
+
+    def run_stage(self, stage: int, previous: np.ndarray) -> np.ndarray:
+        cfg, folder = self.cfg, self.stage_dir(stage)
+        if self.manifest["stages"].get(str(stage), {}).get("status") == "done":
+            logger.info("stage %d already finished; skipped", stage)
+            return np.load(folder / "labels.npy")
+        start = time.time()
+        if not (folder / "clusters.json").exists():
+            self.cluster(stage, previous)
+        labels, batch_labels = np.load(folder / "labels.npy"), np.load(folder / "batch_labels.npy")
+        report = json.loads((folder / "clusters.json").read_text())
+        self.manifest["stages"][str(stage)] = {"status": "clustered", "clusters": report}
+        self._save_manifest()
+
+        model = copy.deepcopy(self.base)  # every stage starts from the base; only its batches differ
+        train_cfg = self._train_config("ffn", cfg.lr, cfg.stage_epochs, cfg.stage_max_steps, f"MCL stage {stage}")
+        trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, folder / "train",
+                                     labels=batch_labels, source=f"base {cfg.base}")
+        model = trainer.train(resume=True)
+        if _is_main():
+            named = dict(model.named_parameters())
+            _save_tensors(folder / "ffn.safetensors", {k: named[k].detach().cpu().contiguous()
+                                                       for k in trainer.trainable})
+        _wait()
+        report.update(pairs_used_per_epoch=len(self.pairs) - trainer.sampler.dropped_per_epoch,
+                      steps=trainer.total_steps, pairs_seen=trainer.pairs_seen,
+                      final_loss=_last_loss(folder / "train" / "metrics.jsonl"), seconds=round(time.time() - start, 1))
+        self.manifest["stages"][str(stage)] = {"status": "done", "clusters": report}
+        self._save_manifest()
+        if _is_main():
+            print(f"stage {stage}: {report['clusters_used']} clusters used ({report['clusters_found']} found, "
+                  f"{report['merged']} small ones merged), {report['pairs_used_per_epoch']} of {len(self.pairs)} "
+                  f"pairs per epoch, final loss {report['final_loss']:.4f}")
+        return labels
+
+    def cluster(self, stage: int, previous: np.ndarray) -> None:
+        """Encode with stage s-1's model (each process a share), k-means each modality on the main process,
+        accumulate the labels and merge clusters below one global batch; results go to the stage folder."""
+        from ...eval.embedding import encode_pairs
+
+        state, folder = process_state(), self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        share = self.pairs[state.process_index::state.num_processes]
+        images, texts = encode_pairs(self.stage_model(stage - 1), share, self.image_processor, self.tokenizer,
+                                     batch_size=max(self.cfg.batch_size, 64), device=state.device,
+                                     desc=f"encoding for stage {stage}")
+        _save_npy(folder / f"embeddings-rank{state.process_index}.npy",
+                  np.concatenate([images.numpy(), texts.numpy()], axis=1))
+        _wait()
+        if state.is_main_process:
+            parts = [np.load(folder / f"embeddings-rank{r}.npy") for r in range(state.num_processes)]
+            both = np.empty((len(self.pairs), parts[0].shape[1]), dtype=np.float32)
+            for r, part in enumerate(parts):
+                both[r::state.num_processes] = part
+            k, dim, seed = self.cfg.clusters_per_modality, images.shape[1], self.cfg.seed * 1000 + stage
+            labels = accumulate_labels(previous, kmeans_labels(both[:, :dim], k, seed),
+                                       kmeans_labels(both[:, dim:], k, seed + 500), k)
+            batch_labels, merge = merge_small_clusters(labels, both, self.cfg.batch_size)
+            _save_npy(folder / "labels.npy", labels)
+            _save_npy(folder / "batch_labels.npy", batch_labels)
+            for r in range(state.num_processes):
+                (folder / f"embeddings-rank{r}.npy").unlink()
+            _write_json(folder / "clusters.json", {"pairs": len(labels), **asdict(merge)})
+        _wait()
+
+    def _train_config(self, trainable: str, lr: float, epochs: float, max_steps: int | None, desc: str) -> TrainConfig:
+        cfg = self.cfg
+        return TrainConfig(trainable=trainable, epochs=epochs, max_steps=max_steps, batch_size=cfg.batch_size,
+                           lr=lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                           label_smoothing=cfg.label_smoothing, logit_scale=cfg.logit_scale,
+                           aux_loss_coef=cfg.aux_loss_coef if trainable == "router" else 0.0,
+                           z_loss_coef=cfg.z_loss_coef if trainable == "router" else 0.0,
+                           checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers,
+                           precision=cfg.precision, seed=cfg.seed, desc=desc)
+
+    def assemble(self):
+        """Expert i of every MoE layer = stage i's FFN (expert 0 = the base's); routers new."""
+        sources = [self.base.state_dict()] + [load_file(str(self.stage_dir(s) / "ffn.safetensors"))
+                                              for s in range(1, self.cfg.num_experts)]
+        return assemble_clip_moe(self.base, self.moe_config, sources, seed=self.cfg.seed)
+
+    def train_routers(self):
+        cfg = self.cfg
+        model = self.assemble()
+        start = time.time()
+        train_cfg = self._train_config("router", cfg.router_lr, cfg.router_epochs, cfg.router_max_steps,
+                                       "router training")
+        trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
+                                     source="the CLIP-MoE assembled from the base and the stages' FFNs")
+        model = trainer.train(resume=True)
+        self.manifest["router"] = {"status": "done", "steps": trainer.total_steps, "pairs_seen": trainer.pairs_seen,
+                                   "final_loss": _last_loss(self.work / "router" / "metrics.jsonl"),
+                                   "seconds": round(time.time() - start, 1)}
+        self._save_manifest()
+        return model
+
+    def save(self, model) -> None:
+        if not _is_main():
+            return
+        cfg = self.cfg
+        card = {
+            "base": self.base_source,
+            "recipe": (f"Diversified Multiplet Upcycling: {cfg.num_experts - 1} MCL stages (FFNs only, from the "
+                       f"base, {cfg.clusters_per_modality}x{cfg.clusters_per_modality} clusters per stage), "
+                       f"expert 0 = the base, top-{cfg.top_k}; routers trained at lr {cfg.router_lr}"),
+            "metrics": {f"stage {s} final loss": f"{st['clusters']['final_loss']:.4f}"
+                        for s, st in sorted(self.manifest["stages"].items())},
+            "details": {"settings": self.cfg.fingerprint(), "stages": self.manifest["stages"],
+                        "router": self.manifest["router"], "train_pairs": len(self.pairs)},
+        }
+        save_clip_moe(model, cfg.out, self.image_processor, self.tokenizer, card, overwrite=cfg.overwrite)
+        print(f"CLIP-MoE written to {cfg.out} (work directory {self.work})")
+
+
+def run_dmu(cfg: DMUConfig, resume: bool = False) -> Path:
+    return DMURun(cfg, resume).run()
+
+
+def _is_main() -> bool:
+    return process_state().is_main_process
+
+
+def _wait() -> None:
+    process_state().wait_for_everyone()
+
+
+def _write_json(path: Path, data) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=jsonable) + "\n"))
+
+
+def _save_tensors(path: Path, tensors: dict) -> None:
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append .npy to the temporary name
+            np.save(f, array)
+
+    write_atomic(path, write)
+
+
+def _last_loss(metrics: Path, window: int = 10) -> float:
+    if not metrics.exists():
+        return float("nan")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    tail = [r["contrastive"] for r in rows[-window:]]
+    return float(np.mean(tail)) if tail else float("nan")

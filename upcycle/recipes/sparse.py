@@ -1,0 +1,134 @@
+"""Sparse upcycling (the CLIP-UP recipe): every expert an exact copy of the dense MLP, routers new.
+
+With identical experts and renormalised top-k weights the CLIP-MoE computes exactly the dense function,
+so continued training starts from the dense model's quality.
+
+Two ways to the same result: `sparse_upcycle` builds the `CLIPMoEModel` in memory (for code that goes on
+to train it); `write_sparse_upcycled` streams it to disk tensor by tensor — every expert stack is the
+dense FFN tensor written E times, never an [E, ...] tensor in memory — which is what `upcycle sparse`
+uses, so a real-size CLIP-MoE costs about one tensor of memory, not base + MoE model + copies.
+`layerwise_output_diff` then checks the written weights against the base one module at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import CLIPModel
+
+from encoder import CLIPMoEConfig, CLIPMoEModel
+from encoder.convert.dense import DenseCLIPSource, load_dense_clip
+from encoder.tensor_stream import (
+    SafetensorsCheckpoint,
+    TensorSpec,
+    lazy_model,
+    parameters_on_meta,
+    write_safetensors,
+)
+from encoder.utils.errors import UserError
+
+from ..eval.function_check import max_output_diff, random_inputs
+from .assemble import assemble_clip_moe, dense_ffn_key, moe_config_for, new_routers
+
+SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes
+
+
+def sparse_upcycle(
+    base: CLIPModel | str,
+    num_experts: int = 4,
+    top_k: int = 2,
+    moe_layers: str | Sequence[int] = "all",
+    towers: Sequence[str] = ("vision", "text"),
+    seed: int = 0,
+    **moe_fields,
+) -> CLIPMoEModel:
+    """Upcycle a dense CLIP (a `CLIPModel`, a directory, a hub id or `open_clip:NAME[:CKPT]`) into a CLIP-MoE.
+
+    moe_layers: "all", "even", "odd", "last:N" or a list of layer indices, applied to each tower in `towers`.
+    moe_fields: further MoE config fields (router_jitter, capacity_factor, aux_loss_coef, router_z_loss_coef).
+    """
+    dense = base if isinstance(base, CLIPModel) else load_dense_clip(base).model
+    config = moe_config_for(dense, num_experts, top_k, moe_layers, towers, **moe_fields)
+    return assemble_clip_moe(dense, config, seed=seed)
+
+
+def moe_skeleton(config: CLIPMoEConfig, dtype: torch.dtype) -> CLIPMoEModel:
+    """The CLIP-MoE with meta-device parameters: names, shapes and dtypes of what will be written, and what the
+    parameter summary and model card are computed from, at no memory cost."""
+    with parameters_on_meta():
+        model = CLIPMoEModel(config)
+    return model.to(dtype).eval()
+
+
+def write_sparse_upcycled(base: DenseCLIPSource, config: CLIPMoEConfig, out_dir: str | Path, seed: int = 0,
+                          progress=None) -> CLIPMoEModel:
+    """Write the sparse-upcycled `config.json` + `model.safetensors` of `base` into `out_dir` (an existing,
+    normally temporary, directory) tensor by tensor, and return the meta skeleton of the written model.
+
+    The files equal what `sparse_upcycle(...)` + `save_pretrained` write (same tensors, same routers for the
+    same seed, same dtype, same file layout); tests/upcycle/recipes/test_sparse_streaming.py checks it byte for byte.
+    """
+    out_dir = Path(out_dir)
+    skeleton = moe_skeleton(config, base.dtype)
+    specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in skeleton.state_dict().items()}
+    routers = new_routers(config, seed)  # small ([E, width] per layer), drawn in the in-memory path's order
+    sources = {}
+    for name, spec in specs.items():
+        if name in routers:
+            continue
+        dense_key = dense_ffn_key(name)
+        source_key = dense_key or name
+        expected = spec.shape[1:] if dense_key else spec.shape
+        if source_key not in base.tensors:
+            raise UserError(f"{base.source}: its weights lack {source_key}, which its config.json implies; "
+                            "re-save or re-download the model")
+        found = base.tensors.spec(source_key).shape
+        if found != expected:
+            raise UserError(f"{base.source}: {source_key} has shape {list(found)} but its config.json implies "
+                            f"{list(expected)}; re-save or re-download the model")
+        sources[name] = (source_key, spec.shape[0] if dense_key else None)
+
+    def produce(name: str):
+        if name in routers:
+            return routers.pop(name).to(specs[name].dtype)
+        source_key, copies = sources[name]
+        tensor = _cast(base.tensors.get(source_key), specs[name].dtype)
+        return tensor if copies is None else itertools.repeat(tensor, copies)
+
+    write_safetensors(out_dir / "model.safetensors", specs, produce, SAFETENSORS_METADATA, progress)
+    save_config(skeleton, out_dir)
+    return skeleton
+
+
+def save_config(model: CLIPMoEModel, out_dir: Path) -> None:
+    """config.json exactly as `save_pretrained` writes it (it records the dtype and the architecture)."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+@torch.no_grad()
+def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | None = None) -> dict:
+    """`max_output_diff` of the dense base vs the CLIP-MoE written in `moe_dir`, on a small random batch.
+
+    Both models run with meta parameters that are read from disk module by module during the forward
+    (`encoder.tensor_stream.lazy_model`), so the check costs one module's weights (the largest: one layer's
+    expert stack, or the token embedding) plus activations — not the 1x dense + 1x MoE of loading both.
+    An in-memory base (open_clip, hub) is used as it is.
+    """
+    moe_tensors = SafetensorsCheckpoint(moe_dir)
+    try:
+        config = CLIPMoEConfig.from_pretrained(moe_dir)
+        moe = lazy_model(lambda: CLIPMoEModel(config), moe_tensors, dtype=base.dtype)
+        dense = base.model if base.model is not None else lazy_model(lambda: CLIPModel(base.config), base.tensors,
+                                                                      dtype=base.dtype)
+        return max_output_diff(dense, moe, inputs if inputs is not None else random_inputs(dense))
+    finally:
+        moe_tensors.close()
