@@ -3,14 +3,14 @@
 Importing this package stays cheap (no torch, no transformers) because the start-up .pth file imports
 it in every interpreter; heavier modules are imported where used:
 
-- `llava_hook`: LLaVA's `build_vision_tower` returns `encoder.CLIPMoEVisionTower` for CLIP-MoE directories.
-- `tower_info`, `llava_config`, `checks`, `swap_tower`: `python -m mllm_bridge check | swap-tower`.
-- `llava_model`: a LLaVA model around a tower, assembled as LLaVA's stage 1 assembles it.
-- `tiny_lm`: a tiny Llama and an offline-trained tokenizer, for tests and demos without downloads.
-- `train`: LLaVA-1.5 stage 1 / stage 2 training (`python -m mllm_bridge.train pretrain | finetune`).
-- `lmms_eval_model` (registered by `lmms_eval_plugin`; `llava_loading`, `expert_usage`, `lmms_requests`): the
-  lmms-eval model `llava_clipmoe`; `eval_lmms`, `lmms_task_data`, `lmms_tasks/`: `python -m mllm_bridge eval-lmms |
-  make-lmms-task | init-llava`.
+- `llava/`: LLaVA itself. `hook` makes LLaVA's `build_vision_tower` return `encoder.CLIPMoEVisionTower` for
+  CLIP-MoE directories (also `compat`: shims for releases that moved under llava-torch); `tower_info`, `config`,
+  `checks`, `swap_tower`: `python -m mllm_bridge check | swap-tower`; `model`, `loading`, `init`: a LLaVA model
+  around a tower, loaded or initialised as LLaVA does; `tiny_lm`: a tiny Llama for tests and demos.
+- `lmms/`: lmms-eval. `plugin` registers the model `llava_clipmoe` (`model`, with `requests`, `results`,
+  `expert_usage`); `run`, `task_data`, `tasks/`, `embedded_default`: `python -m mllm_bridge eval-lmms |
+  make-lmms-task`.
+- `train/`: LLaVA-1.5 stage 1 / stage 2 training (`python -m mllm_bridge.train pretrain | finetune`).
 """
 
 from .llava.hook import install_llava_hook
