@@ -2,7 +2,7 @@
 
 A benchmark score alone cannot tell a CLIP-MoE whose routing collapsed onto one expert from one that uses them
 all; these counts can. They are collected by forward hooks on the routers, so the model and LLaVA's code stay
-untouched and the counts are exactly what the layers pick (top-k of the fp32 softmax of the router logits).
+untouched; the counting itself is `encoder.routing_stats.RoutingTally`, the one `upcycle routing` uses.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from encoder.moe import CLIPMoESparseMLP
+from encoder.routing_stats import RoutingTally
 from encoder.utils.files import write_atomic
 
 ALL_TASKS = "all"
 
 
 class ExpertUsageRecorder:
-    """Counts the top-k choices of every MoE layer of a vision model, per task and over everything.
+    """Counts the routing of every MoE layer of a vision model (a `RoutingTally`), per task and over everything.
 
     Every token the tower encodes counts (patches and CLS, as in `upcycle routing`), at every MoE layer, including
     layers after LLaVA's select layer whose outputs LLaVA discards (they still run).
@@ -28,19 +29,17 @@ class ExpertUsageRecorder:
 
     def __init__(self, vision_model: nn.Module):
         self.device = next(vision_model.parameters()).device
-        self.layers: list[int] = []
         self._handles = []
         moe_mlps = [(i, layer.mlp) for i, layer in enumerate(vision_model.encoder.layers)
                     if isinstance(layer.mlp, CLIPMoESparseMLP)]
+        self.layers: list[int] = [index for index, _ in moe_mlps]
         self.num_experts = moe_mlps[0][1].num_experts if moe_mlps else 0
         self.top_k = moe_mlps[0][1].top_k if moe_mlps else 0
-        for slot, (index, mlp) in enumerate(moe_mlps):
-            self.layers.append(index)
-            self._handles.append(mlp.router.register_forward_hook(self._router_hook(slot, mlp.top_k)))
+        for slot, (_, mlp) in enumerate(moe_mlps):
+            self._handles.append(mlp.router.register_forward_hook(self._router_hook(slot)))
         self._handles.append(vision_model.register_forward_pre_hook(self._count_images, with_kwargs=True))
         self.task = ALL_TASKS
-        self._choices: dict[str, torch.Tensor] = {}  # task -> [layers, experts] counts (on the model's device)
-        self._tokens: dict[str, torch.Tensor] = {}  # task -> [layers]
+        self._tallies: dict[str, RoutingTally] = {}  # task -> counts (on the model's device)
         self._images: dict[str, int] = {}
 
     @classmethod
@@ -52,30 +51,22 @@ class ExpertUsageRecorder:
             return None
         return cls(vision_model)
 
-    def _router_hook(self, slot: int, top_k: int):
+    def _router_hook(self, slot: int):
         def hook(module, inputs, logits):
             # Counts are normal tensors even when the forward runs under inference_mode, so any later forward
             # (inference mode or not) can keep adding to them.
             with torch.inference_mode(False), torch.no_grad():
-                chosen = logits.float().softmax(dim=-1).topk(top_k, dim=-1).indices.reshape(-1)
-                counts = torch.bincount(chosen, minlength=self.num_experts)
-                self._choices_of(self.task)[slot] += counts.to(self.device)
-                self._tokens_of(self.task)[slot] += logits.shape[0]
+                self._tally_of(self.task).add_layer(slot, logits)
         return hook
 
     def _count_images(self, module, args, kwargs) -> None:
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         self._images[self.task] = self._images.get(self.task, 0) + (pixels.shape[0] if pixels is not None else 0)
 
-    def _choices_of(self, task: str) -> torch.Tensor:
-        if task not in self._choices:
-            self._choices[task] = torch.zeros(len(self.layers), self.num_experts, dtype=torch.long, device=self.device)
-        return self._choices[task]
-
-    def _tokens_of(self, task: str) -> torch.Tensor:
-        if task not in self._tokens:
-            self._tokens[task] = torch.zeros(len(self.layers), dtype=torch.long, device=self.device)
-        return self._tokens[task]
+    def _tally_of(self, task: str) -> RoutingTally:
+        if task not in self._tallies:
+            self._tallies[task] = RoutingTally(self.layers, self.num_experts, self.top_k, self.device)
+        return self._tallies[task]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -86,41 +77,29 @@ class ExpertUsageRecorder:
         """Sum the counts over processes (data-parallel evaluation): `all_tasks` = the tasks any process saw (every
         process must reduce the same tensors in the same order), `reduce_sum(tensor) -> tensor`."""
         for task in sorted(all_tasks):
-            self._choices[task] = reduce_sum(self._choices_of(task))
-            self._tokens[task] = reduce_sum(self._tokens_of(task))
+            self._tally_of(task).reduce(reduce_sum)
             self._images[task] = int(reduce_sum(torch.tensor([self._images.get(task, 0)], device=self.device)))
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(self._choices)
+        return sorted(self._tallies)
 
     def summary(self) -> dict:
         """{"num_experts", "top_k", "moe_layers", "all": {...}, "tasks": {task: {...}}}; each part holds "images"
-        (images encoded; a multiple-choice task encodes its image once per choice) and "layers": [{"layer",
-        "tokens", "choices" (top-k choices per expert), "expert_fraction" (choices / all choices; sums to 1)}]."""
-        tasks = {task: self._part(self._choices[task], self._tokens[task], self._images.get(task, 0))
-                 for task in sorted(self._choices)}
-        if self._choices:
-            total = self._part(sum(c.cpu() for c in self._choices.values()),
-                               sum(t.cpu() for t in self._tokens.values()), sum(self._images.values()))
-        else:
-            total = self._part(torch.zeros(len(self.layers), self.num_experts, dtype=torch.long),
-                               torch.zeros(len(self.layers), dtype=torch.long), 0)
+        (images encoded; a multiple-choice task encodes its image once per choice) and "layers" (those of
+        `RoutingTally.summary()`: "layer", "tokens", "choices", "expert_fraction" (sums to 1), router entropy)."""
+        tasks = {task: self._part(self._tallies[task], self._images.get(task, 0)) for task in self.tasks}
+        total = RoutingTally(self.layers, self.num_experts, self.top_k)
+        for tally in self._tallies.values():
+            total.add_counts(tally)
         return {"num_experts": self.num_experts, "top_k": self.top_k, "moe_layers": self.layers,
-                ALL_TASKS: total, "tasks": tasks}
+                ALL_TASKS: self._part(total, sum(self._images.values())), "tasks": tasks}
 
-    def _part(self, choices: torch.Tensor, tokens: torch.Tensor, images: int) -> dict:
-        choices, tokens = choices.cpu(), tokens.cpu()
-        layers = []
-        for slot, layer in enumerate(self.layers):
-            row = choices[slot].double()
-            fraction = row / row.sum() if row.sum() > 0 else row
-            layers.append({"layer": layer, "tokens": int(tokens[slot]), "choices": choices[slot].tolist(),
-                           "expert_fraction": fraction.tolist()})
-        return {"images": images, "layers": layers}
+    @staticmethod
+    def _part(tally: RoutingTally, images: int) -> dict:
+        return {"images": images, "layers": tally.summary()["layers"]}
 
     def write(self, path: str | Path, header: dict | None = None) -> Path:
         """Write `summary()` (after `header`, e.g. the checkpoint) as JSON, atomically."""
         text = json.dumps({**(header or {}), **self.summary()}, indent=2) + "\n"
         return write_atomic(path, lambda tmp: tmp.write_text(text))
-

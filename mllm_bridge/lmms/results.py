@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encoder.routing_stats import usage_balance
 from encoder.utils.files import write_atomic
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -122,16 +122,8 @@ def _usage_lines(results: list[RunResult]) -> list[str]:
             shares = layer["expert_fraction"] + [None] * (experts - len(layer["expert_fraction"]))
             cells = " | ".join("" if s is None else f"{s:.3f}" for s in shares)
             lines.append(f"| {r.name} | {layer['layer']} | {part['images']} | {cells} | "
-                         f"{balance(layer['expert_fraction']):.3f} |")
+                         f"{usage_balance(layer['expert_fraction']):.3f} |")
     return lines
-
-
-def balance(fractions: list[float]) -> float:
-    """Entropy of the expert shares divided by log(number of experts): 1 when every expert gets the same share."""
-    if len(fractions) < 2:
-        return 1.0
-    entropy = -sum(f * math.log(f) for f in fractions if f > 0)
-    return entropy / math.log(len(fractions))
 
 
 def _fmt(value) -> str:

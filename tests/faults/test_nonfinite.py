@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from encoder.utils.errors import NonFiniteValues
 from upcycle.eval.retrieval import position_accuracy, retrieval_metrics, topk_accuracy
-from upcycle.eval.routing import _LayerTally
+from encoder.routing_stats import RoutingTally
 
 
 def unit(n, d=8, seed=0):
@@ -41,7 +41,7 @@ def test_finite_embeddings_still_score_and_identical_ones_score_nothing():
 
 
 def test_routing_tally_refuses_nan_router_logits():
-    tally = _LayerTally([0, 1], num_experts=4, top_k=2)
+    tally = RoutingTally([0, 1], num_experts=4, top_k=2)
     logits = torch.randn(5, 4)
     logits[1, 0] = float("nan")
     with pytest.raises(NonFiniteValues, match="router logits of MoE layer 1"):

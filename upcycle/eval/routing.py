@@ -6,15 +6,14 @@ things to rule out after upcycling or router training; the heat map shows both a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from encoder.utils.errors import UserError, require_finite
+from encoder.routing_stats import RoutingTally
+from encoder.utils.errors import UserError
 
 from ..data import Pair
 from .embedding import inference, pair_loader, text_max_length
@@ -27,55 +26,13 @@ def not_moe_error(what: str) -> UserError:
                      "(e.g. one written by `python -m upcycle sparse`)")
 
 
-class _LayerTally:
-    """Running counts over the MoE layers of one tower (float64 sums, so large data sets add up exactly)."""
-
-    def __init__(self, moe_layers: Sequence[int], num_experts: int, top_k: int):
-        self.moe_layers, self.num_experts, self.top_k = list(moe_layers), num_experts, top_k
-        self.choices = torch.zeros(len(self.moe_layers), num_experts, dtype=torch.float64)
-        self.entropy = torch.zeros(len(self.moe_layers), dtype=torch.float64)
-        self.tokens = torch.zeros(len(self.moe_layers), dtype=torch.long)
-
-    def add(self, router_logits: Sequence[torch.Tensor], keep: torch.Tensor | None = None) -> None:
-        """router_logits: one [T, E] tensor per MoE layer; keep [T] bool selects the tokens to count."""
-        for i, logits in enumerate(router_logits):
-            logits = logits.float() if keep is None else logits.float()[keep]
-            require_finite(logits, f"router logits of MoE layer {self.moe_layers[i]}")
-            probs = logits.softmax(dim=-1)
-            # The layer picks top-k of the softmax (not of the logits), so count exactly what it picks.
-            chosen = probs.topk(self.top_k, dim=-1).indices.reshape(-1)
-            self.choices[i] += torch.bincount(chosen, minlength=self.num_experts).double().cpu()
-            self.entropy[i] += -(probs * logits.log_softmax(dim=-1)).sum().double().cpu()
-            self.tokens[i] += logits.shape[0]
-
-    def summary(self) -> dict:
-        log_e = math.log(self.num_experts)
-        layers = []
-        for i, layer in enumerate(self.moe_layers):
-            tokens = int(self.tokens[i])
-            fraction = self.choices[i] / self.choices[i].sum().clamp_min(1)
-            usage_entropy = -(fraction * fraction.clamp_min(1e-300).log()).sum().item()
-            token_entropy = self.entropy[i].item() / max(tokens, 1)
-            layers.append({
-                "layer": layer,
-                "tokens": tokens,
-                "expert_fraction": fraction.tolist(),
-                "router_entropy": token_entropy,
-                "router_entropy_norm": token_entropy / log_e if log_e else 0.0,
-                "usage_entropy_norm": usage_entropy / log_e if log_e else 1.0,
-            })
-        return {"num_experts": self.num_experts, "top_k": self.top_k, "layers": layers}
-
-
 def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor, tokenizer, batch_size: int = 64,
                   num_workers: int = 0, desc: str = "routing") -> dict:
     """Routing of `pairs` through a `CLIPMoEModel`, per tower with MoE layers and per MoE layer.
 
-    Returns {"towers": {tower: {"num_experts", "top_k", "layers": [{"layer", "tokens", "expert_fraction" (the
-    share of all top-k choices each expert received; sums to 1), "router_entropy" (mean per-token entropy of
-    the router softmax, nats), "router_entropy_norm" (the same / log E), "usage_entropy_norm" (entropy of
-    expert_fraction / log E: 1 = perfectly balanced)}]}}}. Vision counts every token (patches and CLS);
-    text counts real tokens only (attention_mask 1), since padding is never part of a caption.
+    Returns {"towers": {tower: `RoutingTally.summary()`}} (per layer: tokens, choices, expert_fraction, router
+    entropy, usage balance). Vision counts every token (patches and CLS); text counts real tokens only
+    (attention_mask 1), since padding is never part of a caption.
     """
     config = model.config
     if getattr(config, "model_type", None) != "clip_moe":
@@ -84,7 +41,7 @@ def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor
     for tower in TOWERS:
         cfg = getattr(config, f"{tower}_config")
         if cfg.moe_layers:
-            tallies[tower] = _LayerTally(cfg.moe_layers, cfg.num_experts, cfg.top_k)
+            tallies[tower] = RoutingTally(cfg.moe_layers, cfg.num_experts, cfg.top_k)
     if not tallies:
         raise not_moe_error("this CLIP-MoE (no MoE layers in either tower)")
     if "text" in tallies and tokenizer is None:
