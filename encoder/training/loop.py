@@ -1,0 +1,307 @@
+"""The one training loop both trainers run (contrastive CLIP / CLIP-MoE in upcycle, LLaVA in mllm_bridge).
+
+A trainer subclasses `TrainingLoop` and says only what is its own: what a micro-batch's forward computes
+(`_forward`), how the numbers of a step are logged (`_step_metrics`), what its checkpoints hold besides the
+optimizer (`_write_trained` / `_read_trained`, `_record` / `_restore`) and which settings a resume must share
+(`_refuse_changed_settings`). Everything else is here, once:
+
+- batches from a `ClusterBatchSampler`-like plan (the same global batches on every rank, each rank its share),
+  so a resumed run skips exactly the micro-batches already trained on;
+- gradient accumulation through `accelerator.accumulate` (no gradient all-reduce before the last micro-batch;
+  accelerate divides the loss by the accumulation, and under DeepSpeed the engine does both);
+- clipping, AdamW step, schedule step; one all-reduce per micro-batch that both stops every rank on a
+  non-finite loss and sums the counts the trainer asks for;
+- checkpoints written atomically by `CheckpointState`, the newest `save_total_limit` kept, and an exact resume;
+- the run log (metrics.jsonl without the steps a resumed run replays) and the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..utils.errors import TrainingDiverged
+from ..utils.files import atomic_output_dir
+from ..utils.step_record import SettingsChanged, differences
+from .run_log import NullLog, RunLog
+from .sampler import endless_batches
+
+OPTIMIZER_FILE = "optimizer.pt"  # {"optimizer": ..., "scheduler": ...}, the same in both trainers' checkpoints
+
+
+def adamw(params: Sequence[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases and norm scales (ndim < 2) are not pulled to zero."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+
+
+def refuse_changed_settings(path: Path, recorded: dict[str, Any], wanted: dict[str, Any], fix: str,
+                            note: str = "") -> None:
+    """Raise SettingsChanged naming, in one line, every setting in which checkpoint `path` differs from this run."""
+    changed = differences(recorded, wanted)
+    if changed:
+        raise SettingsChanged(f"{path} belongs to a run with other settings ({'; '.join(changed)}){note}; {fix}")
+
+
+@dataclass(frozen=True)
+class CheckpointDir:
+    """Where a run's checkpoints live: `<root>/<prefix><step>/`, complete once `state_file` is in it."""
+
+    root: Path
+    prefix: str
+    state_file: str
+
+    def path(self, step: int) -> Path:
+        return self.root / f"{self.prefix}{step}"
+
+    def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        n = len(self.prefix)
+        found = [p for p in self.root.glob(f"{self.prefix}*") if p.name[n:].isdigit() and (p / self.state_file).is_file()]
+        return sorted(found, key=lambda p: int(p.name[n:]))
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def prune(self, keep: int | None) -> None:
+        """Delete all but the newest `keep` checkpoints (None or 0: keep all)."""
+        for old in self.all()[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class LoopPlan:
+    """How long to train and when to log and save; each trainer fills it from its own flags."""
+
+    total_steps: int
+    accumulation: int  # micro-batches per optimizer step
+    max_grad_norm: float  # 0: no clipping
+    save_every: int  # optimizer steps between checkpoints; 0: none before the end
+    save_total_limit: int | None  # checkpoints kept; None or 0: all
+    log_every: int  # optimizer steps per metrics line
+    desc: str  # progress bar and run name
+    log_dir: Path  # TensorBoard
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    config: dict = field(default_factory=dict)  # recorded by W&B
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def fill_deepspeed_batch_size(accelerator, per_device: int) -> None:
+    """LLaVA's zero2.json says "auto" for the micro-batch, which accelerate resolves only from a prepared
+    DataLoader; this loop keeps its own batch plan, so it states the size itself."""
+    if not is_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = per_device
+
+
+class CheckpointState:
+    """Writes and reads one checkpoint of a loop: the trainer's files for what it trains, the optimizer and the
+    schedule (OPTIMIZER_FILE), then the loop's position and the trainer's record (the state file, last).
+
+    This variant is for engines where the main process holds everything (one process, DDP, DeepSpeed ZeRO-1/2
+    without its sharded optimizer state): `save` runs on the main process only, into a temporary directory that
+    `TrainingLoop.save_checkpoint` renames into place. An engine that shards parameters or optimizer state
+    replaces it with a variant whose save/load every rank calls."""
+
+    def __init__(self, loop: TrainingLoop):
+        self.loop = loop
+
+    def save(self, directory: Path) -> None:
+        loop = self.loop
+        loop._write_trained(directory)
+        if not is_deepspeed(loop.accelerator):  # DeepSpeed shards the optimizer over the ranks
+            torch.save({"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict()},
+                       directory / OPTIMIZER_FILE)
+        record = {"step": loop.step, "batches_done": loop.batches_done, **loop._record()}
+        (directory / loop.checkpoints.state_file).write_text(json.dumps(record, indent=1) + "\n")
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore the trained weights, optimizer and schedule from `directory`; return its state file."""
+        loop = self.loop
+        loop._read_trained(directory)
+        if (directory / OPTIMIZER_FILE).is_file():
+            saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            loop.optimizer.load_state_dict(saved["optimizer"])
+            loop.scheduler.load_state_dict(saved["scheduler"])
+        elif loop.accelerator.is_main_process:
+            print(f"note: {directory} has no optimizer state (a DeepSpeed run); AdamW's moments restart from zero")
+        return json.loads((directory / loop.checkpoints.state_file).read_text())
+
+
+class TrainingLoop:
+    """Trains `module` (prepared here with `optimizer`) on `dataset` in the order `sampler` plans.
+
+    Subclasses set the class attributes that word the divergence stop for their flags, and implement the hooks
+    below. `source`: how messages name the starting weights.
+    """
+
+    lr_flag = "--lr"
+    suspects = "the data"  # what to check when the loss is not finite before any update
+    unstable_fix = "restart with a lower --lr"  # when the checkpoint a run resumed from is already unstable
+
+    def __init__(self, accelerator, module: nn.Module, trained_params: list[nn.Parameter], optimizer, scheduler,
+                 dataset: Dataset, sampler, collate_fn, num_workers: int, plan: LoopPlan,
+                 checkpoints: CheckpointDir, source: str):
+        self.accelerator, self.plan, self.checkpoints, self.source = accelerator, plan, checkpoints, source
+        self.sampler = sampler
+        cuda = accelerator.device.type == "cuda"
+        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                                 pin_memory=cuda)
+        self.trained_params = trained_params  # what is clipped
+        # Not prepared: accelerate would step a prepared schedule once per process.
+        self.scheduler = scheduler
+        fill_deepspeed_batch_size(accelerator, sampler.global_batch_size // accelerator.num_processes)
+        self.model, self.optimizer = accelerator.prepare(module, optimizer)
+        self.checkpoint_state = CheckpointState(self)
+        self.step = 0
+        self.batches_done = 0  # global micro-batches consumed, over all epochs
+        self.resumed_from: Path | None = None
+        self.first_step = 0  # the step this process started from (it made no update before)
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
+    # -- the hooks a trainer implements --------------------------------------------------------------------
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's loss on a micro-batch, and numbers to be summed over the ranks (e.g. samples seen)."""
+        raise NotImplementedError
+
+    def _step_metrics(self, micro: list[dict[str, float]]) -> dict[str, float]:
+        """Account for one optimizer step (`micro`: per micro-batch, "loss" averaged over the ranks and the
+        `_forward` numbers summed over them); return what the step logs."""
+        raise NotImplementedError
+
+    def _log_values(self, steps: list[dict[str, float]]) -> dict[str, float]:
+        """One metrics line from the steps since the last one (default: the last step's values)."""
+        return steps[-1]
+
+    def _write_trained(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def _read_trained(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def _record(self) -> dict[str, Any]:
+        """What the state file holds besides the position: counters, and the settings a resume must share."""
+        return {}
+
+    def _restore(self, record: dict[str, Any]) -> None:
+        pass
+
+    def _refuse_changed_settings(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _require_finite_weights(self) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoints.path(self.step)
+        if self.accelerator.is_main_process:
+            with atomic_output_dir(path, overwrite=True) as tmp:
+                self.checkpoint_state.save(tmp)
+            self.checkpoints.prune(self.plan.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Continue from a checkpoint of this same run: trained weights, optimizer, schedule, batch position."""
+        self._refuse_changed_settings(path)
+        record = self.checkpoint_state.load(path)
+        self.step, self.batches_done = record["step"], record["batches_done"]
+        self._restore(record)
+        self.resumed_from, self.first_step = path, self.step
+        if self.accelerator.is_main_process:
+            print(f"{self.plan.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self, resume_from: Path | None = None) -> None:
+        """Train to `total_steps`, from `resume_from` when given; checkpoints as planned, none at the end."""
+        acc, plan = self.accelerator, self.plan
+        if resume_from is not None:
+            self.resume(resume_from)
+        self._require_finite_weights()
+        log = (RunLog(self.checkpoints.root, plan.log_dir, plan.report_to, plan.desc, plan.config, self.step)
+               if acc.is_main_process else NullLog())
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=plan.desc, unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        self.model.train()
+        batches = endless_batches(self.loader, self.sampler, self.batches_done)
+        unlogged: list[dict[str, float]] = []
+        try:
+            while self.step < self.total_steps:
+                unlogged.append(self._optimizer_step(batches))
+                bar.update()
+                bar.set_postfix(loss=f"{unlogged[-1]['loss']:.4f}")
+                if self.step % plan.log_every == 0 or self.step == self.total_steps:
+                    log.log(self.step, self._log_values(unlogged))
+                    unlogged = []
+                if plan.save_every and self.step % plan.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+
+    def _optimizer_step(self, batches: Iterator[dict]) -> dict[str, float]:
+        acc = self.accelerator
+        micro = []
+        for _ in range(self.plan.accumulation):
+            batch = next(batches)
+            with acc.accumulate(self.model), acc.autocast():
+                loss, numbers = self._forward(batch)
+                micro.append(self._stop_or_sum(loss, numbers))
+                acc.backward(loss)
+            self.batches_done += 1
+        if self.plan.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.trained_params, self.plan.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return self._step_metrics(micro)
+
+    def _stop_or_sum(self, loss: torch.Tensor, numbers: dict[str, float]) -> dict[str, float]:
+        """One reduction over the processes per micro-batch: stop all of them on a non-finite loss; return the
+        loss averaged over them and `numbers` summed."""
+        acc = self.accelerator
+        stats = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, loss.item(), *numbers.values()],
+                             dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, reduction="sum")
+        bad, loss_sum, *sums = stats.tolist()
+        if bad:
+            self._diverged(loss.item())
+        return {"loss": loss_sum / acc.num_processes, **dict(zip(numbers, sums))}
+
+    def _diverged(self, loss: float) -> NoReturn:
+        last = self.checkpoints.latest()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        at = f"the loss became {loss} at step {self.step + 1}"
+        if self.step > self.first_step:
+            raise TrainingDiverged(f"{at}; {where}; lower {self.lr_flag} and resume from it, or restart")
+        # No update yet in this process, from weights `run` found finite: the learning rate has not acted on them,
+        # so the batch, the loss settings or the precision are the suspects.
+        if self.resumed_from is None:
+            raise TrainingDiverged(f"{at}, before any update, from the finite weights of {self.source}, so not "
+                                   f"because of the learning rate: check {self.suspects}; {where}")
+        raise TrainingDiverged(f"{at}, the first after resuming from {self.resumed_from}, before any update, from "
+                               f"finite weights: check {self.suspects}; or the checkpoint is already unstable (too "
+                               f"high a {self.lr_flag} before it): {self.unstable_fix}")
