@@ -27,7 +27,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .tensor_stream import INDEX_FILE, WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
-from .utils.errors import UserError
+from .utils.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
 FULL_MODEL_TYPE = CLIPMoEConfig.model_type
@@ -90,7 +90,7 @@ def build_config(config_file: Path, where: str | None, build):
         return build()
     except CONFIG_ERRORS as err:
         cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
-        reason = _first_line(cause)
+        reason = first_line(cause)
         raise UserError(f"{config_file}: {where + ': ' if where else ''}{reason}; fix it in {config_file.name} "
                         "or re-save the model") from None
 
@@ -117,7 +117,7 @@ def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
         raise UserError(f"{cannot} ({weights_file(path)} names the shard {Path(err.filename).name}, which is "
                         "missing); re-download or re-save the model") from None
     except (OSError, CheckpointError) as err:
-        raise UserError(f"{cannot} ({_first_line(err)}); re-download or re-save the model") from None
+        raise UserError(f"{cannot} ({first_line(err)}); re-download or re-save the model") from None
     try:
         names = checkpoint.keys()
         return {name: tuple(checkpoint.spec(name).shape) for name in names}
@@ -213,19 +213,14 @@ def load_clip_moe(path: str | Path, model_class: type[PreTrainedModel] | None = 
     try:
         model, info = model_class.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
     except LOAD_ERRORS as err:
-        raise UserError(f"{path}: the CLIP-MoE weights cannot be loaded ({type(err).__name__}: "
-                        f"{_first_line(err)[:200]}); re-download or re-save the model") from None
+        raise UserError(f"{path}: the CLIP-MoE weights cannot be loaded ("
+                        f"{first_line(err, with_type=True)[:200]}); re-download or re-save the model") from None
     bad = list(info.get("missing_keys") or []) + [str(k[0] if isinstance(k, tuple) else k)
                                                    for k in info.get("mismatched_keys") or []]
     if bad:
         raise UserError(f"{path / CONFIG_FILE} does not match the weights in {path}: {_names(sorted(bad))} missing or "
                         f"misshapen; restore the model's own {CONFIG_FILE} or re-save the model")
     return model
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _names(names: list[str], limit: int = 3) -> str:

@@ -20,12 +20,11 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from ..tensor_stream import CheckpointError, SafetensorsCheckpoint, StateDictSource, TensorSource
-from ..utils.errors import UserError
+from ..utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..utils.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 JSON_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -71,8 +70,8 @@ def default_image_processor(image_size: int) -> CLIPImageProcessor:
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_MEAN,
-        image_std=OPENAI_STD,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
         resample=3,
     )
 
@@ -126,8 +125,8 @@ def _open_directory(path: Path) -> DenseCLIPSource:
     try:
         tensors = SafetensorsCheckpoint(path)
     except (OSError, CheckpointError) as err:
-        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ("
+                        f"{first_line(err, with_type=True)[:200]}); re-save or re-download the model") from None
     dtype = load_dtype(config, tensors)
     config.dtype = dtype  # recorded on the config and both tower configs, as from_pretrained does (it ends up
     for sub in config.sub_configs:  # in the CLIP-MoE's config.json, which must not depend on the path taken)
@@ -173,8 +172,8 @@ def _load_directory(path: Path) -> DenseCLIP:
     try:
         model = CLIPModel.from_pretrained(path).eval()
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes
-        raise UserError(f"{path}: the CLIP weights cannot be loaded ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); re-save or re-download the model") from None
+        raise UserError(f"{path}: the CLIP weights cannot be loaded ("
+                        f"{first_line(err, with_type=True)[:200]}); re-save or re-download the model") from None
     return DenseCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(path))
 
 
@@ -221,8 +220,8 @@ def load_image_processor(directory: str | Path) -> CLIPImageProcessor:
     try:
         processor = CLIPImageProcessor.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - whatever the processor's own checks raise, it is this file's content
-        raise UserError(f"{file} is not a usable image processor config ({type(err).__name__}: "
-                        f"{_first_line(err)}); {fix}") from None
+        raise UserError(f"{file} is not a usable image processor config ("
+                        f"{first_line(err, with_type=True)}); {fix}") from None
     problem = _processor_problem(processor)
     if problem:
         raise UserError(f"{file}: {problem}; {fix}")
@@ -274,8 +273,8 @@ def tokenizer_for(source):
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exceptions for files it cannot parse
-        raise UserError(f"{directory}: the tokenizer ({', '.join(present)}) cannot be loaded ({type(err).__name__}: "
-                        f"{_first_line(err)[:200]}); {fix}") from None
+        raise UserError(f"{directory}: the tokenizer ({', '.join(present)}) cannot be loaded ("
+                        f"{first_line(err, with_type=True)[:200]}); {fix}") from None
 
 
 def _local_directory(source) -> Path | None:
@@ -288,12 +287,9 @@ def _read_json_object(file: Path, fix: str) -> dict:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{file} is not valid JSON ({type(err).__name__}: {_first_line(err)}); {fix}") from None
+        raise UserError(f"{file} is not valid JSON ({first_line(err, with_type=True)}); {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{file} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

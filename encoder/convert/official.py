@@ -31,16 +31,14 @@ from transformers.initialization import no_init_weights
 
 from ..configuration import CLIPMoEConfig
 from ..modeling import CLIPMoEModel
-from ..utils.errors import UserError
+from ..utils.constants import LEGACY_ARGMAX_EOS_ID, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..utils.errors import UserError, first_line
 from ..utils.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_WIDTH = 64  # OpenAI's rule: heads = width // 64
 LONG_CLIP_KEPT_POSITIONS = 20  # Long-CLIP keeps the first 20 original positions, stretches the rest
-LEGACY_ARGMAX_EOS_ID = 2  # transformers' CLIP pools at argmax(input_ids) when eos_token_id == 2
 TOWER_PREFIXES = {"vision": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
 
 # A non-checkpoint file surfaces as any of these, depending on where torch's reader gives up.
@@ -67,9 +65,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "for safety; pass the released CLIP-MoE state dict (a dict of tensors)"
         ) from err
     except READ_ERRORS as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
-        raise UserError(_not_a_checkpoint(path, reason)) from err
+        raise UserError(_not_a_checkpoint(path, first_line(err, with_type=True)[:200])) from err
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

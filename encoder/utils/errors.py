@@ -60,3 +60,15 @@ def require_finite(tensor, what: str) -> None:
     raise NonFiniteValues(f"{what}: {int((~rows).sum())} of {rows.numel()} rows are NaN or infinite, so no metric "
                           "can be computed; the model's weights or its inputs hold non-finite values (a diverged "
                           "checkpoint?): evaluate an earlier checkpoint or retrain")
+
+
+def first_line(err: BaseException | None, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for quoting a library's
+    error inside a one-line UserError: library messages often go on for lines (tracebacks, hints) that would break
+    the one-line rule. `with_type` prefixes the type name ("EOFError: ..."), for errors whose message alone says
+    little ("unexpected EOF")."""
+    text = str(err).strip() if err is not None else ""
+    if not text:
+        return type(err).__name__
+    line = text.splitlines()[0]
+    return f"{type(err).__name__}: {line}" if with_type else line

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from encoder.utils.errors import UserError
+from encoder.utils.errors import UserError, first_line
 
 from .checks import tower_problems
 from .config import LlavaCheckpointConfig, read_llava_config
@@ -119,8 +119,7 @@ def local_dir(name: str | Path, what: str, fix: str) -> Path:
     try:
         return Path(snapshot_download(str(name)))
     except (OSError, ValueError) as err:  # offline and not cached, no such repo, no access
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} {name} is neither a directory nor a hub repo available here ({first}); "
+        raise UserError(f"{what} {name} is neither a directory nor a hub repo available here ({first_line(err)}); "
                         f"pass {fix}") from None
 
 
@@ -177,8 +176,7 @@ def _load_projector(model, path: Path) -> None:
     try:
         projector.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(f"{path} does not fit the projector that config.json describes ({first})") from None
+        raise UserError(f"{path} does not fit the projector that config.json describes ({first_line(err)})") from None
 
 
 def _add_image_tokens(model, tokenizer) -> None:

@@ -11,7 +11,7 @@ from encoder.convert.dense import load_image_processor
 from encoder.model_dir import check_clip_moe_dir, read_config_json
 from encoder.modeling import CLIPMoEVisionModel
 from encoder.tower import CLIP_MOE_MODEL_TYPES, read_model_type
-from encoder.utils.errors import UserError
+from encoder.utils.errors import UserError, first_line
 
 DENSE_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
@@ -83,7 +83,7 @@ def read_tower(name: str | Path) -> TowerInfo:
             config = CLIPVisionConfig.from_pretrained(name)
         processor = _read_processor(name)
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"cannot read the {model_type} tower {name} ({_first_line(err)}); re-export it") from err
+        raise UserError(f"cannot read the {model_type} tower {name} ({first_line(err)}); re-export it") from err
     moe = dict(num_experts=config.num_experts, top_k=config.top_k, moe_layers=list(config.moe_layers)) if is_moe else {}
     return TowerInfo(
         path=str(name),
@@ -110,7 +110,7 @@ def _model_type(name: str | Path) -> str | None:
         config_dict, _ = PretrainedConfig.get_config_dict(str(name))
     except (OSError, ValueError) as err:
         raise UserError(f"vision tower {name} is neither a directory nor a hub id readable here "
-                        f"({_first_line(err)}); pass an existing CLIP or CLIP-MoE directory") from err
+                        f"({first_line(err)}); pass an existing CLIP or CLIP-MoE directory") from err
     return config_dict.get("model_type")
 
 
@@ -133,10 +133,6 @@ def _read_processor(name: str | Path) -> ImageProcessorInfo | None:
         image_mean=list(processor.image_mean),
         image_std=list(processor.image_std),
     )
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _rounded(values: list[float]) -> list[float]:

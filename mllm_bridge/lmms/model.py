@@ -30,6 +30,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 from encoder.utils.cli import parse_device
+from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
 
 from ..llava.loading import load_llava, plan_checkpoint, resolve_dtype
@@ -45,9 +46,6 @@ from .requests import (
 )
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX
-
 
 MODEL_ARGS = ("pretrained", "model_base", "vision_tower", "conv_template", "dtype", "max_new_tokens", "expert_usage")
 
@@ -192,7 +190,6 @@ class LlavaCLIPMoE(lmms):
         return target if isinstance(target, str) else str(target(self._doc(request_args)))
 
     def _encode(self, prompt: str) -> torch.Tensor:
-        from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import tokenizer_image_token
 
         return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")

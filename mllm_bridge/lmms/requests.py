@@ -11,11 +11,11 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"  # llava.constants.DEFAULT_IMAGE_TOKEN
 _KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample"}
 
 

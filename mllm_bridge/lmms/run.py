@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder.utils.errors import UserError
+from encoder.utils.errors import UserError, first_line
 from encoder.utils.files import check_output_dir
 
 from ..llava.loading import plan_checkpoint
@@ -111,9 +111,9 @@ def data_problem(manager, name: str) -> str | None:
     try:
         get_task_dict([name], manager)
     except RetryError as err:  # lmms-eval retries hub downloads, then wraps the last error
-        return _first_line(err.last_attempt.exception())
+        return first_line(err.last_attempt.exception())
     except (OSError, ValueError, ImportError) as err:
-        return _first_line(err)
+        return first_line(err)
     return None
 
 
@@ -171,6 +171,3 @@ def evaluate(checkpoints: list[Checkpoint], tasks: list[str], out: str | Path, i
     return results
 
 
-def _first_line(err: BaseException | None) -> str:
-    text = str(err).strip() if err is not None else ""
-    return text.splitlines()[0] if text else type(err).__name__

@@ -13,13 +13,13 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
 from encoder.utils.files import atomic_output_dir
 
 TASK_PACKAGE = "mllm_bridge.lmms.tasks.digit_grids"
 DATA_FILE = "digit_grids.parquet"  # the name the shipped YAML files give in dataset_kwargs.data_files
 TASK_NAMES = ("digit_grids_qa", "digit_grids_mc")
-IMAGE_TAG = "<image>"
 
 
 def qa_documents(data_dir: str | Path, split: str = "test") -> list[dict]:
@@ -43,7 +43,7 @@ def qa_documents(data_dir: str | Path, split: str = "test") -> list[dict]:
                 "id": f"{record['id']}_q{q}",
                 "grid_id": record["id"],
                 "image": str(data_dir / record["image"]),
-                "question": question["value"].replace(IMAGE_TAG, "").strip(),
+                "question": question["value"].replace(IMAGE_TOKEN, "").strip(),
                 "answer": answer["value"].strip(),
             })
     if not docs:

@@ -13,12 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
 from encoder.utils.user_files import json_kind
 
-IGNORE_INDEX = -100  # llava.constants.IGNORE_INDEX: positions the loss skips
-IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX: where the image features go
-IMAGE_TOKEN = "<image>"
 
 V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")

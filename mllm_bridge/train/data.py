@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
 from encoder.utils.user_files import decode_rgb, json_kind, llava_records, missing_or_empty, read_utf8
 
-from .conversation import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Prompt, template, tokenize_prompt, turn_text
+from .conversation import Prompt, template, tokenize_prompt, turn_text
 
 ASPECT_RATIOS = ("square", "pad")
 

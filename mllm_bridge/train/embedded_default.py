@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
 from encoder.utils.files import atomic_output_dir
 
@@ -102,7 +103,7 @@ def training_texts(data: Path) -> list[str]:
     texts = [V1_SYSTEM, *V1_ROLES.values(), V1_END]
     for name in ("train.json", "train_qa.json"):
         for record in json.loads((data / name).read_text()):
-            texts += [turn["value"].replace("<image>", "") for turn in record["conversations"]]
+            texts += [turn["value"].replace(IMAGE_TOKEN, "") for turn in record["conversations"]]
     return texts
 
 

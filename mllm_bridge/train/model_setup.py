@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from encoder.utils.errors import UserError
+from encoder.utils.errors import UserError, first_line
 
 from ..llava.checks import image_tokens, tower_problems
 from ..llava.config import LlavaCheckpointConfig
@@ -67,7 +67,7 @@ def load_tokenizer(args: LlavaArguments):
         tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=args.training.model_max_length,
                                                   padding_side="right", cache_dir=args.training.cache_dir)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of --model_name_or_path {path} ({_first_line(err)}); pass a "
+        raise UserError(f"cannot load the tokenizer of --model_name_or_path {path} ({first_line(err)}); pass a "
                         "language model directory with its tokenizer") from None
     tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
@@ -154,7 +154,7 @@ def _check_language_model(path: str, cache_dir: str | None) -> None:
     try:
         config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read --model_name_or_path {path} ({_first_line(err)}); pass a Llama-family "
+        raise UserError(f"cannot read --model_name_or_path {path} ({first_line(err)}); pass a Llama-family "
                         "language model directory (config.json, weights, tokenizer)") from None
     if config.model_type not in LLAMA_MODEL_TYPES:
         raise UserError(f"--model_name_or_path {path} is a {config.model_type!r} model; LLaVA-1.5's "
@@ -192,6 +192,3 @@ def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
         projector.requires_grad_(False)
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoder.utils.errors import UserError
+from encoder.utils.errors import UserError, first_line
 
 PROJECTOR_FILE = "mm_projector.bin"
 PROJECTOR_KEYWORD = "mm_projector"  # LLaVA's own selector: every key containing it
@@ -61,8 +61,8 @@ def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a file that is not a checkpoint
-        raise UserError(f"cannot read {path} as a projector checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); pass a stage-1 mm_projector.bin") from None
+        raise UserError(f"cannot read {path} as a projector checkpoint ("
+                        f"{first_line(err, with_type=True)}); pass a stage-1 mm_projector.bin") from None
     if not isinstance(weights, dict):
         raise UserError(f"{path} holds a {type(weights).__name__}, not a dict of projector weights")
     found = {k.split(PROJECTOR_KEYWORD + ".", 1)[1]: v for k, v in weights.items() if PROJECTOR_KEYWORD + "." in k}

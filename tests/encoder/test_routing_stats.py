@@ -45,7 +45,8 @@ def test_router_entropy_of_uniform_and_of_certain_routing():
     certain[:, 2] = 1e4
     tally.add([torch.zeros(5, 4), certain])
     uniform, peaked = tally.summary()["layers"]
-    assert uniform["router_entropy"] == pytest.approx(math.log(4)) and uniform["router_entropy_norm"] == pytest.approx(1)
+    assert uniform["router_entropy"] == pytest.approx(math.log(4))
+    assert uniform["router_entropy_norm"] == pytest.approx(1.0)
     assert peaked["router_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert peaked["expert_fraction"] == [0.0, 0.0, 1.0, 0.0] and peaked["usage_entropy_norm"] == 0.0
 
