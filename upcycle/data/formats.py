@@ -56,14 +56,21 @@ def read_pairs(path: str | Path, image_root: str | Path | None = None, skip_miss
         raise UserError(f"data file {path} has extension {suffix or '(none)'!r}; supported: "
                         f"{', '.join(SUPPORTED_EXTENSIONS)} (LLaVA JSON, JSONL/CSV/TSV with image and caption columns, "
                         "WebDataset tar shards such as data-{000..009}.tar)")
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist; check the path")
     root = Path(image_root) if image_root is not None else path.parent
-    text = read_utf8(path, f"data file {path}")
+    text = read_text_file(path, "data file")
     pairs = [_pair(path, root, *fields) for fields in _READERS[suffix](path, text)]
     if not pairs:
         raise UserError(f"{path} holds no image-caption pairs; expected at least one row")
     return _check_images(pairs, path, skip_missing)
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The text of a file the user named (UTF-8, see `read_utf8`); `what` ("classes file") names it in the error
+    when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; check the path")
+    return read_utf8(path, f"{what} {path}")
 
 
 def _pair(path: Path, root: Path, where: str, image: Any, caption: Any, caption_from: str = "") -> Pair:

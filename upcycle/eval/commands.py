@@ -16,18 +16,11 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_file, write_atomic
 
 from ..data import read_pairs
+from ..experiments.digit_accuracy import digit_position_accuracy, read_digit_labels
 from .embedding import encode_pairs
-from .retrieval import (
-    DEFAULT_TEMPLATES,
-    digit_position_accuracy,
-    labels_for,
-    read_classes,
-    read_digit_labels,
-    read_templates,
-    retrieval_metrics,
-    zero_shot_accuracy,
-)
+from .retrieval import retrieval_metrics
 from .routing import not_moe_error, routing_figure, routing_stats
+from .zero_shot import DEFAULT_TEMPLATES, labels_for, read_classes, read_templates, zero_shot_accuracy
 
 
 def add_eval_commands(sub: argparse._SubParsersAction) -> None:

@@ -16,10 +16,11 @@ from encoder.model_card import parameter_summary
 
 from ...data import read_pairs
 from ...eval.embedding import encode_pairs, inference
-from ...eval.retrieval import digit_position_accuracy, retrieval_metrics
+from ...eval.retrieval import retrieval_metrics
+from ..digit_accuracy import digit_position_accuracy
 
 
-def test_metrics(model_dir: str | Path, test_data: Path) -> dict:
+def metrics_on_test_split(model_dir: str | Path, test_data: Path) -> dict:
     """Retrieval R@1/5/10 both ways and per-position zero-shot digit accuracy (percent) on the test split."""
     loaded = load_clip(model_dir)
     pairs = read_pairs(test_data)

@@ -21,7 +21,7 @@ from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
 from .arms import ARMS, ArmSettings, arm_settings, loss_curve, train_arm
-from .measure import forward_ms_per_image, test_metrics
+from .measure import forward_ms_per_image, metrics_on_test_split
 from .report import arms_legend, loss_plot, positions_table, results_table
 
 
@@ -36,7 +36,8 @@ def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, sett
     start = time.time()
     trained = train_arm(arm, seed, base_dir, data_dir / "train.json", folder, settings)
     result = {"arm": arm, "seed": seed, **trained, "base_sha256": file_sha256(base_dir / "model.safetensors"),
-              "train_seconds": round(time.time() - start, 1), **test_metrics(trained["model"], data_dir / "test.json")}
+              "train_seconds": round(time.time() - start, 1),
+              **metrics_on_test_split(trained["model"], data_dir / "test.json")}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(done, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     return result
