@@ -7,6 +7,7 @@ checkpoint has a CLIP-MoE config that reproduces it.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
@@ -34,8 +35,37 @@ def layer_indices(value):
         return value
 
 
-class MoEFieldsMixin:
-    """Validation shared by both tower configs (the fields themselves are declared on each class)."""
+@dataclass(init=False, repr=False, eq=False, kw_only=True)
+class MoEFields:
+    r"""The MoE fields both tower configs add to transformers' CLIP tower configs, and their validation.
+
+    num_experts (`int`, defaults to 4): experts per MoE layer.
+    top_k (`int`, defaults to 2): experts each token is routed to; their weights are renormalised to sum to 1.
+    moe_layers (`list[int]`, defaults to `[]`): indices of the layers whose MLP is a MoE layer (empty = dense).
+    router_jitter (`float`, defaults to 0.0): multiplicative uniform noise on router inputs while training.
+    capacity_factor (`float`, *optional*): None = dropless; else each expert takes at most
+        `ceil(capacity_factor * tokens * top_k / num_experts)` token-choices per forward.
+    aux_loss_coef (`float`, defaults to 0.01): weight of the load-balance loss in `aux_loss`.
+    router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss in `aux_loss`.
+    output_router_logits (`bool`, defaults to False): the default of the forward's `output_router_logits`
+        (router logits and auxiliary losses in the output), as in transformers' MoE configs (e.g. Mixtral).
+
+    A dataclass that generates no methods: it only contributes fields, which transformers' config dataclass
+    (`PreTrainedConfig.__init_subclass__`) places after the CLIP tower's own, in the order given here.
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    moe_layers: list[int] | tuple[int, ...] = ()
+    router_jitter: float = 0.0
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        self.moe_layers = layer_indices(self.moe_layers)
+        super().__post_init__(**kwargs)
 
     def validate_moe(self) -> None:
         """Run by `@strict` after init: reject MoE settings that cannot describe a working model.
@@ -79,60 +109,22 @@ class MoEFieldsMixin:
 
 
 @strict
-class CLIPMoEVisionConfig(MoEFieldsMixin, CLIPVisionConfig):
-    r"""CLIP vision tower config with MoE fields.
-
-    num_experts (`int`, defaults to 4): experts per MoE layer.
-    top_k (`int`, defaults to 2): experts each token is routed to; their weights are renormalised to sum to 1.
-    moe_layers (`list[int]`, defaults to `[]`): indices of the layers whose MLP is a MoE layer (empty = dense).
-    router_jitter (`float`, defaults to 0.0): multiplicative uniform noise on router inputs while training.
-    capacity_factor (`float`, *optional*): None = dropless; else each expert takes at most
-        `ceil(capacity_factor * tokens * top_k / num_experts)` token-choices per forward.
-    aux_loss_coef (`float`, defaults to 0.01): weight of the load-balance loss in `aux_loss`.
-    router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss in `aux_loss`.
-    output_router_logits (`bool`, defaults to False): the default of the forward's `output_router_logits`
-        (router logits and auxiliary losses in the output), as in transformers' MoE configs (e.g. Mixtral).
-    """
+class CLIPMoEVisionConfig(MoEFields, CLIPVisionConfig):
+    """CLIP vision tower config with the MoE fields of `MoEFields`."""
 
     model_type = "clip_moe_vision_model"
     base_config_key = "vision_config"
 
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: list[int] | tuple[int, ...] = ()
-    router_jitter: float = 0.0
-    capacity_factor: float | None = None
-    aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    output_router_logits: bool = False
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = layer_indices(self.moe_layers)
-        super().__post_init__(**kwargs)
-
 
 @strict
-class CLIPMoETextConfig(MoEFieldsMixin, CLIPTextConfig):
-    r"""CLIP text tower config with MoE fields (same meaning as in `CLIPMoEVisionConfig`).
+class CLIPMoETextConfig(MoEFields, CLIPTextConfig):
+    """CLIP text tower config with the MoE fields of `MoEFields`.
 
     Padding tokens (attention_mask == 0) are routed but excluded from the auxiliary losses.
     """
 
     model_type = "clip_moe_text_model"
     base_config_key = "text_config"
-
-    num_experts: int = 4
-    top_k: int = 2
-    moe_layers: list[int] | tuple[int, ...] = ()
-    router_jitter: float = 0.0
-    capacity_factor: float | None = None
-    aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    output_router_logits: bool = False
-
-    def __post_init__(self, **kwargs):
-        self.moe_layers = layer_indices(self.moe_layers)
-        super().__post_init__(**kwargs)
 
 
 @strict

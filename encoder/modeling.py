@@ -139,9 +139,35 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5 * factor)
 
 
+def _other_tower_keys(other_tower: str) -> list[str]:
+    """The keys a tower loaded from a full CLIP-MoE directory (as LLaVA loads its tower) expects to leave
+    out: the other tower, both projections and the logit scale."""
+    return [rf"^{other_tower}\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$"]
+
+
+def _encode(
+    tower: CLIPMoEVisionModel | CLIPMoETextModel,
+    hidden_states: torch.Tensor,
+    output_hidden_states: bool | None,
+    output_attentions: bool | None,
+    output_router_logits: bool | None,
+    **kwargs,
+) -> CLIPMoEEncoderOutput:
+    """The tower's encoder, with each output flag the forward left None taken from the tower's config."""
+    config = tower.config
+    return tower.encoder(
+        hidden_states,
+        output_hidden_states=_flag(output_hidden_states, config.output_hidden_states),
+        output_attentions=_flag(output_attentions, config.output_attentions),
+        output_router_logits=_flag(output_router_logits, config.output_router_logits),
+        **kwargs,
+    )
+
+
 def _tower_output(
     last_hidden_state: torch.Tensor, pooled: torch.Tensor, enc: CLIPMoEEncoderOutput, return_dict: bool
 ) -> CLIPMoEOutputWithPooling | tuple:
+    """A tower's output: its last hidden state and pooled token, the encoder's other outputs passed through."""
     out = CLIPMoEOutputWithPooling(
         last_hidden_state=last_hidden_state,
         pooler_output=pooled,
@@ -163,9 +189,7 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
-    # Loaded from a full CLIP-MoE directory (as LLaVA loads its tower), the text half is expected to be left out.
-    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.",
-                                          r"^logit_scale$"]
+    _keys_to_ignore_on_load_unexpected = _other_tower_keys("text_model")
 
     def __init__(self, config: CLIPMoEVisionConfig):
         super().__init__(config)
@@ -197,13 +221,7 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
             raise ValueError("pixel_values is required")
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         hidden_states = self.pre_layrnorm(hidden_states)
-        enc = self.encoder(
-            hidden_states,
-            output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
-            output_attentions=_flag(output_attentions, self.config.output_attentions),
-            output_router_logits=_flag(output_router_logits, self.config.output_router_logits),
-            **kwargs,
-        )
+        enc = _encode(self, hidden_states, output_hidden_states, output_attentions, output_router_logits, **kwargs)
         pooled = self.post_layernorm(enc.last_hidden_state[:, 0, :])
         return _tower_output(enc.last_hidden_state, pooled, enc, _flag(return_dict, self.config.return_dict))
 
@@ -215,8 +233,7 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
     config_class = CLIPMoETextConfig
     input_modalities = ("text",)
     _input_embed_layer = "token_embedding"
-    _keys_to_ignore_on_load_unexpected = [r"^vision_model\.", r"^text_projection\.", r"^visual_projection\.",
-                                          r"^logit_scale$"]
+    _keys_to_ignore_on_load_unexpected = _other_tower_keys("vision_model")
 
     def __init__(self, config: CLIPMoETextConfig):
         super().__init__(config)
@@ -261,16 +278,8 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
         )
         kwargs.pop("is_causal", None)
-        enc = self.encoder(
-            hidden_states,
-            attention_mask=mask,
-            token_mask=token_mask,
-            output_hidden_states=_flag(output_hidden_states, self.config.output_hidden_states),
-            output_attentions=_flag(output_attentions, self.config.output_attentions),
-            output_router_logits=_flag(output_router_logits, self.config.output_router_logits),
-            is_causal=True,
-            **kwargs,
-        )
+        enc = _encode(self, hidden_states, output_hidden_states, output_attentions, output_router_logits,
+                      attention_mask=mask, token_mask=token_mask, is_causal=True, **kwargs)
         last = self.final_layer_norm(enc.last_hidden_state)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_position.to(last.device)]
         return _tower_output(last, pooled, enc, _flag(return_dict, self.config.return_dict))

@@ -9,15 +9,19 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.models.clip.modeling_clip import CLIPOutput
 
 
-@dataclass
-class CLIPMoEEncoderOutput(BaseModelOutput):
-    r"""
+@dataclass(init=False, repr=False, eq=False)
+class RoutingOutput:
+    r"""The routing fields of a CLIP-MoE encoder or tower output (all None unless `output_router_logits=True`).
+
     router_logits (`tuple[torch.FloatTensor]`, *optional*): one [batch * seq, num_experts] fp32 tensor per MoE
-        layer (padding tokens included), returned with `output_router_logits=True`.
+        layer (padding tokens included).
     load_balance_loss / router_z_loss (`torch.FloatTensor`, *optional*): unweighted means over the MoE layers,
         computed on non-padding tokens.
     aux_loss (`torch.FloatTensor`, *optional*): `aux_loss_coef * load_balance_loss + router_z_loss_coef *
         router_z_loss`, ready to add to a training loss.
+
+    A dataclass that generates no methods: listed before a `ModelOutput` base, it adds these fields after
+    that base's own (so `to_tuple()` keeps transformers' order and then these).
     """
 
     router_logits: tuple[torch.Tensor, ...] | None = None
@@ -27,13 +31,13 @@ class CLIPMoEEncoderOutput(BaseModelOutput):
 
 
 @dataclass
-class CLIPMoEOutputWithPooling(BaseModelOutputWithPooling):
-    r"""`BaseModelOutputWithPooling` of a CLIP-MoE tower; routing fields as in `CLIPMoEEncoderOutput`."""
+class CLIPMoEEncoderOutput(RoutingOutput, BaseModelOutput):
+    r"""`BaseModelOutput` of the CLIP-MoE encoder plus the `RoutingOutput` fields."""
 
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    load_balance_loss: torch.Tensor | None = None
-    router_z_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
+
+@dataclass
+class CLIPMoEOutputWithPooling(RoutingOutput, BaseModelOutputWithPooling):
+    r"""`BaseModelOutputWithPooling` of a CLIP-MoE tower plus the `RoutingOutput` fields."""
 
 
 @dataclass

@@ -4,6 +4,8 @@ how the default is chosen; and mixed precision (under autocast the experts' matm
 dtype: the segment kernels' `out=` calls are invisible to autocast, so the experts cast for themselves),
 the CUDA path against the CPU one."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -227,6 +229,19 @@ def forward_backward(model, batch, device_type: str | None):
     return out.loss.detach().float().cpu(), out.image_embeds.detach().float().cpu(), grads
 
 
+@contextlib.contextmanager
+def matmuls_of(model):
+    """A `MatmulLog` recording while the block runs; its hooks on `model`'s experts are removed afterwards."""
+    log = MatmulLog()
+    handles = log.watch(model)
+    try:
+        with log:
+            yield log
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
@@ -238,14 +253,8 @@ def test_cpu_bf16_autocast_runs_the_experts_in_bf16(dispatch):
     batch = tiny_batch()
     ref_loss, ref_embeds, ref_grads = forward_backward(model, batch, None)
 
-    log = MatmulLog()
-    handles = log.watch(model)
-    try:
-        with log:
-            loss, embeds, grads = forward_backward(model, batch, "cpu")
-    finally:
-        for h in handles:
-            h.remove()
+    with matmuls_of(model) as log:
+        loss, embeds, grads = forward_backward(model, batch, "cpu")
 
     expert_calls = [c for c in log.calls if c[1]]
     # 2 projections per expert segment (or 2 grouped_mm calls) in each of the 8 MoE layers.
@@ -269,33 +278,24 @@ def test_cpu_bf16_autocast_runs_the_experts_in_bf16(dispatch):
 
 def test_autocast_off_means_fp32_experts():
     model = clip_moe().eval()
-    log = MatmulLog()
-    handles = log.watch(model)
-    try:
-        with log, torch.no_grad():
-            model(**tiny_batch())
-    finally:
-        for h in handles:
-            h.remove()
+    with matmuls_of(model) as log, torch.no_grad():
+        model(**tiny_batch())
     assert log.calls and all(dtypes == {torch.float32} for _, _, dtypes in log.calls)
+
+
+def cuda_model_and_cpu_reference():
+    """(a train-mode CLIP-MoE moved to CUDA, the batch on CUDA, its fp32 CPU step taken before the move)."""
+    model, batch = clip_moe().train(), tiny_batch()
+    reference = forward_backward(model, batch, None)
+    return model.cuda(), {k: v.cuda() for k, v in batch.items()}, reference
 
 
 @pytest.mark.cuda
 def test_cuda_grouped_mm_bf16_matches_the_cpu_reference():
     """The CUDA default (grouped_mm) under bf16 autocast against the fp32 CPU segment path."""
-    model = clip_moe().train()
-    batch = tiny_batch()
-    ref_loss, ref_embeds, ref_grads = forward_backward(model, batch, None)
-
-    model.cuda()
-    log = MatmulLog()
-    handles = log.watch(model)
-    try:
-        with log:
-            loss, embeds, grads = forward_backward(model, {k: v.cuda() for k, v in batch.items()}, "cuda")
-    finally:
-        for h in handles:
-            h.remove()
+    model, batch, (ref_loss, ref_embeds, ref_grads) = cuda_model_and_cpu_reference()
+    with matmuls_of(model) as log:
+        loss, embeds, grads = forward_backward(model, batch, "cuda")
     expert_calls = [c for c in log.calls if c[1]]
     assert expert_calls and all(op is aten._grouped_mm and dtypes == {torch.bfloat16}
                                 for op, _, dtypes in expert_calls)
@@ -310,11 +310,8 @@ def test_cuda_grouped_mm_bf16_matches_the_cpu_reference():
 @pytest.mark.cuda
 def test_cuda_fp32_default_matches_the_cpu_reference():
     """The CUDA default in fp32 (grouped_mm, whatever kernel torch picks for fp32) against the CPU path."""
-    model = clip_moe().train()
-    batch = tiny_batch()
-    ref_loss, ref_embeds, ref_grads = forward_backward(model, batch, None)
-    model.cuda()
-    loss, embeds, grads = forward_backward(model, {k: v.cuda() for k, v in batch.items()}, None)
+    model, batch, (ref_loss, ref_embeds, ref_grads) = cuda_model_and_cpu_reference()
+    loss, embeds, grads = forward_backward(model, batch, None)
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(embeds, ref_embeds, atol=1e-4, rtol=1e-4)
     for name, g in ref_grads.items():
