@@ -10,24 +10,13 @@ from collections.abc import Sequence
 
 from .model_card import summary_lines
 from .save import save_clip_moe
-from .utils.cli import UserErrorParser, run_cli
+from .utils.cli import command_parser, positive_int, run_cli
 from .utils.errors import UserError
 from .utils.files import check_output_dir
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = UserErrorParser(prog="python -m encoder", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, commands = command_parser("python -m encoder", __doc__)
 
     p = commands.add_parser(
         "import-official",
@@ -38,12 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="the released .pt state dict")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--num-experts", type=_positive_int, default=None,
+    p.add_argument("--num-experts", type=positive_int, default=None,
                    help="expected experts per MoE layer; an error if the checkpoint disagrees (default: inferred)")
-    p.add_argument("--top-k", type=_positive_int, default=2, help="experts per token (default: 2, as released)")
-    p.add_argument("--vision-heads", type=_positive_int, default=None,
+    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default: 2, as released)")
+    p.add_argument("--vision-heads", type=positive_int, default=None,
                    help="vision attention heads (default: width // 64, OpenAI's rule)")
-    p.add_argument("--text-heads", type=_positive_int, default=None,
+    p.add_argument("--text-heads", type=positive_int, default=None,
                    help="text attention heads (default: width // 64, OpenAI's rule)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(run=_import_official)

@@ -39,18 +39,23 @@ CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError, KeyError, Attribut
 LOAD_ERRORS = (OSError, RuntimeError, ValueError, SafetensorError, CheckpointError)
 
 
-def read_config_json(path: str | Path) -> dict:
-    """DIR/config.json as a dict; UserError when `path` is no model directory or the file is not a JSON object."""
+def read_config_json(path: str | Path, kind: str = "CLIP-MoE directory", fix: str = "re-save the model") -> dict:
+    """DIR/config.json as a dict, for any model directory (a CLIP-MoE, a LLaVA checkpoint: `kind`); UserError
+    naming `kind` when `path` is no model directory, or `fix` when the file is unreadable or not a JSON object."""
     path = Path(path)
     config_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory; pass a {kind}")
     if not config_file.is_file():
-        raise UserError(f"{path} is not a model directory (no {CONFIG_FILE}); pass a CLIP-MoE directory")
+        raise UserError(f"{path} has no {CONFIG_FILE}, so it is not a model directory; pass a {kind}")
     try:
         raw = json.loads(config_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{config_file} is not valid JSON ({err}); re-save the model") from None
+        raise UserError(f"{config_file} is not valid JSON ({err}); {fix}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {config_file} ({err.strerror or err}); {fix}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{config_file} holds a JSON {type(raw).__name__}, not an object; re-save the model")
+        raise UserError(f"{config_file} holds a JSON {type(raw).__name__}, not an object; {fix}")
     return raw
 
 

@@ -1,114 +1,169 @@
 """Command line of the LLaVA bridge: check, re-point and benchmark LLaVA checkpoints with CLIP or CLIP-MoE towers.
 
     python -m mllm_bridge swap-tower checkpoints/llava-v1.5-7b --tower clip-moe-l14-336
+
+Every command's parser is here, as data; the function that runs a command lives next to what it runs and gets
+the parsed arguments. (LLaVA training has its own command line, `python -m mllm_bridge.train`, with LLaVA's flags.)
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from encoder.tower import SELECT_FEATURES
-from encoder.utils.cli import UserErrorParser, run_cli
+from encoder.utils.cli import command_parser, positive_int, run_cli
 
-from .lmms.commands import add_lmms_commands
+from .lmms.embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT
+from .lmms.run import CHECKPOINT_ARGS, LLAVA_15_TASKS
+from .lmms.task_data import TASK_NAMES
+
+Argument = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def arg(*flags: str, **kwargs: Any) -> Argument:
+    """One `add_argument(*flags, **kwargs)`, kept as data."""
+    return flags, kwargs
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    arguments: tuple[Argument, ...]
+    epilog: str | None = None
+
+
+def _limit(text: str) -> int | float:
+    """lmms-eval's --limit: a count of documents, or a fraction of each task below 1."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count (or a fraction below 1)")
+    return int(value) if value >= 1 else value
+
+
+OVERWRITE = arg("--overwrite", action="store_true", help="replace --out if it exists")
+DIGIT_GRIDS = "a folder written by `python -m upcycle make-digit-grids`"
+
+
+def commands() -> list[Command]:
+    from .llava.checks import run_check
+    from .llava.init import run_init_llava
+    from .llava.swap_tower import run_swap_tower
+    from .llava.tiny_lm import run_make_tiny_llm
+    from .lmms.run import run_eval_lmms
+    from .lmms.task_data import run_make_lmms_task
+
+    return [
+        Command(
+            "check", run_check,
+            "show the vision tower LLaVA will build for a checkpoint and every mismatch",
+            "Show which vision tower class LLaVA will build for LLAVA_DIR (clip-moe-toolkit's CLIPMoEVisionTower or "
+            "LLaVA's CLIPVisionTower), its MoE layout, hidden sizes (tower vs mm_hidden_size), select layer and "
+            "feature, image processor, and every mismatch found.",
+            (arg("llava_dir", metavar="LLAVA_DIR",
+                 help="a LLaVA checkpoint directory (config.json with mm_vision_tower)"),),
+            epilog="Exit status: 0 when the checkpoint and its tower fit, 1 when a mismatch was found, 2 on bad input.",
+        ),
+        Command(
+            "swap-tower", run_swap_tower,
+            "point a LLaVA checkpoint's config.json at another CLIP or CLIP-MoE tower",
+            "Rewrite LLAVA_DIR/config.json to use TOWER_DIR as its vision tower (absolute path), after checking that "
+            "the tower is a CLIP or CLIP-MoE directory whose hidden size equals mm_hidden_size (the projector's input "
+            "width) and whose image size, patches and image processor fit. The old config is kept as config.json.bak "
+            "(or config.json.bak-<time> if that exists); the new one is written atomically. On any mismatch nothing "
+            "is written.",
+            (arg("llava_dir", metavar="LLAVA_DIR", help="a LLaVA checkpoint directory"),
+             arg("--tower", required=True, metavar="TOWER_DIR", help="a CLIP or CLIP-MoE directory"),
+             arg("--select-layer", type=int, default=None, metavar="N",
+                 help="hidden state LLaVA takes (index into the L+1 hidden states; -2 = penultimate block, as in "
+                 "LLaVA-1.5; default: keep the checkpoint's)"),
+             arg("--select-feature", choices=SELECT_FEATURES, default=None,
+                 help="'patch' drops the CLS token, 'cls_patch' keeps it (default: keep the checkpoint's)")),
+        ),
+        Command(
+            "make-tiny-llm", run_make_tiny_llm,
+            "write a tiny random Llama with a tokenizer trained on a data set's texts (CPU demos)",
+            "Writes a 2-layer Llama (random weights) and a Llama tokenizer trained offline on every text LLaVA's "
+            "stage 1 and stage 2 would feed it from a digit-grid directory (train.json, train_qa.json): the language "
+            "model of the embedded CPU runs. Real runs use a real LLM (e.g. lmsys/vicuna-7b-v1.5).",
+            (arg("--data", required=True, help=DIGIT_GRIDS),
+             arg("--out", required=True, help="output LLM directory"),
+             arg("--hidden-size", type=int, default=128, help="model width (default 128)"),
+             arg("--seed", type=int, default=0, help="initialisation seed (default 0)")),
+        ),
+        Command(
+            "make-lmms-task", run_make_lmms_task,
+            "turn a digit-grid data set into an lmms-eval task folder (for --include_path)",
+            "Writes TASK_DIR with the digit-grid task YAML shipped in mllm_bridge/lmms/tasks/digit_grids "
+            "(digit_grids_qa: one-word answers, exact match; digit_grids_mc: likelihood of each digit, accuracy) and "
+            "their data, digit_grids.parquet: one document per question, images embedded, so the folder can be "
+            "moved. Use it with `python -m lmms_eval --include_path TASK_DIR --tasks digit_grids_qa,digit_grids_mc`.",
+            (arg("--data", required=True, metavar="DIR", help=DIGIT_GRIDS),
+             arg("--out", required=True, metavar="TASK_DIR", help="task folder to write"),
+             arg("--split", default="test", choices=("train", "test"), help="question file to use (default test)"),
+             OVERWRITE),
+        ),
+        Command(
+            "init-llava", run_init_llava,
+            "write an untrained LLaVA checkpoint from a language model and a vision tower",
+            "Builds a LLaVA-1.5-style model (mlp2x_gelu projector, select layer -2, patch features) of LLM_DIR around "
+            "TOWER with LLaVA's own initialize_vision_modules, and saves it as a full checkpoint with the LLM's "
+            "tokenizer (the tower stays in its directory). Its projector is untrained: a checkpoint for trying the "
+            "loading and evaluation paths, not for meaningful scores.",
+            (arg("--tower", required=True, help="CLIP or CLIP-MoE directory"),
+             arg("--llm", required=True, metavar="LLM_DIR", help="a saved Llama language model with its tokenizer"),
+             arg("--out", required=True, help="output checkpoint directory"),
+             arg("--seed", type=int, default=0, help="initialisation seed of the projector (default 0)"),
+             OVERWRITE),
+        ),
+        Command(
+            "eval-lmms", run_eval_lmms,
+            "benchmark LLaVA checkpoints with lmms-eval and write a comparison table",
+            "Checks every checkpoint, tower and task first, reports (one line each) tasks whose data cannot be "
+            "loaded here and skips them, then runs `python -m lmms_eval --model llava_clipmoe` once per checkpoint "
+            "into OUT/runs/NAME (results JSON, samples, expert usage, log) and writes OUT/results.md (metrics side "
+            "by side, expert usage per MoE layer) and OUT/summary.json. Without --checkpoint: the embedded default, "
+            "the digit-grid tasks on the checkpoints of the embedded training run in --default-dir (stage 2 and "
+            "stage 1 when present, else an untrained one built from the same parts), each with its CLIP-MoE tower "
+            "and with the dense CLIP it was upcycled from.",
+            (arg("--checkpoint", action="append", default=[], metavar="NAME=DIR[,key=value]",
+                 help="a LLaVA checkpoint to evaluate (repeat to compare). Extra llava_clipmoe model args for this "
+                 f"checkpoint after commas: {', '.join(CHECKPOINT_ARGS)}; e.g. "
+                 "moe=runs/llava,vision_tower=runs/clip-moe or stage1=runs/projector,model_base=runs/llm"),
+             arg("--tasks", help="comma-separated lmms-eval tasks (default: LLaVA-1.5's set, "
+                 f"{','.join(LLAVA_15_TASKS)}; the embedded default: {','.join(TASK_NAMES)})"),
+             arg("--include-path", metavar="DIR", help="folder of extra task YAML (lmms-eval's --include_path)"),
+             arg("--limit", type=_limit, help="documents per task (lmms-eval's --limit; default: all, "
+                 f"{DEFAULT_LIMIT} in the embedded default)"),
+             arg("--batch-size", type=positive_int, help="requests per forward pass (default 1, "
+                 f"{DEFAULT_BATCH_SIZE} in the embedded default)"),
+             arg("--device", help="cpu, cuda or cuda:N (default: a GPU when one is visible, else the CPU; the "
+                 "embedded default: cpu)"),
+             arg("--model-args", metavar="K=V,...", help="llava_clipmoe model args for every checkpoint that sets "
+                 "no value of its own (keys as for --checkpoint; e.g. conv_template=plain,dtype=bfloat16)"),
+             arg("--out", help="output directory (default runs/lmms_eval/<date>-<time>)"),
+             OVERWRITE,
+             arg("--default-dir", default="runs/llava-default",
+                 help="the embedded default's folder, shared with pretrain_projector.sh / finetune.sh "
+                 "(default runs/llava-default)")),
+            epilog="Exit status: 0 when every checkpoint ran, 1 when one failed, 2 on bad input.",
+        ),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = UserErrorParser(prog="python -m mllm_bridge", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser(
-        "check",
-        help="show the vision tower LLaVA will build for a checkpoint and every mismatch",
-        description="Show which vision tower class LLaVA will build for LLAVA_DIR (clip-moe-toolkit's "
-        "CLIPMoEVisionTower or LLaVA's CLIPVisionTower), its MoE layout, hidden sizes (tower vs "
-        "mm_hidden_size), select layer and feature, image processor, and every mismatch found.",
-        epilog="Exit status: 0 when the checkpoint and its tower fit, 1 when a mismatch was found, "
-        "2 on bad input.",
-    )
-    p.add_argument("llava_dir", metavar="LLAVA_DIR",
-                   help="a LLaVA checkpoint directory (config.json with mm_vision_tower)")
-    p.set_defaults(run=_check)
-
-    p = commands.add_parser(
-        "swap-tower",
-        help="point a LLaVA checkpoint's config.json at another CLIP or CLIP-MoE tower",
-        description="Rewrite LLAVA_DIR/config.json to use TOWER_DIR as its vision tower (absolute path), after "
-        "checking that the tower is a CLIP or CLIP-MoE directory whose hidden size equals mm_hidden_size (the "
-        "projector's input width) and whose image size, patches and image processor fit. The old config is "
-        "kept as config.json.bak (or config.json.bak-<time> if that exists); the new one is written atomically. "
-        "On any mismatch nothing is written.",
-    )
-    p.add_argument("llava_dir", metavar="LLAVA_DIR", help="a LLaVA checkpoint directory")
-    p.add_argument("--tower", required=True, metavar="TOWER_DIR", help="a CLIP or CLIP-MoE directory")
-    p.add_argument("--select-layer", type=int, default=None, metavar="N",
-                   help="hidden state LLaVA takes (index into the L+1 hidden states; -2 = penultimate block, "
-                   "as in LLaVA-1.5; default: keep the checkpoint's)")
-    p.add_argument("--select-feature", choices=SELECT_FEATURES, default=None,
-                   help="'patch' drops the CLS token, 'cls_patch' keeps it (default: keep the checkpoint's)")
-    p.set_defaults(run=_swap_tower)
-
-    p = commands.add_parser(
-        "make-tiny-llm",
-        help="write a tiny random Llama with a tokenizer trained on a data set's texts (CPU demos)",
-        description="Writes a 2-layer Llama (random weights) and a Llama tokenizer trained offline on every text "
-        "LLaVA's stage 1 and stage 2 would feed it from a digit-grid directory (train.json, train_qa.json): the "
-        "language model of the embedded CPU runs. Real runs use a real LLM (e.g. lmsys/vicuna-7b-v1.5).",
-    )
-    p.add_argument("--data", required=True, help="digit-grid directory (python -m upcycle make-digit-grids)")
-    p.add_argument("--out", required=True, help="output LLM directory")
-    p.add_argument("--hidden-size", type=int, default=128, help="model width (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
-    p.set_defaults(run=_make_tiny_llm)
-    add_lmms_commands(commands)
+    parser, sub = command_parser("python -m mllm_bridge", __doc__)
+    for command in commands():
+        p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog)
+        for flags, kwargs in command.arguments:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(run=command.run)
     return parser
-
-
-def _make_tiny_llm(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from encoder.utils.errors import UserError
-    from encoder.utils.files import check_output_dir
-
-    from .train.embedded_default import save_tiny_llm, training_texts
-
-    data = Path(args.data)
-    missing = [n for n in ("train.json", "train_qa.json") if not (data / n).is_file()]
-    if missing:
-        raise UserError(f"{data} lacks {', '.join(missing)}; give a digit-grid directory "
-                        "(python -m upcycle make-digit-grids)")
-    if Path(args.out).exists():
-        raise UserError(f"{args.out} exists; remove it or choose another --out")
-    check_output_dir(args.out, overwrite=False)  # a folder that is a file or not writable: before any work
-    save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
-    print(f"tiny Llama written to {args.out}")
-    return 0
-
-
-def _check(args: argparse.Namespace) -> int:
-    from .llava.checks import check_llava_dir
-
-    report = check_llava_dir(args.llava_dir)
-    print("\n".join(report.lines))
-    if not report.problems:
-        print("mismatches: none")
-        return 0
-    print(f"mismatches ({len(report.problems)}):")
-    print("\n".join(f"  - {problem}" for problem in report.problems))
-    return 1
-
-
-def _swap_tower(args: argparse.Namespace) -> int:
-    from .llava.swap_tower import swap_tower
-
-    result = swap_tower(args.llava_dir, args.tower, args.select_layer, args.select_feature)
-    print(f"{result.config.config_path}: mm_vision_tower = {result.config.vision_tower}, "
-          f"select layer {result.config.select_layer}, feature {result.config.select_feature!r}")
-    print(f"previous config kept as {result.backup}")
-    for note in result.notes:
-        print(f"note: {note}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

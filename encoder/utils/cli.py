@@ -1,4 +1,5 @@
-"""What every `python -m <package>` command line shares: the error shape and the run wrapper."""
+"""What every `python -m <package>` command line shares: the parser and its error shape, argument types, the run
+wrapper."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ class UserErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def command_parser(prog: str, doc: str) -> tuple[UserErrorParser, argparse._SubParsersAction]:
+    """The parser of `python -m <package>` (described by the first line of the module's `doc`) and the action its
+    commands are added to; a command is required."""
+    parser = UserErrorParser(prog=prog, description=doc.strip().splitlines()[0])
+    return parser, parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def parse_device(name: str | None):

@@ -130,3 +130,15 @@ def check_llava_dir(directory: str | Path) -> CheckReport:
     ]
     report.problems += tower_problems(config, tower)
     return report
+
+
+def run_check(args) -> int:
+    """`python -m mllm_bridge check`: print the report; exit status 1 when a mismatch was found."""
+    report = check_llava_dir(args.llava_dir)
+    print("\n".join(report.lines))
+    if not report.problems:
+        print("mismatches: none")
+        return 0
+    print(f"mismatches ({len(report.problems)}):")
+    print("\n".join(f"  - {problem}" for problem in report.problems))
+    return 1

@@ -10,9 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder.model_dir import CONFIG_FILE, read_config_json
 from encoder.utils.errors import UserError
-
-CONFIG_NAME = "config.json"
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,7 @@ class LlavaCheckpointConfig:
 
     @property
     def config_path(self) -> Path:
-        return self.directory / CONFIG_NAME
+        return self.directory / CONFIG_FILE
 
     @property
     def vision_tower(self) -> str | None:
@@ -69,20 +68,10 @@ class LlavaCheckpointConfig:
 def read_llava_config(directory: str | Path) -> LlavaCheckpointConfig:
     """Read `directory/config.json` of a multimodal LLaVA checkpoint; UserError when it is not one."""
     directory = Path(directory)
-    path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory; pass a LLaVA checkpoint directory")
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{directory} has no {CONFIG_NAME}; pass a LLaVA checkpoint directory") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({err}); restore it from a backup") from err
-    if not isinstance(values, dict):
-        raise UserError(f"{path} does not hold a JSON object; restore it from a backup")
+    values = read_config_json(directory, "LLaVA checkpoint directory", "restore it from a backup")
     config = LlavaCheckpointConfig(directory, values)
     if config.vision_tower is None:
-        raise UserError(f"{path} has no mm_vision_tower: not a multimodal LLaVA checkpoint "
+        raise UserError(f"{config.config_path} has no mm_vision_tower: not a multimodal LLaVA checkpoint "
                         "(a stage-1 or stage-2 output, or a released LLaVA model)")
     return config
 

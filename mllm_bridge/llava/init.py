@@ -40,3 +40,10 @@ def init_llava(out: str | Path, tower: str | Path, llm: str | Path, seed: int = 
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def run_init_llava(args) -> int:
+    """`python -m mllm_bridge init-llava`."""
+    out = init_llava(args.out, args.tower, args.llm, args.seed, args.overwrite)
+    print(f"LLaVA checkpoint written to {out} (tower {args.tower}; untrained projector)")
+    return 0

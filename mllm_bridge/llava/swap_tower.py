@@ -86,3 +86,14 @@ def _notes(old: LlavaCheckpointConfig, new: LlavaCheckpointConfig, tower: TowerI
         notes.append(f"image tokens per image change from {before} to {after}; the language model was trained "
                      f"with {before}, so fine-tune (stage 2) before relying on the results")
     return notes
+
+
+def run_swap_tower(args) -> int:
+    """`python -m mllm_bridge swap-tower`: swap, then say what changed and where the old config is."""
+    result = swap_tower(args.llava_dir, args.tower, args.select_layer, args.select_feature)
+    print(f"{result.config.config_path}: mm_vision_tower = {result.config.vision_tower}, "
+          f"select layer {result.config.select_layer}, feature {result.config.select_feature!r}")
+    print(f"previous config kept as {result.backup}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0

@@ -58,3 +58,25 @@ def tiny_llama_config(
         pad_token_id=tokenizer.unk_token_id,  # LLaVA pads Llama with <unk>
         tie_word_embeddings=False,
     )
+
+
+def run_make_tiny_llm(args) -> int:
+    """`python -m mllm_bridge make-tiny-llm`: the language model of the embedded CPU runs, from a digit-grid folder."""
+    from pathlib import Path
+
+    from encoder.utils.errors import UserError
+    from encoder.utils.files import check_output_dir
+
+    from ..train.embedded_default import save_tiny_llm, training_texts
+
+    data = Path(args.data)
+    missing = [n for n in ("train.json", "train_qa.json") if not (data / n).is_file()]
+    if missing:
+        raise UserError(f"{data} lacks {', '.join(missing)}; give a digit-grid directory "
+                        "(python -m upcycle make-digit-grids)")
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; remove it or choose another --out")
+    check_output_dir(args.out, overwrite=False)  # a folder that is a file or not writable: before any work
+    save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
+    print(f"tiny Llama written to {args.out}")
+    return 0

@@ -171,3 +171,31 @@ def evaluate(checkpoints: list[Checkpoint], tasks: list[str], out: str | Path, i
     return results
 
 
+def run_eval_lmms(args) -> int:
+    """`python -m mllm_bridge eval-lmms`: exit status 1 when a checkpoint's run failed."""
+    import time
+
+    common = parse_model_args(args.model_args, "--model-args")
+    checkpoints = ([parse_checkpoint(text, common) for text in args.checkpoint]
+                   or [Checkpoint(c.name, c.pretrained, {**common, **c.args}) for c in _embedded_default(args)])
+    tasks = [t.strip() for t in (args.tasks or ",".join(LLAVA_15_TASKS)).split(",") if t.strip()]
+    out = args.out or f"runs/lmms_eval/{time.strftime('%Y%m%d-%H%M%S')}"
+    results = evaluate(checkpoints, tasks, out, args.include_path, args.limit, args.batch_size or 1, args.device,
+                       args.overwrite)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _embedded_default(args) -> list[Checkpoint]:
+    """No --checkpoint: the embedded default's checkpoints; it fills in the task folder, tasks, limit, batch size
+    and device too, where no flag gave them."""
+    from .embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_plan
+
+    if args.include_path is not None:
+        raise UserError("--include-path needs --checkpoint; the embedded default brings its own task folder")
+    plan = default_plan(args.default_dir)
+    args.include_path = str(plan.include_path)
+    args.tasks = args.tasks or ",".join(plan.tasks)
+    args.limit = DEFAULT_LIMIT if args.limit is None else args.limit
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    args.device = args.device or "cpu"
+    return plan.checkpoints

@@ -93,3 +93,11 @@ def _readme(data_dir, out: Path, split: str, count: int) -> str:
             f"--tasks {','.join(TASK_NAMES)} --model llava_clipmoe --model_args pretrained=CHECKPOINT\n\n"
             "- `digit_grids_qa`: generated one-word answers, exact match\n"
             "- `digit_grids_mc`: likelihood of each digit 0-9, accuracy\n")
+
+
+def run_make_lmms_task(args) -> int:
+    """`python -m mllm_bridge make-lmms-task`."""
+    count = make_lmms_task(args.data, args.out, args.split, args.overwrite)
+    print(f"{count} questions written to {args.out}; evaluate with "
+          f"`python -m lmms_eval --include_path {args.out} --tasks {','.join(TASK_NAMES)} ...`")
+    return 0

@@ -36,24 +36,21 @@ def set_config(directory, **values):
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 
 
-def test_check_describes_a_fitting_checkpoint(llava_dir, clip_moe_dir, capsys):
-    assert main(["check", str(llava_dir)]) == 0
+@pytest.mark.parametrize(("config", "status", "lines"), [
+    ({}, 0, ["CLIPMoEVisionTower (clip-moe-toolkit)", "top-2 of 4 experts in layers [0, 1, 2, 3] of 4",
+             "tower 32, mm_hidden_size 32", "layer -2 of 5 hidden states, feature 'patch' -> 16 image tokens",
+             "crop 32x32", "mismatches: none"]),
+    ({"mm_hidden_size": 1024, "mm_vision_select_layer": -7, "mm_vision_select_feature": "cls"}, 1,
+     ["mismatches (3):", "mm_hidden_size is 1024 but the tower's hidden size is 32",
+      "mm_vision_select_layer -7 does not index the tower's 5 hidden states", "mm_vision_select_feature 'cls'"]),
+], ids=["fitting", "every-mismatch"])
+def test_check_describes_the_checkpoint_and_lists_every_mismatch(config, status, lines, llava_dir, clip_moe_dir,
+                                                                  capsys):
+    set_config(llava_dir, **config)
+    assert main(["check", str(llava_dir)]) == status
     out = capsys.readouterr().out
-    assert "CLIPMoEVisionTower (clip-moe-toolkit)" in out
-    assert "top-2 of 4 experts in layers [0, 1, 2, 3] of 4" in out
-    assert "tower 32, mm_hidden_size 32" in out
-    assert "layer -2 of 5 hidden states, feature 'patch' -> 16 image tokens" in out
-    assert "crop 32x32" in out and "mismatches: none" in out
-
-
-def test_check_lists_every_mismatch(llava_dir, capsys):
-    set_config(llava_dir, mm_hidden_size=1024, mm_vision_select_layer=-7, mm_vision_select_feature="cls")
-    assert main(["check", str(llava_dir)]) == 1
-    out = capsys.readouterr().out
-    assert "mismatches (3):" in out
-    assert "mm_hidden_size is 1024 but the tower's hidden size is 32" in out
-    assert "mm_vision_select_layer -7 does not index the tower's 5 hidden states" in out
-    assert "mm_vision_select_feature 'cls'" in out
+    missing = [line for line in lines if line not in out]
+    assert not missing, out
 
 
 def test_check_flags_a_directory_name_that_llava_loads_as_a_plain_llm(llava_dir, tmp_path, capsys):

@@ -1,2 +1,2 @@
-"""Measuring a CLIP or CLIP-MoE: embedding pairs, zero-shot retrieval and classification, routing statistics, the
-dense-vs-MoE function check, and the eval / routing commands."""
+"""Measuring a CLIP or CLIP-MoE: embedding pairs, image-text retrieval, zero-shot classification, routing
+statistics, the dense-vs-MoE function check, and the eval / routing commands."""
