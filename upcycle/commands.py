@@ -1,11 +1,12 @@
-"""What each `python -m upcycle` command does (argument parsing lives in cli.py)."""
+"""What `python -m upcycle sparse`, `sparse-demo` and `init-base` do, each given its config (the parsers are
+generated from the configs in cli.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -16,39 +17,34 @@ from encoder.convert.dense import default_image_processor, open_dense_clip
 from encoder.model_card import summary_lines
 from encoder.save import write_model_extras
 from encoder.tensor_stream import return_large_frees_to_os
-from encoder.utils.errors import NonFiniteValues, UserError
+from encoder.utils.errors import NonFiniteValues
 from encoder.utils.files import atomic_output_dir, check_output_dir
+from encoder.utils.options import option, switch
 
 from .eval.function_check import max_output_diff
 from .recipes.assemble import check_expert_counts, moe_config_for
 from .recipes.sparse import layerwise_output_diff, write_sparse_upcycled
+from .recipes.sparse_config import SparseConfig
 
 logger = logging.getLogger(__name__)
 
 
-def parse_towers(text: str) -> tuple[str, ...]:
-    towers = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not towers or any(t not in ("vision", "text") for t in towers):
-        raise UserError(f"--towers {text!r} not understood: use vision, text or vision,text")
-    return towers
-
-
-def run_sparse(args: argparse.Namespace) -> int:
+def run_sparse(cfg: SparseConfig) -> int:
     """Stream the sparse-upcycled base into --out (see `write_sparse_upcycled`), check it against the base
     layer-wise from the written files, then add preprocessing and the card and move the directory into place.
 
     Peak memory stays near one tensor for a transformers CLIP directory with safetensors weights; other bases
     (open_clip, hub ids, .bin weights) are loaded into memory first and then streamed out the same way.
     """
-    check_output_dir(args.out, args.overwrite)
-    check_expert_counts(args.num_experts, args.top_k)
-    towers = parse_towers(args.towers)
+    check_output_dir(cfg.out, cfg.overwrite)
+    check_expert_counts(cfg.num_experts, cfg.top_k)
+    towers = cfg.towers
     return_large_frees_to_os()
-    base = open_dense_clip(args.base)
+    base = open_dense_clip(cfg.base)
     try:
-        config = moe_config_for(base.config, args.num_experts, args.top_k, args.moe_layers, towers)
-        with atomic_output_dir(args.out, args.overwrite) as tmp:
-            model = write_sparse_upcycled(base, config, tmp, args.seed, progress=_progress)
+        config = moe_config_for(base.config, cfg.num_experts, cfg.top_k, cfg.moe_layers, towers)
+        with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
+            model = write_sparse_upcycled(base, config, tmp, cfg.seed, progress=_progress)
             diff = layerwise_output_diff(base, tmp)
             not_finite = [name for name, value in diff.items() if not math.isfinite(value)]
             if not_finite:  # nothing is written: the atomic directory is dropped
@@ -56,15 +52,15 @@ def run_sparse(args: argparse.Namespace) -> int:
                                       "its weights hold non-finite values; upcycle a finite checkpoint")
             card = {
                 "base": base.source,
-                "recipe": f"sparse upcycling (CLIP-UP): {args.num_experts} experts copied from the dense MLP, "
-                f"top-{args.top_k}, new routers (seed {args.seed}); not yet trained",
+                "recipe": f"sparse upcycling (CLIP-UP): {cfg.num_experts} experts copied from the dense MLP, "
+                f"top-{cfg.top_k}, new routers (seed {cfg.seed}); not yet trained",
                 "metrics": {"max |MoE - dense| at initialisation": f"{max(diff.values()):.2e}"},
-                "details": {"moe_layers": args.moe_layers, "towers": list(towers), "seed": args.seed},
+                "details": {"moe_layers": cfg.moe_layers, "towers": list(towers), "seed": cfg.seed},
             }
             write_model_extras(tmp, model, base.image_processor, base.tokenizer, card)
     finally:
         base.close()
-    print_summary(model, diff, args.out)
+    print_summary(model, diff, cfg.out)
     return 0
 
 
@@ -80,9 +76,20 @@ def print_summary(model, diff: dict, out) -> None:
     print(f"  dense-vs-MoE check: max abs diff {worst:.2e} over embeddings and hidden states ({verdict})")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+@dataclass
+class SparseDemoConfig:
+    """build a small CLIP, sparse-upcycle it, check function preservation
+
+    Builds a small dense CLIP, sparse-upcycles it through the same code as `upcycle sparse`, prints the summary
+    and checks that the CLIP-MoE reproduces the dense model on real images (scikit-learn's handwritten digits).
+    """
+
+    out: str = option("--out", "working directory", "runs/sparse-demo")
+
+
+def run_demo(cfg: SparseDemoConfig) -> int:
     """Build a small dense CLIP, sparse-upcycle it via the `sparse` command, check it on real digit images."""
-    out = check_output_dir(args.out, overwrite=True)  # a working directory: its outputs are replaced
+    out = check_output_dir(cfg.out, overwrite=True)  # a working directory: its outputs are replaced
     base_dir, moe_dir = out / "dense-clip", out / "clip-moe"
     torch.manual_seed(0)
     base = CLIPModel(small_clip_config()).eval()
@@ -91,9 +98,7 @@ def run_demo(args: argparse.Namespace) -> int:
         default_image_processor(base.config.vision_config.image_size).save_pretrained(tmp)
     print(f"built a small dense CLIP ({sum(p.numel() for p in base.parameters()):,} parameters) in {base_dir}")
 
-    ns = argparse.Namespace(base=str(base_dir), out=str(moe_dir), num_experts=4, top_k=2, moe_layers="all",
-                            towers="vision,text", seed=0, overwrite=True)
-    run_sparse(ns)
+    run_sparse(SparseConfig(base=str(base_dir), out=str(moe_dir), overwrite=True))
     moe = CLIPMoEModel.from_pretrained(moe_dir).eval()
     diff = max_output_diff(base, moe, digit_inputs(base))
     print("check on 16 real handwritten digits (scikit-learn) after reloading from disk:")
@@ -127,14 +132,35 @@ def digit_inputs(model: CLIPModel, n: int = 16) -> dict[str, torch.Tensor]:
     return {"pixel_values": (pixels - 0.5) / 0.25, "input_ids": ids}
 
 
-def run_init_base(args: argparse.Namespace) -> int:
+@dataclass
+class InitBaseConfig:
+    """write a small randomly initialised CLIP with a tokenizer fitted to captions
+
+    Writes a small dense CLIP (transformers layout, image processor, word-level tokenizer built from the data's
+    captions) to train from scratch with `upcycle train --trainable all`: the base of the embedded demo. Real
+    runs start from a real CLIP instead.
+    """
+
+    captions: str = option("--captions", "image-caption data file whose captions define the vocabulary")
+    out: str = option("--out", "output CLIP directory")
+    width: int = option("--width", "hidden size of both towers", 64)
+    layers: int = option("--layers", "layers per tower", 4)
+    heads: int = option("--heads", "attention heads", 4)
+    image_size: int = option("--image-size", "model input size in pixels", 32)
+    patch_size: int = option("--patch-size", "ViT patch size", 8)
+    max_length: int = option("--max-length", "text context in tokens", 32)
+    seed: int = option("--seed", "initialisation seed", 0)
+    overwrite: bool = switch("--overwrite", "replace --out if it exists")
+
+
+def run_init_base(cfg: InitBaseConfig) -> int:
     from .data import read_pairs
     from .experiments.small_base import init_small_clip
 
-    check_output_dir(args.out, args.overwrite)
-    captions = [p.caption for p in read_pairs(args.captions, skip_missing=True)]
-    model = init_small_clip(args.out, captions, args.width, args.layers, args.heads, args.image_size,
-                            args.patch_size, args.max_length, args.seed, args.overwrite)
+    check_output_dir(cfg.out, cfg.overwrite)
+    captions = [p.caption for p in read_pairs(cfg.captions, skip_missing=True)]
+    model = init_small_clip(cfg.out, captions, cfg.width, cfg.layers, cfg.heads, cfg.image_size,
+                            cfg.patch_size, cfg.max_length, cfg.seed, cfg.overwrite)
     print(f"small CLIP ({sum(p.numel() for p in model.parameters()):,} parameters, vocabulary "
-          f"{model.config.text_config.vocab_size}) written to {args.out}")
+          f"{model.config.text_config.vocab_size}) written to {cfg.out}")
     return 0

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from encoder.tower import SELECT_FEATURES
 from encoder.training.run_log import REPORT_TARGETS
 from encoder.utils.errors import UserError
+from encoder.utils.options import OPTION, Option, option, value_kwargs
 
 from .conversation import TEMPLATES
 from .data import ASPECT_RATIOS
@@ -40,8 +41,10 @@ def optional_int(text: str) -> int | None:
     return None if str(text).lower() == "none" else int(text)
 
 
-def _flag(default: Any, help: str, type=None, choices=None, nargs=None, metavar=None):
-    return field(default=default, metadata=dict(help=help, type=type, choices=choices, nargs=nargs, metavar=metavar))
+def _flag(default: Any, help: str, type=None, choices=None, nargs=None):
+    """A LLaVA argument: an `option` flagged by its field name (`--learning_rate`), parsed by `type`; the values
+    are checked by `validate` with LLaVA-shaped messages, so the field carries no Limits."""
+    return option(None, help, default, parse=type, choices=choices or (), nargs=nargs)
 
 
 @dataclass
@@ -208,19 +211,14 @@ def add_llava_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
     for cls in ARGUMENT_CLASSES:
         group = parser.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
-            meta, default = f.metadata, defaults.get(f.name, f.default)
-            if meta["type"] is None and str(f.type) in _CONVERTED:
+            opt: Option = f.metadata[OPTION]
+            default = defaults.get(f.name, f.default)
+            if opt.parse is None and str(f.type) in _CONVERTED:
                 raise TypeError(f"{cls.__name__}.{f.name} is annotated {f.type} but has no type= to parse it with")
-            kwargs: dict[str, Any] = dict(default=default, help=f"{meta['help']} (default: {_show(default)})",
-                                          action=_Given)
-            if meta["type"] is str2bool:
-                kwargs.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
-            elif meta["type"] is not None:
-                kwargs["type"] = meta["type"]
-            if meta["choices"]:
-                kwargs["choices"] = meta["choices"]
-            if meta["nargs"]:
-                kwargs["nargs"] = meta["nargs"]
+            kwargs: dict[str, Any] = dict(default=default, help=f"{opt.help} (default: {_show(default)})",
+                                          action=_Given, **value_kwargs(opt))
+            if opt.parse is str2bool:  # `--bf16 True`, `--bf16 False` or a bare `--bf16`
+                kwargs.update(nargs="?", const=True, metavar="BOOL")
             group.add_argument(f"--{f.name}", **kwargs)
 
 

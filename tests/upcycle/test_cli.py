@@ -1,4 +1,5 @@
-"""`python -m upcycle sparse` / `demo`: the written directory, the summary, and bad input."""
+"""`python -m upcycle`: `sparse` / `sparse-demo` (the written directory, the summary, bad input) and the parsers
+generated from the command configs."""
 
 import json
 import os
@@ -116,11 +117,60 @@ def test_overwrite_replaces_an_existing_directory(base_dir, tmp_path):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["sparse", "--help"], ["demo", "--help"], ["sparse-demo", "--help"]])
+COMMANDS = ["sparse", "demo", "sparse-demo", "make-digit-grids", "init-base", "train", "dmu", "compare", "replicate",
+            "eval", "routing"]
+
+
+@pytest.mark.parametrize("args", [["--help"], *[[name, "--help"] for name in COMMANDS]])
 def test_every_command_has_help(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def subcommand_parsers():
+    import argparse
+
+    from upcycle.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_the_parsers_cover_every_command_and_show_defaults():
+    parsers = subcommand_parsers()
+    assert sorted(parsers) == sorted(COMMANDS)
+    helps = {a.option_strings[0]: a.help for a in parsers["dmu"]._actions if a.option_strings}
+    assert helps["--router-lr"] == "router learning rate (default 1e-6)"
+    assert helps["--label-smoothing"] == "InfoNCE label smoothing (default 0.1)"
+    assert helps["--towers"].endswith("(default vision,text)")
+
+
+def test_batch_size_means_the_global_training_batch_wherever_it_is_a_flag():
+    """eval and routing batch pairs only for speed: that is --forward-batch-size, not a second --batch-size."""
+    meanings = {}
+    for name, parser in subcommand_parsers().items():
+        for action in parser._actions:
+            if "--batch-size" in action.option_strings and action.help != "==SUPPRESS==":
+                meanings.setdefault(action.help, []).append(name)
+    assert list(meanings.values()) == [["train", "dmu", "compare"]], meanings
+    assert "global batch" in next(iter(meanings))
+
+
+@pytest.mark.parametrize("command", ["eval", "routing"])
+def test_the_old_eval_batch_flag_is_refused_with_the_one_to_use(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.json"), "--batch-size", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --batch-size is the training batch") and "use --forward-batch-size 8" in err[0]
+
+
+def test_a_refused_value_from_a_generated_parser_is_one_line_naming_the_flag(tmp_path, capsys):
+    assert main(["compare", "--base", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --batch-size must be >= 1, got 0"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_runs_and_checks_function_preservation(tmp_path, capsys):

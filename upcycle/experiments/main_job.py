@@ -15,7 +15,6 @@ the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, write_atomic
+from encoder.utils.options import option, switch
 from encoder.utils.step_record import SETTINGS_FILE, claim
 
 STEP_RECORDS = ".steps"
@@ -176,11 +176,25 @@ def claim_job(out: Path, job: str, settings: dict) -> None:
     claim(out, {"job": job, **settings}, f"use another --out, or delete {out} to start over")
 
 
-def run_main_job(args: argparse.Namespace) -> int:
+@dataclass
+class MainJobConfig:
+    """the main job on its embedded default: data -> base -> DMU -> LLaVA -> lmms-eval
+
+    Runs the whole product on a CPU with no downloads: digit-grid data (real handwriting), a small dense CLIP
+    trained from scratch, a CLIP-MoE by DMU, LLaVA stage 1 and stage 2 with a tiny Llama for the dense and the
+    CLIP-MoE tower, lmms-eval on the digit-grid QA task for both, and OUT/report/report.md. Every step is a
+    printed user command; finished steps are skipped when run again.
+    """
+
+    out: str = option("--out", "working directory", "runs/demo")
+    quick: bool = switch("--quick", "minimal sizes and steps (a smoke test, ~3 min)")
+
+
+def run_main_job(cfg: MainJobConfig) -> int:
     from .report import write_report
 
-    out = Path(args.out)
-    sizes = QUICK if args.quick else Sizes()
+    out = Path(cfg.out)
+    sizes = QUICK if cfg.quick else Sizes()
     claim_job(out, "demo", dataclasses.asdict(sizes))
     steps = plan(out, sizes)
     start = time.time()

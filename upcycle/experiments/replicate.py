@@ -14,16 +14,17 @@ inside `compare`) are skipped when the command is run again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from encoder.utils.files import write_atomic
+from encoder.utils.options import option
 
 from .main_job import Step, claim_job, data_and_base_steps, mllm_steps, run_step
 
@@ -31,7 +32,26 @@ MLLM_ARMS = ("dense", "sparse-all", "dmu")
 PLAN_SETTINGS = ("num_train", "num_test", "base_epochs", "seeds", "stage_steps", "eval_limit")  # what `plan` reads
 
 
-def plan(out: Path, args: argparse.Namespace) -> list[Step]:
+@dataclass
+class ReplicateConfig:
+    """the papers' comparison at tiny scale, CLIP arms and MLLMs (up to an hour)
+
+    Digit grids -> a briefly trained base -> `upcycle compare` (base, dense fine-tuning, sparse upcycling every
+    other / all layers, DMU; equal budgets; several seeds) -> LLaVA stage 1 + 2 on the dense, sparse-upcycled
+    and DMU towers -> lmms-eval -> OUT/report.md. Run again after an interruption: finished steps, arms and
+    seeds are reused.
+    """
+
+    out: str = option("--out", "working directory", "runs/replicate")
+    num_train: int = option("--num-train", "training images", 2000)
+    num_test: int = option("--num-test", "test images", 400)
+    base_epochs: int = option("--base-epochs", "epochs of base pre-training (brief on purpose)", 3)
+    seeds: str = option("--seeds", "seeds of the CLIP arms", "0,1,2")
+    stage_steps: int = option("--stage-steps", "LLaVA stage 1 and stage 2 steps", 300)
+    eval_limit: int = option("--eval-limit", "lmms-eval questions per checkpoint", 400)
+
+
+def plan(out: Path, args: ReplicateConfig) -> list[Step]:
     py = [sys.executable, "-m"]
     data, base = out / "digit-grids", out / "base"
     compare = out / "compare"
@@ -45,7 +65,7 @@ def plan(out: Path, args: argparse.Namespace) -> list[Step]:
     return steps
 
 
-def run_replicate(args: argparse.Namespace) -> int:
+def run_replicate(args: ReplicateConfig) -> int:
     out = Path(args.out)
     claim_job(out, "replicate", {name: getattr(args, name) for name in PLAN_SETTINGS})
     steps = plan(out, args)
@@ -62,7 +82,7 @@ def run_replicate(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(out: Path, args: argparse.Namespace, timings: dict, seconds: float) -> Path:
+def write_report(out: Path, args: ReplicateConfig, timings: dict, seconds: float) -> Path:
     import torch
     import transformers
 

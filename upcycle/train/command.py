@@ -2,85 +2,87 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from encoder.loading import load_clip
 from encoder.save import save_clip_moe
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir, file_sha256
+from encoder.utils.options import check_options, option, option_like, options_of
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
-from .config import TrainConfig
+from .config import TrainConfig, TrainingData, TrainOutput
 from .trainer import ContrastiveTrainer, latest_checkpoint
 
 
-def parse_logit_scale(text: str) -> float | None:
-    """'learnable' -> None (the model's own, trained with --trainable all); a number -> fixed multiplier.
+@dataclass
+class TrainCommand:
+    """continued contrastive training of a CLIP or CLIP-MoE
 
-    Which numbers make sense is TrainConfig's to say (its Limits), for the command line and the API alike."""
-    if text == "learnable":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use 'learnable' or a number such as 100") from None
+    Symmetric InfoNCE training of any CLIP or CLIP-MoE directory (e.g. the CLIP-UP recipe after `upcycle
+    sparse`: --trainable all, a reduced --lr, load balance + z-loss). One CPU process or several GPUs via
+    `accelerate launch`.
+    """
 
+    model: str = option("--model", "CLIP or CLIP-MoE directory (or a dense base spec)")
+    out: str = option("--out", "output directory for the trained model")
+    data: TrainingData = options_of(TrainingData)
+    train: TrainConfig = options_of(TrainConfig, exclude=("aux_loss_coef", "z_loss_coef", "desc"))
+    # the loss weights default to the CLIP-MoE config's (None here), which only the loaded model can say
+    aux_loss_coef: float | None = option_like(TrainConfig, "aux_loss_coef", None, optional=True,
+                                              default_text="the CLIP-MoE config's")
+    z_loss_coef: float | None = option_like(TrainConfig, "z_loss_coef", None, optional=True,
+                                            default_text="the CLIP-MoE config's")
+    output: TrainOutput = options_of(TrainOutput)
 
-def parse_max_grad_norm(text: str) -> float | None:
-    """'none' -> None (no clipping); a number -> the clipping norm (checked by TrainConfig)."""
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a number such as 1.0, or 'none' for no clipping") from None
-
-
-def train_config(args: argparse.Namespace, aux_loss_coef: float, z_loss_coef: float) -> TrainConfig:
-    """The flags as a TrainConfig, which checks every value (one line naming the flag for nonsense)."""
-    return TrainConfig(trainable=args.trainable, epochs=args.epochs, max_steps=args.max_steps,
-                       batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                       weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-                       label_smoothing=args.label_smoothing, logit_scale=args.logit_scale,
-                       aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, max_grad_norm=args.max_grad_norm,
-                       checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
-                       precision=args.precision, seed=args.seed, desc="train")
+    def __post_init__(self):
+        check_options(self)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    # Every flag is checked before anything is read, loaded or written; the loss weights left to the model's
-    # config are checked here as 0 and again once the model says what they are.
-    cfg = train_config(args, args.aux_loss_coef or 0.0, args.z_loss_coef or 0.0)
-    check_output_dir(args.out, args.overwrite)
-    work = Path(args.work_dir) if args.work_dir else Path(args.out).with_name(Path(args.out).name + ".train-work")
-    if latest_checkpoint(work) is not None and not args.resume:
+def run_train(cmd: TrainCommand) -> int:
+    # Every flag was checked when `cmd` was made, before anything is read, loaded or written; the loss weights
+    # left to the model's config are checked again once the model says what they are.
+    out, data, output = cmd.out, cmd.data, cmd.output
+    check_output_dir(out, output.overwrite)
+    work = Path(output.work_dir) if output.work_dir else Path(out).with_name(Path(out).name + ".train-work")
+    if latest_checkpoint(work) is not None and not output.resume:
         raise UserError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it or remove it")
-    loaded = load_clip(args.model)
+    loaded = load_clip(cmd.model)
     if loaded.tokenizer is None:
-        raise UserError(f"{args.model} has no tokenizer files; save its tokenizer into the directory")
+        raise UserError(f"{cmd.model} has no tokenizer files; save its tokenizer into the directory")
     moe = loaded.is_moe
-    aux = args.aux_loss_coef if args.aux_loss_coef is not None else (
+    aux = cmd.aux_loss_coef if cmd.aux_loss_coef is not None else (
         loaded.model.config.vision_config.aux_loss_coef if moe else 0.0)
-    z = args.z_loss_coef if args.z_loss_coef is not None else (
+    z = cmd.z_loss_coef if cmd.z_loss_coef is not None else (
         loaded.model.config.vision_config.router_z_loss_coef if moe else 0.0)
-    cfg = train_config(args, aux, z)
-    pairs = read_pairs(args.train_data, args.image_root, args.skip_missing)
+    cfg = replace(cmd.train, aux_loss_coef=aux, z_loss_coef=z, desc="train")
+    pairs = read_pairs(data.train_data, data.image_root, data.skip_missing)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
                                tokenizer_fn(loaded.tokenizer, loaded.model.config.text_config.max_position_embeddings))
-    weights = Path(args.model) / "model.safetensors"
-    identity = {"model": str(args.model), "train_data": str(args.train_data), "image_root": str(args.image_root),
+    weights = Path(cmd.model) / "model.safetensors"
+    identity = {"model": str(cmd.model), "train_data": str(data.train_data), "image_root": str(data.image_root),
                 "model_sha256": file_sha256(weights) if weights.is_file() else None}
     trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity)
-    model = trainer.train(resume=args.resume)
+    model = trainer.train(resume=output.resume)
     if trainer.accelerator.is_main_process:
         card = {
             "base": loaded.source,
-            "recipe": f"continued contrastive training ({args.trainable} parameters) on {args.train_data}",
+            "recipe": f"continued contrastive training ({cfg.trainable} parameters) on {data.train_data}",
             "metrics": {"pairs seen": trainer.pairs_seen, "optimizer steps": trainer.total_steps},
-            "details": {"train": {k: v for k, v in vars(args).items() if k != "run"}, "work_dir": str(work)},
+            "details": {"train": card_settings(cmd), "work_dir": str(work)},
         }
-        save_clip_moe(model, args.out, loaded.image_processor, loaded.tokenizer, card, overwrite=args.overwrite)
-        print(f"trained model written to {args.out} ({trainer.pairs_seen} pairs seen, "
+        save_clip_moe(model, out, loaded.image_processor, loaded.tokenizer, card, overwrite=output.overwrite)
+        print(f"trained model written to {out} ({trainer.pairs_seen} pairs seen, "
               f"{trainer.total_steps} steps; logs in {work})")
     return 0
+
+
+def card_settings(cmd: TrainCommand) -> dict:
+    """The flags as the model card has recorded them: one flat mapping, field name -> value, as given."""
+    flat = {"model": cmd.model, "out": cmd.out}
+    for part in (cmd.data, cmd.train, cmd.output):
+        flat.update(vars(part))
+    flat.pop("desc")
+    flat.update(aux_loss_coef=cmd.aux_loss_coef, z_loss_coef=cmd.z_loss_coef)
+    return flat

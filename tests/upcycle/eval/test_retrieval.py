@@ -134,7 +134,7 @@ def test_eval_cli_dense_and_sparse_upcycled_moe_agree(models, test_data, tmp_pat
     results = {}
     for name, model_dir in models.items():
         out_file = tmp_path / f"{name}.json"
-        rc, out, _ = run_eval(capsys, "--model", model_dir, "--data", test_data, "--batch-size", 5,
+        rc, out, _ = run_eval(capsys, "--model", model_dir, "--data", test_data, "--forward-batch-size", 5,
                               "--digit-positions", "--classes", classes, "--templates", templates, "--out", out_file)
         assert rc == 0
         results[name] = json.loads(out)

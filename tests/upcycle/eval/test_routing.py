@@ -99,7 +99,7 @@ def test_only_towers_with_moe_layers_are_reported(base_clip_dir, pairs):  # noqa
 def test_routing_cli_writes_json_and_heat_map(moe_dir, val_data, tmp_path, capsys):
     png, out_json = tmp_path / "plots" / "routing.png", tmp_path / "routing.json"
     rc = main(["routing", "--model", str(moe_dir), "--data", str(val_data),
-               "--batch-size", "4", "--out-png", str(png), "--out-json", str(out_json)])
+               "--forward-batch-size", "4", "--out-png", str(png), "--out-json", str(out_json)])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out_json.read_text())

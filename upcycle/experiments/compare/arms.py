@@ -14,10 +14,12 @@ from pathlib import Path
 
 from encoder.loading import load_clip
 from encoder.save import save_clip_moe
+from encoder.utils.options import check_options, option, option_like, options_of
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ...recipes.dmu import DMUConfig, run_dmu
 from ...recipes.sparse import sparse_upcycle
+from ...recipes.sparse_config import SparseConfig
 from ...train import ContrastiveTrainer, TrainConfig
 
 ARMS = ("base", "dense", "sparse-even", "sparse-all", "dmu")
@@ -32,24 +34,49 @@ ARM_TITLES = {
 
 @dataclass
 class ArmSettings:
-    """One recipe per arm family; learning rates are per arm because the recipes differ in what they train."""
+    """One recipe per arm family; learning rates are per arm because the recipes differ in what they train.
+    The fields without a flag are fixed for the comparison."""
 
-    num_experts: int = 4
-    top_k: int = 2
-    stage_epochs: int = 1
-    router_epochs: int = 1
-    batch_size: int = 64
-    dense_lr: float = 1e-4
-    sparse_lr: float = 5e-5  # CLIP-UP: a reduced learning rate for the upcycled model
-    stage_lr: float = 2e-4
-    router_lr: float = 1e-3
+    num_experts: int = option_like(SparseConfig, "num_experts")
+    top_k: int = option_like(SparseConfig, "top_k")
+    # whole epochs, so every arm's budget is a whole number of passes (see the module docstring)
+    stage_epochs: int = option("--stage-epochs", "epochs per DMU stage", 1, kind=int, low=1)
+    router_epochs: int = option("--router-epochs", "epochs of DMU router training", 1, kind=int, low=1)
+    batch_size: int = option_like(TrainConfig, "batch_size")
+    dense_lr: float = option_like(TrainConfig, "lr", 1e-4, flag="--dense-lr",
+                                  help="dense fine-tuning learning rate")
+    sparse_lr: float = option_like(TrainConfig, "lr", 5e-5, flag="--sparse-lr",
+                                   help="sparse-upcycled training learning rate (reduced as in CLIP-UP)")
+    stage_lr: float = option_like(TrainConfig, "lr", 2e-4, flag="--stage-lr", help="DMU MCL stage learning rate")
+    router_lr: float = option_like(TrainConfig, "lr", 1e-3, flag="--router-lr", help="DMU router learning rate")
     weight_decay: float = 0.1
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
 
+    def __post_init__(self):
+        check_options(self)
+
     @property
     def budget_epochs(self) -> int:
         return (self.num_experts - 1) * self.stage_epochs + self.router_epochs
+
+
+@dataclass
+class CompareConfig:
+    """dense fine-tuning vs sparse upcycling vs DMU vs the base, equal budgets
+
+    Trains every arm from the same base with the same number of image-text pairs (DMU's (E-1) x stage epochs +
+    router epochs), over several seeds, and writes compare.md / compare.json: test retrieval, zero-shot digit
+    accuracy per grid position, parameters and forward time per image. Finished arm/seed results are reused when
+    run again.
+    """
+
+    base: str = option("--base", "the dense CLIP every arm starts from")
+    data: str = option("--data", "digit-grid directory (train.json, test.json)")
+    out: str = option("--out", "output directory (arms/, compare.md, compare.json, plots)")
+    arms: str = option("--arms", f"comma-separated subset of {', '.join(ARMS)}", ",".join(ARMS), default_text="all")
+    seeds: str = option("--seeds", "comma-separated seeds", "0,1,2")
+    settings: ArmSettings = options_of(ArmSettings)
 
 
 # The settings that shape each arm's result beyond the budget (epochs, batch, weight decay) that all trained arms

@@ -8,7 +8,6 @@ settings (another learning rate, base or data) stops with one line naming what d
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -20,7 +19,7 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
-from .arms import ARMS, ArmSettings, arm_settings, loss_curve, train_arm
+from .arms import ARMS, ArmSettings, CompareConfig, arm_settings, loss_curve, train_arm
 from .measure import forward_ms_per_image, metrics_on_test_split
 from .report import arms_legend, loss_plot, positions_table, results_table
 
@@ -58,7 +57,7 @@ def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_tr
     return budget
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(args: CompareConfig) -> int:
     base_dir, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     check_output_parent(out / "compare.json")  # before hours of training the arms, not after
     for needed in (base_dir / "model.safetensors", data_dir / "train.json", data_dir / "test.json"):
@@ -70,9 +69,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if unknown or not arms:
         raise UserError(f"--arms {args.arms!r}: unknown {unknown}; choose from {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = ArmSettings(num_experts=args.num_experts, top_k=args.top_k, stage_epochs=args.stage_epochs,
-                           router_epochs=args.router_epochs, batch_size=args.batch_size, dense_lr=args.dense_lr,
-                           sparse_lr=args.sparse_lr, stage_lr=args.stage_lr, router_lr=args.router_lr)
+    settings = args.settings
     start = time.time()
     inputs = {"base_sha256": file_sha256(base_dir / "model.safetensors"),
               "train_sha256": file_sha256(data_dir / "train.json"), "test_sha256": file_sha256(data_dir / "test.json")}

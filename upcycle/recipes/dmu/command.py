@@ -1,25 +1,31 @@
-"""`python -m upcycle dmu`: argument handling around `run_dmu`."""
+"""`python -m upcycle dmu`: a DMUConfig and whether to continue the run its work directory holds."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from ...commands import parse_towers
+from encoder.utils.options import option_like, options_of
+
+from ...train.config import TrainOutput
 from .config import DMUConfig
 from .pipeline import run_dmu
 
 
-def run_dmu_command(args: argparse.Namespace) -> int:
-    cfg = DMUConfig(
-        base=args.base, train_data=args.train_data, out=args.out, image_root=args.image_root,
-        skip_missing=args.skip_missing, num_experts=args.num_experts, top_k=args.top_k, moe_layers=args.moe_layers,
-        towers=parse_towers(args.towers), clusters_per_modality=args.clusters_per_modality,
-        stage_epochs=args.stage_epochs, router_epochs=args.router_epochs, stage_max_steps=args.stage_max_steps,
-        router_max_steps=args.router_max_steps, batch_size=args.batch_size, lr=args.lr, router_lr=args.router_lr,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, logit_scale=args.logit_scale,
-        aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef, checkpoint_every=args.checkpoint_every,
-        num_workers=args.num_workers, precision=args.precision, seed=args.seed, work_dir=args.work_dir,
-        overwrite=args.overwrite,
-    )
-    run_dmu(cfg, resume=args.resume)
+@dataclass
+class DMUCommand:
+    """Diversified Multiplet Upcycling: MCL stages, assembly, router training
+
+    Builds a CLIP-MoE whose experts learned different features: stage s encodes the data with stage s-1,
+    clusters image and text embeddings, and fine-tunes the base's FFNs with every global batch drawn from one
+    accumulated cluster; expert i = stage i's FFNs (expert 0 = the base); then only the routers train.
+    Interrupted runs continue with --resume.
+    """
+
+    dmu: DMUConfig = options_of(DMUConfig)
+    # not a DMU setting: the same settings either start afresh or continue (the manifest says which stages are done)
+    resume: bool = option_like(TrainOutput, "resume")
+
+
+def run_dmu_command(cmd: DMUCommand) -> int:
+    run_dmu(cmd.dmu, resume=cmd.resume)
     return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...train.config import check_settings, same_limits, setting
+from encoder.utils.options import check_options, option, option_like
+
+from ...train.config import TrainConfig, TrainingData, TrainOutput
+from ..sparse_config import SparseConfig
 
 # Settings that may change between a run and its --resume without invalidating finished work.
 RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", "num_workers", "checkpoint_every")
@@ -13,44 +16,53 @@ RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", "num_workers", "checkpoint
 
 @dataclass
 class DMUConfig:
-    base: str
-    train_data: str
-    out: str
-    image_root: str | None = None
-    skip_missing: bool = False
-    # The training fields accept what TrainConfig's accept (its Limits, under DMU's flag names), checked when
-    # the config is made: nonsense stops before the base is loaded, not at the stage that first uses it.
-    num_experts: int = setting(4, "--num-experts", int, low=2,
-                               hint="DMU needs at least 2 experts (the base + 1 stage)")
-    top_k: int = 2
-    moe_layers: str = "all"
-    towers: tuple[str, ...] = ("vision", "text")
-    clusters_per_modality: int = setting(3, "--clusters-per-modality", int, low=1)
-    stage_epochs: float = same_limits("epochs", 1.0, "--stage-epochs")
-    router_epochs: float = same_limits("epochs", 1.0, "--router-epochs")
-    stage_max_steps: int | None = same_limits("max_steps", None, "--stage-max-steps",
+    """Every field is the `upcycle dmu` flag of the same name. The base, layout and training fields are the
+    same settings as `upcycle sparse`'s and TrainConfig's (help and accepted values; DMU's flag names and
+    defaults), checked when the config is made: nonsense stops before the base is loaded, not at the stage that
+    first uses it."""
+
+    base: str = option_like(SparseConfig, "base")
+    train_data: str = option_like(TrainingData, "train_data")
+    out: str = option_like(SparseConfig, "out")
+    image_root: str | None = option_like(TrainingData, "image_root")
+    skip_missing: bool = option_like(TrainingData, "skip_missing")
+    num_experts: int = option_like(SparseConfig, "num_experts", kind=int, low=2,
+                                   hint="DMU needs at least 2 experts (the base + 1 stage)")
+    top_k: int = option_like(SparseConfig, "top_k")
+    moe_layers: str = option_like(SparseConfig, "moe_layers")
+    towers: tuple[str, ...] = option_like(SparseConfig, "towers")
+    clusters_per_modality: int = option("--clusters-per-modality", "k-means clusters for images and for texts per "
+                                        "stage (3 makes 9 joint clusters)", 3, kind=int, low=1)
+    stage_epochs: float = option_like(TrainConfig, "epochs", flag="--stage-epochs", help="epochs per MCL stage")
+    router_epochs: float = option_like(TrainConfig, "epochs", flag="--router-epochs",
+                                       help="epochs of router training")
+    stage_max_steps: int | None = option_like(TrainConfig, "max_steps", flag="--stage-max-steps",
+                                              help="cap the optimizer steps per stage (overrides --stage-epochs)",
                                               hint="leave it out to train for --stage-epochs")
-    router_max_steps: int | None = same_limits("max_steps", None, "--router-max-steps",
+    router_max_steps: int | None = option_like(TrainConfig, "max_steps", flag="--router-max-steps",
+                                               help="cap the router-training steps (overrides --router-epochs)",
                                                hint="leave it out to train for --router-epochs")
-    batch_size: int = same_limits("batch_size", 64)
-    lr: float = same_limits("lr", 1e-5)
-    router_lr: float = same_limits("lr", 1e-6, "--router-lr")
-    weight_decay: float = same_limits("weight_decay", 0.2)
-    warmup_ratio: float = same_limits("warmup_ratio", 0.03)
-    label_smoothing: float = same_limits("label_smoothing", 0.1)
+    batch_size: int = option_like(TrainConfig, "batch_size")
+    lr: float = option_like(TrainConfig, "lr", help="MCL stage learning rate")
+    router_lr: float = option_like(TrainConfig, "lr", 1e-6, flag="--router-lr", help="router learning rate")
+    weight_decay: float = option_like(TrainConfig, "weight_decay")
+    warmup_ratio: float = option_like(TrainConfig, "warmup_ratio")
+    label_smoothing: float = option_like(TrainConfig, "label_smoothing", 0.1)
     # None: the base's own (frozen) logit scale
-    logit_scale: float | None = same_limits("logit_scale", 100.0)
-    aux_loss_coef: float = same_limits("aux_loss_coef", 0.01)
-    z_loss_coef: float = same_limits("z_loss_coef", 0.0)
-    checkpoint_every: int = same_limits("checkpoint_every", 500)
-    num_workers: int | None = same_limits("num_workers", None)
-    precision: str = same_limits("precision", "auto")
-    seed: int = same_limits("seed", 0)
-    work_dir: str | None = None
-    overwrite: bool = False
+    logit_scale: float | None = option_like(TrainConfig, "logit_scale", 100.0, default_text=None,
+                                            help="fixed logit multiplier (DMU's published value by default) or "
+                                            "'learnable' = the base's own, frozen")
+    aux_loss_coef: float = option_like(TrainConfig, "aux_loss_coef", help="load-balance weight in router training")
+    z_loss_coef: float = option_like(TrainConfig, "z_loss_coef")
+    checkpoint_every: int = option_like(TrainConfig, "checkpoint_every")
+    num_workers: int | None = option_like(TrainConfig, "num_workers")
+    precision: str = option_like(TrainConfig, "precision")
+    seed: int = option_like(TrainConfig, "seed")
+    work_dir: str | None = option_like(TrainOutput, "work_dir")
+    overwrite: bool = option_like(TrainOutput, "overwrite")
 
     def __post_init__(self):
-        check_settings(self)
+        check_options(self)
 
     def fingerprint(self) -> dict:
         """The settings that decide the result; a --resume must repeat them."""
