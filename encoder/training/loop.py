@@ -9,6 +9,8 @@ optimizer (`_write_trained` / `_read_trained`, `_record` / `_restore`) and which
   so a resumed run skips exactly the micro-batches already trained on;
 - gradient accumulation through `accelerator.accumulate` (no gradient all-reduce before the last micro-batch;
   accelerate divides the loss by the accumulation, and under DeepSpeed the engine does both);
+- each micro-batch's random numbers (dropout) drawn from the global generator seeded by (seed, micro-batch,
+  rank), so a resumed run draws what the uninterrupted one drew without any RNG state in the checkpoint;
 - clipping, AdamW step, schedule step; one all-reduce per micro-batch that both stops every rank on a
   non-finite loss and sums the counts the trainer asks for;
 - checkpoints written atomically by `CheckpointState`, the newest `save_total_limit` kept, and an exact resume;
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -90,6 +93,7 @@ class LoopPlan:
     save_total_limit: int | None  # checkpoints kept; None or 0: all
     log_every: int  # optimizer steps per metrics line
     desc: str  # progress bar and run name
+    seed: int  # with the micro-batch and the rank, seeds each micro-batch's random numbers
     log_dir: Path  # TensorBoard
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     config: dict = field(default_factory=dict)  # recorded by W&B
@@ -265,6 +269,7 @@ class TrainingLoop:
         micro = []
         for _ in range(self.plan.accumulation):
             batch = next(batches)
+            torch.manual_seed(self._micro_batch_seed())
             with acc.accumulate(self.model), acc.autocast():
                 loss, numbers = self._forward(batch)
                 micro.append(self._stop_or_sum(loss, numbers))
@@ -277,6 +282,13 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return self._step_metrics(micro)
+
+    def _micro_batch_seed(self) -> int:
+        """The seed of this micro-batch's random numbers (dropout), from the run's seed, the micro-batch's place in
+        the run and the rank: a resumed run draws exactly what the uninterrupted one drew, with no RNG state in
+        its checkpoints. Seeded after the batch is fetched, since starting a DataLoader pass draws from the RNG."""
+        parts = [self.plan.seed, self.batches_done, self.accelerator.process_index]
+        return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
     def _stop_or_sum(self, loss: torch.Tensor, numbers: dict[str, float]) -> dict[str, float]:
         """One reduction over the processes per micro-batch: stop all of them on a non-finite loss; return the

@@ -146,7 +146,7 @@ class LlavaTrainer(TrainingLoop):
         scheduler = get_scheduler(t.lr_scheduler_type, optimizer, warmup, total)
         plan = LoopPlan(total_steps=total, accumulation=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                         save_every=t.save_steps if t.save_strategy == "steps" else 0,
-                        save_total_limit=t.save_total_limit, log_every=t.logging_steps, desc=self.output_dir.name,
+                        save_total_limit=t.save_total_limit, log_every=t.logging_steps, desc=self.output_dir.name, seed=t.seed,
                         log_dir=Path(t.logging_dir or self.output_dir / "logs"), report_to=t.report_to,
                         config=args.as_dict())
         super().__init__(acc, trained.model, params, optimizer, scheduler, dataset, sampler, collate, workers, plan,

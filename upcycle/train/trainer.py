@@ -138,7 +138,7 @@ class ContrastiveTrainer(TrainingLoop):
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
         plan = LoopPlan(total_steps=total, accumulation=config.grad_accum, max_grad_norm=config.max_grad_norm or 0.0,
-                        save_every=config.checkpoint_every, save_total_limit=1, log_every=1, desc=config.desc,
+                        save_every=config.checkpoint_every, save_total_limit=1, log_every=1, desc=config.desc, seed=config.seed,
                         log_dir=self.work_dir / "tb", config=asdict(config))
         super().__init__(acc, ContrastiveHead(model), params, optimizer, scheduler, dataset, sampler, collate_fn,
                          workers, plan, _checkpoint_dir(self.work_dir),

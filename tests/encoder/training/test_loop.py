@@ -28,23 +28,25 @@ class Toy(TrainingLoop):
     unstable_fix = "restart with a lower --toy-lr"
 
     def __init__(self, work: Path, batch: int = 4, accumulation: int = 1, steps: int = 5, save_every: int = 2,
-                 limit: int | None = 1, lr: float = 0.05, poisoned: tuple[int, ...] = ()):
+                 limit: int | None = 1, lr: float = 0.05, poisoned: tuple[int, ...] = (), dropout: float = 0.0,
+                 seed: int = 0):
         acc = make_accelerator("no", gradient_accumulation_steps=accumulation)
         torch.manual_seed(0)
-        model = nn.Linear(3, 1)
+        linear = nn.Linear(3, 1)
         x = torch.randn(SAMPLES, 3)
         y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3
         y[list(poisoned)] = float("nan")
         data = [{"x": x[i], "y": y[i]} for i in range(SAMPLES)]
         self.lr = lr
+        model = nn.Sequential(nn.Dropout(dropout), linear)
         optimizer = adamw(list(model.parameters()), lr, 0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
         sampler = ClusterBatchSampler([0] * SAMPLES, batch, acc.num_processes, acc.process_index, seed=1)
         plan = LoopPlan(total_steps=steps, accumulation=accumulation, max_grad_norm=1.0, save_every=save_every,
-                        save_total_limit=limit, log_every=1, desc="toy", log_dir=work / "tb", report_to=["none"])
+                        save_total_limit=limit, log_every=1, desc="toy", seed=seed, log_dir=work / "tb", report_to=["none"])
         super().__init__(acc, model, list(model.parameters()), optimizer, scheduler, data, sampler, _collate, 0,
                          plan, CheckpointDir(work, "step-", "state.json"), "the toy start")
-        self.linear = model
+        self.linear = linear
 
     def _forward(self, batch):
         loss = nn.functional.mse_loss(self.model(batch["x"]), batch["y"])
@@ -54,7 +56,7 @@ class Toy(TrainingLoop):
         return {"loss": sum(m["loss"] for m in micro) / len(micro)}
 
     def _write_trained(self, directory):
-        save_file({k: v.contiguous() for k, v in self.linear.state_dict().items()}, str(directory / "w.safetensors"))
+        save_file(dict(self.linear.state_dict()), str(directory / "w.safetensors"))
 
     def _read_trained(self, directory):
         self.linear.load_state_dict(load_file(str(directory / "w.safetensors")))
@@ -113,6 +115,21 @@ def test_a_killed_run_resumes_bit_exactly_and_logs_every_step_once(tmp_path, mon
     assert resumed.optimizer.state_dict()["state"][0]["step"] == straight.optimizer.state_dict()["state"][0]["step"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_dropout_draws_the_same_numbers_after_a_resume(tmp_path, monkeypatch):
+    straight = Toy(tmp_path / "a", dropout=0.5)
+    straight.run()
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        Toy(tmp_path / "b", dropout=0.5).run()
+    monkeypatch.undo()
+    resumed = Toy(tmp_path / "b", dropout=0.5)
+    resumed.run(resumed.checkpoints.latest())
+    other_seed = Toy(tmp_path / "c", dropout=0.5, seed=1)
+    other_seed.run()
+    assert torch.equal(straight.linear.weight, resumed.linear.weight)
+    assert not torch.equal(straight.linear.weight, other_seed.linear.weight)  # the masks did depend on the seed
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
