@@ -1,5 +1,7 @@
 """Training plumbing shared by the two packages that train (upcycle: CLIP / CLIP-MoE; mllm_bridge: LLaVA).
 
+The loop core both trainers subclass is `encoder.training.loop`.
+
 Not imported by `import encoder`: the model stays importable without accelerate or any training machinery.
 """
 
