@@ -122,9 +122,9 @@ def option(flag: str | None, help: str, default: Any = MISSING, *, parse: Callab
            kind: type | None = None, default_text: str | None = None, choices: tuple = (), nargs: str | None = None,
            **limits) -> Any:
     """A config field set by `flag`; without `default` the flag is required. `kind` and `limits` (Limits' low,
-    high, choices, optional, hint, ...) say which values the config accepts; `parse` defaults to the kind (or
-    the default's type) so that `--top-k 2` arrives as the int 2. `choices` alone restricts the parsed text
-    without a Limits check (for configs that validate themselves)."""
+    high, optional, hint, ...) say which values the config accepts, and with kind=str the `choices` are the
+    names it accepts; `parse` defaults to the kind (or the default's type) so that `--top-k 2` arrives as the
+    int 2. `choices` without a kind only restricts the parsed text (for configs that validate themselves)."""
     if kind is str:  # a name: the config accepts exactly the parser's choices
         limits["choices"] = tuple(choices)
     checked = Limits(flag or "", kind or float, **limits) if kind is not None or limits else None

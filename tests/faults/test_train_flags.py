@@ -184,15 +184,8 @@ def test_upcycle_train_refuses_a_model_with_a_nan_weight_before_the_first_step(t
     assert not out.exists() and not (tmp_path / "out.train-work").exists()
 
 
-def test_a_checkpoint_with_a_nan_weight_is_named_on_resume(base_clip_dir, grids_dir, tmp_path, monkeypatch):
-    from conftest import dataset_for
-
-    from encoder.loading import load_clip
-    from upcycle.train import latest_checkpoint
-
-    loaded = load_clip(base_clip_dir)
-    data = dataset_for(loaded, grids_dir / "train.json")
-    cfg = TrainConfig(max_steps=3, batch_size=16, lr=1e-3, checkpoint_every=1)
+def interrupt_after_two_steps(loaded, data, cfg, work, monkeypatch) -> None:
+    """Train until the run is killed during its third optimizer step, as a user's Ctrl-C would."""
     real = ContrastiveTrainer._optimizer_step
 
     def killed_after_two_steps(self, batches):
@@ -202,8 +195,20 @@ def test_a_checkpoint_with_a_nan_weight_is_named_on_resume(base_clip_dir, grids_
 
     monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", killed_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
-        ContrastiveTrainer(loaded.model, data, data.collate, cfg, tmp_path / "w").train()
+        ContrastiveTrainer(loaded.model, data, data.collate, cfg, work).train()
     monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", real)
+
+
+def test_a_checkpoint_with_a_nan_weight_is_named_on_resume(base_clip_dir, grids_dir, tmp_path, monkeypatch):
+    from conftest import dataset_for
+
+    from encoder.loading import load_clip
+    from upcycle.train import latest_checkpoint
+
+    loaded = load_clip(base_clip_dir)
+    data = dataset_for(loaded, grids_dir / "train.json")
+    cfg = TrainConfig(max_steps=3, batch_size=16, lr=1e-3, checkpoint_every=1)
+    interrupt_after_two_steps(loaded, data, cfg, tmp_path / "w", monkeypatch)
     checkpoint = latest_checkpoint(tmp_path / "w")
     assert checkpoint.name == "step-2"
     tensors = load_file(checkpoint / "trainable.safetensors")
@@ -246,17 +251,7 @@ def test_a_nan_loss_at_the_first_step_after_resuming_names_the_checkpoint_not_th
     loaded = load_clip(base_clip_dir)
     data = dataset_for(loaded, grids_dir / "train.json")
     cfg = TrainConfig(max_steps=4, batch_size=16, lr=1e-3, checkpoint_every=2)
-    real = ContrastiveTrainer._optimizer_step
-
-    def killed_after_two_steps(self, batches):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real(self, batches)
-
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", killed_after_two_steps)
-    with pytest.raises(KeyboardInterrupt):
-        ContrastiveTrainer(loaded.model, data, data.collate, cfg, tmp_path / "w").train()
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", real)
+    interrupt_after_two_steps(loaded, data, cfg, tmp_path / "w", monkeypatch)
     loss = trainer_module.clip_contrastive_loss
     monkeypatch.setattr(trainer_module, "clip_contrastive_loss", lambda *a, **k: loss(*a, **k) * float("nan"))
     with pytest.raises(TrainingDiverged) as stopped:

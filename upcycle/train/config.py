@@ -1,4 +1,5 @@
-"""The settings of a contrastive training run (`TrainConfig`) and the values each accepts.
+"""The settings of a contrastive training run (`TrainConfig`) and the values each accepts; the data
+(`TrainingData`) and work-directory flags (`TrainOutput`) that `upcycle train` and `upcycle dmu` share.
 
 Every field is an `option` (encoder.utils.options): its flag, help, default and the values it accepts, so
 `upcycle train`, `upcycle dmu` (DMUConfig reuses these fields) and the Python API refuse the same nonsense
