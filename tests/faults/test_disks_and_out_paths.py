@@ -128,8 +128,8 @@ def run_writer(writer: str, out: Path, base_clip_dir, eval_data, overwrite=False
         return upcycle_main(["sparse", "--base", str(base_clip_dir), "--out", str(out), "--num-experts", "2",
                              "--top-k", "1", *more])
     if writer == "upcycle eval":
-        return upcycle_main(["eval", "--model", str(base_clip_dir), "--data", str(eval_data), "--batch-size", "8",
-                             "--out", str(out)])
+        return upcycle_main(["eval", "--model", str(base_clip_dir), "--data", str(eval_data),
+                             "--forward-batch-size", "8", "--out", str(out)])
     if writer == "mllm_bridge make-tiny-llm":
         return bridge_main(["make-tiny-llm", "--data", str(eval_data.parent), "--out", str(out),
                             "--hidden-size", "16"])

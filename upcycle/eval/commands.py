@@ -17,8 +17,8 @@ from encoder.utils.files import check_output_file, write_atomic
 from encoder.utils.options import check_options, option, option_like, options_of, switch
 
 from ..data import read_pairs
-from ..train.config import TrainingData
 from ..experiments.digit_accuracy import digit_position_accuracy, read_digit_labels
+from ..train.config import TrainingData
 from .embedding import encode_pairs
 from .retrieval import retrieval_metrics
 from .routing import not_moe_error, routing_figure, routing_stats
