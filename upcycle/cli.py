@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from encoder.utils.cli import UserErrorParser, run_cli
+from encoder.utils.cli import command_parser, run_cli
 from encoder.utils.options import add_options, options_from_args
 
 
@@ -81,8 +81,7 @@ class _Renamed(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = UserErrorParser(prog="python -m upcycle", description=__doc__.split("\n")[1])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser, sub = command_parser("python -m upcycle", __doc__)
     for command in commands():
         p = sub.add_parser(command.name, help=command.help, description=command.description)
         add_options(p, command.config)
