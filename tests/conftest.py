@@ -268,3 +268,32 @@ class MatmulLog(TorchDispatchMode):
             if isinstance(m, CLIPMoEExperts):
                 handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
         return handles
+
+
+def kill_after_steps(monkeypatch, trainer_class, steps: int):
+    """Make `trainer_class` stop as a kill (Ctrl-C) would once `steps` optimizer steps are done; returns the real
+    `_optimizer_step`, to put back with monkeypatch.setattr when the test continues in the same process."""
+    real = trainer_class._optimizer_step
+
+    def killed(self, batches):
+        if self.step == steps:
+            raise KeyboardInterrupt
+        return real(self, batches)
+
+    monkeypatch.setattr(trainer_class, "_optimizer_step", killed)
+    return real
+
+
+def tiny_open_clip(folder, name: str, quick_gelu: bool = True, seed: int = 0):
+    """A 2-layer, width-32 open_clip model registered under `name` (its config written into `folder`)."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 16, "quick_gelu": quick_gelu,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(seed)
+    return open_clip.create_model(name, pretrained=None).eval()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import kill_after_steps
 
 from encoder.utils.errors import UserError
 from encoder.utils.step_record import SETTINGS_FILE, SettingsChanged, claim, differences
@@ -49,15 +50,7 @@ def crash_after_two_steps(monkeypatch, steps: int = 2):
     """Make training stop (as a kill would) once `steps` optimizer steps are done; returns the real step."""
     from upcycle.train import ContrastiveTrainer
 
-    real = ContrastiveTrainer._optimizer_step
-
-    def crash(self, batches):
-        if self.step == steps:
-            raise KeyboardInterrupt
-        return real(self, batches)
-
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", crash)
-    return real
+    return kill_after_steps(monkeypatch, ContrastiveTrainer, steps)
 
 
 @pytest.mark.parametrize("change, named", [

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import kill_after_steps
 from safetensors.torch import load_file, save_file
 
 from encoder.utils.errors import NonFiniteValues, TrainingDiverged, UserError
@@ -186,14 +187,7 @@ def test_upcycle_train_refuses_a_model_with_a_nan_weight_before_the_first_step(t
 
 def interrupt_after_two_steps(loaded, data, cfg, work, monkeypatch) -> None:
     """Train until the run is killed during its third optimizer step, as a user's Ctrl-C would."""
-    real = ContrastiveTrainer._optimizer_step
-
-    def killed_after_two_steps(self, batches):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real(self, batches)
-
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", killed_after_two_steps)
+    real = kill_after_steps(monkeypatch, ContrastiveTrainer, 2)
     with pytest.raises(KeyboardInterrupt):
         ContrastiveTrainer(loaded.model, data, data.collate, cfg, work).train()
     monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", real)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_steps
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -77,14 +78,7 @@ def _collate(items):
 
 
 def _crash_at(monkeypatch, step: int) -> None:
-    real = TrainingLoop._optimizer_step
-
-    def crashing(self, batches):
-        if self.step == step:
-            raise KeyboardInterrupt
-        return real(self, batches)
-
-    monkeypatch.setattr(Toy, "_optimizer_step", crashing)
+    kill_after_steps(monkeypatch, Toy, step)
 
 
 def test_accumulated_micro_batches_step_like_one_big_batch(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_dense_clip
+from conftest import tiny_dense_clip, tiny_open_clip
 
 from encoder.utils.errors import UserError
 from upcycle import resolve_moe_layers, sparse_upcycle
@@ -81,18 +81,10 @@ def test_bad_arguments_are_user_errors(dense_clip, kwargs, message):
 
 @pytest.mark.parametrize("quick_gelu", [False, True], ids=["gelu", "quickgelu"])
 def test_upcycling_an_open_clip_model_reproduces_open_clip(tmp_path, quick_gelu):
-    import json
 
-    import open_clip
 
     name = f"test-upcycle-occ-{int(quick_gelu)}"
-    cfg = {"embed_dim": 16, "quick_gelu": quick_gelu,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
-    torch.manual_seed(0)
-    oc = open_clip.create_model(name, pretrained=None).eval()
+    oc = tiny_open_clip(tmp_path, name, quick_gelu)
     ckpt = tmp_path / "weights.pt"
     torch.save(oc.state_dict(), ckpt)
 

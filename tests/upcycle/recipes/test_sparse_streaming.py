@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, tiny_dense_clip
+from conftest import REPO_ROOT, tiny_dense_clip, tiny_open_clip
 from safetensors.torch import load_file, save_file
 
 from encoder import CLIPMoEModel
@@ -105,16 +105,9 @@ def test_sharded_base_is_streamed_from_its_shards(tmp_path):
 
 
 def test_open_clip_base_is_converted_in_memory_then_streamed(tmp_path, capsys, batch):
-    import open_clip
 
     name = "test-streaming-occ"
-    cfg = {"embed_dim": 16, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path)
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), tmp_path / "weights.pt")
+    torch.save(tiny_open_clip(tmp_path, name).state_dict(), tmp_path / "weights.pt")
     spec = f"open_clip:{name}:{tmp_path / 'weights.pt'}"
 
     base = open_dense_clip(spec)

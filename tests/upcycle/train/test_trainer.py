@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import dataset_for
+from conftest import dataset_for, kill_after_steps
 from safetensors.torch import load_file
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 
@@ -141,14 +141,7 @@ def test_interrupted_run_resumes_to_the_same_weights(base_clip_dir, grids_dir, t
     cfg = TrainConfig(trainable="all", max_steps=5, batch_size=16, lr=1e-3, checkpoint_every=2)
     straight = ContrastiveTrainer(load_clip(base_clip_dir).model, data, data.collate, cfg, tmp_path / "a").train()
 
-    real_step = ContrastiveTrainer._optimizer_step
-
-    def crash_at_step_4(self, batches):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batches)
-
-    monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", crash_at_step_4)
+    real_step = kill_after_steps(monkeypatch, ContrastiveTrainer, 3)  # killed in step 4
     with pytest.raises(KeyboardInterrupt):
         ContrastiveTrainer(load_clip(base_clip_dir).model, data, data.collate, cfg, tmp_path / "b").train()
     assert latest_checkpoint(tmp_path / "b").name == "step-2"
