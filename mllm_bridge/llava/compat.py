@@ -10,7 +10,7 @@ was not needed for (the lock pins those; `scripts/check_latest.sh` runs the suit
   pass on to transformers' Llama, which still accepts that name (deprecated, until 5.40; pyproject
   caps transformers below that).
 - filelock >= 4.3 has no `filelock._api`; lmms-eval 0.7.3's evaluator imports `FileLockMeta` from it
-  to make file locks re-entrant. `filelock_api_module` provides a module of that name with the same
+  to make file locks re-entrant. `fill_filelock_api` provides a module of that name with the same
   two classes (taken from filelock's public `BaseFileLock`), so lmms-eval patches the real metaclass.
 
 Nothing here imports torch or transformers at import time: `llava_hook` (loaded by a .pth at start-up)
@@ -20,8 +20,9 @@ imports this module.
 from __future__ import annotations
 
 import functools
-import sys
+import importlib.abc
 import types
+from collections.abc import Callable
 
 LLAVA_LANGUAGE_MODULES = (
     "llava.model.language_model.llava_llama",
@@ -86,24 +87,20 @@ def is_cache_shimmed(method) -> bool:
     return getattr(method, _MARK, False)
 
 
-def filelock_api_module() -> types.ModuleType:
-    """A stand-in `filelock._api` for filelock releases without it: the two names lmms-eval reads."""
+def fill_filelock_api(module: types.ModuleType) -> None:
+    """Make `module` a stand-in `filelock._api` for filelock releases without it: the two names lmms-eval reads."""
     import filelock
 
-    module = types.ModuleType(FILELOCK_API, "filelock >= 4.3 has no _api; the names lmms-eval 0.7.3 uses")
+    module.__doc__ = "filelock >= 4.3 has no _api; the names lmms-eval 0.7.3 uses"
     module.BaseFileLock = filelock.BaseFileLock
     module.FileLockMeta = type(filelock.BaseFileLock)
-    return module
 
 
-class AliasLoader:
-    """Loader of a module that no file provides: `create_module` returns the stand-in built by `factory`."""
+class StandInLoader(importlib.abc.Loader):
+    """Loader of a module that no file provides: the import system's default empty module, filled by `fill`."""
 
-    def __init__(self, factory):
-        self._factory = factory
+    def __init__(self, fill: Callable[[types.ModuleType], None]):
+        self._fill = fill
 
-    def create_module(self, spec):
-        return self._factory()
-
-    def exec_module(self, module) -> None:
-        sys.modules[module.__name__] = module
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._fill(module)

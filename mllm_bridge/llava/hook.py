@@ -132,7 +132,7 @@ def _after_import(module) -> None:
 
 
 _WATCHED = frozenset((BUILDER_MODULE, *compat.LLAVA_LANGUAGE_MODULES))
-_STAND_INS = {compat.FILELOCK_API: compat.filelock_api_module}  # module name -> factory, used only if absent
+_STAND_INS = {compat.FILELOCK_API: compat.fill_filelock_api}  # module name -> what fills it, used only if absent
 
 
 class _LlavaBuilderFinder:
@@ -152,7 +152,7 @@ class _LlavaBuilderFinder:
                 break
         else:
             if fullname in _STAND_INS:
-                return importlib.machinery.ModuleSpec(fullname, compat.AliasLoader(_STAND_INS[fullname]))
+                return importlib.machinery.ModuleSpec(fullname, compat.StandInLoader(_STAND_INS[fullname]))
             return None
         if fullname not in _WATCHED:
             return spec

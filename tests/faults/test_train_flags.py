@@ -15,29 +15,46 @@ from upcycle.cli import main
 from upcycle.recipes.dmu.config import DMUConfig
 from upcycle.train import ContrastiveTrainer, TrainConfig
 
-# flag, bad value, what the one line says
-BAD_TRAIN_FLAGS = [
-    ("--grad-accum", "0", "--grad-accum must be >= 1, got 0"),
-    ("--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
-    ("--lr", "-1", "--lr must be > 0, got -1.0"),
-    ("--lr", "0", "--lr must be > 0, got 0.0"),
-    ("--lr", "nan", "--lr must be a finite number, got nan"),
-    ("--label-smoothing", "2", "--label-smoothing must be >= 0 and < 1, got 2.0"),
-    ("--label-smoothing", "1", "--label-smoothing must be >= 0 and < 1, got 1.0"),
-    ("--warmup-ratio", "5", "--warmup-ratio must be between 0 and 1, got 5.0"),
-    ("--warmup-ratio", "-0.1", "--warmup-ratio must be between 0 and 1, got -0.1"),
-    ("--max-steps", "0", "--max-steps must be >= 1, got 0; leave it out to train for --epochs"),
-    ("--epochs", "0", "--epochs must be > 0, got 0.0"),
-    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
-    ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
-    ("--max-grad-norm", "0", "--max-grad-norm must be > 0, got 0.0; use 'none' to train without clipping"),
-    ("--max-grad-norm", "-1", "--max-grad-norm must be > 0, got -1.0; use 'none' to train without clipping"),
-    ("--aux-loss-coef", "-0.01", "--aux-loss-coef must be >= 0, got -0.01"),
-    ("--z-loss-coef", "-1", "--z-loss-coef must be >= 0, got -1.0"),
-    ("--logit-scale", "0", "--logit-scale must be > 0, got 0.0; pass 'learnable' for the model's own"),
-    ("--logit-scale", "-100", "--logit-scale must be > 0, got -100.0; pass 'learnable' for the model's own"),
-    ("--num-workers", "-1", "--num-workers must be >= 0, got -1"),
-    ("--seed", "-1", "--seed must be >= 0, got -1"),
+# command, flag, bad value, what the one line says. DMU shares the training fields' limits under its own flag names.
+BAD_FLAGS = [
+    ("train", "--grad-accum", "0", "--grad-accum must be >= 1, got 0"),
+    ("train", "--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
+    ("train", "--lr", "-1", "--lr must be > 0, got -1.0"),
+    ("train", "--lr", "0", "--lr must be > 0, got 0.0"),
+    ("train", "--lr", "nan", "--lr must be a finite number, got nan"),
+    ("train", "--label-smoothing", "2", "--label-smoothing must be >= 0 and < 1, got 2.0"),
+    ("train", "--label-smoothing", "1", "--label-smoothing must be >= 0 and < 1, got 1.0"),
+    ("train", "--warmup-ratio", "5", "--warmup-ratio must be between 0 and 1, got 5.0"),
+    ("train", "--warmup-ratio", "-0.1", "--warmup-ratio must be between 0 and 1, got -0.1"),
+    ("train", "--max-steps", "0", "--max-steps must be >= 1, got 0; leave it out to train for --epochs"),
+    ("train", "--epochs", "0", "--epochs must be > 0, got 0.0"),
+    ("train", "--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("train", "--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
+    ("train", "--max-grad-norm", "0", "--max-grad-norm must be > 0, got 0.0; use 'none' to train without clipping"),
+    ("train", "--max-grad-norm", "-1", "--max-grad-norm must be > 0, got -1.0; use 'none' to train without clipping"),
+    ("train", "--aux-loss-coef", "-0.01", "--aux-loss-coef must be >= 0, got -0.01"),
+    ("train", "--z-loss-coef", "-1", "--z-loss-coef must be >= 0, got -1.0"),
+    ("train", "--logit-scale", "0", "--logit-scale must be > 0, got 0.0; pass 'learnable' for the model's own"),
+    ("train", "--logit-scale", "-100", "--logit-scale must be > 0, got -100.0; pass 'learnable' for the model's own"),
+    ("train", "--num-workers", "-1", "--num-workers must be >= 0, got -1"),
+    ("train", "--seed", "-1", "--seed must be >= 0, got -1"),
+    ("dmu", "--lr", "-1", "--lr must be > 0, got -1.0"),
+    ("dmu", "--router-lr", "0", "--router-lr must be > 0, got 0.0"),
+    ("dmu", "--stage-max-steps", "0",
+      "--stage-max-steps must be >= 1, got 0; leave it out to train for --stage-epochs"),
+    ("dmu", "--router-max-steps", "0",
+      "--router-max-steps must be >= 1, got 0; leave it out to train for --router-epochs"),
+    ("dmu", "--stage-epochs", "0", "--stage-epochs must be > 0, got 0.0"),
+    ("dmu", "--router-epochs", "-1", "--router-epochs must be > 0, got -1.0"),
+    ("dmu", "--label-smoothing", "2", "--label-smoothing must be >= 0 and < 1, got 2.0"),
+    ("dmu", "--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
+    ("dmu", "--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("dmu", "--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
+    ("dmu", "--aux-loss-coef", "-1", "--aux-loss-coef must be >= 0, got -1.0"),
+    ("dmu", "--logit-scale", "0", "--logit-scale must be > 0, got 0.0"),
+    ("dmu", "--num-experts", "1",
+      "--num-experts must be >= 2, got 1; DMU needs at least 2 experts (the base + 1 stage)"),
+    ("dmu", "--clusters-per-modality", "0", "--clusters-per-modality must be >= 1, got 0"),
 ]
 
 
@@ -62,7 +79,8 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, value, message", BAD_TRAIN_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_TRAIN_FLAGS])
+@pytest.mark.parametrize("flag, value, message", [row[1:] for row in BAD_FLAGS if row[0] == "train"],
+                         ids=[f"{f}={v}" for c, f, v, _ in BAD_FLAGS if c == "train"])
 def test_upcycle_train_refuses_a_nonsense_value_with_one_line_before_loading(flag, value, message, tmp_path, capsys,
                                                                                nothing_loads):
     out = tmp_path / "out"
@@ -73,26 +91,10 @@ def test_upcycle_train_refuses_a_nonsense_value_with_one_line_before_loading(fla
     assert not out.exists() and not (tmp_path / "out.train-work").exists()
 
 
-# DMU shares the training fields' limits under its own flag names.
-BAD_DMU_FLAGS = [
-    ("--lr", "-1", "--lr must be > 0, got -1.0"),
-    ("--router-lr", "0", "--router-lr must be > 0, got 0.0"),
-    ("--stage-max-steps", "0", "--stage-max-steps must be >= 1, got 0; leave it out to train for --stage-epochs"),
-    ("--router-max-steps", "0", "--router-max-steps must be >= 1, got 0; leave it out to train for --router-epochs"),
-    ("--stage-epochs", "0", "--stage-epochs must be > 0, got 0.0"),
-    ("--router-epochs", "-1", "--router-epochs must be > 0, got -1.0"),
-    ("--label-smoothing", "2", "--label-smoothing must be >= 0 and < 1, got 2.0"),
-    ("--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
-    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
-    ("--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
-    ("--aux-loss-coef", "-1", "--aux-loss-coef must be >= 0, got -1.0"),
-    ("--logit-scale", "0", "--logit-scale must be > 0, got 0.0"),
-    ("--num-experts", "1", "--num-experts must be >= 2, got 1; DMU needs at least 2 experts (the base + 1 stage)"),
-    ("--clusters-per-modality", "0", "--clusters-per-modality must be >= 1, got 0"),
-]
 
 
-@pytest.mark.parametrize("flag, value, message", BAD_DMU_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_DMU_FLAGS])
+@pytest.mark.parametrize("flag, value, message", [row[1:] for row in BAD_FLAGS if row[0] == "dmu"],
+                         ids=[f"{f}={v}" for c, f, v, _ in BAD_FLAGS if c == "dmu"])
 def test_upcycle_dmu_refuses_the_same_nonsense_under_its_flags(flag, value, message, tmp_path, capsys,
                                                                nothing_loads):
     out = tmp_path / "out"
