@@ -40,25 +40,27 @@ class Command:
 
 
 def commands() -> list[Command]:
-    from . import commands as basic
     from .eval.commands import EvalConfig, RoutingConfig, run_eval, run_routing
     from .experiments.compare.arms import CompareConfig
     from .experiments.compare.run import run_compare
-    from .experiments.data_commands import DigitGridsConfig, run_make_digit_grids
+    from .experiments.digit_grids import DigitGridsConfig, run_make_digit_grids
     from .experiments.main_job import MainJobConfig, run_main_job
     from .experiments.replicate import ReplicateConfig, run_replicate
+    from .experiments.small_base import InitBaseConfig, run_init_base
+    from .experiments.sparse_demo import SparseDemoConfig, run_demo
     from .recipes.dmu.command import DMUCommand, run_dmu_command
+    from .recipes.sparse_command import run_sparse
     from .recipes.sparse_config import SparseConfig
     from .train.command import TrainCommand, run_train
 
     # eval/routing batch pairs for speed only; --batch-size is the training batch whose pairs are negatives
     forward_batch = {"--batch-size": "--forward-batch-size"}
     return [
-        Command("sparse", SparseConfig, basic.run_sparse),
+        Command("sparse", SparseConfig, run_sparse),
         Command("demo", MainJobConfig, run_main_job),
-        Command("sparse-demo", basic.SparseDemoConfig, basic.run_demo),
+        Command("sparse-demo", SparseDemoConfig, run_demo),
         Command("make-digit-grids", DigitGridsConfig, run_make_digit_grids),
-        Command("init-base", basic.InitBaseConfig, basic.run_init_base),
+        Command("init-base", InitBaseConfig, run_init_base),
         Command("train", TrainCommand, run_train),
         Command("dmu", DMUCommand, run_dmu_command),
         Command("compare", CompareConfig, run_compare),

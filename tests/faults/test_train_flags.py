@@ -15,6 +15,8 @@ from upcycle.cli import main
 from upcycle.recipes.dmu.config import DMUConfig
 from upcycle.train import ContrastiveTrainer, TrainConfig
 
+LEAVE_OUT = "; leave it out to train for "
+DMU_NEEDS_TWO = "DMU needs at least 2 experts (the base + 1 stage)"
 # command, flag, bad value, what the one line says. DMU shares the training fields' limits under its own flag names.
 BAD_FLAGS = [
     ("train", "--grad-accum", "0", "--grad-accum must be >= 1, got 0"),
@@ -40,10 +42,8 @@ BAD_FLAGS = [
     ("train", "--seed", "-1", "--seed must be >= 0, got -1"),
     ("dmu", "--lr", "-1", "--lr must be > 0, got -1.0"),
     ("dmu", "--router-lr", "0", "--router-lr must be > 0, got 0.0"),
-    ("dmu", "--stage-max-steps", "0",
-      "--stage-max-steps must be >= 1, got 0; leave it out to train for --stage-epochs"),
-    ("dmu", "--router-max-steps", "0",
-      "--router-max-steps must be >= 1, got 0; leave it out to train for --router-epochs"),
+    ("dmu", "--stage-max-steps", "0", "--stage-max-steps must be >= 1, got 0" + LEAVE_OUT + "--stage-epochs"),
+    ("dmu", "--router-max-steps", "0", "--router-max-steps must be >= 1, got 0" + LEAVE_OUT + "--router-epochs"),
     ("dmu", "--stage-epochs", "0", "--stage-epochs must be > 0, got 0.0"),
     ("dmu", "--router-epochs", "-1", "--router-epochs must be > 0, got -1.0"),
     ("dmu", "--label-smoothing", "2", "--label-smoothing must be >= 0 and < 1, got 2.0"),
@@ -52,8 +52,7 @@ BAD_FLAGS = [
     ("dmu", "--weight-decay", "-1", "--weight-decay must be >= 0, got -1.0"),
     ("dmu", "--aux-loss-coef", "-1", "--aux-loss-coef must be >= 0, got -1.0"),
     ("dmu", "--logit-scale", "0", "--logit-scale must be > 0, got 0.0"),
-    ("dmu", "--num-experts", "1",
-      "--num-experts must be >= 2, got 1; DMU needs at least 2 experts (the base + 1 stage)"),
+    ("dmu", "--num-experts", "1", "--num-experts must be >= 2, got 1; " + DMU_NEEDS_TWO),
     ("dmu", "--clusters-per-modality", "0", "--clusters-per-modality must be >= 1, got 0"),
 ]
 

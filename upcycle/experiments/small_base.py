@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
 from encoder.convert.dense import default_image_processor
 from encoder.utils.errors import UserError
-from encoder.utils.files import atomic_output_dir
+from encoder.utils.files import atomic_output_dir, check_output_dir
+from encoder.utils.options import option, switch
 
 SPECIALS = ("<pad>", "<unk>")  # ids 0, 1; <bos>, <eos> take the last two ids (CLIP's convention)
 _WORDS = re.compile(r"\w+|[^\w\s]")
@@ -70,3 +72,36 @@ def init_small_clip(out: str | Path, captions: Iterable[str], width: int = 64, l
         default_image_processor(image_size).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return model
+
+
+@dataclass
+class InitBaseConfig:
+    """write a small randomly initialised CLIP with a tokenizer fitted to captions
+
+    Writes a small dense CLIP (transformers layout, image processor, word-level tokenizer built from the data's
+    captions) to train from scratch with `upcycle train --trainable all`: the base of the embedded demo. Real
+    runs start from a real CLIP instead.
+    """
+
+    captions: str = option("--captions", "image-caption data file whose captions define the vocabulary")
+    out: str = option("--out", "output CLIP directory")
+    width: int = option("--width", "hidden size of both towers", 64)
+    layers: int = option("--layers", "layers per tower", 4)
+    heads: int = option("--heads", "attention heads", 4)
+    image_size: int = option("--image-size", "model input size in pixels", 32)
+    patch_size: int = option("--patch-size", "ViT patch size", 8)
+    max_length: int = option("--max-length", "text context in tokens", 32)
+    seed: int = option("--seed", "initialisation seed", 0)
+    overwrite: bool = switch("--overwrite", "replace --out if it exists")
+
+
+def run_init_base(cfg: InitBaseConfig) -> int:
+    from ..data import read_pairs
+
+    check_output_dir(cfg.out, cfg.overwrite)
+    captions = [p.caption for p in read_pairs(cfg.captions, skip_missing=True)]
+    model = init_small_clip(cfg.out, captions, cfg.width, cfg.layers, cfg.heads, cfg.image_size,
+                            cfg.patch_size, cfg.max_length, cfg.seed, cfg.overwrite)
+    print(f"small CLIP ({sum(p.numel() for p in model.parameters()):,} parameters, vocabulary "
+          f"{model.config.text_config.vocab_size}) written to {cfg.out}")
+    return 0
