@@ -11,6 +11,8 @@ FFN (one layer, [batch, tokens, width] input, top-k of E experts, routing includ
   hf_grouped_mm  transformers' `grouped_mm` experts implementation on the same module and weights
   dense_2h_fused_act  the dense_2h FFN run through our experts code as 1 expert (same fused QuickGELU as
                  moe, no router): separates the activation's cost from the routing / dispatch overhead
+  moe_NAME       moe forced to each registered experts implementation (encoder.EXPERT_DISPATCH: segments,
+                 grouped_mm, ...) that this torch build can run
   (transformers' `batched_mm` is not run: it gathers a [T*k, h, d] weight copy per projection.)
 
 Tower (CLIPMoEVisionModel, every layer MoE) vs the dense tower (moe_layers=[]) vs the ideal
@@ -43,10 +45,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from encoder import (
+    EXPERT_DISPATCH,
     CLIPMoEExperts,
     CLIPMoESparseMLP,
     CLIPMoEVisionConfig,
     CLIPMoEVisionModel,
+    set_expert_dispatch,
 )
 
 MASKED_LOOP = "bench_masked_loop"
@@ -178,12 +182,17 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
         m = CLIPMoESparseMLP(c)
         m.load_state_dict(moe.state_dict())
         variants[name] = place(m)
+    # Every registered experts implementation this build can run, forced, side by side with the default ("moe").
+    dispatches = [name for name, d in EXPERT_DISPATCH.items() if d.available]
+    for name in dispatches:
+        variants[f"moe_{name}"] = m = copy.deepcopy(moe)
+        set_expert_dispatch(m, name)
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.intermediate_size = k * h
     dense = CLIPMLP(dense_cfg)
     variants["dense_2h_fused_act"] = place(_DenseAsOneExpert(dense_cfg, dense))
     variants["dense_2h"] = dense = place(dense)
-    order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm", "dense_2h_fused_act"]
+    order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm", "dense_2h_fused_act", *(f"moe_{n}" for n in dispatches)]
 
     x = place(torch.randn(args.batch, tokens, args.width))
     with torch.no_grad():
@@ -203,7 +212,8 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
     )
 
     pairs = [("moe", "dense_2h"), ("moe", "masked_loop"), ("moe", "hf_grouped_mm"), ("masked_loop", "dense_2h"),
-             ("hf_grouped_mm", "dense_2h"), ("moe", "dense_2h_fused_act"), ("dense_2h_fused_act", "dense_2h")]
+             ("hf_grouped_mm", "dense_2h"), ("moe", "dense_2h_fused_act"), ("dense_2h_fused_act", "dense_2h"),
+             *((f"moe_{n}", "dense_2h") for n in dispatches)]
 
     def ratios(t: dict, fn: Callable[[dict, dict], float]) -> dict:
         return {f"{a}_vs_{b}": fn(t[a], t[b]) for a, b in pairs}
@@ -221,6 +231,8 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
                         "three elementwise ops)",
             "masked_loop": "per-expert torch.where(top_k_index == e) + gather + fc1/act/fc2 + weight + index_add_",
             "hf_grouped_mm": "transformers experts_implementation='grouped_mm' (per-row bias gather)",
+            **{f"moe_{n}": f"moe forced to experts dispatch {n!r}: {EXPERT_DISPATCH[n].description}"
+               for n in dispatches},
             "dense_2h_fused_act": "the dense_2h weights run by encoder.CLIPMoEExperts as 1 expert, every token "
                                   "routed to it with weight 1 (moe's fused activation, no router)",
             "hf_batched_mm": (
