@@ -67,7 +67,15 @@ def _accelerator(precision: str, grad_accum: int):
     mixed = "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
-    return make_accelerator(mixed, gradient_accumulation_steps=grad_accum)
+    accelerator = make_accelerator(mixed, gradient_accumulation_steps=grad_accum)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        # ZeRO-3 partitions the parameters this trainer saves from the unwrapped model: it would write empty
+        # tensors and exit 0.
+        raise UserError("DeepSpeed ZeRO stage 3 is not supported by upcycle's trainer yet (its checkpoints and "
+                        "output would hold partitioned, empty tensors); use a ZeRO-2 config (scripts/zero2.json) "
+                        "or DDP")
+    return accelerator
 
 
 def _checkpoint_dir(work_dir: str | Path) -> CheckpointDir:
