@@ -18,7 +18,6 @@ from .params import TRAINABLE_CHOICES
 # TrainConfig fields that change neither the weights nor the schedule, so a resume may change them.
 NOT_SHAPING = ("desc", "checkpoint_every", "num_workers")
 PRECISIONS = ("auto", "fp32", "bf16")
-check_settings = check_options  # the name the trainer and the DMU pipeline re-check a config with
 
 
 def parse_logit_scale(text: str) -> float | None:
@@ -82,7 +81,7 @@ class TrainConfig:
     desc: str = "train"  # names the run in progress bars and logs
 
     def __post_init__(self):
-        check_settings(self)
+        check_options(self)
 
 
 @dataclass

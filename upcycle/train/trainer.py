@@ -28,8 +28,9 @@ from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, refuse_changed_settings
 from encoder.utils.errors import UserError
+from encoder.utils.options import check_options
 
-from .config import NOT_SHAPING, TrainConfig, check_settings
+from .config import NOT_SHAPING, TrainConfig
 from .losses import clip_contrastive_loss
 from .params import select_trainable
 
@@ -115,7 +116,7 @@ class ContrastiveTrainer(TrainingLoop):
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None):
-        check_settings(config)  # again: a dataclass field may have been changed since it was made
+        check_options(config)  # again: a dataclass field may have been changed since it was made
         self.config = config
         self.work_dir = Path(work_dir)
         acc = _accelerator(config.precision, config.grad_accum)

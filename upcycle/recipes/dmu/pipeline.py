@@ -23,11 +23,11 @@ from encoder.save import save_clip_moe
 from encoder.training import process_state
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir, write_atomic
+from encoder.utils.options import check_options
 from encoder.utils.step_record import SettingsChanged, differences
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ...train import ContrastiveTrainer, TrainConfig
-from ...train.config import check_settings
 from ..assemble import assemble_clip_moe, moe_config_for
 from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
 from .config import DMUConfig, default_work_dir, jsonable
@@ -63,7 +63,7 @@ class DMURun:
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def _check_settings(self) -> None:
-        check_settings(self.cfg)  # again: a dataclass field may have been changed since it was made
+        check_options(self.cfg)  # again: a dataclass field may have been changed since it was made
 
     def _open_manifest(self, resume: bool) -> dict:
         path = self.work / MANIFEST
