@@ -1,4 +1,5 @@
-"""Zero-shot image-text retrieval of a dense CLIP or a CLIP-MoE: recall at 1, 5 and 10 both ways, as papers report it.
+"""Zero-shot image-text retrieval of a dense CLIP or a CLIP-MoE: recall at 1, 5 and 10 both ways, as papers report it,
+and the per-query hits behind it (for paired statistics across models, see `upcycle.eval.intervals`).
 
 The functions take L2-normalised embeddings (see `upcycle.eval.embedding.encode_pairs`) and score by dot product.
 Zero-shot classification is in zero_shot.py.
@@ -13,6 +14,8 @@ import torch
 from encoder.utils.errors import require_finite
 
 RECALL_KS = (1, 5, 10)
+
+
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
                       image_ids: Sequence[Hashable] | None = None, chunk_size: int = 1024) -> dict:
     """Image->text and text->image recall at 1, 5 and 10, in percent.
@@ -26,6 +29,18 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
     embeddings collapse to one point scores nothing.
     Returns i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 and the query counts n_images, n_texts.
     """
+    return recalls(retrieval_hits(image_emb, text_emb, captions, image_ids, chunk_size))
+
+
+def retrieval_hits(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
+                   image_ids: Sequence[Hashable] | None = None, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Per query, whether it hits at 1, 5 and 10, both ways: what `retrieval_metrics` averages, kept per item
+    so that two models scored on the same queries can be compared pair by pair (see `upcycle.eval.intervals`).
+
+    Arguments and the deduplication as in `retrieval_metrics`. Returns i2t_r1, i2t_r5, i2t_r10 as bool
+    tensors [n_images] (the unique images in order of first appearance) and t2i_r1, t2i_r5, t2i_r10 as bool
+    tensors [n_texts] (the unique captions in order of first appearance).
+    """
     if not len(captions) == len(image_emb) == len(text_emb):
         raise ValueError(f"{len(image_emb)} image and {len(text_emb)} text embeddings for {len(captions)} captions")
     require_finite(image_emb, "image embeddings")
@@ -33,10 +48,15 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
     text_group, text_first = _groups(captions)
     image_group, image_first = _groups(image_ids if image_ids is not None else range(len(captions)))
     images, texts = image_emb[image_first].float(), text_emb[text_first].float()
-    i2t = _recalls(images, texts, image_group, text_group, chunk_size)
-    t2i = _recalls(texts, images, text_group, image_group, chunk_size)
-    return {**{f"i2t_r{k}": v for k, v in i2t.items()}, **{f"t2i_r{k}": v for k, v in t2i.items()},
-            "n_images": len(image_first), "n_texts": len(text_first)}
+    i2t = _ranks(images, texts, image_group, text_group, chunk_size)
+    t2i = _ranks(texts, images, text_group, image_group, chunk_size)
+    return {**{f"i2t_r{k}": i2t < k for k in RECALL_KS}, **{f"t2i_r{k}": t2i < k for k in RECALL_KS}}
+
+
+def recalls(hits: dict[str, torch.Tensor]) -> dict:
+    """Recall in percent from `retrieval_hits`' per-query hits, plus the query counts n_images and n_texts."""
+    return {**{key: 100.0 * h.double().mean().item() for key, h in hits.items()},
+            "n_images": len(hits["i2t_r1"]), "n_texts": len(hits["t2i_r1"])}
 
 
 def _groups(keys: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,10 +69,11 @@ def _groups(keys: Iterable[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(group, dtype=torch.long), torch.tensor(first, dtype=torch.long)
 
 
-def _recalls(queries: torch.Tensor, gallery: torch.Tensor, query_group: torch.Tensor, gallery_group: torch.Tensor,
-             chunk_size: int) -> dict[int, float]:
-    """Recall@k of each query's best positive; pair i makes gallery item gallery_group[i] a positive of query
-    query_group[i]. Queries are scored in chunks so N x N similarities never sit in memory at once."""
+def _ranks(queries: torch.Tensor, gallery: torch.Tensor, query_group: torch.Tensor, gallery_group: torch.Tensor,
+           chunk_size: int) -> torch.Tensor:
+    """Per query the number of negatives scoring at least as high as its best positive (it hits at k when this
+    is below k); pair i makes gallery item gallery_group[i] a positive of query query_group[i]. Queries are
+    scored in chunks so N x N similarities never sit in memory at once."""
     ranks = torch.empty(len(queries), dtype=torch.long)
     for start in range(0, len(queries), chunk_size):
         stop = min(start + chunk_size, len(queries))
@@ -62,4 +83,4 @@ def _recalls(queries: torch.Tensor, gallery: torch.Tensor, query_group: torch.Te
         positive[query_group[inside] - start, gallery_group[inside]] = True
         best = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
         ranks[start:stop] = ((scores >= best) & ~positive).sum(dim=1)
-    return {k: 100.0 * (ranks < k).double().mean().item() for k in RECALL_KS}
+    return ranks

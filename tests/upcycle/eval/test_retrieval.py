@@ -12,7 +12,7 @@ from encoder.save import save_clip_moe
 from upcycle.cli import main
 from upcycle.data import read_pairs
 from upcycle.eval.embedding import encode_pairs, encode_texts
-from upcycle.eval.retrieval import retrieval_metrics
+from upcycle.eval.retrieval import retrieval_hits, retrieval_metrics
 from upcycle.recipes.sparse import sparse_upcycle
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -61,6 +61,16 @@ def test_retrieval_recall_on_hand_made_scores():
     assert collapsed["i2t_r10"] == collapsed["t2i_r10"] == 0.0  # ties count against the query
 
 
+def test_per_query_hits_on_hand_made_scores():
+    scores = torch.tensor([[0.9, 0.1, 0.0, 0.0],
+                           [0.8, 0.5, 0.2, 0.0],
+                           [0.3, 0.2, 0.1, 0.4],
+                           [0.0, 0.0, 0.0, 1.0]])
+    hits = {key: h.tolist() for key, h in retrieval_hits(scores, torch.eye(4), ["a", "b", "c", "d"]).items()}
+    assert hits == {"i2t_r1": [True, False, False, True], "i2t_r5": [True] * 4, "i2t_r10": [True] * 4,
+                    "t2i_r1": [True, True, False, True], "t2i_r5": [True] * 4, "t2i_r10": [True] * 4}
+
+
 def test_identical_captions_are_one_text():
     e = torch.eye(3)
     cat, cat_again, dog = e[0], F.normalize(e[0] - 0.01 * e[2], dim=0), e[1]  # the same string, encoded twice
@@ -102,6 +112,27 @@ def test_retrieval_matches_a_loop_reference_and_is_monotone_in_k():
     for way in ("i2t", "t2i"):
         assert m[f"{way}_r1"] <= m[f"{way}_r5"] <= m[f"{way}_r10"]
     assert 0 < m["i2t_r1"] < m["i2t_r10"] < 100  # the case is not degenerate
+
+
+def test_hits_are_per_unique_query_and_average_to_the_recalls():
+    g = torch.Generator().manual_seed(1)
+    n = 30
+    captions = [f"caption {i % 20}" for i in range(n)]  # 10 captions appear twice: 20 text queries
+    image_ids = [f"{i % 24}.png" for i in range(n)]  # 6 images appear twice: 24 image queries
+    images = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    texts = F.normalize(images + 0.8 * torch.randn(n, 8, generator=g), dim=-1)  # related, so some queries hit
+    hits = retrieval_hits(images, texts, captions, image_ids, chunk_size=7)
+    shapes = {key: (h.dtype, tuple(h.shape)) for key, h in hits.items()}
+    assert shapes == {**{f"i2t_r{k}": (torch.bool, (24,)) for k in (1, 5, 10)},
+                      **{f"t2i_r{k}": (torch.bool, (20,)) for k in (1, 5, 10)}}
+    m = retrieval_metrics(images, texts, captions, image_ids)
+    assert (m["n_images"], m["n_texts"]) == (24, 20)
+    for key in RECALLS:
+        assert m[key] == pytest.approx(100.0 * hits[key].double().mean().item())
+    for way in ("i2t", "t2i"):  # a hit at 1 is a hit at 5 is a hit at 10, query by query
+        r1, r5, r10 = (hits[f"{way}_r{k}"] for k in (1, 5, 10))
+        assert bool((r1 <= r5).all() and (r5 <= r10).all())
+    assert 0 < int(hits["i2t_r1"].sum()) < int(hits["i2t_r10"].sum()) < 24  # not degenerate
 
 
 def test_encode_pairs_is_normalised_in_pair_order_and_equal_for_the_upcycled_moe(models, dense, test_data):
