@@ -2,8 +2,9 @@
 
 Each arm/seed folder records the settings that shape it (`settings.json`, written before training starts) and
 leaves `result.json` when it finishes; a re-run with the same settings skips finished arms and resumes unfinished
-training from its checkpoints, so an interrupted comparison never recomputes finished work. A re-run with other
-settings (another learning rate, base or data) stops with one line naming what differs.
+training from its checkpoints, so an interrupted comparison never recomputes finished work (an arm finished
+before per-query hits were recorded is evaluated again, not retrained). A re-run with other settings (another
+learning rate, base or data) stops with one line naming what differs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from encoder.utils.step_record import claim
 
 from .arms import ARMS, ArmSettings, CompareConfig, arm_settings, loss_curve, train_arm
 from .measure import forward_ms_per_image, metrics_on_test_split
-from .report import arms_legend, loss_plot, positions_table, results_table
+from .report import arms_legend, intervals_section, loss_plot, positions_table, results_table
 
 
 def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings,
@@ -31,13 +32,18 @@ def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, sett
     claim(folder, arm_settings(arm, seed, settings, inputs),
           f"use another --out, or delete {folder} to retrain this arm with the new settings")
     if done.exists():
-        return json.loads(done.read_text())
-    start = time.time()
-    trained = train_arm(arm, seed, base_dir, data_dir / "train.json", folder, settings)
-    result = {"arm": arm, "seed": seed, **trained, "base_sha256": file_sha256(base_dir / "model.safetensors"),
-              "train_seconds": round(time.time() - start, 1),
-              **metrics_on_test_split(trained["model"], data_dir / "test.json")}
-    folder.mkdir(parents=True, exist_ok=True)
+        result = json.loads(done.read_text())
+        if "hits" in result:
+            return result
+        # finished before per-query hits were recorded: evaluate the trained model again (no training)
+        result.update(metrics_on_test_split(result["model"], data_dir / "test.json"))
+    else:
+        start = time.time()
+        trained = train_arm(arm, seed, base_dir, data_dir / "train.json", folder, settings)
+        result = {"arm": arm, "seed": seed, **trained, "base_sha256": file_sha256(base_dir / "model.safetensors"),
+                  "train_seconds": round(time.time() - start, 1),
+                  **metrics_on_test_split(trained["model"], data_dir / "test.json")}
+        folder.mkdir(parents=True, exist_ok=True)
     write_atomic(done, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     return result
 
@@ -104,6 +110,8 @@ def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: in
         "Forward time: vision tower, batch 32, median of 7 interleaved rounds in one process.",
         "",
         results_table(results, ms),
+        "",
+        intervals_section(results),
         "",
         "Zero-shot digit accuracy per grid position (chance 10%):",
         "",
