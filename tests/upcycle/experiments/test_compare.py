@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from upcycle.cli import main
+from upcycle.eval.intervals import pack_hits
 from upcycle.experiments.compare import ArmSettings, check_fairness
+from upcycle.experiments.compare.report import intervals_section
 from upcycle.train import ContrastiveTrainer
 
 
@@ -33,6 +36,16 @@ def test_compare_trains_equal_budgets_and_a_rerun_recomputes_nothing(base_clip_d
         cells = [c.strip() for c in row.strip("|").split("|")][1:6]
         assert all(float(c.split(" ")[0]) >= 0 for c in cells), row  # every metric cell is a number
     assert (out / "training_loss.png").stat().st_size > 1000
+    n_images, n_texts = (len(json.loads((grids_dir / "test.json").read_text())),
+                         len(summary["results"]["base"][0]["hits"]["t2i_r1"]))
+    for runs in summary["results"].values():  # per-query hits, one character per test query
+        hits = runs[0]["hits"]
+        assert {len(hits[f"i2t_r{k}"]) for k in (1, 5, 10)} == {n_images}
+        assert {len(hits[f"t2i_r{k}"]) for k in (1, 5, 10)} == {n_texts}
+        assert runs[0]["i2t_r1"] == pytest.approx(100 * hits["i2t_r1"].count("1") / n_images)
+    ci_rows = {line.split(" | ")[0][2:]: line for line in report.splitlines()
+               if "[" in line and line.startswith("| ") and not line.startswith("| arm |")}
+    assert set(ci_rows) == {"base", "dense", "sparse-all", "dmu"} and "reference" in ci_rows["dense"]
     moe = summary["results"]["sparse-all"][0]
     assert moe["vision_params_total"] > moe["vision_params_active"]  # top-1 of 2 experts
     capsys.readouterr()
@@ -41,8 +54,12 @@ def test_compare_trains_equal_budgets_and_a_rerun_recomputes_nothing(base_clip_d
         raise AssertionError("a finished arm was trained again")
 
     monkeypatch.setattr(ContrastiveTrainer, "_optimizer_step", no_training)
+    # an arm finished before per-query hits were recorded gets them by evaluation alone
+    dense_result = out / "arms" / "dense" / "seed-0" / "result.json"
+    dense_result.write_text(json.dumps({k: v for k, v in json.loads(dense_result.read_text()).items() if k != "hits"}))
     assert main(compare_args(base_clip_dir, grids_dir, out)) == 0
     assert json.loads((out / "compare.json").read_text())["results"] == summary["results"]
+    assert "hits" in json.loads(dense_result.read_text())
     capsys.readouterr()
 
     # Other settings never reuse an arm trained with the old ones: one line naming what differs, nothing rewritten.
@@ -69,3 +86,46 @@ def test_unknown_arm_is_one_line(base_clip_dir, grids_dir, tmp_path, capsys):
     args[args.index("--arms") + 1] = "dense,moe"
     assert main(args) == 2
     assert "unknown ['moe']" in capsys.readouterr().err
+
+
+def hit_runs(hits_per_seed: list[np.ndarray], seeds: list[int]) -> list[dict]:
+    """Result records carrying only what the interval table reads."""
+    return [{"seed": seed, "hits": {"i2t_r1": pack_hits(h), "t2i_r1": pack_hits(h[:150])}}
+            for seed, h in zip(seeds, hits_per_seed)]
+
+
+def test_interval_table_pairs_against_dense_and_calls_nothing_a_win_inside_the_noise():
+    rng = np.random.default_rng(0)
+    dense = [(rng.random(400) < 0.5).astype(np.uint8) for _ in range(2)]
+    better = []
+    for h in dense:  # 40 more hits per seed, on the first 40 items dense missed
+        b = h.copy()
+        b[np.flatnonzero(h == 0)[:40]] = 1
+        better.append(b)
+    noisy = []
+    for h in dense:  # 3 more hits and 2 fewer per seed: inside the noise
+        b = h.copy()
+        b[np.flatnonzero(h == 0)[:3]] = 1
+        b[np.flatnonzero(h == 1)[:2]] = 0
+        noisy.append(b)
+    base = np.zeros(400, dtype=np.uint8)
+    base[:20] = 1
+    results = {"base": hit_runs([base], [0]), "dense": hit_runs(dense, [0, 1]),
+               "sparse-all": hit_runs([h.copy() for h in dense], [0, 1]), "dmu": hit_runs(better, [0, 1]),
+               "sparse-even": hit_runs(noisy, [0, 1])}
+    section = intervals_section(results)
+    assert "measured against `dense`" in section and "400 test images" in section and "150 distinct" in section
+    rows = {line.split(" | ")[0][2:]: [c.strip() for c in line.strip("| ").split("|")]
+            for line in section.splitlines() if line.startswith("| ") and not line.startswith("| arm |")}
+    assert rows["dense"][2] == rows["dense"][4] == "reference"
+    assert rows["dense"][1].split(" ")[0] == f"{100 * np.mean(dense):.1f}"  # pooled over both seeds
+    assert rows["sparse-all"][2] == "+0.0 [+0.0, +0.0] CI includes 0"  # identical to dense
+    assert rows["dmu"][2].startswith("+10.0 [") and rows["dmu"][2].endswith("higher")
+    assert rows["sparse-even"][2].startswith("+0.2 [-") and rows["sparse-even"][2].endswith("CI includes 0")
+    assert rows["base"][2].endswith("lower")  # one untrained run, paired with every dense seed
+    assert not any(word in section for word in ("better", "win"))
+
+    with pytest.raises(ValueError, match="seeds \\[0, 2\\] and the reference \\[0, 1\\]"):
+        intervals_section({**results, "dmu": hit_runs(better, [0, 2])})
+    alone = intervals_section({"base": results["base"], "dmu": results["dmu"]})
+    assert "No paired differences" in alone and "reference" not in alone

@@ -1,12 +1,16 @@
-"""The comparison's markdown tables (mean ± std over seeds) and its training-loss plot."""
+"""The comparison's markdown tables (mean ± std over seeds; R@1 with bootstrap intervals and paired differences
+against the dense arm) and its training-loss plot."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from encoder.utils.files import write_atomic
 
+from ...eval.intervals import RESAMPLES, Interval, bootstrap_ci, paired_difference_ci, unpack_hits
 from .arms import ARM_TITLES
 
 COLUMNS = (("i2t_r1", "I→T R@1"), ("i2t_r5", "I→T R@5"), ("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"),
@@ -31,6 +35,68 @@ def results_table(results: dict[str, list[dict]], ms_per_image: dict[str, float]
         cells.append(f"{runs[0]['pairs_seen']:,}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+INTERVAL_COLUMNS = (("i2t_r1", "I→T R@1"), ("t2i_r1", "T→I R@1"))
+# Differences are paired against this arm. It is the only dense fine-tuned arm, so none is chosen; were there
+# several, the choice would have to come from a validation split (never from the test items the intervals use).
+REFERENCE_ARM = "dense"
+
+
+def intervals_section(results: dict[str, list[dict]]) -> str:
+    """R@1 with its 95% bootstrap interval per arm, and each arm's paired difference from the dense arm."""
+    reference = REFERENCE_ARM if REFERENCE_ARM in results else None
+    counts = {key: len(next(iter(results.values()))[0]["hits"][key]) for key, _ in INTERVAL_COLUMNS}
+    if reference:
+        pairing = (f"Differences are measured against `{reference}`, fixed in advance: it is the only dense "
+                   "fine-tuned arm, and the comparison evaluates no validation split that could choose among several "
+                   "(the test split never does). They are paired: both arms on the same resampled items, seed s "
+                   "against seed s, the untrained base against every seed. A difference is called higher or lower "
+                   "only when its interval excludes 0.")
+    else:
+        pairing = f"No paired differences: the `{REFERENCE_ARM}` arm they are measured against was not run."
+    note = (f"R@1 in percent with 95% percentile bootstrap intervals over the {counts['i2t_r1']:,} test images "
+            f"(I→T) and {counts['t2i_r1']:,} distinct test captions (T→I), {RESAMPLES:,} resamples; each resample "
+            f"draws test items and averages an arm's seeds. {pairing}")
+    return note + "\n\n" + intervals_table(results, reference)
+
+
+def intervals_table(results: dict[str, list[dict]], reference: str | None) -> str:
+    head = ["arm"]
+    for _, title in INTERVAL_COLUMNS:
+        head += [f"{title} [95% CI]"] + ([f"{title} − {reference} [95% CI]"] if reference else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in results.items():
+        cells = [arm]
+        for key, _ in INTERVAL_COLUMNS:
+            ci = bootstrap_ci([unpack_hits(r["hits"][key]) for r in runs])
+            cells.append(f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]")
+            if reference:
+                cells.append("reference" if arm == reference else difference_cell(paired_difference(
+                    arm, runs, results[reference], key)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_difference(arm: str, runs: list[dict], reference_runs: list[dict], key: str) -> Interval:
+    """The interval of arm - reference on `key`, seed s of the arm paired with seed s of the reference."""
+    seeds = [r["seed"] for r in reference_runs]
+    reference = np.stack([unpack_hits(r["hits"][key]) for r in reference_runs])
+    by_seed = {r["seed"]: unpack_hits(r["hits"][key]) for r in runs}
+    if arm == "base":  # not trained: one model, the same for every seed
+        hits = np.stack([by_seed[runs[0]["seed"]]] * len(seeds))
+    elif sorted(by_seed) != sorted(seeds):
+        raise ValueError(f"arm {arm} has seeds {sorted(by_seed)} and the reference {sorted(seeds)}: paired "
+                         "differences need the same seeds")
+    else:
+        hits = np.stack([by_seed[s] for s in seeds])
+    return paired_difference_ci(hits, reference)
+
+
+def difference_cell(ci: Interval) -> str:
+    """The difference in points with its interval, called higher or lower only when the interval excludes 0."""
+    verdict = ("higher" if ci.estimate > 0 else "lower") if ci.excludes_zero() else "CI includes 0"
+    return f"{100 * ci.estimate:+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}] {verdict}"
 
 
 def positions_table(results: dict[str, list[dict]]) -> str:
