@@ -9,9 +9,13 @@ from encoder.utils.options import check_options, option, option_like
 
 from ...train.config import TrainConfig, TrainingData, TrainOutput
 from ..sparse_config import SparseConfig
+from .clustering import SMALL_CLUSTER_RULES
 
 # Settings that may change between a run and its --resume without invalidating finished work.
 RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", "num_workers", "checkpoint_every")
+# Settings added after work directories were made, with the value those runs had: an older manifest that lacks
+# one recorded that value, so its --resume is not refused for a setting it could not name.
+ADDED_SETTINGS = {"small_clusters": "merge"}
 
 
 @dataclass
@@ -33,6 +37,13 @@ class DMUConfig:
     towers: tuple[str, ...] = option_like(SparseConfig, "towers")
     clusters_per_modality: int = option("--clusters-per-modality", "k-means clusters for images and for texts per "
                                         "stage (3 makes 9 joint clusters)", 3, kind=int, low=1)
+    small_clusters: str = option("--small-clusters", "what becomes of accumulated clusters smaller than one global "
+                                 "batch: merge = fold each into the cluster with the nearest centroid (may mix "
+                                 "earlier-stage clusters); drop = leave their pairs out of the stage, as the "
+                                 "reference code does; bin = group them into batch-sized bins inside their "
+                                 "earlier-stage cluster (no pair lost, stages stay nested)", "merge", kind=str,
+                                 choices=tuple(SMALL_CLUSTER_RULES),
+                                 default_text="merge, what runs made before this option did")
     stage_epochs: float = option_like(TrainConfig, "epochs", flag="--stage-epochs", help="epochs per MCL stage")
     router_epochs: float = option_like(TrainConfig, "epochs", flag="--router-epochs",
                                        help="epochs of router training")
@@ -67,6 +78,11 @@ class DMUConfig:
     def fingerprint(self) -> dict:
         """The settings that decide the result; a --resume must repeat them."""
         return {k: jsonable(v) for k, v in asdict(self).items() if k not in RESUMABLE_SETTINGS}
+
+
+def recorded_settings(manifest: dict) -> dict:
+    """The settings a manifest records, with `ADDED_SETTINGS` filled in where it predates them."""
+    return {**ADDED_SETTINGS, **manifest.get("settings", {})}
 
 
 def default_work_dir(out: str | Path) -> Path:

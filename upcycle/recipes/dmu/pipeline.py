@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Subset
 
 from encoder.convert.dense import load_dense_clip
 from encoder.loading import require_finite_weights
@@ -29,8 +30,9 @@ from encoder.utils.step_record import SettingsChanged, differences
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ...train import ContrastiveTrainer, TrainConfig
 from ..assemble import assemble_clip_moe, moe_config_for
-from .clustering import accumulate_labels, kmeans_labels, merge_small_clusters
-from .config import DMUConfig, default_work_dir, jsonable
+from .clustering import DROPPED, accumulate_labels, describe, kmeans_labels, plan_batches
+from .config import DMUConfig, default_work_dir, jsonable, recorded_settings
+from .diagnostics import repeated_stages, shown, successive_nmi, summary_lines, update_similarity
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class DMURun:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"{path} is unreadable ({err}); remove {self.work} to start afresh") from None
-        changed = differences(manifest.get("settings", {}), fresh["settings"])
+        changed = differences(recorded_settings(manifest), fresh["settings"])
         if changed:
             raise SettingsChanged(f"--resume with other settings than {self.work} was made with ({'; '.join(changed)}); "
                                   "use the original settings or a new --work-dir")
@@ -94,9 +96,10 @@ class DMURun:
 
     # -- the algorithm -----------------------------------------------------------------------------------
     def run(self) -> Path:
-        labels = np.zeros(len(self.pairs), dtype=np.int64)
+        labels = batches = np.zeros(len(self.pairs), dtype=np.int64)  # before stage 1: one cluster
         for stage in range(1, self.cfg.num_experts):
-            labels = self.run_stage(stage, labels)
+            labels, batches = self.run_stage(stage, labels, batches)
+        self.diagnose()
         model = self.train_routers()
         self.save(model)
         return Path(self.cfg.out)
@@ -108,43 +111,53 @@ class DMURun:
             model.load_state_dict(load_file(str(self.stage_dir(stage) / "ffn.safetensors")), strict=False)
         return model.eval()
 
-    def run_stage(self, stage: int, previous: np.ndarray) -> np.ndarray:
+    def run_stage(self, stage: int, previous: np.ndarray,
+                  previous_batches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster (unless done before), train and save stage `stage`; returns its accumulated labels and the
+        batch labels it trained on (`DROPPED` for pairs it left out)."""
         cfg, folder = self.cfg, self.stage_dir(stage)
         if self.manifest["stages"].get(str(stage), {}).get("status") == "done":
             logger.info("stage %d already finished; skipped", stage)
-            return np.load(folder / "labels.npy")
+            return np.load(folder / "labels.npy"), np.load(folder / "batch_labels.npy")
         start = time.time()
         if not (folder / "clusters.json").exists():
-            self.cluster(stage, previous)
+            self.cluster(stage, previous, previous_batches)
         labels, batch_labels = np.load(folder / "labels.npy"), np.load(folder / "batch_labels.npy")
         report = json.loads((folder / "clusters.json").read_text())
         self.manifest["stages"][str(stage)] = {"status": "clustered", "clusters": report}
         self._save_manifest()
+        kept = np.flatnonzero(batch_labels != DROPPED)
+        if len(kept) == 0:
+            raise UserError(f"stage {stage}: every cluster is smaller than the global batch {cfg.batch_size}, so "
+                            "--small-clusters drop leaves nothing to train; use merge or bin or a smaller "
+                            f"--batch-size, with a new --work-dir or after removing {self.work}")
+        # `drop` trains on the kept pairs only; the other rules keep every pair (the sampler sees the same data)
+        data = self.dataset if len(kept) == len(batch_labels) else Subset(self.dataset, kept.tolist())
 
         model = copy.deepcopy(self.base)  # every stage starts from the base; only its batches differ
         train_cfg = self._train_config("ffn", cfg.lr, cfg.stage_epochs, cfg.stage_max_steps, f"MCL stage {stage}")
-        trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, folder / "train",
-                                     labels=batch_labels, source=f"base {cfg.base}")
+        trainer = ContrastiveTrainer(model, data, self.dataset.collate, train_cfg, folder / "train",
+                                     labels=batch_labels[kept], source=f"base {cfg.base}")
         model = trainer.train(resume=True)
         if _is_main():
             named = dict(model.named_parameters())
             _save_tensors(folder / "ffn.safetensors", {k: named[k].detach().cpu().contiguous()
                                                        for k in trainer.trainable})
         _wait()
-        report.update(pairs_used_per_epoch=len(self.pairs) - trainer.sampler.dropped_per_epoch,
+        report.update(pairs_used_per_epoch=len(kept) - trainer.sampler.dropped_per_epoch,
                       steps=trainer.total_steps, pairs_seen=trainer.pairs_seen,
                       final_loss=_last_loss(folder / "train" / "metrics.jsonl"), seconds=round(time.time() - start, 1))
         self.manifest["stages"][str(stage)] = {"status": "done", "clusters": report}
         self._save_manifest()
         if _is_main():
-            print(f"stage {stage}: {report['clusters_used']} clusters used ({report['clusters_found']} found, "
-                  f"{report['merged']} small ones merged), {report['pairs_used_per_epoch']} of {len(self.pairs)} "
+            print(f"stage {stage}: {describe(report)}, {report['pairs_used_per_epoch']} of {len(self.pairs)} "
                   f"pairs per epoch, final loss {report['final_loss']:.4f}")
-        return labels
+        return labels, batch_labels
 
-    def cluster(self, stage: int, previous: np.ndarray) -> None:
+    def cluster(self, stage: int, previous: np.ndarray, previous_batches: np.ndarray) -> None:
         """Encode with stage s-1's model (each process a share), k-means each modality on the main process,
-        accumulate the labels and merge clusters below one global batch; results go to the stage folder."""
+        accumulate the labels and apply --small-clusters to the clusters below one global batch (`previous`,
+        `previous_batches`: the labels and batch labels before this stage); results go to the stage folder."""
         from ...eval.embedding import encode_pairs
 
         state, folder = process_state(), self.stage_dir(stage)
@@ -164,13 +177,33 @@ class DMURun:
             k, dim, seed = self.cfg.clusters_per_modality, images.shape[1], self.cfg.seed * 1000 + stage
             labels = accumulate_labels(previous, kmeans_labels(both[:, :dim], k, seed),
                                        kmeans_labels(both[:, dim:], k, seed + 500), k)
-            batch_labels, merge = merge_small_clusters(labels, both, self.cfg.batch_size)
+            batch_labels, rule = plan_batches(self.cfg.small_clusters, labels, previous, previous_batches, both,
+                                              self.cfg.batch_size)
             _save_npy(folder / "labels.npy", labels)
             _save_npy(folder / "batch_labels.npy", batch_labels)
             for r in range(state.num_processes):
                 (folder / f"embeddings-rank{r}.npy").unlink()
-            _write_json(folder / "clusters.json", {"pairs": len(labels), **asdict(merge)})
+            _write_json(folder / "clusters.json", {"pairs": len(labels), **asdict(rule)})
         _wait()
+
+    def diagnose(self) -> None:
+        """How different the stages came out (see diagnostics.py): NMI of successive stages' batch labels and
+        cosines of the stages' FFN updates; printed, and kept in the manifest and the model card."""
+        if not _is_main():
+            return
+        stages = range(1, self.cfg.num_experts)
+        batches = {s: np.load(self.stage_dir(s) / "batch_labels.npy") for s in stages}
+        ffns = {s: load_file(str(self.stage_dir(s) / "ffn.safetensors")) for s in stages}
+        updates = update_similarity(self.base.state_dict(), ffns)
+        self.manifest["diagnostics"] = {"batch_label_nmi": successive_nmi(batches),
+                                        "update_cosine": updates["cosine"], "update_norm": updates["norm"]}
+        self._save_manifest()
+        clusters = {s: st["clusters"] for s, st in self.manifest["stages"].items()}
+        print("\n".join(summary_lines(clusters, self.manifest["diagnostics"])))
+        for pair in repeated_stages(self.manifest["diagnostics"]["batch_label_nmi"]):
+            logger.warning("stages %s batched the data identically (NMI 1): the later stage's expert learns what the "
+                           "earlier one did; use a smaller --batch-size, fewer --clusters-per-modality or "
+                           "--small-clusters merge", pair)
 
     def _train_config(self, trainable: str, lr: float, epochs: float, max_steps: int | None, desc: str) -> TrainConfig:
         cfg = self.cfg
@@ -212,13 +245,25 @@ class DMURun:
             "recipe": (f"Diversified Multiplet Upcycling: {cfg.num_experts - 1} MCL stages (FFNs only, from the "
                        f"base, {cfg.clusters_per_modality}x{cfg.clusters_per_modality} clusters per stage), "
                        f"expert 0 = the base, top-{cfg.top_k}; routers trained at lr {cfg.router_lr}"),
-            "metrics": {f"stage {s} final loss": f"{st['clusters']['final_loss']:.4f}"
-                        for s, st in sorted(self.manifest["stages"].items())},
+            "metrics": self._card_metrics(),
             "details": {"settings": self.cfg.fingerprint(), "stages": self.manifest["stages"],
-                        "router": self.manifest["router"], "train_pairs": len(self.pairs)},
+                        "diagnostics": self.manifest.get("diagnostics"), "router": self.manifest["router"],
+                        "train_pairs": len(self.pairs)},
         }
         save_clip_moe(model, cfg.out, self.image_processor, self.tokenizer, card, overwrite=cfg.overwrite)
         print(f"CLIP-MoE written to {cfg.out} (work directory {self.work})")
+
+    def _card_metrics(self) -> dict:
+        """Per stage its final loss and clusters, then the diagnostics (what the card's metric lines show)."""
+        metrics = {}
+        for s, st in sorted(self.manifest["stages"].items(), key=lambda kv: int(kv[0])):
+            metrics[f"stage {s} final loss"] = f"{st['clusters']['final_loss']:.4f}"
+            metrics[f"stage {s} clusters"] = describe(st["clusters"])
+        diagnostics = self.manifest.get("diagnostics") or {}
+        for name, key in (("batch-label NMI", "batch_label_nmi"), ("FFN update cosine", "update_cosine")):
+            for pair, value in diagnostics.get(key, {}).items():
+                metrics[f"stages {pair} {name}"] = shown(value)
+        return metrics
 
 
 def run_dmu(cfg: DMUConfig, resume: bool = False) -> Path:
