@@ -39,7 +39,7 @@ pip_quiet() {
 }
 rm -f "$stamp"  # a set-up that fails half-way must not be taken for done
 if [[ "$unlocked" == 1 ]]; then
-  pip_quiet --upgrade --upgrade-strategy eager -e "$root[dev,mllm]"
+  pip_quiet --upgrade --upgrade-strategy eager -e "$root[dev,mllm,deepspeed]"
   # llava-torch pins torch==2.0.1 / transformers==4.36.2; its modeling code works with ours, so no deps.
   pip_quiet --upgrade --no-deps llava-torch shortuuid
 else

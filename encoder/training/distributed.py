@@ -1,4 +1,5 @@
-"""The process group of a run, however it was launched (python, torchrun, accelerate launch).
+"""The process group and engine of a run, however it was launched (python, torchrun, accelerate launch,
+deepspeed): DDP, DeepSpeed ZeRO-1/2/3 or FSDP2, on GPUs or on CPU processes over gloo.
 
 accelerate only forms a CPU process group (gloo) when told the run is on the CPU; otherwise processes
 started by torchrun on a machine without GPUs would each train alone, silently. Every entry point asks for
@@ -29,19 +30,89 @@ def process_state():
     return PartialState(cpu=on_cpu())
 
 
-def make_accelerator(mixed_precision: str = "no", **kwargs):
-    """An Accelerator that has joined the process group; kwargs go to `Accelerator` (e.g. gradient accumulation)."""
+def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None = None, **kwargs):
+    """An Accelerator that has joined the process group and runs the engine the launch asked for; kwargs go to
+    `Accelerator` (e.g. gradient accumulation).
+
+    accelerate runs DeepSpeed and FSDP only on GPUs; both also run on CPU processes over gloo (DeepSpeed with
+    its CPU accelerator, torch's FSDP2 as it is), so a launch that asks for them on a CPU machine gets them
+    here, and the 2-process CPU tests exercise the code a GPU cluster runs.
+
+    `deepspeed_config`: a DeepSpeed JSON named by the run's own flags (LLaVA's `--deepspeed`), which turns
+    DeepSpeed on under any launcher, as in an HF Trainer; it must agree with `accelerate launch
+    --deepspeed_config_file` if that was given too."""
     from accelerate import Accelerator
 
+    if deepspeed_config is not None:
+        _ask_for_deepspeed(deepspeed_config)
     asked = requested_engine()
-    if asked is not None and asked[0] == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
-        raise UserError("accelerate launch --use_deepspeed: DeepSpeed is not installed here; pip install deepspeed, "
-                        "or launch without --use_deepspeed to train with DDP")
-    process_state()
+    name = asked[0] if asked is not None else None
+    if name == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("accelerate launch --use_deepspeed: DeepSpeed is not installed here; pip install "
+                        "'clip-moe-toolkit[deepspeed]' (or deepspeed), or launch without --use_deepspeed to train "
+                        "with DDP")
+    if name == "FSDP" and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("accelerate launch --use_fsdp: only FSDP2 is supported (torch's fully_shard, whose "
+                        "checkpoints this loop saves and resumes exactly); add --fsdp_version 2")
+    cpu = on_cpu()
+    if cpu:
+        # DeepSpeed's CPU accelerator, said rather than detected: detection logs a warning on every CPU run where
+        # DeepSpeed is installed, whether or not it trains.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if name == "DeepSpeed":
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"  # see _build_models_whole
+    if name == "DeepSpeed" and cpu:
+        _deepspeed_on_cpu()
+        cpu = False  # accelerate's DeepSpeed path, with DeepSpeed's CPU accelerator and gloo underneath
+    else:
+        process_state()
     _forget_earlier_precision(mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu(), **kwargs)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        _build_models_whole()
+    if name == "FSDP" and accelerator.distributed_type.name == "MULTI_CPU":
+        _fsdp_on_cpu(accelerator)
     check_engine(accelerator, asked)
     return accelerator
+
+
+def _ask_for_deepspeed(config: str) -> None:
+    launched = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if launched and os.path.realpath(launched) != os.path.realpath(config):
+        raise UserError(f"--deepspeed {config} differs from accelerate launch --deepspeed_config_file {launched}; "
+                        "pass one config")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = config
+
+
+def _build_models_whole() -> None:
+    """accelerate hands its DeepSpeed config to transformers, whose from_pretrained then builds every model under
+    zero.Init, partitioned as it loads, on all ranks at once: a model that one rank builds alone (an evaluation on
+    the main process) deadlocks, and LLaVA's frozen vision tower arrives partitioned, though it is meant to stay
+    whole outside the engine. Models are built whole instead, and partitioned by the engine when it is made."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def _deepspeed_on_cpu() -> None:
+    """Join the process group through DeepSpeed on gloo, with DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu)."""
+    from accelerate import PartialState
+
+    PartialState(cpu=False, backend="gloo")
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Make a MULTI_CPU accelerator an FSDP2 one: accelerate decides FSDP only when it sees GPUs, but its FSDP2
+    preparation (fully_shard per layer, then the root) and torch's sharded checkpoints work on gloo alike."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* settings, like accelerate does on GPUs
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    accelerator.state.fsdp_plugin = plugin
 
 
 def requested_engine() -> tuple[str, str, str] | None:
@@ -53,20 +124,13 @@ def requested_engine() -> tuple[str, str, str] | None:
 
 
 def check_engine(accelerator, asked: tuple[str, str, str] | None) -> None:
-    """Refuse to train with another engine than the one asked for, or with one this loop would run wrongly.
-
-    accelerate silently drops DeepSpeed and FSDP on the CPU (a run launched with --use_fsdp then trains as one
-    process, or as DDP), and FSDP shards the parameters that checkpoints and the final output are written from
-    on the main process: both would give results that are not what the command line says, without a word.
-    """
+    """Refuse to train with another engine than the one the launch asked for: accelerate falls back to one
+    process or DDP without a word (e.g. --use_fsdp with one process), and the result would not be what the
+    command line says."""
     actual = accelerator.distributed_type.name
     if asked is not None and actual != asked[1]:
-        raise UserError(f"accelerate was launched with {asked[2]} but runs this as {actual}: accelerate runs "
-                        f"{asked[0]} only on GPUs; launch without {asked[2]} (DDP) on this machine")
-    if actual == "FSDP":
-        raise UserError("FSDP is not supported by this training loop yet (its checkpoints and final output are "
-                        "written from the main process's parameters, which FSDP shards); launch without --use_fsdp "
-                        "(DDP), or with --use_deepspeed and ZeRO-2 (scripts/zero2.json)")
+        raise UserError(f"accelerate was launched with {asked[2]} but runs this as {actual}; launch {asked[0]} "
+                        f"with --num_processes 2 or more, or launch without {asked[2]}")
 
 
 def _forget_earlier_precision(mixed: str) -> None:

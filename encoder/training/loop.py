@@ -13,7 +13,8 @@ optimizer (`_write_trained` / `_read_trained`, `_record` / `_restore`) and which
   rank), so a resumed run draws what the uninterrupted one drew without any RNG state in the checkpoint;
 - clipping, AdamW step, schedule step; one all-reduce per micro-batch that both stops every rank on a
   non-finite loss and sums the counts the trainer asks for;
-- checkpoints written atomically by `CheckpointState`, the newest `save_total_limit` kept, and an exact resume;
+- checkpoints written atomically by `CheckpointState` (or, under DeepSpeed and FSDP2, by every rank through
+  `sharded.ShardedCheckpointState`), the newest `save_total_limit` kept, and an exact resume;
 - the run log (metrics.jsonl without the steps a resumed run replays) and the progress bar.
 """
 
@@ -32,11 +33,23 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..utils.errors import TrainingDiverged
+from ..utils.errors import TrainingDiverged, UserError
 from ..utils.files import atomic_output_dir
 from ..utils.step_record import SettingsChanged, differences
 from .run_log import NullLog, RunLog
 from .sampler import endless_batches
+from .sharded import (
+    ShardedCheckpointState,
+    configure_deepspeed,
+    engine_of,
+    full_state_dict,
+    is_sharded,
+    local_shards_finite,
+    optimizer_state_held,
+    parameters_held,
+    peak_memory_mib,
+    shards_parameters,
+)
 
 OPTIMIZER_FILE = "optimizer.pt"  # {"optimizer": ..., "scheduler": ...}, the same in both trainers' checkpoints
 
@@ -99,58 +112,42 @@ class LoopPlan:
     config: dict = field(default_factory=dict)  # recorded by W&B
 
 
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def fill_deepspeed_batch_size(accelerator, per_device: int) -> None:
-    """LLaVA's zero2.json says "auto" for the micro-batch, which accelerate resolves only from a prepared
-    DataLoader; this loop keeps its own batch plan, so it states the size itself."""
-    if not is_deepspeed(accelerator):
-        return
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        config["train_micro_batch_size_per_gpu"] = per_device
-
-
 class CheckpointState:
     """Writes and reads one checkpoint of a loop: the trainer's files for what it trains, the optimizer and the
     schedule (OPTIMIZER_FILE), then the loop's position and the trainer's record (the state file, last).
 
-    This variant is for engines where the main process holds everything (one process, DDP, DeepSpeed ZeRO-1/2
-    without its sharded optimizer state): `save` runs on the main process only, into a temporary directory that
-    `TrainingLoop.save_checkpoint` renames into place. An engine that shards parameters or optimizer state
-    replaces it with a variant whose save/load every rank calls."""
+    This variant is for engines where the main process holds everything (one process, DDP): `save` runs on the
+    main process only, into a temporary directory that `TrainingLoop.save_checkpoint` renames into place. Engines
+    that shard the optimizer state or the parameters use `sharded.ShardedCheckpointState`, which every rank runs."""
 
     def __init__(self, loop: TrainingLoop):
         self.loop = loop
 
     def save(self, directory: Path) -> None:
         loop = self.loop
-        loop._write_trained(directory)
-        if not is_deepspeed(loop.accelerator):  # DeepSpeed shards the optimizer over the ranks
-            torch.save({"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict()},
-                       directory / OPTIMIZER_FILE)
-        record = {"step": loop.step, "batches_done": loop.batches_done, **loop._record()}
+        loop._write_trained(directory, full_state_dict(loop.accelerator, loop.model))
+        torch.save({"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict()},
+                   directory / OPTIMIZER_FILE)
+        record = {**loop.position(), **loop._record()}
         (directory / loop.checkpoints.state_file).write_text(json.dumps(record, indent=1) + "\n")
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore the trained weights, optimizer and schedule from `directory`; return its state file."""
         loop = self.loop
+        record = json.loads((directory / loop.checkpoints.state_file).read_text())
+        if record.get("engine", "ddp") != "ddp":
+            raise UserError(f"{directory} was written under {record['engine']}, this run uses DDP; resume under the "
+                            "engine that wrote it (the sharded optimizer state is the engine's own)")
         loop._read_trained(directory)
-        if (directory / OPTIMIZER_FILE).is_file():
-            saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-            loop.optimizer.load_state_dict(saved["optimizer"])
-            loop.scheduler.load_state_dict(saved["scheduler"])
-        elif loop.accelerator.is_main_process:
-            print(f"note: {directory} has no optimizer state (a DeepSpeed run); AdamW's moments restart from zero")
-        return json.loads((directory / loop.checkpoints.state_file).read_text())
+        saved = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        loop.optimizer.load_state_dict(saved["optimizer"])
+        loop.scheduler.load_state_dict(saved["scheduler"])
+        return record
 
 
 class TrainingLoop:
-    """Trains `module` (prepared here with `optimizer`) on `dataset` in the order `sampler` plans.
+    """Trains `module` (prepared here with `optimizer`, which holds its weights that require grad) on `dataset`
+    in the order `sampler` plans.
 
     Subclasses set the class attributes that word the divergence stop for their flags, and implement the hooks
     below. `source`: how messages name the starting weights.
@@ -160,20 +157,27 @@ class TrainingLoop:
     suspects = "the data"  # what to check when the loss is not finite before any update
     unstable_fix = "restart with a lower --lr"  # when the checkpoint a run resumed from is already unstable
 
-    def __init__(self, accelerator, module: nn.Module, trained_params: list[nn.Parameter], optimizer, scheduler,
-                 dataset: Dataset, sampler, collate_fn, num_workers: int, plan: LoopPlan,
+    def __init__(self, accelerator, module: nn.Module, optimizer, scheduler, dataset: Dataset, sampler, collate_fn, num_workers: int, plan: LoopPlan,
                  checkpoints: CheckpointDir, source: str):
         self.accelerator, self.plan, self.checkpoints, self.source = accelerator, plan, checkpoints, source
         self.sampler = sampler
         cuda = accelerator.device.type == "cuda"
         self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                                  pin_memory=cuda)
-        self.trained_params = trained_params  # what is clipped
         # Not prepared: accelerate would step a prepared schedule once per process.
         self.scheduler = scheduler
-        fill_deepspeed_batch_size(accelerator, sampler.global_batch_size // accelerator.num_processes)
+        self.model = module
+        if shards_parameters(accelerator):
+            self._require_finite_weights()  # while every weight is still whole on every rank
+        configure_deepspeed(accelerator, module, sampler.global_batch_size // accelerator.num_processes,
+                            plan.max_grad_norm)
         self.model, self.optimizer = accelerator.prepare(module, optimizer)
-        self.checkpoint_state = CheckpointState(self)
+        # What is trained and clipped, taken from the prepared model: FSDP2 replaces the parameters by sharded ones.
+        self.trained_params = [p for p in accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        self.checkpoint_state = ShardedCheckpointState(self) if is_sharded(accelerator) else CheckpointState(self)
+        self.engine = engine_of(accelerator)
+        self.parameters_total = parameters_held(self.model)[1]
+        self.memory: dict[str, list] = {}  # per rank, measured at each checkpoint (`_measure_memory`)
         self.step = 0
         self.batches_done = 0  # global micro-batches consumed, over all epochs
         self.resumed_from: Path | None = None
@@ -182,6 +186,25 @@ class TrainingLoop:
     @property
     def total_steps(self) -> int:
         return self.plan.total_steps
+
+    def position(self) -> dict[str, Any]:
+        """What every state file records besides the trainer's own: where the run is, and under which engine
+        (with the parameters each rank held, as the engine counts them)."""
+        return {"step": self.step, "batches_done": self.batches_done, "engine": self.engine,
+                "parameters_total": self.parameters_total, **self.memory}
+
+    def _measure_memory(self) -> None:
+        """What each rank holds, by the engine's own accounting (weights, Adam's moments), and its peak resident
+        memory: gathered from every rank (a collective), recorded in the state file of each checkpoint."""
+        acc = self.accelerator
+        mine = [float(parameters_held(self.model)[0]), float(optimizer_state_held(self.optimizer)), peak_memory_mib()]
+        values = torch.tensor([mine], dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            values = acc.gather(values)
+        rows = values.tolist()
+        self.memory = {"parameters_held_per_rank": [int(r[0]) for r in rows],
+                       "optimizer_state_held_per_rank": [int(r[1]) for r in rows],
+                       "peak_memory_mib_per_rank": [round(r[2], 1) for r in rows]}
 
     # -- the hooks a trainer implements --------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -197,7 +220,9 @@ class TrainingLoop:
         """One metrics line from the steps since the last one (default: the last step's values)."""
         return steps[-1]
 
-    def _write_trained(self, directory: Path) -> None:
+    def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Write what the run trains into `directory` (main process), from `weights`: the whole model's state
+        dict (the unwrapped model's keys), gathered from the ranks under engines that shard it."""
         raise NotImplementedError
 
     def _read_trained(self, directory: Path) -> None:
@@ -219,6 +244,10 @@ class TrainingLoop:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         path = self.checkpoints.path(self.step)
+        self._measure_memory()
+        if is_sharded(self.accelerator):
+            self.checkpoint_state.save(path)  # every rank: each writes its part of the engine's state
+            return path
         if self.accelerator.is_main_process:
             with atomic_output_dir(path, overwrite=True) as tmp:
                 self.checkpoint_state.save(tmp)
@@ -236,13 +265,33 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             print(f"{self.plan.desc}: resumed from {path} (step {self.step} of {self.total_steps})")
 
+    def _require_finite_shards(self) -> None:
+        """After a sharded resume: every rank checks the part of the weights it holds; all stop together."""
+        acc = self.accelerator
+        bad = torch.tensor([0.0 if local_shards_finite(self.model) else 1.0], device=acc.device)
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        if bad.item():
+            raise UserError(f"checkpoint {self.resumed_from} holds NaN or inf weights; resume from an earlier "
+                            f"checkpoint or restart with a lower {self.lr_flag}")
+
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, resume_from: Path | None = None) -> None:
         """Train to `total_steps`, from `resume_from` when given; checkpoints as planned, none at the end."""
         acc, plan = self.accelerator, self.plan
         if resume_from is not None:
             self.resume(resume_from)
-        self._require_finite_weights()
+        if is_sharded(acc):
+            held = parameters_held(self.model)[0]
+            if acc.num_processes > 1:
+                held = acc.gather(torch.tensor([held], device=acc.device)).tolist()
+            if acc.is_main_process:
+                print(f"{plan.desc}: {self.engine} over {acc.num_processes} processes; the ranks hold "
+                      f"{', '.join(f'{n:,}' for n in held)} of the {self.parameters_total:,} parameters in the engine")
+        if not shards_parameters(acc):
+            self._require_finite_weights()
+        elif resume_from is not None:
+            self._require_finite_shards()
         log = (RunLog(self.checkpoints.root, plan.log_dir, plan.report_to, plan.desc, plan.config, self.step)
                if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=plan.desc, unit="step",

@@ -123,11 +123,12 @@ class TrainingArguments:
                                  "always written; W&B logs offline (WANDB_MODE=offline) when no API key is set up",
                                  nargs="+")
     seed: int = _flag(42, "seed for the projector's initialisation and the data order", type=int)
-    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config such as scripts/zero2.json (LLaVA's ZeRO-2); DeepSpeed "
-                                  "runs only when the run is started by `accelerate launch --use_deepspeed "
-                                  "--deepspeed_config_file CONFIG` with deepspeed installed (otherwise a note says "
-                                  "the flag is ignored); ZeRO stage 3 (LLaVA's zero3.json) is refused under "
-                                  "DeepSpeed: this loop neither partitions nor gathers the weights")
+    deepspeed: str | None = _flag(None, "a DeepSpeed JSON config (LLaVA's: scripts/zero2.json, scripts/zero3.json): "
+                                  "trains under DeepSpeed when the run is started by a launcher (deepspeed, torchrun, "
+                                  "accelerate launch); needs pip install 'clip-moe-toolkit[deepspeed]'; a single "
+                                  "process started without a launcher ignores it, said in a note")
+    local_rank: int = _flag(-1, "set by the deepspeed launcher (--local_rank=N); the rank is read from the "
+                            "launcher's environment", type=int)
     group_by_modality_length: bool = _flag(False, "LLaVA's modality- and length-grouped batches: every micro-batch "
                                            "holds only image or only text-only samples, mega-batches sorted by length "
                                            "(False: plain shuffled batches)", type=str2bool)
@@ -164,6 +165,8 @@ NOT_SHAPING = frozenset({
     "save_strategy", "save_steps", "save_total_limit", "logging_steps", "logging_dir", "report_to",
     # how fast, not what: the processes that load data, and recomputing activations instead of keeping them
     "dataloader_num_workers", "gradient_checkpointing",
+    # which process this is: the launcher's business (the number of processes is compared on its own)
+    "local_rank",
     # there is no evaluation, and these take the one value "no" anyway
     "evaluation_strategy", "eval_strategy",
     # accepted but without effect here (each has its note)

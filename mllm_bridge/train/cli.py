@@ -80,5 +80,15 @@ def _embedded_namespace(stage: Stage, namespace: argparse.Namespace, argv: list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _local_rank_after_command(list(sys.argv[1:] if argv is None else argv))
     return run_cli(build_parser(argv=argv), argv)
+
+
+def _local_rank_after_command(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` right after the module (`deepspeed --module
+    mllm_bridge.train finetune ...` runs `python -m mllm_bridge.train --local_rank=N finetune ...`): it moves behind
+    the command, where `--local_rank` is a flag as in LLaVA's train.py."""
+    ranks = [a for a in argv[:1] if a.startswith(("--local_rank=", "--local-rank="))]
+    if not ranks or len(argv) < 2:
+        return argv
+    return [argv[1], ranks[0].replace("--local-rank", "--local_rank"), *argv[2:]]

@@ -28,6 +28,7 @@ from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw
 from encoder.training.loop import refuse_changed_settings as refuse_changed
+from encoder.training.sharded import full_state_dict, shards_parameters
 from encoder.utils.errors import UserError
 
 from .arguments import LlavaArguments, shaping_settings
@@ -149,7 +150,9 @@ class LlavaTrainer(TrainingLoop):
                         save_total_limit=t.save_total_limit, log_every=t.logging_steps, desc=self.output_dir.name, seed=t.seed,
                         log_dir=Path(t.logging_dir or self.output_dir / "logs"), report_to=t.report_to,
                         config=args.as_dict())
-        super().__init__(acc, trained.model, params, optimizer, scheduler, dataset, sampler, collate, workers, plan,
+        if shards_parameters(acc):
+            _keep_tower_whole(trained.model, acc.device)
+        super().__init__(acc, trained.model, optimizer, scheduler, dataset, sampler, collate, workers, plan,
                          _checkpoint_dir(self.output_dir), "the model")
         self.trainable = self.trained_params
         self.samples_seen = 0
@@ -167,8 +170,8 @@ class LlavaTrainer(TrainingLoop):
     def _refuse_changed_settings(self, path: Path) -> None:
         refuse_changed_settings(path, self.settings())
 
-    def _write_trained(self, directory: Path) -> None:
-        self.output.write(self.accelerator.unwrap_model(self.model), self.trained.tokenizer, directory)
+    def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+        self.output.write(self.accelerator.unwrap_model(self.model), self.trained.tokenizer, directory, weights)
         (directory / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
 
     def _read_trained(self, directory: Path) -> None:
@@ -176,7 +179,9 @@ class LlavaTrainer(TrainingLoop):
 
     def _record(self) -> dict[str, Any]:
         return {"samples_seen": self.samples_seen, "truncated": self.truncated, "empty_batches": self.empty_batches,
-                "first_losses": self.first_losses, "last_losses": list(self.last_losses), "settings": self.settings()}
+                "first_losses": self.first_losses, "last_losses": list(self.last_losses), "settings": self.settings(),
+                # held whole by every rank, outside the engine's accounting under ZeRO-3 / FSDP2 (_keep_tower_whole)
+                "vision_tower_parameters": sum(p.numel() for p in self.trained.model.get_vision_tower().parameters())}
 
     def _restore(self, record: dict[str, Any]) -> None:
         self.samples_seen, self.truncated = record["samples_seen"], record["truncated"]
@@ -238,19 +243,35 @@ class LlavaTrainer(TrainingLoop):
             return f"--model_name_or_path {m.model_name_or_path}"
 
         require_finite_weights(self.accelerator.unwrap_model(self.model), source)
+        if isinstance(getattr(self.trained.model.get_model(), "vision_tower", None), list):  # kept out of the engine
+            require_finite_weights(self.trained.model.get_vision_tower(), f"--vision_tower {m.vision_tower}")
 
     def _write_final_output(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        weights = full_state_dict(acc, self.model)  # every rank: a collective under ZeRO-3 and FSDP2
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
 
             def write(tmp: Path) -> None:
-                self.output.write(model, self.trained.tokenizer, tmp)
+                self.output.write(model, self.trained.tokenizer, tmp, weights)
                 (tmp / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
 
             publish(write, self.output_dir)
         acc.wait_for_everyone()
+
+
+def _keep_tower_whole(model, device) -> None:
+    """LLaVA's own rule for sharded training (its train.py does this under FSDP): the frozen vision tower is held
+    in a list, outside the module tree, so ZeRO-3 and FSDP2 neither partition nor wrap it; every rank keeps it
+    whole and runs it as it is. LLaVA's `get_vision_tower()` unpacks the list; the saved config still names
+    `mm_vision_tower`, and the tower's weights were never part of the output."""
+    inner = model.get_model()
+    tower = inner.vision_tower
+    if isinstance(tower, list):
+        return
+    del inner.vision_tower
+    inner.vision_tower = [tower.to(device)]
 
 
 def _mean(values) -> float:

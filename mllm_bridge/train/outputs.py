@@ -27,7 +27,7 @@ from torch import nn
 from encoder.utils.errors import UserError
 from encoder.utils.files import make_readable, write_failure
 
-from .projector import PROJECTOR_FILE, projector_state
+from .projector import PROJECTOR_FILE, projector_parameter_names
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,8 +39,10 @@ class ProjectorOutput:
 
     kind = "projector"
 
-    def write(self, model: nn.Module, tokenizer, directory: Path) -> None:
-        torch.save(projector_state(model), directory / PROJECTOR_FILE)
+    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+        """`weights`: the model's whole state dict (gathered from the ranks where the engine shards it)."""
+        torch.save({name: weights[name].detach().cpu().contiguous() for name in projector_parameter_names(model)},
+                   directory / PROJECTOR_FILE)
         _save_config(model, directory)
 
     def read_trained(self, model: nn.Module, directory: Path) -> None:
@@ -56,8 +58,9 @@ class FullOutput:
 
     kind = "full"
 
-    def write(self, model: nn.Module, tokenizer, directory: Path) -> None:
-        state = {k: v for k, v in model.state_dict().items() if TOWER_KEY not in k}
+    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+        """`weights`: the model's whole state dict (gathered from the ranks where the engine shards it)."""
+        state = {k: v for k, v in weights.items() if TOWER_KEY not in k}
         with _cache_enabled(model):
             model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(directory)

@@ -26,12 +26,6 @@ def projector_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if f"{PROJECTOR_KEYWORD}." in name]
 
 
-def projector_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The projector's tensors under LLaVA's key names, on the CPU, ready for `torch.save`."""
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().cpu().contiguous() for name in projector_parameter_names(model)}
-
-
 def check_projector_type(projector_type: str) -> None:
     """LLaVA's projector types that have weights to train: linear and mlpNx_gelu."""
     if projector_type != "linear" and not _MLP.match(projector_type):

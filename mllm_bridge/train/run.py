@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import netrc
 import os
@@ -13,6 +14,7 @@ import torch
 
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
+from encoder.training.sharded import whole_numel
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent
 
@@ -56,7 +58,8 @@ def make_accelerator(args: LlavaArguments):
     mixed = "fp16" if t.fp16 else "bf16" if bf16 else "no"
     if t.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return joined_accelerator(mixed, gradient_accumulation_steps=t.gradient_accumulation_steps)
+    return joined_accelerator(mixed, deepspeed_config=deepspeed_config(args),
+                              gradient_accumulation_steps=t.gradient_accumulation_steps)
 
 
 def cpu_runs_bf16() -> bool:
@@ -163,7 +166,8 @@ def run_training(args: LlavaArguments) -> TrainResult:
         print(f"{len(trainer.loader.dataset)} samples, {trainer.total_steps} optimizer steps of "
               f"{trainer.sampler.global_batch_size} samples x {args.training.gradient_accumulation_steps} "
               f"accumulation, {trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device.type}, "
-              f"{sum(p.numel() for p in trainer.trainable):,} trainable parameters")
+              f"{sum(whole_numel(p) for p in trainer.trainable):,} trainable parameters, "
+              f"engine {trainer.engine}")
     result = trainer.train(resume_from)
     if main:
         print("\n".join(summary_lines(args, trainer.output, result)))
@@ -198,30 +202,38 @@ def _prepare_output_dir(args: LlavaArguments, output: ProjectorOutput | FullOutp
     return latest_checkpoint(out)
 
 
+def launched() -> bool:
+    """Whether a launcher (deepspeed, torchrun, accelerate launch) started this process: they all set WORLD_SIZE."""
+    return "WORLD_SIZE" in os.environ
+
+
+def deepspeed_config(args: LlavaArguments) -> str | None:
+    """The DeepSpeed config this run trains under: --deepspeed CONFIG in a launched run, checked before anything
+    is loaded (an HF Trainer fails on a missing file or package only once the model is built)."""
+    config = args.training.deepspeed
+    if config is None or not launched():
+        return None
+    if not Path(config).is_file():
+        raise UserError(f"--deepspeed {config}: no such file; LLaVA's configs are scripts/zero2.json and "
+                        "scripts/zero3.json in this checkout")
+    _zero_stage(Path(config))  # a readable DeepSpeed JSON
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"--deepspeed {config}: DeepSpeed is not installed here; pip install "
+                        "'clip-moe-toolkit[deepspeed]', or drop --deepspeed to train with DDP")
+    return config
+
+
 def _deepspeed_notes(args: LlavaArguments, accelerator) -> list[str]:
-    """--deepspeed is honoured only when accelerate launched the run with DeepSpeed (whose config then comes from
-    `accelerate launch --deepspeed_config_file`), and only up to ZeRO-2: ZeRO-3 partitions the parameters, which
-    this loop neither builds (zero.Init) nor gathers for saving, so it is refused there. Elsewhere (plain python,
-    DDP, the CPU) the flag is ignored, said in one line, even when the file is missing (LLaVA's finetune.sh names
-    ./scripts/zero3.json, which a checkout of this project does not have)."""
+    """--deepspeed in one process started without a launcher (plain python) is ignored, said in one line: LLaVA's
+    scripts name it in every flag list, and the embedded CPU runs start that way."""
     from accelerate.utils import DistributedType
 
     config = args.training.deepspeed
-    if config is None:
+    if config is None or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return []
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise UserError(f"--deepspeed {config}: ZeRO stage 3 is not supported by this loop (it builds the whole "
-                            "model on every rank and saves it without gathering partitioned weights); launch with a "
-                            "ZeRO-2 config such as scripts/zero2.json")
-        return []
-    how = (f"DDP over {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "one process")
-    stage = _zero_stage(Path(config))
-    extra = ("; ZeRO-3 would be refused even under DeepSpeed (use scripts/zero2.json)" if stage == 3 else
-             " (the file does not exist either)" if not Path(config).is_file() else "")
-    note = (f"--deepspeed {config} is ignored: DeepSpeed runs only under `accelerate launch --use_deepspeed "
-            f"--deepspeed_config_file CONFIG` with deepspeed installed; this run uses {how} on "
-            f"{accelerator.device.type}{extra}")
+    missing = "" if Path(config).is_file() else " (the file does not exist either)"
+    note = (f"--deepspeed {config} is ignored: one process started without a launcher trains alone; start it with "
+            f"`deepspeed`, `torchrun` or `accelerate launch` to train under DeepSpeed{missing}")
     return [note]
 
 

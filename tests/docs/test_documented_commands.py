@@ -75,7 +75,7 @@ def commands_in(text: str, first_line: int = 1) -> list[tuple[int, str]]:
         current = ""
     if current:
         out.append((start, current.strip()))
-    return [(n, c) for n, c in out if re.match(r"^(bash|python|accelerate|torchrun)\b", c)]
+    return [(n, c) for n, c in out if re.match(r"^(bash|python|accelerate|torchrun|deepspeed)\b", c)]
 
 
 def script_entry(script: Path) -> list[str]:
@@ -87,7 +87,9 @@ def script_entry(script: Path) -> list[str]:
 
 
 def resolve(command: str) -> tuple[str, list[str]]:
-    """(entry point, argv): 'upcycle', 'mllm_bridge', 'mllm_bridge.train', 'lmms_eval', 'script:PATH', 'pytest'."""
+    """(entry point, argv): 'upcycle', 'mllm_bridge', 'mllm_bridge.train', 'lmms_eval', 'script:PATH', 'pytest'.
+
+    Launchers (accelerate launch, torchrun, the deepspeed launcher) are skipped up to the module they start."""
     words = [w for w in shlex.split(command) if w not in PLACEHOLDERS]
     if ">" in words:
         words = words[: words.index(">")]
@@ -100,6 +102,10 @@ def resolve(command: str) -> tuple[str, list[str]]:
         entry = script_entry(script)
         module, rest = entry[0], entry[1:]
         return module, rest + words[2:]
+    if words[0] == "deepspeed":  # deepspeed [--num_gpus N ...] --module MODULE ARGS
+        assert "--module" in words, f"no --module MODULE in {command!r}"
+        i = words.index("--module")
+        return words[i + 1], words[i + 2 :]
     if words[0] in ("accelerate", "torchrun"):
         i = 2 if words[0] == "accelerate" else 1
         while i < len(words) and words[i] != "-m":

@@ -10,6 +10,7 @@ starting model's, so an FFN-only stage of a ViT-L does not write the whole model
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, refuse_changed_settings
+from encoder.training.sharded import is_sharded
 from encoder.utils.errors import UserError
 from encoder.utils.options import check_options
 
@@ -42,12 +44,21 @@ TRAINED_FILE = "trainable.safetensors"
 
 
 class ContrastiveHead(nn.Module):
-    """Wraps a CLIP / CLIP-MoE so that one forward call (the one DDP hooks) yields everything the loss needs."""
+    """Wraps a CLIP / CLIP-MoE so that one forward call (the one DDP hooks) yields everything the loss needs,
+    the learned temperature included: under ZeRO-3 and FSDP2 a weight exists whole only inside the forward.
 
-    def __init__(self, model: nn.Module):
+    `own_logit_scale`: take CLIP's 0-dim `logit_scale` into the head as a 1-element weight (DeepSpeed's
+    flattened buffers and FSDP2's shards have no place for a 0-dim tensor); `clip_weights` maps it back."""
+
+    def __init__(self, model: nn.Module, own_logit_scale: bool = False):
         super().__init__()
         self.model = model
         self.is_moe = getattr(model.config, "model_type", "") == "clip_moe"
+        if own_logit_scale and "logit_scale" in model._parameters:
+            scale = model._parameters.pop("logit_scale")
+            # In a submodule: accelerate's FSDP2 preparation expects every weight name to have a module part.
+            self.owned = nn.ParameterDict({"logit_scale": nn.Parameter(scale.detach().reshape(1).clone(),
+                                                                       requires_grad=scale.requires_grad)})
 
     def forward(self, pixel_values, input_ids, attention_mask):
         kw = {"output_router_logits": True} if self.is_moe else {}
@@ -56,8 +67,18 @@ class ContrastiveHead(nn.Module):
         zero = vision.pooler_output.new_zeros((), dtype=torch.float32)
         balance = sum((t.load_balance_loss for t in (vision, text) if _has(t, "load_balance_loss")), zero)
         z_loss = sum((t.router_z_loss for t in (vision, text) if _has(t, "router_z_loss")), zero)
+        scale = self.owned["logit_scale"] if hasattr(self, "owned") else getattr(self.model, "logit_scale", zero)
         return (nn.functional.normalize(vision.pooler_output.float(), dim=-1),
-                nn.functional.normalize(text.pooler_output.float(), dim=-1), balance, z_loss)
+                nn.functional.normalize(text.pooler_output.float(), dim=-1), balance, z_loss,
+                scale.float().exp().reshape(()).clamp(max=100))
+
+    @staticmethod
+    def clip_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The head's state dict under the CLIP's own names and shapes."""
+        out = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
+        if "owned.logit_scale" in weights:
+            out["logit_scale"] = weights["owned.logit_scale"].reshape(())
+        return out
 
 
 def _has(output, field: str) -> bool:
@@ -68,15 +89,7 @@ def _accelerator(precision: str, grad_accum: int):
     mixed = "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
-    accelerator = make_accelerator(mixed, gradient_accumulation_steps=grad_accum)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        # ZeRO-3 partitions the parameters this trainer saves from the unwrapped model: it would write empty
-        # tensors and exit 0.
-        raise UserError("DeepSpeed ZeRO stage 3 is not supported by upcycle's trainer yet (its checkpoints and "
-                        "output would hold partitioned, empty tensors); use a ZeRO-2 config (scripts/zero2.json) "
-                        "or DDP")
-    return accelerator
+    return make_accelerator(mixed, gradient_accumulation_steps=grad_accum)
 
 
 def _checkpoint_dir(work_dir: str | Path) -> CheckpointDir:
@@ -141,22 +154,26 @@ class ContrastiveTrainer(TrainingLoop):
             workers = min(8, os.cpu_count() or 1) if acc.device.type == "cuda" else 0
         self.steps_per_epoch = max(1, sampler.batches_per_epoch // config.grad_accum)
         total = config.max_steps or max(1, math.ceil(self.steps_per_epoch * config.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(params, config.lr, config.weight_decay)
+        # The engine partitions and rewraps what it trains: under ZeRO / FSDP2 that is a copy, and `model` stays
+        # whole (on the CPU) and receives the trained weights at the end, so callers get a plain model whatever
+        # the engine.
+        head = (ContrastiveHead(copy.deepcopy(model), own_logit_scale=True) if is_sharded(acc)
+                else ContrastiveHead(model))
+        optimizer = adamw([p for p in head.parameters() if p.requires_grad], config.lr, config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total), total)
         plan = LoopPlan(total_steps=total, accumulation=config.grad_accum, max_grad_norm=config.max_grad_norm or 0.0,
                         save_every=config.checkpoint_every, save_total_limit=1, log_every=1, desc=config.desc, seed=config.seed,
                         log_dir=self.work_dir / "tb", config=asdict(config))
-        super().__init__(acc, ContrastiveHead(model), params, optimizer, scheduler, dataset, sampler, collate_fn,
+        super().__init__(acc, head, optimizer, scheduler, dataset, sampler, collate_fn,
                          workers, plan, _checkpoint_dir(self.work_dir),
                          source or str((identity or {}).get("model") or "the model to train"))
         self.pairs_seen = 0
 
     # -- what a checkpoint holds: only the trainable tensors (the frozen ones are the starting model's) ---------
-    def _write_trained(self, directory: Path) -> None:
-        named = dict(self.clip.named_parameters())
+    def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+        named = ContrastiveHead.clip_weights(weights)
         save_file({k: named[k].detach().cpu().contiguous() for k in self.trainable}, str(directory / TRAINED_FILE))
 
     def _read_trained(self, directory: Path) -> None:
@@ -186,9 +203,9 @@ class ContrastiveTrainer(TrainingLoop):
     # -- training ----------------------------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device, cfg = self.accelerator.device, self.config
-        image, text, balance, z = self.model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
-                                             batch["attention_mask"].to(device))
-        scale = cfg.logit_scale if cfg.logit_scale is not None else self.clip.logit_scale.exp().clamp(max=100)
+        image, text, balance, z, learned = self.model(batch["pixel_values"].to(device),
+                                                      batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        scale = cfg.logit_scale if cfg.logit_scale is not None else learned
         contrastive = clip_contrastive_loss(image, text, scale, cfg.label_smoothing)
         loss = contrastive + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
         return loss, {"contrastive": contrastive.item(), "load_balance": balance.item(), "z_loss": z.item(),
@@ -210,5 +227,7 @@ class ContrastiveTrainer(TrainingLoop):
         """Run to `total_steps` (resuming from the newest checkpoint in work_dir when asked); return the model.
         The last checkpoint (`step-<total_steps>`) is the run's record."""
         self.run(self.checkpoints.latest() if resume else None)
-        self.save_checkpoint()
+        final = self.save_checkpoint()
+        if is_sharded(self.accelerator):
+            load_trained_parameters(self.clip, final)  # every rank: the whole model, from the gathered weights
         return self.clip.eval()

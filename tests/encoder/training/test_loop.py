@@ -45,7 +45,7 @@ class Toy(TrainingLoop):
         sampler = ClusterBatchSampler([0] * SAMPLES, batch, acc.num_processes, acc.process_index, seed=1)
         plan = LoopPlan(total_steps=steps, accumulation=accumulation, max_grad_norm=1.0, save_every=save_every,
                         save_total_limit=limit, log_every=1, desc="toy", seed=seed, log_dir=work / "tb", report_to=["none"])
-        super().__init__(acc, model, list(model.parameters()), optimizer, scheduler, data, sampler, _collate, 0,
+        super().__init__(acc, model, optimizer, scheduler, data, sampler, _collate, 0,
                          plan, CheckpointDir(work, "step-", "state.json"), "the toy start")
         self.linear = linear
 
@@ -56,8 +56,9 @@ class Toy(TrainingLoop):
     def _step_metrics(self, micro):
         return {"loss": sum(m["loss"] for m in micro) / len(micro)}
 
-    def _write_trained(self, directory):
-        save_file(dict(self.linear.state_dict()), str(directory / "w.safetensors"))
+    def _write_trained(self, directory, weights):
+        # `weights` is the whole model's state dict: the Sequential's "1." is the linear layer.
+        save_file({k[len("1."):]: v.contiguous() for k, v in weights.items()}, str(directory / "w.safetensors"))
 
     def _read_trained(self, directory):
         self.linear.load_state_dict(load_file(str(directory / "w.safetensors")))

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
+from encoder.utils.errors import UserError
 from mllm_bridge.train import loop
 from mllm_bridge.train import run as run_module
 from mllm_bridge.train.arguments import accepted_only_notes, split_arguments
@@ -120,17 +121,39 @@ def test_ignored_values_get_a_note_and_honoured_ones_none():
                      "DataLoader", "--is_multimodal False: accepted, but training is always multimodal"]
 
 
-def test_deepspeed_configs_are_noted_as_ignored_outside_deepspeed(tmp_path):
+def test_deepspeed_configs_are_noted_as_ignored_in_one_process_without_a_launcher(tmp_path, monkeypatch):
     from accelerate.utils import DistributedType
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     one_cpu = SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1, device=torch.device("cpu"))
     (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
     base = "--model_name_or_path m --vision_tower v --data_path d --output_dir o --deepspeed "
-    notes = {name: run_module._deepspeed_notes(parse("finetune", base + str(tmp_path / name)), one_cpu)
-             for name in ("zero3.json", "missing.json")}
-    assert notes["zero3.json"][0].endswith("this run uses one process on cpu; ZeRO-3 would be refused even under "
-                                           "DeepSpeed (use scripts/zero2.json)")
-    assert notes["missing.json"][0].endswith("this run uses one process on cpu (the file does not exist either)")
+    args = {name: parse("finetune", base + str(tmp_path / name)) for name in ("zero3.json", "missing.json")}
+    notes = {name: run_module._deepspeed_notes(a, one_cpu) for name, a in args.items()}
+    assert notes["zero3.json"][0].endswith("is ignored: one process started without a launcher trains alone; start "
+                                           "it with `deepspeed`, `torchrun` or `accelerate launch` to train under "
+                                           "DeepSpeed")
+    assert notes["missing.json"][0].endswith("under DeepSpeed (the file does not exist either)")
+    assert all(run_module.deepspeed_config(a) is None for a in args.values())  # plain python: DDP as noted
+
+
+def test_deepspeed_in_a_launched_run_is_honoured_or_refused_in_one_line(tmp_path, monkeypatch):
+    """Under a launcher (deepspeed, torchrun, accelerate launch: WORLD_SIZE set), --deepspeed CONFIG trains under
+    DeepSpeed, as LLaVA's HF Trainer does; a missing file or a missing DeepSpeed stops before anything loads."""
+    import importlib.util
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
+    base = "--model_name_or_path m --vision_tower v --data_path d --output_dir o --deepspeed "
+    assert run_module.deepspeed_config(parse("finetune", base + str(tmp_path / "zero3.json"))) == str(
+        tmp_path / "zero3.json")
+    with pytest.raises(UserError, match=r"--deepspeed .*missing.json: no such file; LLaVA's configs are "
+                                        r"scripts/zero2.json and scripts/zero3.json"):
+        run_module.deepspeed_config(parse("finetune", base + str(tmp_path / "missing.json")))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(UserError, match=r"DeepSpeed is not installed here; pip install 'clip-moe-toolkit\[deepspeed\]'"):
+        run_module.deepspeed_config(parse("finetune", base + str(tmp_path / "zero3.json")))
 
 
 @pytest.fixture
@@ -199,8 +222,8 @@ def test_llava_15_scripts_run_verbatim_on_the_cpu(llava_tree, monkeypatch, capsy
         assert notes[0] == ("note: --per_device_eval_batch_size 4: accepted, but there is no evaluation (LLaVA-1.5 "
                             "trains with --evaluation_strategy no)")
         assert notes[1].startswith("note: --tf32 True only affects matmuls on NVIDIA GPUs")
-        assert notes[2].startswith(f"note: --deepspeed ./scripts/{deepspeed}.json is ignored: DeepSpeed runs only")
-        assert ("ZeRO-3 would be refused even under DeepSpeed" in notes[2]) == (stage == "finetune")
+        assert notes[2].startswith(f"note: --deepspeed ./scripts/{deepspeed}.json is ignored: one process started "
+                                   "without a launcher")
         assert notes[3].startswith("note: --report_to wandb: no W&B API key") and len(notes) == 4
         assert os.environ["WANDB_MODE"] == "offline" and list((out / "wandb").glob("offline-run-*"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -213,3 +214,29 @@ def test_two_processes_train_like_one_on_the_same_global_batches(base_clip_dir, 
     compared = [k for k in a if not k.endswith("k_proj.bias")]
     assert all(torch.allclose(a[k], b[k], atol=2e-6) for k in compared)
     assert any(not torch.equal(a[k], base[k]) for k in compared)
+
+
+@pytest.mark.slow
+def test_a_sharded_engine_trains_the_ddp_weights_holding_half_per_rank(base_clip_dir, grids_dir, tmp_path):
+    """upcycle train under FSDP2 (parameters, gradients and Adam state sharded over 2 CPU processes) gives the
+    one-process (= DDP, test above) weights after two steps, the gathered-negatives loss unchanged, and each rank
+    holds half of the model by FSDP2's own count."""
+    args = ["-m", "upcycle", "train", "--model", str(base_clip_dir), "--train-data", str(grids_dir / "train.json"),
+            "--max-steps", "2", "--batch-size", "16", "--lr", "1e-3", "--weight-decay", "0", "--warmup-ratio", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    base = load_file(str(base_clip_dir / "model.safetensors"))
+    compared = [k for k in a if not k.endswith("k_proj.bias")]  # see the DDP test
+    assert set(a) == set(b) and a["logit_scale"].shape == base["logit_scale"].shape == ()
+    assert all(torch.allclose(a[k], b[k], atol=2e-6) for k in compared)
+    assert any(not torch.equal(a[k], base[k]) for k in compared)
+    state = json.loads((tmp_path / "two.train-work" / "step-2" / "state.json").read_text())
+    assert state["engine"] == "fsdp2" and len(state["parameters_held_per_rank"]) == 2
+    assert all(0.45 < h / state["parameters_total"] < 0.55 for h in state["parameters_held_per_rank"])

@@ -1,0 +1,133 @@
+"""LLaVA stage 2 under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 with 2 CPU processes (gloo): the engines a 7B / 13B
+fine-tune needs (LLaVA's finetune.sh runs ZeRO-3) train the weights one process trains, resume exactly after a
+kill, shard what they say they shard, and write the LLaVA checkpoint load_pretrained_model reads.
+
+Launched the three ways users launch them: ZeRO-2 by `accelerate launch --multi_gpu` with LLaVA's own
+`--deepspeed scripts/zero2.json`, ZeRO-3 by the `deepspeed` launcher with `--deepspeed scripts/zero3.json`
+(LLaVA's finetune.sh), FSDP2 by `accelerate launch --use_fsdp --fsdp_version 2`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+STEPS, KILLED_AT = 4, 3  # a checkpoint every 2 steps: the killed run resumes from checkpoint-2
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+ENGINES = {  # the launcher, and the run's own flags, per engine
+    "deepspeed-zero2": ([*ACCELERATE, "--multi_gpu"], ["--deepspeed", str(REPO_ROOT / "scripts" / "zero2.json")]),
+    "deepspeed-zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
+                        ["--deepspeed", str(REPO_ROOT / "scripts" / "zero3.json")]),
+    "fsdp2": ([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2"], []),
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def stage2_flags(llm, tower, data, out, per_device: int) -> list[str]:
+    values = dict(model_name_or_path=llm, vision_tower=tower, data_path=data / "train.json", image_folder=data,
+                  output_dir=out, per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=1e-3,
+                  gradient_checkpointing=False, save_steps=2, save_total_limit=2, report_to="none", seed=0)
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def launch(engine: str, script: list[str], flags: list[str]) -> subprocess.CompletedProcess:
+    """`script`: ["-m", MODULE] or [PATH, ARGS...], as accelerate launch takes them (the deepspeed launcher
+    spells -m as --module)."""
+    launcher, own = ENGINES[engine]
+    if launcher[2] == "deepspeed.launcher.runner" and script[0] == "-m":
+        script = ["--module", *script[1:]]
+    command = [*launcher, *script, "finetune", *flags, *own]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir):
+    """The reference: the same 4 steps of 8 samples in one process."""
+    out = tmp_path_factory.mktemp("engines") / "llava-one"
+    run = subprocess.run([sys.executable, "-m", "mllm_bridge.train", "finetune",
+                          *stage2_flags(digit_llm_dir, clip_moe_dir, grids_dir, out, 8)],
+                         env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine_runs(request, tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir):
+    """Per engine: an uninterrupted 2-process run, and one killed after step 3 and then resumed."""
+    engine, root = request.param, tmp_path_factory.mktemp(request.param)
+    flags = {name: stage2_flags(digit_llm_dir, clip_moe_dir, grids_dir, root / f"llava-{name}", 4)
+             for name in ("whole", "resumed")}
+    whole = launch(engine, ["-m", "mllm_bridge.train"], flags["whole"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = launch(engine, [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), str(KILLED_AT),
+                             "mllm_bridge.train"], flags["resumed"])
+    assert killed.returncode != 0
+    resumed = launch(engine, ["-m", "mllm_bridge.train"], flags["resumed"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return SimpleNamespace(engine=engine, whole=root / "llava-whole", resumed=root / "llava-resumed",
+                           killed_stdout=killed.stdout, resumed_stdout=resumed.stdout)
+
+
+def weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_two_sharded_processes_train_the_one_process_weights(engine_runs, one_process, digit_llm_dir):
+    one, two = weights(one_process), weights(engine_runs.whole)
+    assert set(one) == set(two) and not any(".vision_tower." in k for k in two)
+    assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one), engine_runs.engine
+    start = load_file(str(digit_llm_dir / "model.safetensors"))
+    assert not torch.allclose(two["model.embed_tokens.weight"], start["model.embed_tokens.weight"], atol=1e-4)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(engine_runs):
+    assert f"resumed from {engine_runs.resumed / 'checkpoint-2'} (step 2 of {STEPS})" in engine_runs.resumed_stdout
+    whole, resumed = weights(engine_runs.whole), weights(engine_runs.resumed)
+    assert all(torch.allclose(resumed[k], whole[k], atol=1e-7, rtol=0) for k in whole), engine_runs.engine
+    state = json.loads((engine_runs.resumed / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["engine"] == engine_runs.engine and state["samples_seen"] == 2 * 8
+    # Every rank's part of the engine's state is in the checkpoint (the sharded optimizer included).
+    engine_dir = engine_runs.resumed / "checkpoint-2" / "engine"
+    assert sorted(p.name for p in engine_dir.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                             "random_states_1.pkl"]
+
+
+def test_each_rank_holds_half_of_what_the_engine_shards(engine_runs, one_process):
+    """From the engine's own accounting (DeepSpeed's partitions, FSDP2's local shards, the optimizer's state
+    tensors), recorded per rank: every engine halves Adam's moments against one process, ZeRO-3 and FSDP2 the
+    weights too."""
+    state = json.loads((engine_runs.whole / "checkpoint-2" / "trainer_state.json").read_text())
+    alone = json.loads((one_process / "checkpoint-2" / "trainer_state.json").read_text())
+    held, total = state["parameters_held_per_rank"], state["parameters_total"]
+    assert len(held) == 2 and len(state["peak_memory_mib_per_rank"]) == 2
+    moments = alone["optimizer_state_held_per_rank"][0]
+    assert moments > 0 and all(0.45 < m / moments < 0.55 for m in state["optimizer_state_held_per_rank"]), (
+        state["optimizer_state_held_per_rank"], moments)
+    if engine_runs.engine == "deepspeed-zero2":  # ZeRO-2 shards the optimizer state, not the weights
+        assert held == [total, total]
+    else:
+        assert all(0.45 < h / total < 0.55 for h in held), (held, total)
+        assert state["vision_tower_parameters"] > 0  # kept whole on every rank, outside the engine
+
+
+def test_the_output_loads_with_llavas_load_pretrained_model(engine_runs):
+    from llava.model.builder import load_pretrained_model
+
+    from encoder import CLIPMoEVisionTower
+
+    out = engine_runs.whole
+    _, model, processor, _ = load_pretrained_model(str(out), None, out.name, device_map="cpu", device="cpu")
+    assert type(model.get_vision_tower()) is CLIPMoEVisionTower and processor is not None
+    saved = weights(out)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], saved[k].to(loaded[k].dtype)) for k in saved if k in loaded)
