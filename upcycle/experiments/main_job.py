@@ -87,13 +87,14 @@ def plan(out: Path, sizes: Sizes) -> list[Step]:
 
 
 def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: int, batch_size: int = 64,
-                        title: str = "trained from scratch") -> list[Step]:
-    """Digit grids under OUT/digit-grids and a small CLIP trained on them from scratch into OUT/base."""
+                        title: str = "trained from scratch", num_val: int = 0) -> list[Step]:
+    """Digit grids under OUT/digit-grids (`num_val` validation grids from their own digits, for choosing settings)
+    and a small CLIP trained on them from scratch into OUT/base."""
     py = [sys.executable, "-m"]
     data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
     return [
         Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(num_train),
-                      "--num-val", "0", "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json",
+                      "--num-val", str(num_val), "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json",
              clean=data),
         Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
                                     "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],

@@ -129,3 +129,69 @@ def test_interval_table_pairs_against_dense_and_calls_nothing_a_win_inside_the_n
         intervals_section({**results, "dmu": hit_runs(better, [0, 2])})
     alone = intervals_section({"base": results["base"], "dmu": results["dmu"]})
     assert "No paired differences" in alone and "reference" not in alone
+
+
+def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base_clip_dir, grids_dir, tmp_path,
+                                                                            monkeypatch):
+    """Validation and test disagree on purpose: validation prefers x3, test would prefer x10. Every arm trains at
+    x3 for all seeds, only x3 runs are ever evaluated on test, and the better dense arm on validation becomes the
+    reference of the paired differences."""
+    from upcycle.experiments.compare import run as run_module
+
+    val_score = {"1": 10.0, "3": 30.0, "10": 20.0}
+    test_score = {"1": 90.0, "3": 5.0, "10": 95.0}
+    evaluated = []
+
+    def fake_train(arm, seed, base_dir, train_data, folder, settings):
+        folder.mkdir(parents=True, exist_ok=True)
+        if arm == "base":
+            return {"model": str(base_dir), "pairs_seen": 0, "optimizer_steps": 0}
+        return {"model": str(folder), "pairs_seen": settings.budget_epochs * 96, "optimizer_steps": 12}
+
+    def fake_metrics(model_dir, data):
+        factor = next((p[len("lr-x"):] for p in model_dir.split("/") if p.startswith("lr-x")), "1")
+        split = data.stem
+        evaluated.append((split, model_dir))
+        score = (val_score if split == "val" else test_score)[factor]
+        if "dense-ffn" in model_dir:
+            score += 1  # the FFN-only arm is the better dense arm on val (and on test)
+        hits = "1" * int(score) + "0" * (100 - int(score))
+        return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
+                "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
+                "vision_params_total": 1, "vision_params_active": 1}
+
+    monkeypatch.setattr(run_module, "train_arm", fake_train)
+    monkeypatch.setattr(run_module, "metrics_on_split", fake_metrics)
+    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
+    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    out = tmp_path / "sweep"
+    assert main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(out),
+                 "--arms", "base,dense,dense-ffn,dmu", "--seeds", "0,1", "--lr-factors", "1,3,10",
+                 "--num-experts", "2", "--batch-size", "16"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["chosen_lr_factor"] == {"base": 1.0, "dense": 3.0, "dense-ffn": 3.0, "dmu": 3.0}
+    assert summary["reference_arm"] == "dense-ffn"
+    tested = [model for split, model in evaluated if split == "test"]
+    assert tested and all("lr-x3/" in m or m.endswith("base") or "/base/" in m for m in tested), tested
+    assert {(s, m.split("/arms/")[1]) for s, m in evaluated if s == "val" and "/dense/" in m} == {
+        ("val", f"dense/lr-x{f}/seed-0") for f in ("1", "3", "10")}  # the sweep trains the first seed only
+    report = (out / "compare.md").read_text()
+    assert "| dense | dense_lr = 0.0001 x factor | 10.0 | **30.0** | 20.0 | x3 (0.0003) |" in report
+    assert "measured against `dense-ffn`, the dense arm with the higher validation R@1" in report
+    # The chosen runs of the first seed are the sweep's own (trained once), evaluated on test as well.
+    assert "val" in json.loads((out / "arms" / "dense" / "lr-x3" / "seed-0" / "result.json").read_text())
+
+
+def test_a_sweep_needs_validation_data(base_clip_dir, grids_dir, tmp_path, capsys):
+    data = tmp_path / "grids"
+    data.mkdir()
+    for name in ("train.json", "test.json"):
+        (data / name).write_text((grids_dir / name).read_text())
+    (data / "val.json").write_text("[]")
+    code = main(["compare", "--base", str(base_clip_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--lr-factors", "1,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "val.json, which is missing or empty" in err[0], err
+    assert main(["compare", "--base", str(base_clip_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--lr-factors", "1,1"]) == 2
+    assert "give distinct positive numbers" in capsys.readouterr().err

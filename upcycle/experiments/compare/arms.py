@@ -9,7 +9,7 @@ count so the caller can assert it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from encoder.loading import load_clip
@@ -22,10 +22,11 @@ from ...recipes.sparse import sparse_upcycle
 from ...recipes.sparse_config import SparseConfig
 from ...train import ContrastiveTrainer, TrainConfig
 
-ARMS = ("base", "dense", "sparse-even", "sparse-all", "dmu")
+ARMS = ("base", "dense", "dense-ffn", "sparse-even", "sparse-all", "dmu")
 ARM_TITLES = {
     "base": "base (no extra training)",
     "dense": "dense, continued fine-tuning (all weights)",
+    "dense-ffn": "dense, continued fine-tuning of the FFNs only (DMU's trainable set, without its clusters)",
     "sparse-even": "sparse upcycling, MoE every other layer + continued training (CLIP-UP)",
     "sparse-all": "sparse upcycling, MoE in all layers + continued training (CLIP-UP)",
     "dmu": "DMU: MCL stages + router training (CLIP-MoE)",
@@ -42,9 +43,12 @@ class ArmSettings:
     # whole epochs, so every arm's budget is a whole number of passes (see the module docstring)
     stage_epochs: int = option("--stage-epochs", "epochs per DMU stage", 1, kind=int, low=1)
     router_epochs: int = option("--router-epochs", "epochs of DMU router training", 1, kind=int, low=1)
+    small_clusters: str = option_like(DMUConfig, "small_clusters")
     batch_size: int = option_like(TrainConfig, "batch_size")
     dense_lr: float = option_like(TrainConfig, "lr", 1e-4, flag="--dense-lr",
                                   help="dense fine-tuning learning rate")
+    ffn_lr: float = option_like(TrainConfig, "lr", 2e-4, flag="--ffn-lr",
+                                help="dense FFN-only fine-tuning learning rate (default: DMU's stage rate)")
     sparse_lr: float = option_like(TrainConfig, "lr", 5e-5, flag="--sparse-lr",
                                    help="sparse-upcycled training learning rate (reduced as in CLIP-UP)")
     stage_lr: float = option_like(TrainConfig, "lr", 2e-4, flag="--stage-lr", help="DMU MCL stage learning rate")
@@ -76,6 +80,10 @@ class CompareConfig:
     out: str = option("--out", "output directory (arms/, compare.md, compare.json, plots)")
     arms: str = option("--arms", f"comma-separated subset of {', '.join(ARMS)}", ",".join(ARMS), default_text="all")
     seeds: str = option("--seeds", "comma-separated seeds", "0,1,2")
+    lr_factors: str = option("--lr-factors", "learning-rate sweep: comma-separated factors applied to each arm's own "
+                             "rate (DMU: its stage rate), each trained with the first seed and scored on the data's "
+                             "val.json; every seed then trains at the factor with the best validation R@1, and only "
+                             "those are evaluated on test", "1")
     settings: ArmSettings = options_of(ArmSettings)
 
 
@@ -84,10 +92,26 @@ class CompareConfig:
 ARM_FIELDS = {
     "base": (),
     "dense": ("dense_lr",),
+    "dense-ffn": ("ffn_lr",),
     "sparse-even": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
     "sparse-all": ("num_experts", "top_k", "sparse_lr", "aux_loss_coef", "z_loss_coef"),
-    "dmu": ("num_experts", "top_k", "stage_epochs", "router_epochs", "stage_lr", "router_lr", "aux_loss_coef"),
+    "dmu": ("num_experts", "top_k", "stage_epochs", "router_epochs", "stage_lr", "router_lr", "aux_loss_coef",
+            "small_clusters"),
 }
+
+
+# The learning rate a sweep factor scales, per trained arm (DMU's router rate stays: routers-only training at a
+# fixed small rate is part of the recipe).
+SWEPT_LR = {"dense": "dense_lr", "dense-ffn": "ffn_lr", "sparse-even": "sparse_lr", "sparse-all": "sparse_lr",
+            "dmu": "stage_lr"}
+
+
+def scaled(arm: str, settings: ArmSettings, factor: float) -> ArmSettings:
+    """`settings` with `arm`'s swept learning rate multiplied by `factor`."""
+    if arm == "base" or factor == 1:
+        return settings
+    name = SWEPT_LR[arm]
+    return replace(settings, **{name: getattr(settings, name) * factor})
 
 
 def arm_settings(arm: str, seed: int, settings: ArmSettings, inputs: dict[str, str]) -> dict:
@@ -98,18 +122,21 @@ def arm_settings(arm: str, seed: int, settings: ArmSettings, inputs: dict[str, s
 
 
 def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Path, settings: ArmSettings) -> dict:
-    """Train `arm` into folder/model (resuming inside folder); returns {"model": dir, "pairs_seen": n}."""
+    """Train `arm` into folder/model (resuming inside folder); returns {"model": dir, "pairs_seen": n,
+    "optimizer_steps": n} (the budget both ways: pairs are equal by construction, steps follow the batch plan)."""
     if arm == "base":
-        return {"model": str(base_dir), "pairs_seen": 0}
+        return {"model": str(base_dir), "pairs_seen": 0, "optimizer_steps": 0}
     if arm == "dmu":
         return _train_dmu(seed, base_dir, train_data, folder, settings)
     out = folder / "model"
     if out.exists():
-        recipe = json.loads((out / "clip_moe_recipe.json").read_text())
-        return {"model": str(out), "pairs_seen": recipe["metrics"]["pairs seen"]}
+        metrics = json.loads((out / "clip_moe_recipe.json").read_text())["metrics"]
+        return {"model": str(out), "pairs_seen": metrics["pairs seen"], "optimizer_steps": metrics["optimizer steps"]}
     loaded = load_clip(base_dir)
-    model, lr, aux, z = loaded.model, settings.dense_lr, 0.0, 0.0
-    if arm.startswith("sparse-"):
+    model, lr, aux, z, trainable = loaded.model, settings.dense_lr, 0.0, 0.0, "all"
+    if arm == "dense-ffn":
+        lr, trainable = settings.ffn_lr, "ffn"
+    elif arm.startswith("sparse-"):
         layers = arm.split("-", 1)[1]
         model = sparse_upcycle(model, settings.num_experts, settings.top_k, layers, seed=seed)
         lr, aux, z = settings.sparse_lr, settings.aux_loss_coef, settings.z_loss_coef
@@ -119,7 +146,7 @@ def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Pat
     max_len = loaded.model.config.text_config.max_position_embeddings
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
                                tokenizer_fn(loaded.tokenizer, max_len))
-    cfg = TrainConfig(trainable="all", epochs=settings.budget_epochs, batch_size=settings.batch_size, lr=lr,
+    cfg = TrainConfig(trainable=trainable, epochs=settings.budget_epochs, batch_size=settings.batch_size, lr=lr,
                       weight_decay=settings.weight_decay, aux_loss_coef=aux, z_loss_coef=z, seed=seed,
                       desc=f"{arm} seed {seed}")
     trainer = ContrastiveTrainer(model, dataset, dataset.collate, cfg, folder / "train")
@@ -128,7 +155,7 @@ def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Pat
             "metrics": {"pairs seen": trainer.pairs_seen, "optimizer steps": trainer.total_steps},
             "details": {"seed": seed, "lr": lr, "aux_loss_coef": aux, "z_loss_coef": z}}
     save_clip_moe(model, out, loaded.image_processor, loaded.tokenizer, card)
-    return {"model": str(out), "pairs_seen": trainer.pairs_seen}
+    return {"model": str(out), "pairs_seen": trainer.pairs_seen, "optimizer_steps": trainer.total_steps}
 
 
 def _train_dmu(seed: int, base_dir: Path, train_data: Path, folder: Path, settings: ArmSettings) -> dict:
@@ -138,11 +165,14 @@ def _train_dmu(seed: int, base_dir: Path, train_data: Path, folder: Path, settin
                         num_experts=settings.num_experts, top_k=settings.top_k, stage_epochs=settings.stage_epochs,
                         router_epochs=settings.router_epochs, batch_size=settings.batch_size, lr=settings.stage_lr,
                         router_lr=settings.router_lr, weight_decay=settings.weight_decay, logit_scale=None,
+                        small_clusters=settings.small_clusters,
                         aux_loss_coef=settings.aux_loss_coef, seed=seed)
         run_dmu(cfg, resume=(folder / "dmu" / "manifest.json").exists())
     details = json.loads((out / "clip_moe_recipe.json").read_text())["details"]
-    seen = sum(s["clusters"]["pairs_seen"] for s in details["stages"].values()) + details["router"]["pairs_seen"]
-    return {"model": str(out), "pairs_seen": seen}
+    stages = [s["clusters"] for s in details["stages"].values()]
+    seen = sum(s["pairs_seen"] for s in stages) + details["router"]["pairs_seen"]
+    steps = sum(s.get("steps", 0) for s in stages) + details["router"].get("steps", 0)
+    return {"model": str(out), "pairs_seen": seen, "optimizer_steps": steps}
 
 
 def loss_curve(folder: Path, arm: str) -> list[tuple[int, float]]:

@@ -21,8 +21,9 @@ from ...eval.retrieval import recalls, retrieval_hits
 from ..digit_accuracy import digit_position_accuracy
 
 
-def metrics_on_test_split(model_dir: str | Path, test_data: Path) -> dict:
-    """Retrieval R@1/5/10 both ways and per-position zero-shot digit accuracy (percent) on the test split.
+def metrics_on_split(model_dir: str | Path, test_data: Path) -> dict:
+    """Retrieval R@1/5/10 both ways and per-position zero-shot digit accuracy (percent) on one split (`test_data`:
+    test.json, or val.json for a learning-rate sweep).
 
     "hits" holds each retrieval key's per-query hits packed as a '0'/'1' string (`upcycle.eval.intervals.pack_hits`):
     i2t keys one character per unique test image, t2i keys one per unique caption, in order of first appearance, so

@@ -26,35 +26,35 @@ def mean_std(values: list[float]) -> str:
 def results_table(results: dict[str, list[dict]], ms_per_image: dict[str, float]) -> str:
     """One row per arm: test metrics as mean ± std over its seeds, parameters and forward time."""
     head = ["arm", *(title for _, title in COLUMNS), "params total / active (vision)", "ms / image (vision)",
-            "pairs seen"]
+            "pairs seen", "optimizer steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, runs in results.items():
         cells = [f"{arm}"] + [mean_std([r[key] for r in runs]) for key, _ in COLUMNS]
         cells.append(f"{runs[0]['vision_params_total']:,} / {runs[0]['vision_params_active']:,}")
         cells.append(f"{ms_per_image[arm]:.3f}" if arm in ms_per_image else "-")
         cells.append(f"{runs[0]['pairs_seen']:,}")
+        cells.append(f"{runs[0]['optimizer_steps']:,}" if "optimizer_steps" in runs[0] else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 INTERVAL_COLUMNS = (("i2t_r1", "I→T R@1"), ("t2i_r1", "T→I R@1"))
-# Differences are paired against this arm. It is the only dense fine-tuned arm, so none is chosen; were there
-# several, the choice would have to come from a validation split (never from the test items the intervals use).
+# Differences are paired against a dense arm: `dense` fixed in advance, or, when a sweep scored the arms on the
+# validation split, the better dense arm there (`run.reference_arm`; never chosen on the test items used here).
 REFERENCE_ARM = "dense"
 
 
-def intervals_section(results: dict[str, list[dict]]) -> str:
-    """R@1 with its 95% bootstrap interval per arm, and each arm's paired difference from the dense arm."""
-    reference = REFERENCE_ARM if REFERENCE_ARM in results else None
+def intervals_section(results: dict[str, list[dict]], reference: str | None = REFERENCE_ARM,
+                      why: str = "fixed in advance") -> str:
+    """R@1 with its 95% bootstrap interval per arm, and each arm's paired difference from the reference arm."""
+    reference = reference if reference in results else None
     counts = {key: len(next(iter(results.values()))[0]["hits"][key]) for key, _ in INTERVAL_COLUMNS}
     if reference:
-        pairing = (f"Differences are measured against `{reference}`, fixed in advance: it is the only dense "
-                   "fine-tuned arm, and the comparison evaluates no validation split that could choose among several "
-                   "(the test split never does). They are paired: both arms on the same resampled items, seed s "
-                   "against seed s, the untrained base against every seed. A difference is called higher or lower "
-                   "only when its interval excludes 0.")
+        pairing = (f"Differences are measured against `{reference}`, {why}. They are paired: both arms on the same "
+                   "resampled items, seed s against seed s, the untrained base against every seed. A difference is "
+                   "called higher or lower only when its interval excludes 0.")
     else:
-        pairing = f"No paired differences: the `{REFERENCE_ARM}` arm they are measured against was not run."
+        pairing = "No paired differences: no dense arm to measure them against was run."
     note = (f"R@1 in percent with 95% percentile bootstrap intervals over the {counts['i2t_r1']:,} test images "
             f"(I→T) and {counts['t2i_r1']:,} distinct test captions (T→I), {RESAMPLES:,} resamples; each resample "
             f"draws test items and averages an arm's seeds. {pairing}")

@@ -20,32 +20,57 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
-from .arms import ARMS, ArmSettings, CompareConfig, arm_settings, loss_curve, train_arm
-from .measure import forward_ms_per_image, metrics_on_test_split
+from .arms import ARMS, SWEPT_LR, ArmSettings, CompareConfig, arm_settings, loss_curve, scaled, train_arm
+from .measure import forward_ms_per_image, metrics_on_split
 from .report import arms_legend, intervals_section, loss_plot, positions_table, results_table
 
 
-def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings,
-            inputs: dict[str, str]) -> dict:
-    folder = out / "arms" / arm / f"seed-{seed}"
+def arm_folder(out: Path, arm: str, seed: int, factor: float, sweeping: bool) -> Path:
+    """arms/ARM/seed-S, or arms/ARM/lr-xF/seed-S when learning rates are swept."""
+    return out / "arms" / arm / (f"lr-x{factor:g}" if sweeping and arm != "base" else "") / f"seed-{seed}"
+
+
+def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, folder: Path, settings: ArmSettings,
+            inputs: dict[str, str], split: str = "test") -> dict:
+    """Train arm x seed into `folder` (or reuse it) and evaluate it on `split` ("test", or "val" for a sweep);
+    the result keeps every split it was evaluated on (test metrics at the top level, val's under "val")."""
     done = folder / "result.json"
     claim(folder, arm_settings(arm, seed, settings, inputs),
           f"use another --out, or delete {folder} to retrain this arm with the new settings")
     if done.exists():
         result = json.loads(done.read_text())
-        if "hits" in result:
+        if (split == "val" and "val" in result) or (split == "test" and "hits" in result):
             return result
-        # finished before per-query hits were recorded: evaluate the trained model again (no training)
-        result.update(metrics_on_test_split(result["model"], data_dir / "test.json"))
+        # evaluated on the other split so far, or before per-query hits were recorded: evaluate, never retrain
     else:
         start = time.time()
         trained = train_arm(arm, seed, base_dir, data_dir / "train.json", folder, settings)
         result = {"arm": arm, "seed": seed, **trained, "base_sha256": file_sha256(base_dir / "model.safetensors"),
-                  "train_seconds": round(time.time() - start, 1),
-                  **metrics_on_test_split(trained["model"], data_dir / "test.json")}
+                  "train_seconds": round(time.time() - start, 1)}
         folder.mkdir(parents=True, exist_ok=True)
+    if split == "val":
+        result["val"] = metrics_on_split(result["model"], data_dir / "val.json")
+    else:
+        result.update(metrics_on_split(result["model"], data_dir / "test.json"))
     write_atomic(done, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     return result
+
+
+def validation_score(metrics: dict) -> float:
+    """What a sweep maximises: R@1 averaged over both directions, on the validation split."""
+    return (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+
+
+def sweep_arm(arm: str, seed: int, factors: list[float], base_dir: Path, data_dir: Path, out: Path,
+              settings: ArmSettings, inputs: dict[str, str]) -> tuple[float, dict[float, float]]:
+    """Train `arm` with `seed` at every factor, score each on val.json only; return the best factor (the smaller
+    one on a tie) and every factor's score. The test split is never read here."""
+    scores = {}
+    for factor in factors:
+        folder = arm_folder(out, arm, seed, factor, sweeping=True)
+        result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, factor), inputs, split="val")
+        scores[factor] = validation_score(result["val"])
+    return max(sorted(scores), key=lambda f: scores[f]), scores
 
 
 def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_train: int) -> int:
@@ -75,29 +100,96 @@ def run_compare(args: CompareConfig) -> int:
     if unknown or not arms:
         raise UserError(f"--arms {args.arms!r}: unknown {unknown}; choose from {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    factors = lr_factors(args.lr_factors)
+    sweeping = len(factors) > 1
+    if sweeping and not _has_records(data_dir / "val.json"):
+        raise UserError(f"--lr-factors {args.lr_factors}: a sweep is scored on {data_dir / 'val.json'}, which is "
+                        "missing or empty; make the data with --num-val N, or pass one factor")
     settings = args.settings
     start = time.time()
     inputs = {"base_sha256": file_sha256(base_dir / "model.safetensors"),
               "train_sha256": file_sha256(data_dir / "train.json"), "test_sha256": file_sha256(data_dir / "test.json")}
-    results = {arm: [run_arm(arm, s, base_dir, data_dir, out, settings, inputs)
+    if sweeping:
+        inputs["val_sha256"] = file_sha256(data_dir / "val.json")
+    chosen, sweeps = {}, {}
+    for arm in arms:
+        chosen[arm] = factors[0] if arm == "base" or not sweeping else None
+        if chosen[arm] is None:
+            chosen[arm], sweeps[arm] = sweep_arm(arm, seeds[0], factors, base_dir, data_dir, out, settings, inputs)
+    results = {arm: [run_arm(arm, s, base_dir, data_dir, arm_folder(out, arm, s, chosen[arm], sweeping),
+                             scaled(arm, settings, chosen[arm]), inputs)
                      for s in (seeds if arm != "base" else [0])] for arm in arms}
+    reference, why = reference_arm(results, sweeping)
     num_train = len(json.loads((data_dir / "train.json").read_text()))
     budget = check_fairness(results, settings, num_train)
     ms = forward_ms_per_image({arm: runs[0]["model"] for arm, runs in results.items()},
                               json.loads((base_dir / "config.json").read_text())["vision_config"]["image_size"])
-    plot = loss_plot({arm: loss_curve(out / "arms" / arm / f"seed-{seeds[0]}", arm) for arm in arms if arm != "base"},
-                     out / "training_loss.png", f"training loss, seed {seeds[0]}")
+    plot = loss_plot({arm: loss_curve(arm_folder(out, arm, seeds[0], chosen[arm], sweeping), arm)
+                      for arm in arms if arm != "base"}, out / "training_loss.png", f"training loss, seed {seeds[0]}")
     summary = {"arms": arms, "seeds": seeds, "budget_pairs": budget, "settings": vars(settings),
-               "ms_per_image": ms, "results": results}
+               "lr_factors": factors, "chosen_lr_factor": chosen, "validation_scores": sweeps,
+               "reference_arm": reference, "ms_per_image": ms, "results": results}
     write_atomic(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    report = render(results, ms, settings, budget, seeds, num_train, plot.name, time.time() - start)
+    report = render(results, ms, settings, budget, seeds, num_train, plot.name, time.time() - start,
+                    sweep_section(sweeps, chosen, settings) if sweeping else "", reference, why)
     write_atomic(out / "compare.md", lambda tmp: tmp.write_text(report))
     print(report)
     print(f"\ncomparison written to {out / 'compare.md'}")
     return 0
 
 
-def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: int, plot: str, seconds: float) -> str:
+def lr_factors(text: str) -> list[float]:
+    try:
+        factors = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        factors = []
+    if not factors or any(not f > 0 or f != f or f == float("inf") for f in factors) or len(set(factors)) < len(factors):
+        raise UserError(f"--lr-factors {text!r}: give distinct positive numbers, e.g. 1,3,10")
+    return factors
+
+
+def _has_records(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+DENSE_ARMS = ("dense", "dense-ffn")
+
+
+def reference_arm(results: dict[str, list[dict]], sweeping: bool) -> tuple[str | None, str]:
+    """The dense arm the others are paired against, and why it: the best on validation when the sweep scored the
+    arms there (never on test), else `dense`, fixed in advance."""
+    dense = [arm for arm in DENSE_ARMS if arm in results]
+    if not dense:
+        return None, ""
+    if sweeping and len(dense) > 1:
+        best = max(dense, key=lambda arm: validation_score(results[arm][0]["val"]))
+        return best, f"the dense arm with the higher validation R@1 ({', '.join(dense)}; chosen on val, not test)"
+    return dense[0], "fixed in advance"
+
+
+def sweep_section(sweeps: dict[str, dict[float, float]], chosen: dict[str, float], settings: ArmSettings) -> str:
+    """The learning-rate sweep: each factor's validation R@1 per arm (first seed), the chosen one in bold."""
+    factors = sorted({f for scores in sweeps.values() for f in scores})
+    head = ["arm", "swept rate", *(f"x{f:g}" for f in factors), "chosen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, scores in sweeps.items():
+        name = SWEPT_LR[arm]
+        cells = [arm, f"{name} = {getattr(settings, name):g} x factor"]
+        cells += [(f"**{scores[f]:.1f}**" if f == chosen[arm] else f"{scores[f]:.1f}") if f in scores else "-"
+                  for f in factors]
+        cells.append(f"x{chosen[arm]:g} ({getattr(settings, name) * chosen[arm]:g})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("Learning rates chosen on the validation split (val.json; its digits are disjoint from train and test): "
+            "each arm trained with the first seed at every factor, scored by validation R@1 averaged over both "
+            "directions; every seed then trained at the chosen factor, and only those runs were evaluated on test.\n\n"
+            + "\n".join(lines))
+
+
+def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: int, plot: str, seconds: float,
+           sweep: str = "", reference: str | None = "dense", why: str = "fixed in advance") -> str:
     return "\n".join([
         "## CLIP arms on the digit-grid test split",
         "",
@@ -111,7 +203,8 @@ def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: in
         "",
         results_table(results, ms),
         "",
-        intervals_section(results),
+        *([sweep, ""] if sweep else []),
+        intervals_section(results, reference, why),
         "",
         "Zero-shot digit accuracy per grid position (chance 10%):",
         "",
