@@ -1,8 +1,14 @@
-"""Read what lmms-eval (and `llava_clipmoe`) wrote for each checkpoint, and compare the runs in a markdown table."""
+"""Read what lmms-eval (and `llava_clipmoe`) wrote for each checkpoint, and compare the runs in a markdown table.
+
+Besides the table (results.md) and the summary (summary.json), per_question.json keeps every checkpoint's 0/1
+correctness per question, keyed by lmms-eval's doc_id, so two checkpoints can be compared question by question
+(a paired interval) rather than by their means alone.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +16,10 @@ from pathlib import Path
 from encoder.routing_stats import usage_balance
 from encoder.utils.files import write_atomic
 
+logger = logging.getLogger(__name__)
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PER_QUESTION_FILE = "per_question.json"
 
 
 @dataclass
@@ -26,6 +35,7 @@ class RunResult:
     usage_file: Path | None = None
     usage: dict | None = None
     error: str | None = None
+    per_question: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)  # {task: {metric: {doc_id: 0/1}}}
 
     @property
     def ok(self) -> bool:
@@ -59,11 +69,43 @@ def read_run(name: str, pretrained: str, run_dir: Path, log: Path) -> RunResult:
         samples = data.get("n-samples", {}).get(task, {})
         if "effective" in samples:
             result.samples[task] = samples["effective"]
+    result.per_question = read_per_question(result.results_file, result.metrics)
     usage_files = sorted(run_dir.rglob("*_expert_usage.json"))
     if usage_files:
         result.usage_file = usage_files[-1]
         result.usage = json.loads(result.usage_file.read_text())
     return result
+
+
+def read_per_question(results_file: Path, metrics: dict[str, dict]) -> dict[str, dict[str, dict[int, int]]]:
+    """{task: {metric: {doc_id: 0 or 1}}} from the sample logs lmms-eval wrote next to `results_file` with
+    --log_samples (DATE_samples_TASK.jsonl, one line per question: its doc_id and its value of each metric).
+
+    Only the logs of the same run (the same DATE prefix) are read, and only metrics whose every value is 0 or 1
+    (correctness; scores in between are not hits). A task without a log, or whose log repeats a doc_id, is left
+    out with a warning: pairing questions by doc_id needs each question once.
+    """
+    prefix = results_file.name.removesuffix("_results.json")
+    per_question = {}
+    for task, names in metrics.items():
+        log = results_file.with_name(f"{prefix}_samples_{task}.jsonl")
+        if not log.is_file():
+            logger.warning("%s: no sample log %s (was --log_samples given?); no per-question results", task, log)
+            continue
+        samples = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        doc_ids = [s.get("doc_id") for s in samples]
+        if not samples or None in doc_ids or len(set(doc_ids)) != len(doc_ids):
+            logger.warning("%s: %s has %d samples but %d distinct doc_ids; no per-question results", task, log,
+                           len(samples), len(set(doc_ids) - {None}))
+            continue
+        hits = {}
+        for metric in names:
+            values = [s.get(metric) for s in samples]
+            if all(isinstance(v, (int, float)) and v in (0, 1) for v in values):
+                hits[metric] = dict(sorted((int(s["doc_id"]), int(v)) for s, v in zip(samples, values)))
+        if hits:
+            per_question[task] = hits
+    return per_question
 
 
 def markdown_report(results: list[RunResult], tasks: list[str], skipped: dict[str, str], limit: int | None) -> str:
@@ -88,8 +130,17 @@ def markdown_report(results: list[RunResult], tasks: list[str], skipped: dict[st
 
 def write_report(out: Path, results: list[RunResult], tasks: list[str], skipped: dict[str, str],
                  limit: int | None) -> Path:
-    """out/results.md (the table) and out/summary.json (everything, machine-readable), each written atomically."""
-    summary = {"tasks": tasks, "skipped_tasks": skipped, "limit": limit,
+    """out/per_question.json (0/1 per question and checkpoint), out/summary.json (everything else, machine-readable)
+    and out/results.md (the table), each written atomically; per_question.json first, so that a summary.json
+    (what marks the run done) never comes without it."""
+    per_question = {
+        "about": ("1 = correct, 0 = wrong, per checkpoint, task and metric; keys are lmms-eval doc_ids (the "
+                  "question's index in the task's split), the same question for every checkpoint of this run"),
+        "limit": limit,
+        "checkpoints": {r.name: r.per_question for r in results},  # JSON writes the int doc_ids as strings
+    }
+    write_atomic(out / PER_QUESTION_FILE, lambda tmp: tmp.write_text(json.dumps(per_question) + "\n"))
+    summary = {"tasks": tasks, "skipped_tasks": skipped, "limit": limit, "per_question_file": PER_QUESTION_FILE,
                "checkpoints": {r.name: r.as_dict() for r in results}}
     write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     text = markdown_report(results, tasks, skipped, limit)
