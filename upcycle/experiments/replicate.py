@@ -15,6 +15,7 @@ inside `compare`) are skipped when the command is run again.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shlex
 import shutil
@@ -26,10 +27,19 @@ from pathlib import Path
 from encoder.utils.files import write_atomic
 from encoder.utils.options import option
 
+from ..eval.intervals import RESAMPLES, bootstrap_ci, paired_difference_ci
 from .main_job import Step, claim_job, data_and_base_steps, mllm_steps, run_step
 
 MLLM_ARMS = ("dense", "sparse-all", "dmu")
 PLAN_SETTINGS = ("num_train", "num_test", "base_epochs", "seeds", "stage_steps", "eval_limit")  # what `plan` reads
+
+CI_HALF_WIDTH = 0.015  # one tower's LLaVA digit-QA accuracy: a 95% interval of ±1.5 points at most (p = 0.5)
+
+
+def questions_for_half_width(half_width: float, z: float = 1.96) -> int:
+    """Questions for which the (normal-approximation) 95% interval of an accuracy is at most ±`half_width` whatever
+    the accuracy: z * sqrt(p(1 - p) / N) <= half_width at the worst case p = 0.5."""
+    return math.ceil(z * z * 0.25 / half_width**2)
 
 
 @dataclass
@@ -44,11 +54,13 @@ class ReplicateConfig:
 
     out: str = option("--out", "working directory", "runs/replicate")
     num_train: int = option("--num-train", "training images", 2000)
-    num_test: int = option("--num-test", "test images", 400)
+    num_test: int = option("--num-test", "test images (4 questions each: enough for --eval-limit)", 1068)
     base_epochs: int = option("--base-epochs", "epochs of base pre-training (brief on purpose)", 3)
     seeds: str = option("--seeds", "seeds of the CLIP arms", "0,1,2")
     stage_steps: int = option("--stage-steps", "LLaVA stage 1 and stage 2 steps", 300)
-    eval_limit: int = option("--eval-limit", "lmms-eval questions per checkpoint", 400)
+    eval_limit: int = option("--eval-limit", "lmms-eval questions per checkpoint (4,269: an accuracy's 95 percent "
+                             "interval within ±1.5 points; the test split has 4 per image)",
+                             questions_for_half_width(CI_HALF_WIDTH))
 
 
 def plan(out: Path, args: ReplicateConfig) -> list[Step]:
@@ -91,6 +103,7 @@ def write_report(out: Path, args: ReplicateConfig, timings: dict, seconds: float
     lmms = out / "lmms-eval" / "results.md"
     mllm = "\n".join("#" + line if line.startswith("##") else line
                      for line in lmms.read_text().splitlines() if not line.startswith("# ")) if lmms.exists() else ""
+    intervals = mllm_intervals(lmms.parent) if lmms.exists() else ""
     total = sum(timings.values())
     text = f"""# Tiny-scale replication: dense fine-tuning vs sparse upcycling vs DMU
 
@@ -108,6 +121,10 @@ from converged, so every arm can improve on it and the comparison is about how t
 Stage 1 (projector) and stage 2 (projector + LLM, one-word digit questions) with {args.stage_steps} steps each,
 identical settings for every tower.
 
+{intervals}
+
+lmms-eval's own table:
+
 {mllm}
 
 ## Run
@@ -117,3 +134,58 @@ Wall time of the steps: {total / 60:.1f} min (this invocation {seconds / 60:.1f}
 {torch.__version__}, transformers {transformers.__version__}.
 """
     return write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))
+
+
+def mllm_intervals(lmms: Path, reference: str = MLLM_ARMS[0]) -> str:
+    """Markdown: each tower's accuracy with its 95% bootstrap interval and its paired difference from `reference`
+    (the same questions, matched by lmms-eval doc_id), from the per_question.json `eval-lmms` writes in `lmms`."""
+    path = lmms / "per_question.json"
+    if not path.is_file():
+        return (f"No per-question results in {lmms} (written by an older `eval-lmms`), so no intervals; delete "
+                f"{lmms} and run again to get them.")
+    checkpoints = json.loads(path.read_text())["checkpoints"]
+    rows = dict.fromkeys((task, metric) for per in checkpoints.values() for task, metrics in per.items()
+                         for metric in metrics)
+    if not rows:
+        return f"{path} holds no per-question results (every run failed?), so no intervals."
+    return "\n\n".join(_interval_table(task, metric, {name: per[task][metric] for name, per in checkpoints.items()
+                                                        if metric in per.get(task, {})}, reference)
+                        for task, metric in rows)
+
+
+def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], reference: str) -> str:
+    """One task's table: rows are towers; `hits` maps a tower to {doc_id: 0/1}."""
+    # The CLIP comparison's wording (higher/lower only when 0 is excluded); imported here: compare loads torch.
+    from .compare.report import difference_cell
+
+    asked, needed = min(len(per) for per in hits.values()), questions_for_half_width(CI_HALF_WIDTH)
+    note = (f"`{task}` {metric} in percent, with 95% percentile bootstrap intervals over the questions "
+            f"({RESAMPLES:,} resamples). Differences from `{reference}` are paired: both towers on the same "
+            "questions in every resample; one is called higher or lower only when its interval excludes 0. One "
+            "LLaVA run per tower, so the intervals cover the choice of questions, not training seeds; the 4 "
+            "questions about one grid share its image, so they are not independent and the intervals may be "
+            "narrower than a resample of whole images would give.")
+    lines = [note, ""]
+    if asked < needed:
+        lines += [(f"Only {asked:,} questions: an accuracy's interval can reach "
+                   f"±{100 * 1.96 * math.sqrt(0.25 / asked):.1f} points, more than the ±{100 * CI_HALF_WIDTH:.1f} "
+                   f"aimed for; raise --eval-limit to {needed:,} (and --num-test to a quarter of that or more: 4 "
+                   "questions per test image)."), ""]
+    lines += [f"| tower | questions | {metric} [95% CI] | − {reference} [95% CI] (paired) |", "|---|---|---|---|"]
+    ref = hits.get(reference)
+    for name, per in hits.items():
+        ci = bootstrap_ci(list(per.values()))
+        cells = [name, f"{ci.items:,}", f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]"]
+        common = sorted(set(per) & set(ref or {}), key=int)
+        if ref is None:
+            cells.append(f"no `{reference}` results")
+        elif name == reference:
+            cells.append("reference")
+        elif not common:
+            cells.append(f"no question in common with `{reference}`")
+        else:
+            diff = paired_difference_ci([per[d] for d in common], [ref[d] for d in common])
+            shared = "" if len(common) == len(per) == len(ref) else f" (on the {len(common):,} common questions)"
+            cells.append(difference_cell(diff) + shared)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
