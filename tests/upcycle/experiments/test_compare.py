@@ -178,6 +178,7 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
     report = (out / "compare.md").read_text()
     assert "| dense | dense_lr = 0.0001 x factor | 10.0 | **30.0** | 20.0 | x3 (0.0003) |" in report
     assert "measured against `dense-ffn`, the dense arm with the higher validation R@1" in report
+    assert (out / "towers" / "dense").resolve() == (out / "arms" / "dense" / "lr-x3" / "seed-0").resolve()
     # The chosen runs of the first seed are the sweep's own (trained once), evaluated on test as well.
     assert "val" in json.loads((out / "arms" / "dense" / "lr-x3" / "seed-0" / "result.json").read_text())
 

@@ -9,7 +9,8 @@ from upcycle.experiments.replicate import MLLM_ARMS, plan
 
 
 def args(**kw):
-    defaults = dict(num_train=100, num_test=20, base_epochs=3, seeds="0,1,2", stage_steps=7, eval_limit=9)
+    defaults = dict(num_train=100, num_val=10, num_test=20, base_epochs=3, seeds="0,1,2", stage_steps=7, eval_limit=9,
+                    lr_factors="1,3", stage_epochs=2)
     return argparse.Namespace(**{**defaults, **kw})
 
 
@@ -21,11 +22,15 @@ def test_every_mllm_arm_gets_identical_llava_training(tmp_path):
         normalised = []
         for arm, argv in runs.items():
             tower = argv[argv.index("--vision_tower") + 1]
-            assert f"arms/{arm}/seed-0/model" in tower  # the seed-0 tower of each CLIP arm
+            assert tower.endswith(f"compare/towers/{arm}")  # the first seed's tower at the chosen learning rate
             normalised.append([a.replace(arm, "ARM") for a in argv])
         assert all(n == normalised[0] for n in normalised), "arms differ in more than their tower"
     compare = next(s for s in steps if s.name == "CLIP arms x seeds")
     assert compare.argv[compare.argv.index("--seeds") + 1] == "0,1,2"
+    assert compare.argv[compare.argv.index("--lr-factors") + 1] == "1,3"
+    assert compare.argv[compare.argv.index("--stage-epochs") + 1] == "2"
+    data = next(s for s in steps if s.name == "data")
+    assert data.argv[data.argv.index("--num-val") + 1] == "10"  # the sweep's validation split
 
 
 def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp_path, capsys):
@@ -37,14 +42,14 @@ def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp
     assert run_step(Step("finished", ["true", "--other"], done), 1, 2, tmp_path) > 0  # another command line
 
 
-def test_the_default_question_count_gives_a_95_interval_of_at_most_1_5_points():
+def test_the_default_question_count_gives_a_95_interval_of_at_most_2_5_points():
     import math
 
     from upcycle.experiments.replicate import ReplicateConfig
 
     n = ReplicateConfig().eval_limit
-    assert n == 4269
-    assert 1.96 * math.sqrt(0.25 / n) <= 0.015 < 1.96 * math.sqrt(0.25 / (n - 1))  # the smallest such count
+    assert n == 1537
+    assert 1.96 * math.sqrt(0.25 / n) <= 0.025 < 1.96 * math.sqrt(0.25 / (n - 1))  # the smallest such count
     assert ReplicateConfig().num_test * 4 >= n  # the test split holds them: 4 questions per 2x2 grid
 
 
@@ -90,5 +95,5 @@ def test_the_report_gives_intervals_and_calls_a_difference_only_when_it_excludes
     assert "+15.0 [+" in row(report, "better") and row(report, "better").endswith(" higher |")
     assert "+0.2 [+0.0, " in row(report, "slightly") and row(report, "slightly").endswith("CI includes 0 |")
     assert "-10.0 [-" in row(report, "worse") and row(report, "worse").endswith(" lower |")
-    assert "Only 600 questions" in report and "--eval-limit to 4,269" in report
+    assert "Only 600 questions" in report and "--eval-limit to 1,537" in report
     assert report.index("| tower | questions |") < report.index("lmms-eval's own table")

@@ -10,6 +10,7 @@ learning rate, base or data) stops with one line naming what differs.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -120,6 +121,8 @@ def run_compare(args: CompareConfig) -> int:
                              scaled(arm, settings, chosen[arm]), inputs)
                      for s in (seeds if arm != "base" else [0])] for arm in arms}
     reference, why = reference_arm(results, sweeping)
+    for arm, runs in results.items():
+        point_at(out / "towers" / arm, Path(runs[0]["model"]))
     num_train = len(json.loads((data_dir / "train.json").read_text()))
     budget = check_fairness(results, settings, num_train)
     ms = forward_ms_per_image({arm: runs[0]["model"] for arm, runs in results.items()},
@@ -136,6 +139,16 @@ def run_compare(args: CompareConfig) -> int:
     print(report)
     print(f"\ncomparison written to {out / 'compare.md'}")
     return 0
+
+
+def point_at(link: Path, target: Path) -> None:
+    """`link` -> `target` (relative), replaced atomically: OUT/towers/ARM names each arm's first-seed model at its
+    chosen learning rate, a path later steps (the LLaVA towers) can name before the sweep has chosen."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
+    os.replace(tmp, link)
 
 
 def lr_factors(text: str) -> list[float]:
