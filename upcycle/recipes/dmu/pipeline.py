@@ -29,6 +29,7 @@ from encoder.utils.step_record import SettingsChanged, differences
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from ...train import ContrastiveTrainer, TrainConfig
+from ...train.params import is_trainable
 from ..assemble import assemble_clip_moe, moe_config_for
 from .clustering import DROPPED, accumulate_labels, describe, kmeans_labels, plan_batches
 from .config import DMUConfig, default_work_dir, jsonable, recorded_settings
@@ -268,6 +269,39 @@ class DMURun:
 
 def run_dmu(cfg: DMUConfig, resume: bool = False) -> Path:
     return DMURun(cfg, resume).run()
+
+
+def stage_ffn(base, work_dir: str | Path, stage: int) -> dict:
+    """The FFN weights of stage `stage` of the DMU run in `work_dir` (stage 0: the base's own), keyed as in
+    `base.state_dict()`: what expert `stage` of the assembled CLIP-MoE is made of.
+
+    Raises UserError when the stage's file is missing or does not hold exactly the base's FFN parameters, with
+    their shapes (a work directory made from another base).
+    """
+    state = base.state_dict()
+    own = {k: v for k, v in state.items() if is_trainable(k, "ffn")}
+    if stage == 0:
+        return {k: v.detach().clone() for k, v in own.items()}
+    path = Path(work_dir) / f"stage-{stage}" / "ffn.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path} not found: stage {stage} of the DMU run in {work_dir} has not finished; "
+                        "finish the run (upcycle dmu --resume) or pass the work directory the CLIP-MoE was made in")
+    ffn = load_file(str(path))
+    if set(ffn) != set(own) or any(ffn[k].shape != own[k].shape for k in own):
+        odd = sorted(set(ffn) ^ set(own)) or [k for k in own if ffn[k].shape != own[k].shape]
+        raise UserError(f"{path} does not hold the base's FFN parameters ({len(ffn)} tensors, the base has "
+                        f"{len(own)} FFN tensors; first difference {odd[0]}): was the run made from another base?")
+    return ffn
+
+
+def dense_with_ffn(base, ffn: dict):
+    """A copy of `base` (eval mode) whose FFN parameters are `ffn` (every one of them, e.g. from `stage_ffn`)."""
+    model = copy.deepcopy(base)
+    missing, unexpected = model.load_state_dict(ffn, strict=False)
+    left = [k for k in missing if is_trainable(k, "ffn")]
+    if unexpected or left:
+        raise UserError(f"FFN weights do not fit the base: unexpected {unexpected[:3]}, missing {left[:3]}")
+    return model.eval()
 
 
 def _is_main() -> bool:
