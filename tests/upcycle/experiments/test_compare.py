@@ -44,8 +44,15 @@ def test_compare_trains_equal_budgets_and_a_rerun_recomputes_nothing(base_clip_d
         assert {len(hits[f"t2i_r{k}"]) for k in (1, 5, 10)} == {n_texts}
         assert runs[0]["i2t_r1"] == pytest.approx(100 * hits["i2t_r1"].count("1") / n_images)
     ci_rows = {line.split(" | ")[0][2:]: line for line in report.splitlines()
-               if "[" in line and line.startswith("| ") and not line.startswith("| arm |")}
+               if "[" in line and line.startswith("| ") and not line.startswith(("| arm |", "| seed |", "| 0 |"))}
     assert set(ci_rows) == {"base", "dense", "sparse-all", "dmu"} and "reference" in ci_rows["dense"]
+    # DMU's MoE against its experts alone and their FFN average, the best expert chosen on val.json
+    experts = summary["dmu_experts"]["0"]
+    assert experts["best_expert"]["chosen_on"] == "val" and set(experts["models"]) == {
+        "moe", "expert-0", "expert-1", "ffn-average"}
+    assert (out / "arms" / "dmu" / "seed-0" / "experts.json").is_file()
+    row = next(line for line in report.splitlines() if line.startswith("| 0 |"))
+    assert f"{experts['best_expert']['name']} (val)" in row and row.count("[") == 4  # four paired intervals
     moe = summary["results"]["sparse-all"][0]
     assert moe["vision_params_total"] > moe["vision_params_active"]  # top-1 of 2 experts
     capsys.readouterr()
@@ -164,6 +171,18 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
     monkeypatch.setattr(run_module, "metrics_on_split", fake_metrics)
     monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
     monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    breakdowns = []
+
+    def fake_breakdown(work, base, moe, test, val_json=None):
+        breakdowns.append((moe, test.name, val_json.name))
+        ci = {"estimate": 1.0, "low": -1.0, "high": 3.0, "excludes_zero": False}
+        models = {name: {"i2t_r1": 1.0, "t2i_r1": 1.0, "r1_mean": 1.0, "hits": {}}
+                  for name in ("moe", "expert-0", "expert-1", "ffn-average")}
+        return {"models": models, "best_expert": {"name": "expert-1", "chosen_on": "val"},
+                "intervals": {"moe_minus_best": {"i2t_r1": ci, "t2i_r1": ci},
+                              "moe_minus_average": {"i2t_r1": ci, "t2i_r1": ci}}}
+
+    monkeypatch.setattr(run_module, "expert_breakdown", fake_breakdown)
     out = tmp_path / "sweep"
     assert main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(out),
                  "--arms", "base,dense,dense-ffn,dmu", "--seeds", "0,1", "--lr-factors", "1,3,10",
@@ -171,6 +190,9 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
     summary = json.loads((out / "compare.json").read_text())
     assert summary["chosen_lr_factor"] == {"base": 1.0, "dense": 3.0, "dense-ffn": 3.0, "dmu": 3.0}
     assert summary["reference_arm"] == "dense-ffn"
+    # the experts of every DMU seed, at the chosen rate, best chosen on val, reported on test
+    assert sorted(breakdowns) == [(out / "arms" / "dmu" / "lr-x3" / f"seed-{s}" / "model", "test.json", "val.json")
+                                  for s in (0, 1)]
     tested = [model for split, model in evaluated if split == "test"]
     assert tested and all("lr-x3/" in m or m.endswith("base") or "/base/" in m for m in tested), tested
     assert {(s, m.split("/arms/")[1]) for s, m in evaluated if s == "val" and "/dense/" in m} == {

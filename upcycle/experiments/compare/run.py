@@ -22,6 +22,7 @@ from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
 from .arms import ARMS, SWEPT_LR, ArmSettings, CompareConfig, arm_settings, loss_curve, scaled, train_arm
+from .experts import expert_breakdown
 from .measure import forward_ms_per_image, metrics_on_split
 from .report import arms_legend, intervals_section, loss_plot, positions_table, results_table
 
@@ -121,6 +122,11 @@ def run_compare(args: CompareConfig) -> int:
                              scaled(arm, settings, chosen[arm]), inputs)
                      for s in (seeds if arm != "base" else [0])] for arm in arms}
     reference, why = reference_arm(results, sweeping)
+    experts = {}
+    if "dmu" in results:
+        val = data_dir / "val.json" if _has_records(data_dir / "val.json") else None
+        experts = {r["seed"]: dmu_experts(arm_folder(out, "dmu", r["seed"], chosen["dmu"], sweeping), base_dir,
+                                          data_dir / "test.json", val) for r in results["dmu"]}
     for arm, runs in results.items():
         point_at(out / "towers" / arm, Path(runs[0]["model"]))
     num_train = len(json.loads((data_dir / "train.json").read_text()))
@@ -129,16 +135,61 @@ def run_compare(args: CompareConfig) -> int:
                               json.loads((base_dir / "config.json").read_text())["vision_config"]["image_size"])
     plot = loss_plot({arm: loss_curve(arm_folder(out, arm, seeds[0], chosen[arm], sweeping), arm)
                       for arm in arms if arm != "base"}, out / "training_loss.png", f"training loss, seed {seeds[0]}")
-    summary = {"arms": arms, "seeds": seeds, "budget_pairs": budget, "settings": vars(settings),
+    summary = {"arms": arms, "seeds": seeds, "dmu_experts": {s: _without_hits(e) for s, e in experts.items()}, "budget_pairs": budget, "settings": vars(settings),
                "lr_factors": factors, "chosen_lr_factor": chosen, "validation_scores": sweeps,
                "reference_arm": reference, "ms_per_image": ms, "results": results}
     write_atomic(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     report = render(results, ms, settings, budget, seeds, num_train, plot.name, time.time() - start,
-                    sweep_section(sweeps, chosen, settings) if sweeping else "", reference, why)
+                    sweep_section(sweeps, chosen, settings) if sweeping else "", reference, why,
+                    experts_section(experts) if experts else "")
     write_atomic(out / "compare.md", lambda tmp: tmp.write_text(report))
     print(report)
     print(f"\ncomparison written to {out / 'compare.md'}")
     return 0
+
+
+def dmu_experts(folder: Path, base_dir: Path, test: Path, val: Path | None) -> dict:
+    """MoE vs each expert alone vs the FFN average for one DMU run (`experts.expert_breakdown`), the best expert
+    chosen on validation when there is one; cached in the run's folder (evaluation only, no training)."""
+    cached = folder / "experts.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    result = expert_breakdown(folder / "dmu", base_dir, folder / "model", test, val_json=val)
+    write_atomic(cached, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    return result
+
+
+def _without_hits(breakdown: dict) -> dict:
+    return {**breakdown, "models": {name: {k: v for k, v in m.items() if k != "hits"}
+                                    for name, m in breakdown["models"].items()}}
+
+
+def experts_section(experts: dict[int, dict]) -> str:
+    """Per DMU seed: the MoE, its best single expert (chosen on validation when there was one) and the FFN
+    average, R@1 on test, with the paired intervals of the MoE's differences."""
+    def cell(ci: dict) -> str:
+        verdict = ("higher" if ci["estimate"] > 0 else "lower") if ci["excludes_zero"] else "CI includes 0"
+        return f"{ci['estimate']:+.1f} [{ci['low']:+.1f}, {ci['high']:+.1f}] {verdict}"
+
+    head = ["seed", "MoE R@1 (I→T / T→I)", "best expert (chosen on)", "its R@1", "FFN average R@1",
+            "MoE − best, I→T [95% CI]", "MoE − best, T→I [95% CI]", "MoE − average, I→T [95% CI]", "MoE − average, T→I [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for seed, e in sorted(experts.items()):
+        models, best = e["models"], e["best_expert"]
+
+        def r1(name: str) -> str:
+            return f"{models[name]['i2t_r1']:.1f} / {models[name]['t2i_r1']:.1f}"
+
+        ci_best, ci_avg = e["intervals"]["moe_minus_best"], e["intervals"]["moe_minus_average"]
+        lines.append("| " + " | ".join([str(seed), r1("moe"), f"{best['name']} ({best['chosen_on']})", r1(best["name"]),
+                                        r1("ffn-average"), cell(ci_best["i2t_r1"]), cell(ci_best["t2i_r1"]),
+                                        cell(ci_avg["i2t_r1"]), cell(ci_avg["t2i_r1"])]) + " |")
+    singles = ", ".join(f"{name} {m['r1_mean']:.1f}" for name, m in experts[min(experts)]["models"].items()
+                        if name.startswith("expert-"))
+    return ("DMU's claim inside the MoE: does routing among the experts beat each expert alone (the base with one "
+            "stage's FFNs; expert-0 is the base) and the dense model with the experts' FFNs averaged? R@1 on test, "
+            f"percent; paired intervals on the same test queries. Mean R@1 of the single experts, seed "
+            f"{min(experts)}: {singles}.\n\n" + "\n".join(lines))
 
 
 def point_at(link: Path, target: Path) -> None:
@@ -202,7 +253,7 @@ def sweep_section(sweeps: dict[str, dict[float, float]], chosen: dict[str, float
 
 
 def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: int, plot: str, seconds: float,
-           sweep: str = "", reference: str | None = "dense", why: str = "fixed in advance") -> str:
+           sweep: str = "", reference: str | None = "dense", why: str = "fixed in advance", experts: str = "") -> str:
     return "\n".join([
         "## CLIP arms on the digit-grid test split",
         "",
@@ -218,6 +269,7 @@ def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: in
         "",
         *([sweep, ""] if sweep else []),
         intervals_section(results, reference, why),
+        *(["", experts] if experts else []),
         "",
         "Zero-shot digit accuracy per grid position (chance 10%):",
         "",
