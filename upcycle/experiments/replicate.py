@@ -63,7 +63,7 @@ class ReplicateConfig:
                           1000)
     base_epochs: int = option("--base-epochs", "epochs of base pre-training (3: the weak base of earlier reports)", 20)
     lr_factors: str = option("--lr-factors", "learning-rate sweep per arm (factors of its own rate), chosen on "
-                             "validation", "1,3,10")
+                             "validation", "1,3,10,30")
     stage_epochs: int = option("--stage-epochs", "epochs per DMU stage (and so every arm's budget: "
                                "(experts - 1) x this + 1 epochs)", 4)
     seeds: str = option("--seeds", "seeds of the CLIP arms", "0,1,2")
