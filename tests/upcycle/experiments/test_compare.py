@@ -53,6 +53,8 @@ def test_compare_trains_equal_budgets_and_a_rerun_recomputes_nothing(base_clip_d
     assert (out / "arms" / "dmu" / "seed-0" / "experts.json").is_file()
     row = next(line for line in report.splitlines() if line.startswith("| 0 |"))
     assert f"{experts['best_expert']['name']} (val)" in row and row.count("[") == 4  # four paired intervals
+    stages = [line for line in report.splitlines() if line.startswith("| 0 |") and "→" in line]
+    assert "DMU's stages (diagnostics" in report and len(stages) == 1  # one MCL stage with 2 experts
     moe = summary["results"]["sparse-all"][0]
     assert moe["vision_params_total"] > moe["vision_params_active"]  # top-1 of 2 experts
     capsys.readouterr()

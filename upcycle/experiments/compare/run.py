@@ -141,7 +141,9 @@ def run_compare(args: CompareConfig) -> int:
     write_atomic(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     report = render(results, ms, settings, budget, seeds, num_train, plot.name, time.time() - start,
                     sweep_section(sweeps, chosen, settings) if sweeping else "", reference, why,
-                    experts_section(experts) if experts else "")
+                    experts_section(experts) + "\n\n" + diagnostics_section(
+                        {r["seed"]: arm_folder(out, "dmu", r["seed"], chosen["dmu"], sweeping) / "dmu"
+                         for r in results["dmu"]}) if experts else "")
     write_atomic(out / "compare.md", lambda tmp: tmp.write_text(report))
     print(report)
     print(f"\ncomparison written to {out / 'compare.md'}")
@@ -190,6 +192,27 @@ def experts_section(experts: dict[int, dict]) -> str:
             "stage's FFNs; expert-0 is the base) and the dense model with the experts' FFNs averaged? R@1 on test, "
             f"percent; paired intervals on the same test queries. Mean R@1 of the single experts, seed "
             f"{min(experts)}: {singles}.\n\n" + "\n".join(lines))
+
+
+def diagnostics_section(work_dirs: dict[int, Path]) -> str:
+    """Whether DMU's stages came out different, per seed, from each run's manifest: clusters per stage (found ->
+    used after small-cluster handling), NMI of successive stages' batch labels, cosine of the stage updates."""
+    lines = ["| seed | clusters per stage (found → used) | NMI of successive stages' batches | "
+             "cosine of stage updates |", "|---|---|---|---|"]
+    for seed, work in sorted(work_dirs.items()):
+        try:
+            manifest = json.loads((work / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        stages = manifest.get("stages", {})
+        clusters = ", ".join(f"{v['clusters'].get('clusters_found')} → {v['clusters'].get('clusters_used')}"
+                             for _, v in sorted(stages.items(), key=lambda kv: int(kv[0])))
+        diag = manifest.get("diagnostics") or {}
+        nmi = ", ".join(f"{k}: {v:.2f}" for k, v in (diag.get("batch_label_nmi") or {}).items())
+        cos = ", ".join(f"{k}: {v:.2f}" for k, v in (diag.get("update_cosine") or {}).items())
+        lines.append(f"| {seed} | {clusters} | {nmi or '-'} | {cos or '-'} |")
+    return ("DMU's stages (diagnostics of `upcycle dmu`): distinct experts need stages whose batches and updates "
+            "differ (NMI and cosine well below 1).\n\n" + "\n".join(lines))
 
 
 def point_at(link: Path, target: Path) -> None:
