@@ -35,8 +35,7 @@ MLLM_ARMS = ("dense", "sparse-all", "dmu")
 PLAN_SETTINGS = ("num_train", "num_val", "num_test", "base_epochs", "lr_factors", "stage_epochs", "seeds",
                  "stage_steps", "eval_limit")  # what `plan` reads
 
-CI_HALF_WIDTH = 0.025  # one tower's LLaVA digit-QA accuracy: a 95% interval of ±2.5 points at most (p = 0.5);
-# ±1.5 would take 4,269 questions per tower, about 35 min of lmms-eval for three towers on the 2-core machine
+CI_HALF_WIDTH = 0.015  # one tower's LLaVA digit-QA accuracy: a 95% interval of ±1.5 points at most (p = 0.5)
 
 
 def questions_for_half_width(half_width: float, z: float = 1.96) -> int:
@@ -68,8 +67,8 @@ class ReplicateConfig:
                                "(experts - 1) x this + 1 epochs)", 4)
     seeds: str = option("--seeds", "seeds of the CLIP arms", "0,1,2")
     stage_steps: int = option("--stage-steps", "LLaVA stage 1 and stage 2 steps", 300)
-    eval_limit: int = option("--eval-limit", "lmms-eval questions per checkpoint (1,537: an accuracy's 95 percent "
-                             "interval within ±2.5 points; the test split has 4 per image)",
+    eval_limit: int = option("--eval-limit", "lmms-eval questions per checkpoint (4,269: an accuracy's 95 percent "
+                             "interval within ±1.5 points; the test split has 4 per image)",
                              questions_for_half_width(CI_HALF_WIDTH))
 
 

@@ -42,14 +42,14 @@ def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp
     assert run_step(Step("finished", ["true", "--other"], done), 1, 2, tmp_path) > 0  # another command line
 
 
-def test_the_default_question_count_gives_a_95_interval_of_at_most_2_5_points():
+def test_the_default_question_count_gives_a_95_interval_of_at_most_1_5_points():
     import math
 
     from upcycle.experiments.replicate import ReplicateConfig
 
     n = ReplicateConfig().eval_limit
-    assert n == 1537
-    assert 1.96 * math.sqrt(0.25 / n) <= 0.025 < 1.96 * math.sqrt(0.25 / (n - 1))  # the smallest such count
+    assert n == 4269
+    assert 1.96 * math.sqrt(0.25 / n) <= 0.015 < 1.96 * math.sqrt(0.25 / (n - 1))  # the smallest such count
     assert ReplicateConfig().num_test * 4 >= n  # the test split holds them: 4 questions per 2x2 grid
 
 
@@ -95,5 +95,5 @@ def test_the_report_gives_intervals_and_calls_a_difference_only_when_it_excludes
     assert "+15.0 [+" in row(report, "better") and row(report, "better").endswith(" higher |")
     assert "+0.2 [+0.0, " in row(report, "slightly") and row(report, "slightly").endswith("CI includes 0 |")
     assert "-10.0 [-" in row(report, "worse") and row(report, "worse").endswith(" lower |")
-    assert "Only 600 questions" in report and "--eval-limit to 1,537" in report
+    assert "Only 600 questions" in report and "--eval-limit to 4,269" in report
     assert report.index("| tower | questions |") < report.index("lmms-eval's own table")
