@@ -9,6 +9,10 @@ Several seeds per model are given as hits of shape [seeds, items]; seed s of one
 other. A resample draws items (the same items for every seed) and averages over the seeds, so the interval is for
 the seed-averaged recall on this test set's population of items.
 
+Items that are not independent (the questions asked about one image) are resampled as whole groups when `groups`
+gives each item's group: a resample draws groups with replacement and the recall is the pooled mean over the items
+of the drawn groups (a cluster bootstrap), which keeps the correlation inside a group out of the interval's width.
+
 Hits must be 0 or 1 and finite: a NaN, a percentage or a rank passed by mistake is refused, never averaged.
 """
 
@@ -43,30 +47,31 @@ def excludes_zero(interval: Interval) -> bool:
     return interval.low > 0 or interval.high < 0
 
 
-def bootstrap_ci(hits, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+def bootstrap_ci(hits, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0, groups=None) -> Interval:
     """Percentile bootstrap interval of the mean of per-item 0/1 hits.
 
     hits: [items] or [seeds, items] (each resample draws items and averages over the seeds).
-    Raises ValueError on NaN/inf, values other than 0 and 1, no items, or bad resamples/level.
+    groups: optional [items] labels; items sharing a label are resampled together (see the module docstring).
+    Raises ValueError on NaN/inf, values other than 0 and 1, no items, bad groups or bad resamples/level.
     """
     values = _hits(hits, "hits")
-    return _interval(values.mean(axis=0), values.shape[0], resamples, level, seed)
+    return _interval(values.mean(axis=0), values.shape[0], resamples, level, seed, groups)
 
 
 def paired_difference_ci(hits_a, hits_b, resamples: int = RESAMPLES, level: float = LEVEL,
-                         seed: int = 0) -> Interval:
+                         seed: int = 0, groups=None) -> Interval:
     """Percentile bootstrap interval of mean(hits_a) - mean(hits_b) for two models on the same test items.
 
     hits_a, hits_b: the same shape, [items] or [seeds, items] with seed s of a paired with seed s of b; the items
-    must be the same queries in the same order. Items are resampled jointly (the same draws for both models).
-    Raises ValueError on NaN/inf, values other than 0 and 1, or shapes that differ.
+    must be the same queries in the same order. Items (or whole `groups`) are resampled jointly (the same draws
+    for both models). Raises ValueError on NaN/inf, values other than 0 and 1, or shapes that differ.
     """
     a, b = _hits(hits_a, "hits_a"), _hits(hits_b, "hits_b")
     if a.shape != b.shape:
         raise ValueError(f"paired hits need the same seeds and items: hits_a has {a.shape[0]} seed(s) x "
                          f"{a.shape[1]} items, hits_b {b.shape[0]} x {b.shape[1]}; evaluate both on the same test "
                          "split with the same seeds")
-    return _interval((a - b).mean(axis=0), a.shape[0], resamples, level, seed)
+    return _interval((a - b).mean(axis=0), a.shape[0], resamples, level, seed, groups)
 
 
 def pack_hits(hits) -> str:
@@ -107,24 +112,42 @@ def _hits(hits, what: str) -> np.ndarray:
     return values
 
 
-def _interval(per_item: np.ndarray, seeds: int, resamples: int, level: float, seed: int) -> Interval:
+def _interval(per_item: np.ndarray, seeds: int, resamples: int, level: float, seed: int, groups=None) -> Interval:
     if not isinstance(resamples, int) or resamples < 1:
         raise ValueError(f"resamples {resamples!r}: expected a whole number >= 1 (the default is {RESAMPLES})")
     if not 0 < level < 1:
         raise ValueError(f"level {level!r}: expected a coverage between 0 and 1, e.g. 0.95")
-    means = _bootstrap_means(per_item, resamples, seed)
+    if groups is None:
+        means = _bootstrap_means(per_item, np.ones_like(per_item), resamples, seed)
+    else:
+        sums, counts = _group_totals(per_item, groups)
+        means = _bootstrap_means(sums, counts, resamples, seed)
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Interval(float(per_item.mean()), float(low), float(high), level, len(per_item), seeds)
 
 
-def _bootstrap_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """Means of `resamples` draws of len(values) items with replacement, drawn in blocks of whole resamples."""
-    n = len(values)
+def _group_totals(per_item: np.ndarray, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Per group: the sum of the items' values and the item count, groups in order of first appearance."""
+    labels = np.asarray(groups)
+    if labels.shape != per_item.shape:
+        raise ValueError(f"groups: expected one label per item ({per_item.shape[0]}), got shape {labels.shape}")
+    _, first, index = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber groups by first appearance (stable draws for a given order)
+    index = order[index.reshape(-1)]
+    return (np.bincount(index, weights=per_item, minlength=len(first)),
+            np.bincount(index, minlength=len(first)).astype(np.float64))
+
+
+def _bootstrap_means(sums: np.ndarray, counts: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Pooled means (sum of sums / sum of counts) of `resamples` draws of len(sums) units with replacement, drawn
+    in blocks of whole resamples. A unit is one item (count 1) or one group of items."""
+    n = len(sums)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     rows = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, resamples, rows):
         stop = min(start + rows, resamples)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        draw = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
     return means

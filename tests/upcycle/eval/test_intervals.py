@@ -130,3 +130,27 @@ def test_packed_hits_round_trip():
     for bad in ("", "0120", None):
         with pytest.raises(ValueError, match="string of '0' and '1'"):
             unpack_hits(bad)
+
+
+def test_whole_groups_are_resampled_together():
+    """Each item copied 4 times as one group: resampling the groups is resampling the originals (the same draws,
+    so the same interval to rounding), while treating the copies as independent items would halve the width."""
+    originals = hits_at(500, 0.4)
+    copies, groups = np.repeat(originals, 4), np.repeat(np.arange(500), 4)
+    grouped, plain = bootstrap_ci(copies, groups=groups), bootstrap_ci(originals)
+    assert (grouped.estimate, grouped.items) == (pytest.approx(plain.estimate), 2000)
+    assert (grouped.low, grouped.high) == (pytest.approx(plain.low), pytest.approx(plain.high))
+    as_independent = bootstrap_ci(copies)
+    assert (as_independent.high - as_independent.low) == pytest.approx((plain.high - plain.low) / 2, rel=0.15)
+    # the same for a paired difference, and any labels (strings, unequal group sizes) work
+    other = hits_at(500, 0.5, seed=3)
+    diff = paired_difference_ci(copies, np.repeat(other, 4), groups=[f"img{g}" for g in groups])
+    want = paired_difference_ci(originals, other)
+    assert (diff.low, diff.high) == (pytest.approx(want.low), pytest.approx(want.high))
+    uneven = bootstrap_ci([1, 1, 1, 0], groups=["a", "a", "a", "b"], resamples=2000)
+    assert uneven.estimate == 0.75 and uneven.low == 0.0 and uneven.high == 1.0  # draws of {a, b}: 0, 0.75 or 1
+
+
+def test_groups_must_label_every_item():
+    with pytest.raises(ValueError, match="one label per item"):
+        bootstrap_ci([1, 0, 1], groups=[0, 0])
