@@ -202,7 +202,9 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
     report = (out / "compare.md").read_text()
     assert "| dense | dense_lr = 0.0001 x factor | 10.0 | **30.0** | 20.0 | x3 (0.0003) |" in report
     assert "measured against `dense-ffn`, the dense arm with the higher validation R@1" in report
-    assert (out / "towers" / "dense").resolve() == (out / "arms" / "dense" / "lr-x3" / "seed-0").resolve()
+    for seed in (0, 1):  # every seed's model at the chosen rate, for the LLaVA runs
+        assert (out / "towers" / "dense" / f"seed-{seed}").resolve() == (
+            out / "arms" / "dense" / "lr-x3" / f"seed-{seed}").resolve()
     # The chosen runs of the first seed are the sweep's own (trained once), evaluated on test as well.
     assert "val" in json.loads((out / "arms" / "dense" / "lr-x3" / "seed-0" / "result.json").read_text())
 
@@ -220,3 +222,91 @@ def test_a_sweep_needs_validation_data(base_clip_dir, grids_dir, tmp_path, capsy
     assert main(["compare", "--base", str(base_clip_dir), "--data", str(data), "--out", str(tmp_path / "o"),
                  "--lr-factors", "1,1"]) == 2
     assert "give distinct positive numbers" in capsys.readouterr().err
+
+
+def one_expert_breakdown():
+    """What `expert_breakdown` returns, with made-up numbers (for tests about what surrounds it)."""
+    ci = {"estimate": 1.0, "low": -1.0, "high": 3.0, "excludes_zero": False}
+    models = {name: {"i2t_r1": 1.0, "t2i_r1": 1.0, "r1_mean": 1.0, "hits": {}}
+              for name in ("moe", "expert-0", "expert-1", "ffn-average")}
+    return {"models": models, "best_expert": {"name": "expert-1", "chosen_on": "val"},
+            "intervals": {"moe_minus_best": {"i2t_r1": ci, "t2i_r1": ci}, "moe_minus_average": {"i2t_r1": ci, "t2i_r1": ci}}}
+
+
+def test_dmus_stage_epochs_and_small_clusters_are_chosen_on_validation_at_an_unchanged_budget(
+        base_clip_dir, grids_dir, tmp_path, monkeypatch):
+    """After its learning rate, DMU tries stage epochs (router training taking the rest of the budget), then
+    small-cluster rules at the chosen epochs, each scored on val only; every seed trains at the final choice and
+    only that is evaluated on test. Test prefers other settings on purpose. With `drop` chosen, DMU may have seen
+    fewer pairs (it skips small clusters), never more."""
+    from upcycle.experiments.compare import run as run_module
+
+    val = {"lr-x1": 10.0, "lr-x3": 20.0, "lr-x3-stage-epochs-1": 25.0, "lr-x3-stage-epochs-1-small-clusters-drop": 30.0,
+           "lr-x3-stage-epochs-1-small-clusters-bin": 28.0}
+    trained, evaluated = {}, []
+
+    def fake_train(arm, seed, base_dir, train_data, folder, settings):
+        folder.mkdir(parents=True, exist_ok=True)
+        if arm == "base":
+            return {"model": str(base_dir), "pairs_seen": 0, "optimizer_steps": 0}
+        trained[str(folder.relative_to(out))] = settings
+        pairs = settings.budget_epochs * 96 - (10 if settings.small_clusters == "drop" else 0)
+        return {"model": str(folder), "pairs_seen": pairs, "optimizer_steps": 12}
+
+    def fake_metrics(model_dir, data):
+        tag = next((p for p in model_dir.split("/") if p.startswith("lr-x")), "lr-x1")
+        evaluated.append((data.stem, tag))
+        score = val.get(tag, 1.0) if data.stem == "val" else 50.0 - val.get(tag, 1.0)
+        hits = "1" * int(score) + "0" * (100 - int(score))
+        return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
+                "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
+                "vision_params_total": 1, "vision_params_active": 1}
+
+    monkeypatch.setattr(run_module, "train_arm", fake_train)
+    monkeypatch.setattr(run_module, "metrics_on_split", fake_metrics)
+    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
+    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    monkeypatch.setattr(run_module, "expert_breakdown", lambda *a, **k: one_expert_breakdown())
+    out = tmp_path / "sweep"
+    assert main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(out),
+                 "--arms", "base,dmu", "--seeds", "0,1", "--lr-factors", "1,3", "--num-experts", "3",
+                 "--stage-epochs", "2", "--dmu-stage-epochs", "1,2", "--dmu-small-clusters", "merge,drop,bin",
+                 "--batch-size", "16"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["chosen_lr_factor"]["dmu"] == 3.0
+    assert summary["chosen_dmu_settings"] == {"stage_epochs": 1, "small_clusters": "drop"}
+    # the sweep, first seed only: lr, then stage epochs at x3 (2 is the x3 run itself), then the rules at 1 epoch
+    assert sorted(k.removesuffix("/seed-0") for k in trained if k.endswith("seed-0")) == sorted(
+        f"arms/dmu/{tag}" for tag in val)
+    for folder, settings in trained.items():
+        assert settings.budget_epochs == 2 * 2 + 1  # unchanged: (E - 1) x --stage-epochs + 1
+        assert settings.router_epochs == 5 - 2 * settings.stage_epochs
+    chosen = "lr-x3-stage-epochs-1-small-clusters-drop"
+    assert "arms/dmu/" + chosen + "/seed-1" in trained and len([k for k in trained if "seed-1" in k]) == 1
+    assert {tag for split, tag in evaluated if split == "test"} <= {chosen, "lr-x1"}  # lr-x1: the base's row
+    assert ("test", chosen) in evaluated
+    report = (out / "compare.md").read_text()
+    assert "| stage epochs | 1: 25.0, 2: 20.0 | 1 |" in report.replace("**", "")
+    assert "| small clusters | merge: 25.0, **drop: 30.0**, bin: 28.0 | drop |" in report
+    assert "1 epochs per stage, 3 of router training, small clusters: drop" in report
+    assert "(at most: with small clusters dropped DMU skips their pairs" in report
+
+
+def test_dmu_stage_epochs_beyond_the_budget_are_one_line(base_clip_dir, grids_dir, tmp_path, capsys):
+    code = main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(tmp_path / "o"),
+                 "--stage-epochs", "2", "--dmu-stage-epochs", "1,3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--dmu-stage-epochs 3" in err[0] and "try 1 to 2" in err[0], err
+    assert main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(tmp_path / "o"),
+                 "--dmu-small-clusters", "merge,split"]) == 2
+    assert "unknown ['split']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_factor_at_the_edge_of_the_grid_is_flagged():
+    from upcycle.experiments.compare.run import edge_note
+
+    note = edge_note({"dense": {1: 1.0, 3: 2.0, 10: 3.0}, "dmu": {1: 1.0, 3: 5.0, 10: 2.0},
+                      "sparse-all": {1: 4.0, 3: 2.0, 10: 1.0}}, {"dense": 10, "dmu": 3, "sparse-all": 1})
+    assert "dense (largest factor)" in note and "sparse-all (smallest factor)" in note and "dmu" not in note
+    assert "inside the grid" in edge_note({"dmu": {1: 1.0, 3: 5.0, 10: 2.0}}, {"dmu": 3})

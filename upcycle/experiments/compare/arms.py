@@ -14,6 +14,7 @@ from pathlib import Path
 
 from encoder.loading import load_clip
 from encoder.save import save_clip_moe
+from encoder.utils.errors import UserError
 from encoder.utils.options import check_options, option, option_like, options_of
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
@@ -84,6 +85,13 @@ class CompareConfig:
                              "rate (DMU: its stage rate), each trained with the first seed and scored on the data's "
                              "val.json; every seed then trains at the factor with the best validation R@1, and only "
                              "those are evaluated on test", "1")
+    dmu_stage_epochs: str = option("--dmu-stage-epochs", "DMU's epochs per stage tried on val after its learning rate "
+                                   "is chosen (comma-separated, each at most --stage-epochs): the budget stays the "
+                                   "one --stage-epochs sets and router training gets the rest", "",
+                                   default_text="only --stage-epochs")
+    dmu_small_clusters: str = option("--dmu-small-clusters", "DMU's small-cluster handlings tried on val after its "
+                                     "stage epochs are chosen (comma-separated of merge, drop, bin)", "",
+                                     default_text="only --small-clusters")
     settings: ArmSettings = options_of(ArmSettings)
 
 
@@ -106,12 +114,58 @@ SWEPT_LR = {"dense": "dense_lr", "dense-ffn": "ffn_lr", "sparse-even": "sparse_l
             "dmu": "stage_lr"}
 
 
-def scaled(arm: str, settings: ArmSettings, factor: float) -> ArmSettings:
-    """`settings` with `arm`'s swept learning rate multiplied by `factor`."""
-    if arm == "base" or factor == 1:
+# DMU's own settings a comparison may choose on validation, besides its learning rate. Stage epochs are tried at
+# the budget the comparison's --stage-epochs sets: fewer epochs per stage leave the rest to router training.
+DMU_VARIED = ("stage_epochs", "small_clusters")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of an arm's sweep: a learning-rate factor and the DMU settings that differ from the comparison's
+    own (empty for every other arm), in DMU_VARIED order. Hashable, so sweeps can key scores by it."""
+
+    factor: float = 1.0
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def with_override(self, name: str, value, settings: ArmSettings) -> "Setting":
+        """This setting with `name` = `value`; an override equal to the comparison's own value is left out, so
+        that the run it names is the one the learning-rate sweep already trained."""
+        kept = {k: v for k, v in self.overrides if k != name}
+        if value != getattr(settings, name):
+            kept[name] = value
+        return Setting(self.factor, tuple((k, kept[k]) for k in DMU_VARIED if k in kept))
+
+    def tag(self) -> str:
+        """Folder name: lr-xF, then -NAME-VALUE per override (lr-x3-stage-epochs-2-small-clusters-bin)."""
+        return f"lr-x{self.factor:g}" + "".join(f"-{k.replace('_', '-')}-{v}" for k, v in self.overrides)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.overrides) or "as set"
+
+
+def scaled(arm: str, settings: ArmSettings, choice: "float | Setting") -> ArmSettings:
+    """`settings` with `arm`'s swept learning rate multiplied by the factor and, for DMU, the setting's overrides
+    applied (fewer stage epochs hand the rest of the budget to router training, so the budget is unchanged)."""
+    choice = choice if isinstance(choice, Setting) else Setting(float(choice))
+    if arm == "base":
         return settings
-    name = SWEPT_LR[arm]
-    return replace(settings, **{name: getattr(settings, name) * factor})
+    changed = dict(choice.overrides)
+    if choice.factor != 1:
+        name = SWEPT_LR[arm]
+        changed[name] = getattr(settings, name) * choice.factor
+    if "stage_epochs" in changed:
+        changed["router_epochs"] = settings.budget_epochs - (settings.num_experts - 1) * changed["stage_epochs"]
+    return replace(settings, **changed) if changed else settings
+
+
+def check_dmu_stage_epochs(values: list[int], settings: ArmSettings) -> None:
+    """Each tried stage-epoch count must leave at least one epoch of the budget for router training."""
+    for value in values:
+        if value < 1 or (settings.num_experts - 1) * value + 1 > settings.budget_epochs:
+            raise UserError(f"--dmu-stage-epochs {value}: DMU's {settings.num_experts - 1} stages would leave no epoch "
+                            f"of the {settings.budget_epochs}-epoch budget for router training (the budget is "
+                            f"(experts - 1) x --stage-epochs {settings.stage_epochs} + --router-epochs "
+                            f"{settings.router_epochs}); try 1 to {settings.stage_epochs}, or raise --stage-epochs")
 
 
 def arm_settings(arm: str, seed: int, settings: ArmSettings, inputs: dict[str, str]) -> dict:

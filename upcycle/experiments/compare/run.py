@@ -21,15 +21,18 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
-from .arms import ARMS, SWEPT_LR, ArmSettings, CompareConfig, arm_settings, loss_curve, scaled, train_arm
+from ...recipes.dmu.clustering import SMALL_CLUSTER_RULES
+from .arms import (ARMS, DMU_VARIED, SWEPT_LR, ArmSettings, CompareConfig, Setting, arm_settings, check_dmu_stage_epochs,
+                   loss_curve, scaled, train_arm)
 from .experts import expert_breakdown
 from .measure import forward_ms_per_image, metrics_on_split
 from .report import arms_legend, intervals_section, loss_plot, positions_table, results_table
 
 
-def arm_folder(out: Path, arm: str, seed: int, factor: float, sweeping: bool) -> Path:
-    """arms/ARM/seed-S, or arms/ARM/lr-xF/seed-S when learning rates are swept."""
-    return out / "arms" / arm / (f"lr-x{factor:g}" if sweeping and arm != "base" else "") / f"seed-{seed}"
+def arm_folder(out: Path, arm: str, seed: int, choice: "float | Setting", sweeping: bool) -> Path:
+    """arms/ARM/seed-S, or arms/ARM/lr-xF[-NAME-VALUE...]/seed-S when settings are swept."""
+    choice = choice if isinstance(choice, Setting) else Setting(float(choice))
+    return out / "arms" / arm / (choice.tag() if sweeping and arm != "base" else "") / f"seed-{seed}"
 
 
 def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, folder: Path, settings: ArmSettings,
@@ -69,19 +72,50 @@ def sweep_arm(arm: str, seed: int, factors: list[float], base_dir: Path, data_di
     one on a tie) and every factor's score. The test split is never read here."""
     scores = {}
     for factor in factors:
-        folder = arm_folder(out, arm, seed, factor, sweeping=True)
-        result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, factor), inputs, split="val")
-        scores[factor] = validation_score(result["val"])
+        scores[factor] = validation_run(arm, seed, Setting(factor), base_dir, data_dir, out, settings, inputs)
     return max(sorted(scores), key=lambda f: scores[f]), scores
 
 
-def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_train: int) -> int:
-    """Every trained arm saw the same number of pairs and every arm started from the same base weights."""
+def validation_run(arm: str, seed: int, choice: Setting, base_dir: Path, data_dir: Path, out: Path,
+                   settings: ArmSettings, inputs: dict[str, str]) -> float:
+    """Train (or reuse) one sweep point and return its validation score."""
+    folder = arm_folder(out, arm, seed, choice, sweeping=True)
+    result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, choice), inputs, split="val")
+    return validation_score(result["val"])
+
+
+def sweep_dmu(seed: int, start: Setting, tried: dict[str, list], base_dir: Path, data_dir: Path, out: Path,
+              settings: ArmSettings, inputs: dict[str, str]) -> tuple[Setting, list[dict]]:
+    """DMU's own settings after its learning rate, one at a time in DMU_VARIED order (stage epochs, then
+    small-cluster handling), each value trained with `seed` and scored on val.json, the best kept for the next
+    (the one already chosen on a tie). Returns the chosen setting and one row per setting tried."""
+    chosen, rows = start, []
+    for name in DMU_VARIED:
+        values = tried.get(name) or []
+        if not values:
+            continue
+        scores = {}
+        for value in values:
+            choice = chosen.with_override(name, value, settings)
+            scores[value] = (choice, validation_run("dmu", seed, choice, base_dir, data_dir, out, settings, inputs))
+        current = dict(chosen.overrides).get(name, getattr(settings, name))
+        best = max(values, key=lambda v: (scores[v][1], v == current))
+        rows.append({"setting": name, "scores": {str(v): round(score, 3) for v, (_, score) in scores.items()},
+                     "chosen": best})
+        chosen = scores[best][0]
+    return chosen, rows
+
+
+def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_train: int,
+                   dropping: frozenset[str] = frozenset()) -> int:
+    """Every trained arm saw the same number of pairs and every arm started from the same base weights. The arms
+    in `dropping` (DMU with --small-clusters drop, which skips the pairs of small clusters) may have seen fewer,
+    never more."""
     budget = settings.budget_epochs * num_train
     for arm, runs in results.items():
         for r in runs:
             want = 0 if arm == "base" else budget
-            if r["pairs_seen"] != want:
+            if r["pairs_seen"] != want and not (arm in dropping and r["pairs_seen"] < want):
                 raise AssertionError(f"unequal budget: {arm} seed {r['seed']} saw {r['pairs_seen']} pairs, "
                                      f"expected {want}")
     bases = {r["base_sha256"] for runs in results.values() for r in runs}
@@ -103,21 +137,27 @@ def run_compare(args: CompareConfig) -> int:
         raise UserError(f"--arms {args.arms!r}: unknown {unknown}; choose from {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     factors = lr_factors(args.lr_factors)
-    sweeping = len(factors) > 1
-    if sweeping and not _has_records(data_dir / "val.json"):
-        raise UserError(f"--lr-factors {args.lr_factors}: a sweep is scored on {data_dir / 'val.json'}, which is "
-                        "missing or empty; make the data with --num-val N, or pass one factor")
     settings = args.settings
+    dmu_tried = dmu_choices(args, settings) if "dmu" in arms else {}
+    sweeping = len(factors) > 1 or bool(dmu_tried)
+    if sweeping and not _has_records(data_dir / "val.json"):
+        what = f"--lr-factors {args.lr_factors}" if len(factors) > 1 else "--dmu-stage-epochs / --dmu-small-clusters"
+        raise UserError(f"{what}: a sweep is scored on {data_dir / 'val.json'}, which is missing or empty; make the "
+                        "data with --num-val N, or pass one value")
     start = time.time()
     inputs = {"base_sha256": file_sha256(base_dir / "model.safetensors"),
               "train_sha256": file_sha256(data_dir / "train.json"), "test_sha256": file_sha256(data_dir / "test.json")}
     if sweeping:
         inputs["val_sha256"] = file_sha256(data_dir / "val.json")
-    chosen, sweeps = {}, {}
+    chosen, sweeps, dmu_rows = {}, {}, []
     for arm in arms:
-        chosen[arm] = factors[0] if arm == "base" or not sweeping else None
-        if chosen[arm] is None:
-            chosen[arm], sweeps[arm] = sweep_arm(arm, seeds[0], factors, base_dir, data_dir, out, settings, inputs)
+        chosen[arm] = Setting(factors[0])
+        if arm != "base" and sweeping:
+            factor, sweeps[arm] = sweep_arm(arm, seeds[0], factors, base_dir, data_dir, out, settings, inputs)
+            chosen[arm] = Setting(factor)
+        if arm == "dmu" and dmu_tried:
+            chosen[arm], dmu_rows = sweep_dmu(seeds[0], chosen[arm], dmu_tried, base_dir, data_dir, out, settings,
+                                              inputs)
     results = {arm: [run_arm(arm, s, base_dir, data_dir, arm_folder(out, arm, s, chosen[arm], sweeping),
                              scaled(arm, settings, chosen[arm]), inputs)
                      for s in (seeds if arm != "base" else [0])] for arm in arms}
@@ -128,22 +168,30 @@ def run_compare(args: CompareConfig) -> int:
         experts = {r["seed"]: dmu_experts(arm_folder(out, "dmu", r["seed"], chosen["dmu"], sweeping), base_dir,
                                           data_dir / "test.json", val) for r in results["dmu"]}
     for arm, runs in results.items():
-        point_at(out / "towers" / arm, Path(runs[0]["model"]))
+        for r in runs:
+            point_at(out / "towers" / arm / f"seed-{r['seed']}", Path(r["model"]))
     num_train = len(json.loads((data_dir / "train.json").read_text()))
-    budget = check_fairness(results, settings, num_train)
+    dmu_settings = scaled("dmu", settings, chosen["dmu"]) if "dmu" in chosen else settings
+    dropping = frozenset({"dmu"} if "dmu" in results and dmu_settings.small_clusters == "drop" else ())
+    budget = check_fairness(results, settings, num_train, dropping)
     ms = forward_ms_per_image({arm: runs[0]["model"] for arm, runs in results.items()},
                               json.loads((base_dir / "config.json").read_text())["vision_config"]["image_size"])
     plot = loss_plot({arm: loss_curve(arm_folder(out, arm, seeds[0], chosen[arm], sweeping), arm)
                       for arm in arms if arm != "base"}, out / "training_loss.png", f"training loss, seed {seeds[0]}")
-    summary = {"arms": arms, "seeds": seeds, "dmu_experts": {s: _without_hits(e) for s, e in experts.items()}, "budget_pairs": budget, "settings": vars(settings),
-               "lr_factors": factors, "chosen_lr_factor": chosen, "validation_scores": sweeps,
+    summary = {"arms": arms, "seeds": seeds, "dmu_experts": {s: _without_hits(e) for s, e in experts.items()},
+               "budget_pairs": budget, "settings": vars(settings), "lr_factors": factors,
+               "chosen_lr_factor": {arm: c.factor for arm, c in chosen.items()},
+               "chosen_dmu_settings": dict(chosen["dmu"].overrides) if "dmu" in chosen else {},
+               "dmu_validation_scores": dmu_rows, "validation_scores": sweeps,
                "reference_arm": reference, "ms_per_image": ms, "results": results}
     write_atomic(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     report = render(results, ms, settings, budget, seeds, num_train, plot.name, time.time() - start,
-                    sweep_section(sweeps, chosen, settings) if sweeping else "", reference, why,
+                    "\n\n".join(filter(None, [sweep_section(sweeps, chosen, settings) if sweeps else "",
+                                               dmu_sweep_section(dmu_rows, chosen.get("dmu"), settings)])),
+                    reference, why,
                     experts_section(experts) + "\n\n" + diagnostics_section(
                         {r["seed"]: arm_folder(out, "dmu", r["seed"], chosen["dmu"], sweeping) / "dmu"
-                         for r in results["dmu"]}) if experts else "")
+                         for r in results["dmu"]}) if experts else "", dmu_settings)
     write_atomic(out / "compare.md", lambda tmp: tmp.write_text(report))
     print(report)
     print(f"\ncomparison written to {out / 'compare.md'}")
@@ -225,6 +273,26 @@ def point_at(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+def dmu_choices(args: CompareConfig, settings: ArmSettings) -> dict[str, list]:
+    """The DMU settings to try on val (--dmu-stage-epochs, --dmu-small-clusters), checked; {} when none."""
+    tried = {}
+    if args.dmu_stage_epochs.strip():
+        try:
+            values = [int(v) for v in args.dmu_stage_epochs.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--dmu-stage-epochs {args.dmu_stage_epochs!r}: give whole numbers, e.g. 2,3,4") from None
+        check_dmu_stage_epochs(values, settings)
+        tried["stage_epochs"] = list(dict.fromkeys(values))
+    if args.dmu_small_clusters.strip():
+        values = [v.strip() for v in args.dmu_small_clusters.split(",") if v.strip()]
+        bad = [v for v in values if v not in SMALL_CLUSTER_RULES]
+        if bad:
+            raise UserError(f"--dmu-small-clusters {args.dmu_small_clusters!r}: unknown {bad}; choose from "
+                            f"{', '.join(SMALL_CLUSTER_RULES)}")
+        tried["small_clusters"] = list(dict.fromkeys(values))
+    return tried
+
+
 def lr_factors(text: str) -> list[float]:
     try:
         factors = [float(f) for f in text.split(",") if f.strip()]
@@ -260,6 +328,7 @@ def reference_arm(results: dict[str, list[dict]], sweeping: bool) -> tuple[str |
 def sweep_section(sweeps: dict[str, dict[float, float]], chosen: dict[str, float], settings: ArmSettings) -> str:
     """The learning-rate sweep: each factor's validation R@1 per arm (first seed), the chosen one in bold."""
     factors = sorted({f for scores in sweeps.values() for f in scores})
+    chosen = {arm: c.factor if isinstance(c, Setting) else c for arm, c in chosen.items()}
     head = ["arm", "swept rate", *(f"x{f:g}" for f in factors), "chosen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm, scores in sweeps.items():
@@ -271,20 +340,52 @@ def sweep_section(sweeps: dict[str, dict[float, float]], chosen: dict[str, float
         lines.append("| " + " | ".join(cells) + " |")
     return ("Learning rates chosen on the validation split (val.json; its digits are disjoint from train and test): "
             "each arm trained with the first seed at every factor, scored by validation R@1 averaged over both "
-            "directions; every seed then trained at the chosen factor, and only those runs were evaluated on test.\n\n"
+            "directions; every seed then trained at the chosen factor, and only those runs were evaluated on test."
+            + edge_note(sweeps, chosen) + "\n\n" + "\n".join(lines))
+
+
+def edge_note(sweeps: dict[str, dict[float, float]], chosen: dict[str, float]) -> str:
+    """A warning when an arm's best factor is the largest or smallest tried: its optimum may lie outside the grid."""
+    edges = [(arm, "largest" if chosen[arm] == max(scores) else "smallest") for arm, scores in sweeps.items()
+             if len(scores) > 1 and chosen[arm] in (max(scores), min(scores))]
+    if not edges:
+        return " Every chosen factor lies inside the grid."
+    return (" At the edge of the grid (the optimum may lie beyond it): "
+            + ", ".join(f"{arm} ({edge} factor)" for arm, edge in edges) + ".")
+
+
+def dmu_sweep_section(rows: list[dict], chosen: "Setting | None", settings: ArmSettings) -> str:
+    """DMU's own settings tried on val after its learning rate (`sweep_dmu`), one table row per setting."""
+    if not rows or chosen is None:
+        return ""
+    lines = ["| DMU setting | tried (validation R@1) | chosen |", "|---|---|---|"]
+    for row in rows:
+        tried = ", ".join(f"**{v}: {score:.1f}**" if v == str(row["chosen"]) else f"{v}: {score:.1f}"
+                          for v, score in row["scores"].items())
+        lines.append(f"| {row['setting'].replace('_', ' ')} | {tried} | {row['chosen']} |")
+    final = scaled("dmu", settings, chosen)
+    return ("DMU's own settings, chosen on the same validation split after its learning rate, one at a time (first "
+            f"seed; equal budget: fewer epochs per stage give the rest of the {settings.budget_epochs} epochs to "
+            f"router training). Chosen: x{chosen.factor:g} stage rate, {final.stage_epochs} epochs per stage, "
+            f"{final.router_epochs} of router training, small clusters: {final.small_clusters}.\n\n"
             + "\n".join(lines))
 
 
 def render(results, ms, settings: ArmSettings, budget: int, seeds, num_train: int, plot: str, seconds: float,
-           sweep: str = "", reference: str | None = "dense", why: str = "fixed in advance", experts: str = "") -> str:
+           sweep: str = "", reference: str | None = "dense", why: str = "fixed in advance", experts: str = "",
+           dmu: ArmSettings | None = None) -> str:
+    dmu = dmu or settings
+    dropped = (" (at most: with small clusters dropped DMU skips their pairs, so it saw fewer; see the pairs column)"
+               if dmu.small_clusters == "drop" and "dmu" in results else "")
     return "\n".join([
         "## CLIP arms on the digit-grid test split",
         "",
         arms_legend(results),
         "",
-        f"Every trained arm saw {budget:,} image-text pairs ({settings.budget_epochs} epochs of {num_train:,}: "
-        f"DMU = {settings.num_experts - 1} MCL stages x {settings.stage_epochs} + {settings.router_epochs} of router "
-        f"training), all from the same base weights (checked). Metrics in percent, mean ± std over seeds "
+        f"Every trained arm saw {budget:,} image-text pairs{dropped} ({settings.budget_epochs} epochs of "
+        f"{num_train:,}: DMU = {dmu.num_experts - 1} MCL stages x {dmu.stage_epochs} + {dmu.router_epochs} of router "
+        f"training), all from the same base weights (checked); optimizer steps follow each recipe's batch plan "
+        f"(column), so the table holds pairs seen equal, not steps. Metrics in percent, mean ± std over seeds "
         f"{', '.join(map(str, seeds))}; MoE arms use top-{settings.top_k} of {settings.num_experts} experts. "
         "Forward time: vision tower, batch 32, median of 7 interleaved rounds in one process.",
         "",
