@@ -86,18 +86,22 @@ def plan(out: Path, sizes: Sizes) -> list[Step]:
     return steps
 
 
+PIXELS_PER_DIGIT = 16  # two 8 px patches per digit side: 2x2 grids are 32 px images, 3x3 grids 48 px
+
+
 def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: int, batch_size: int = 64,
-                        title: str = "trained from scratch", num_val: int = 0) -> list[Step]:
-    """Digit grids under OUT/digit-grids (`num_val` validation grids from their own digits, for choosing settings)
-    and a small CLIP trained on them from scratch into OUT/base."""
+                        title: str = "trained from scratch", num_val: int = 0, grid: int = 2) -> list[Step]:
+    """Digit grids under OUT/digit-grids (`num_val` validation grids from their own digits, for choosing settings;
+    `grid` digits per side) and a small CLIP trained on them from scratch into OUT/base."""
     py = [sys.executable, "-m"]
     data, base_init, base = out / "digit-grids", out / "base-init", out / "base"
+    size = str(PIXELS_PER_DIGIT * grid)
     return [
         Step("data", [*py, "upcycle", "make-digit-grids", "--out", str(data), "--num-train", str(num_train),
-                      "--num-val", str(num_val), "--num-test", str(num_test), "--image-size", "32"], data / "test_qa.json",
-             clean=data),
+                      "--num-val", str(num_val), "--num-test", str(num_test), "--image-size", size,
+                      *(["--grid", str(grid)] if grid != 2 else [])], data / "test_qa.json", clean=data),
         Step("base: a small CLIP", [*py, "upcycle", "init-base", "--captions", str(data / "train.json"),
-                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", "32"],
+                                    "--out", str(base_init), "--width", "64", "--layers", "4", "--image-size", size],
              base_init / "config.json", clean=base_init),
         Step(f"base: {title}", [*py, "upcycle", "train", "--model", str(base_init), "--train-data",
                                 str(data / "train.json"), "--out", str(base), "--trainable", "all", "--epochs",
@@ -107,26 +111,27 @@ def data_and_base_steps(out: Path, num_train: int, num_test: int, base_epochs: i
 
 
 def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int, stage2_steps: int,
-               eval_limit: int) -> list[Step]:
-    """A tiny LLM, LLaVA stage 1 and stage 2 for every tower with identical settings, then lmms-eval on the
-    digit-grid QA task for all of them side by side."""
+               eval_limit: int, seeds: dict[str, int] | None = None) -> list[Step]:
+    """A tiny LLM, LLaVA stage 1 and stage 2 for every tower with identical settings (but the training seed, when
+    `seeds` gives one per tower), then lmms-eval on the digit-grid QA task for all of them side by side."""
     py = [sys.executable, "-m"]
     llm = out / "llm"
     steps = [Step("tiny LLM", [*py, "mllm_bridge", "make-tiny-llm", "--data", str(data), "--out", str(llm)],
                   llm / "config.json", clean=llm)]
+    seed = {name: ["--seed", str(seeds[name])] if seeds and name in seeds else [] for name in towers}
     for name, tower in towers.items():
         stage1, stage2 = out / f"llava-{name}-pretrain", out / f"llava-{name}-finetune"
         steps.append(Step(f"LLaVA stage 1: {name} tower", [
             *py, "mllm_bridge.train", "pretrain", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--data_path", str(data / "train.json"), "--output_dir", str(stage1), "--max_steps",
             str(stage1_steps), "--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
-            "--dataloader_num_workers", "0"], stage1 / "mm_projector.bin"))
+            "--dataloader_num_workers", "0", *seed[name]], stage1 / "mm_projector.bin"))
         steps.append(Step(f"LLaVA stage 2: {name} tower", [
             *py, "mllm_bridge.train", "finetune", "--model_name_or_path", str(llm), "--vision_tower", str(tower),
             "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--data_path",
             str(data / "train_qa.json"), "--output_dir", str(stage2), "--max_steps", str(stage2_steps),
-            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0"],
-             stage2 / "config.json"))
+            "--per_device_train_batch_size", "16", "--learning_rate", "5e-4", "--dataloader_num_workers", "0",
+            *seed[name]], stage2 / "config.json"))
     tasks = out / "lmms-tasks"
     steps.append(Step("lmms-eval task from the test split", [*py, "mllm_bridge", "make-lmms-task", "--data", str(data),
                                                              "--out", str(tasks), "--split", "test"],
