@@ -4,9 +4,11 @@
    (20 epochs by default; `--base-epochs 3` gives the weak base of earlier reports).
 2. `upcycle compare`: base / dense fine-tuning (all weights, FFNs only) / sparse upcycling (every other layer,
    all layers) / DMU, equal pair budgets from the same base weights, each arm's learning rate chosen on the
-   validation split, 3 seeds at the chosen rate, evaluated on test with bootstrap intervals.
-3. The MLLM comparison: LLaVA stage 1 + stage 2 with a tiny Llama on the seed-0 tower of the dense,
-   sparse-upcycled (all layers) and DMU arms, then lmms-eval on digit-grid QA for the three.
+   validation split (DMU also its epochs per stage and small-cluster rule), 3 seeds at the chosen setting,
+   evaluated on test with bootstrap intervals.
+3. The MLLM comparison: LLaVA stage 1 + stage 2 with a tiny Llama on every --mllm-seeds tower of the dense,
+   sparse-upcycled (all layers) and DMU arms (LLaVA seeded with the tower's seed), then lmms-eval on digit-grid
+   QA for all of them, seeds paired and whole images resampled in the intervals.
 4. OUT/report.md (+ PNGs) with the exact command, machine, wall time and versions.
 
 Steps run as subprocesses through the main job's step runner: finished steps (and finished arm/seed runs
@@ -48,7 +50,7 @@ def questions_for_half_width(half_width: float, z: float = 1.96) -> int:
 
 @dataclass
 class ReplicateConfig:
-    """the papers' comparison at tiny scale, CLIP arms and MLLMs (up to an hour)
+    """the papers' comparison at tiny scale, CLIP arms and MLLMs (about 90 min on 2 CPU cores)
 
     Digit grids -> a base trained from scratch -> `upcycle compare` (base, dense fine-tuning of all weights / of
     the FFNs, sparse upcycling every other / all layers, DMU; equal budgets; learning rates chosen on validation;
