@@ -140,6 +140,22 @@ def test_interval_table_pairs_against_dense_and_calls_nothing_a_win_inside_the_n
     assert "No paired differences" in alone and "reference" not in alone
 
 
+def metrics_scoring(score: float) -> dict:
+    """What `metrics_on_split` returns, every metric at `score` percent (hits of 100 queries to match)."""
+    hits = "1" * int(score) + "0" * (100 - int(score))
+    return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
+            "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
+            "vision_params_total": 1, "vision_params_active": 1}
+
+
+def fake_compare(monkeypatch, run_module, train, metrics):
+    """`compare` with training and evaluation replaced, and no timing or plotting inputs."""
+    monkeypatch.setattr(run_module, "train_arm", train)
+    monkeypatch.setattr(run_module, "metrics_on_split", metrics)
+    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
+    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+
+
 def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base_clip_dir, grids_dir, tmp_path,
                                                                             monkeypatch):
     """Validation and test disagree on purpose: validation prefers x3, test would prefer x10. Every arm trains at
@@ -164,15 +180,9 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
         score = (val_score if split == "val" else test_score)[factor]
         if "dense-ffn" in model_dir:
             score += 1  # the FFN-only arm is the better dense arm on val (and on test)
-        hits = "1" * int(score) + "0" * (100 - int(score))
-        return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
-                "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
-                "vision_params_total": 1, "vision_params_active": 1}
+        return metrics_scoring(score)
 
-    monkeypatch.setattr(run_module, "train_arm", fake_train)
-    monkeypatch.setattr(run_module, "metrics_on_split", fake_metrics)
-    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
-    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    fake_compare(monkeypatch, run_module, fake_train, fake_metrics)
     breakdowns = []
 
     def fake_breakdown(work, base, moe, test, val_json=None):
@@ -257,15 +267,9 @@ def test_dmus_stage_epochs_and_small_clusters_are_chosen_on_validation_at_an_unc
         tag = next((p for p in model_dir.split("/") if p.startswith("lr-x")), "lr-x1")
         evaluated.append((data.stem, tag))
         score = val.get(tag, 1.0) if data.stem == "val" else 50.0 - val.get(tag, 1.0)
-        hits = "1" * int(score) + "0" * (100 - int(score))
-        return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
-                "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
-                "vision_params_total": 1, "vision_params_active": 1}
+        return metrics_scoring(score)
 
-    monkeypatch.setattr(run_module, "train_arm", fake_train)
-    monkeypatch.setattr(run_module, "metrics_on_split", fake_metrics)
-    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
-    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    fake_compare(monkeypatch, run_module, fake_train, fake_metrics)
     monkeypatch.setattr(run_module, "expert_breakdown", lambda *a, **k: one_expert_breakdown())
     out = tmp_path / "sweep"
     assert main(["compare", "--base", str(base_clip_dir), "--data", str(grids_dir), "--out", str(out),
