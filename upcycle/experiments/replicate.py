@@ -131,8 +131,8 @@ def plan(out: Path, args: ReplicateConfig) -> list[Step]:
 
 def run_replicate(args: ReplicateConfig) -> int:
     out = Path(args.out)
+    steps = plan(out, args)  # checks the arguments before OUT is claimed with them
     claim_job(out, "replicate", {name: getattr(args, name) for name in PLAN_SETTINGS})
-    steps = plan(out, args)
     start = time.time()
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
@@ -246,7 +246,6 @@ def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], ref
         arms.setdefault(arm, {})[seed] = per
     common = sorted(set.intersection(*(set(per) for per in hits.values())), key=int)
     grouped = bool(groups) and all(d in groups for d in common)
-    seed_counts = sorted({len(seeds) for seeds in arms.values()})
     asked, needed = len(common), questions_for_half_width(CI_HALF_WIDTH)
     resampled = ("whole images (all questions about one grid together, a cluster bootstrap)" if grouped
                  else "the questions")

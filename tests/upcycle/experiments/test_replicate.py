@@ -63,6 +63,16 @@ def test_mllm_seeds_must_be_clip_seeds(tmp_path):
         plan(tmp_path, args(mllm_seeds="1,1"))
 
 
+def test_bad_mllm_seeds_stop_before_the_working_directory_is_claimed(tmp_path, capsys):
+    from upcycle.cli import main
+
+    out = tmp_path / "rep"
+    assert main(["replicate", "--out", str(out), "--mllm-seeds", "0,5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mllm-seeds 0,5" in err[0], err
+    assert not out.exists()  # nothing claimed: the corrected command runs in the same --out
+
+
 def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp_path, capsys):
     done = tmp_path / "out.txt"
     done.write_text("x")
