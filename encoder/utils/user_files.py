@@ -2,7 +2,8 @@
 one-line errors.
 
 Shared by every reader of user data sets (upcycle.data's pair readers and tar shards, mllm_bridge's LLaVA
-training records), so a file that one of them reads the others read the same way and refuse with the same line:
+training records, the lmms-eval model for the images its tasks hand over: `image_rgb`), so a file that one of
+them reads the others read the same way and refuse with the same line:
 text is UTF-8 with a BOM allowed and the offending byte named; an image keeps the range of its 16-bit pixels and
 whatever PIL raises on it names the file (or the shard member); an image path that is missing or empty (0 bytes)
 is found with one stat, before any decoding.
@@ -144,6 +145,18 @@ def decode_rgb(source: str | bytes, name: str | Callable[[], str], record: str =
         detail = " ".join(str(err).split()) or type(err).__name__
         raise UserError(f"cannot decode image {_name(name)} ({detail}); replace the file or remove its "
                         f"{record}") from None
+    return _rgb_or_error(rgb, name)
+
+
+def image_rgb(img: Image.Image, name: str | Callable[[], str]) -> Image.Image:
+    """An image someone else decoded (lmms-eval's data sets hand over PIL images) as 8-bit RGB by the same rules
+    as `decode_rgb` (`rgb_or_problem`), so an evaluation sees the pixels training saw: PIL's own
+    `convert("RGB")` would turn a 16-bit greyscale image into black and white. UserError naming `name` when its
+    pixels are of unknown scale."""
+    return _rgb_or_error(rgb_or_problem(img), name)
+
+
+def _rgb_or_error(rgb: Image.Image | str, name: str | Callable[[], str]) -> Image.Image:
     if isinstance(rgb, str):
         raise UserError(f"image {_name(name)} {rgb}")
     return rgb

@@ -32,6 +32,7 @@ from lmms_eval.api.model import lmms
 from encoder.utils.cli import parse_device
 from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
+from encoder.utils.user_files import image_rgb
 
 from ..llava.loading import load_llava, plan_checkpoint, resolve_dtype
 from .expert_usage import ExpertUsageRecorder
@@ -302,7 +303,8 @@ def _images(doc_to_visual, doc, task: str) -> list:
     for visual in visuals:
         if not isinstance(visual, Image.Image):
             raise UserError(f"task {task} gives a {type(visual).__name__} visual; llava_clipmoe takes images only")
-    return [v.convert("RGB") for v in visuals]
+    # Training's decoder (not PIL's convert("RGB"), which clips 16-bit greyscale to black and white).
+    return [image_rgb(v, f"of task {task}") for v in visuals]
 
 
 def _batch_size(value) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import string
 
+from encoder.utils.user_files import image_rgb
+
 DIGITS = [str(d) for d in range(10)]
 
 
 def doc_to_visual(doc: dict) -> list:
-    return [doc["image"].convert("RGB")]
+    """The grid as 8-bit RGB, decoded as LLaVA training decodes images (`encoder.utils.user_files`)."""
+    return [image_rgb(doc["image"], "of a digit_grids document")]
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
