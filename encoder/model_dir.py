@@ -26,14 +26,14 @@ from safetensors import SafetensorError
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .tensor_stream import INDEX_FILE, WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
+from .tensor_stream import WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
 from .utils.errors import UserError, first_line
+from .weight_files import weights_entry
 
 CONFIG_FILE = "config.json"
 FULL_MODEL_TYPE = CLIPMoEConfig.model_type
 TOWER_CONFIGS = {"vision_config": CLIPMoEVisionConfig, "text_config": CLIPMoETextConfig}
 TOWER_PREFIXES = {"vision_config": "vision_model.", "text_config": "text_model."}
-BIN_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # What a config that transformers cannot build raises, depending on the field and the release.
 CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError)
 LOAD_ERRORS = (OSError, RuntimeError, ValueError, SafetensorError, CheckpointError)
@@ -101,9 +101,9 @@ def build_config(config_file: Path, where: str | None, build):
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file a message about the directory's weights should name: the shard index, else model.safetensors."""
-    path = Path(path)
-    return path / INDEX_FILE if (path / INDEX_FILE).is_file() else path / WEIGHTS_FILE
+    """The file a message about the directory's weights should name: the one `from_pretrained` reads
+    (`encoder.weight_files`), else model.safetensors."""
+    return weights_entry(path) or Path(path) / WEIGHTS_FILE
 
 
 def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
@@ -113,7 +113,7 @@ def read_weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
     path = Path(path)
     cannot = f"{path}: the weights cannot be loaded"
     if not SafetensorsCheckpoint.exists(path):
-        if any((path / name).is_file() for name in BIN_FILES):
+        if weights_entry(path) is not None:  # .bin weights, which from_pretrained reads only without safetensors
             return None
         raise UserError(f"{cannot} ({path / WEIGHTS_FILE} is missing); re-download or re-save the model")
     try:

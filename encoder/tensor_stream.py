@@ -29,6 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weight_files import (
+    SAFETENSORS_FILE,
+    is_index,
+    is_safetensors,
+    weights_entry,
+)
+
 # safetensors dtype names <-> torch dtypes (the ones a CLIP checkpoint can hold).
 DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
@@ -37,8 +44,7 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-INDEX_FILE = "model.safetensors.index.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = SAFETENSORS_FILE
 
 
 class CheckpointError(ValueError):
@@ -135,15 +141,17 @@ class SafetensorsFile(TensorSource):
 
 
 class SafetensorsCheckpoint(TensorSource):
-    """A model directory's safetensors weights: `model.safetensors` or the shards of its index."""
+    """A model directory's safetensors weights: the file or shard index `from_pretrained` reads
+    (`encoder.weight_files.weights_entry`), so a directory holding both is read as transformers reads it."""
 
     def __init__(self, directory: str | os.PathLike):
         directory = Path(directory)
-        index = directory / INDEX_FILE
+        entry = weights_entry(directory)
+        index = entry if is_safetensors(entry) and is_index(entry) else None
         self.files: list[SafetensorsFile] = []
         self._where: dict[str, SafetensorsFile] = {}
         try:
-            if index.is_file():
+            if index is not None:
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (ValueError, KeyError, TypeError) as err:
@@ -156,8 +164,8 @@ class SafetensorsCheckpoint(TensorSource):
                     if name not in shards[shard]:
                         raise CheckpointError(f"{index} puts {name!r} in {shard}, which does not hold it")
                     self._where[name] = shards[shard]
-            else:
-                f = SafetensorsFile(directory / WEIGHTS_FILE)
+            else:  # no safetensors at all: model.safetensors, for the FileNotFoundError that names it
+                f = SafetensorsFile(entry if is_safetensors(entry) else directory / WEIGHTS_FILE)
                 self.files.append(f)
                 self._where = {name: f for name in f.keys()}
         except BaseException:
@@ -166,8 +174,8 @@ class SafetensorsCheckpoint(TensorSource):
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
-        """Whether `directory` holds safetensors weights this class reads (else e.g. pytorch_model.bin)."""
-        return (Path(directory) / INDEX_FILE).is_file() or (Path(directory) / WEIGHTS_FILE).is_file()
+        """Whether the weights `from_pretrained` reads from `directory` are safetensors (not pytorch_model.bin)."""
+        return is_safetensors(weights_entry(directory))
 
     def keys(self) -> list[str]:
         return list(self._where)

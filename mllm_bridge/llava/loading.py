@@ -19,14 +19,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from encoder.utils.errors import UserError, first_line
+from encoder.weight_files import ORDER, weights_entry
 
 from .checks import tower_problems
 from .config import LlavaCheckpointConfig, read_llava_config
 from .hook import install_llava_hook
 from .tower_info import TowerInfo, read_tower
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = ORDER  # what from_pretrained looks for, in its order
 PROJECTOR_FILE = "mm_projector.bin"
 PROJECTOR_PREFIX = "model.mm_projector."
 TOWER_PREFIX = "model.vision_tower."  # tower weights saved inside a LLaVA checkpoint; the tower loads from its own dir
@@ -87,7 +87,7 @@ def plan_checkpoint(pretrained: str | Path, model_base: str | Path | None = None
     if problems:
         raise UserError(f"{config.directory} does not fit its tower {tower.path}: " + "; ".join(problems))
     directory = config.directory
-    has_weights = any((directory / name).is_file() for name in WEIGHT_FILES)
+    has_weights = weights_entry(directory) is not None
     projector = directory / PROJECTOR_FILE
     if model_base is None:
         if not has_weights:
@@ -99,7 +99,7 @@ def plan_checkpoint(pretrained: str | Path, model_base: str | Path | None = None
         raise UserError(f"model_base={model_base} is given but {directory} has no {PROJECTOR_FILE} to load over it; "
                         "drop model_base for a full checkpoint")
     base = local_dir(model_base, "model_base", "model_base=LLM_DIR, the language model the projector was trained on")
-    if not any((base / name).is_file() for name in WEIGHT_FILES):
+    if weights_entry(base) is None:
         raise UserError(f"model_base={model_base} holds no language model weights ({', '.join(WEIGHT_FILES)}); "
                         "pass the LLM directory the projector was trained on")
     tokenizer_dir = directory if (directory / "tokenizer_config.json").is_file() else base

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,13 +24,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from encoder.utils.errors import UserError
-from encoder.utils.files import make_readable, write_failure
+from encoder.utils.files import make_readable, owned_temporary_dir, remove_stale_siblings, write_failure
+from encoder.weight_files import SAFETENSORS_FILE, is_index, weights_entry
 
 from .projector import PROJECTOR_FILE, projector_parameter_names
 
 CONFIG_FILE = "config.json"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOWER_KEY = ".vision_tower."
+FINAL_TMP = "final"  # `publish` assembles the output in OUTPUT_DIR/.final.tmp-HOST-PID-*/
 
 
 class ProjectorOutput:
@@ -66,9 +66,9 @@ class FullOutput:
         tokenizer.save_pretrained(directory)
 
     def read_trained(self, model: nn.Module, directory: Path) -> None:
-        index = directory / SAFETENSORS_INDEX
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else ["model.safetensors"])
+        entry = weights_entry(directory) or directory / SAFETENSORS_FILE  # the file from_pretrained would read
+        files = (sorted(set(json.loads(entry.read_text())["weight_map"].values())) if is_index(entry)
+                 else [entry.name])
         weights = {}
         for name in files:
             weights.update(load_file(str(directory / name)))
@@ -114,13 +114,18 @@ def _load_trained(model: nn.Module, weights: dict[str, torch.Tensor], directory:
             params[name].copy_(weights[name])
 
 
+def remove_stale_final(out: Path) -> list[Path]:
+    """Remove what a final write killed midway left in `out` (a whole model's files): dead writers' only."""
+    return remove_stale_siblings(out / FINAL_TMP)
+
+
 def publish(write: Callable[[Path], None], out: Path) -> None:
     """Write files through `write(tmp)` into a hidden folder inside `out`, then move them into `out`,
     config.json last: `out` also holds checkpoints and logs, so it cannot be swapped as a whole."""
     tmp = None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+        tmp = owned_temporary_dir(out, FINAL_TMP)
         write(tmp)
         make_readable(tmp)  # mkdtemp and save_pretrained create owner-only modes
         files = sorted(p for p in tmp.iterdir() if p.name != CONFIG_FILE)

@@ -4,8 +4,11 @@ model directory's weights from the file transformers' `from_pretrained` reads.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from encoder.utils.errors import UserError
@@ -49,3 +52,59 @@ def test_lmms_eval_refuses_an_image_of_unknown_scale_as_training_does(tmp_path):
     wide = Image.fromarray(np.full((8, 8), 70000, dtype=np.int32), mode="I")
     with pytest.raises(UserError, match="image of task a-task holds I pixels from 70000 to 70000, outside"):
         _images(lambda doc: [wide], {}, "a-task")
+
+
+# One weight file per directory, the one transformers reads: `upcycle sparse` streams the base's weights itself.
+
+def save_shards(tensors: dict, directory, stem: str = "model") -> None:
+    """`tensors` as two safetensors shards and their index, as `save_pretrained` writes a sharded checkpoint."""
+    from safetensors.torch import save_file
+
+    names = sorted(tensors)
+    shards = {f"{stem}-00001-of-00002.safetensors": names[::2], f"{stem}-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, directory / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index))
+
+
+def with_stale_index(directory, other: dict) -> None:
+    """model.safetensors stays; an index with other weights beside it (an earlier sharded save)."""
+    save_shards(other, directory)
+
+
+def with_explicit_file(directory, other: dict) -> None:
+    """config.json's `transformers_weights` names another file, which from_pretrained reads first."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in other.items()}, directory / "chosen.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "transformers_weights": "chosen.safetensors"}))
+
+
+@pytest.mark.parametrize("second_set, read_seed", [(with_stale_index, 0), (with_explicit_file, 1)],
+                         ids=["file-and-index", "explicit"])
+def test_sparse_upcycles_the_weights_from_pretrained_loads(tmp_path, second_set, read_seed):
+    """The base holds weights of seed 0 in model.safetensors and of seed 1 elsewhere; transformers reads
+    `read_seed`'s, and so must the streaming upcycle."""
+    from conftest import save_tiny_dense_clip, tiny_dense_clip
+    from transformers import CLIPModel
+
+    from encoder.loading import load_clip
+    from upcycle.cli import main
+
+    base = save_tiny_dense_clip(tmp_path / "base", seed=0)
+    second_set(base, tiny_dense_clip(seed=1).state_dict())
+    loaded = CLIPModel.from_pretrained(base).state_dict()
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(loaded[name], tiny_dense_clip(seed=read_seed).state_dict()[name])  # transformers' order
+    assert main(["sparse", "--base", str(base), "--out", str(tmp_path / "moe")]) == 0
+    moe = load_clip(tmp_path / "moe").model.state_dict()
+    shared = sorted(set(loaded) & set(moe))
+    assert len(shared) > 20
+    for name in shared:  # embeddings, attention, norms, projections: copied as they are
+        torch.testing.assert_close(moe[name], loaded[name], rtol=0, atol=0, msg=name)
+    up = moe["vision_model.encoder.layers.0.mlp.experts.up_proj"]
+    fc1 = loaded["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    for expert in up:  # every expert a copy of the dense MLP that from_pretrained loads
+        assert torch.equal(expert, fc1) or torch.equal(expert, fc1.T)
