@@ -21,6 +21,7 @@ optimizer (`_write_trained` / `_read_trained`, `_record` / `_restore`) and which
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..utils.errors import TrainingDiverged, UserError
 from ..utils.files import atomic_output_dir
+from ..utils.options import show
 from ..utils.step_record import SettingsChanged, differences
 from .run_log import NullLog, RunLog
 from .sampler import endless_batches
@@ -156,6 +158,9 @@ class TrainingLoop:
     lr_flag = "--lr"
     suspects = "the data"  # what to check when the loss is not finite before any update
     unstable_fix = "restart with a lower --lr"  # when the checkpoint a run resumed from is already unstable
+    # The flags that make a run of the same command resume at a lower rate (lower_lr.FIELD), or None where the
+    # command offers none: then the stop advises `unstable_fix`.
+    lower_lr_resume: str | None = None
 
     def __init__(self, accelerator, module: nn.Module, optimizer, scheduler, dataset: Dataset, sampler, collate_fn, num_workers: int, plan: LoopPlan,
                  checkpoints: CheckpointDir, source: str):
@@ -340,24 +345,38 @@ class TrainingLoop:
         return int(np.random.SeedSequence(parts).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
     def _stop_or_sum(self, loss: torch.Tensor, numbers: dict[str, float]) -> dict[str, float]:
-        """One reduction over the processes per micro-batch: stop all of them on a non-finite loss; return the
-        loss averaged over them and `numbers` summed."""
+        """One reduction over the processes per micro-batch: stop all of them on a non-finite loss, naming the
+        loss and the ranks that had it; return the loss averaged over them and `numbers` summed.
+
+        Each rank writes what its loss is (`NON_FINITE`'s index) into its own slot, so the sum tells every rank
+        which ranks went non-finite and how, not only that one did: every rank raises the same message."""
         acc = self.accelerator
-        stats = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, loss.item(), *numbers.values()],
-                             dtype=torch.float64, device=acc.device)
+        value = loss.item()
+        slots = [0.0] * acc.num_processes
+        slots[acc.process_index] = float(non_finite_kind(value))
+        stats = torch.tensor([*slots, value, *numbers.values()], dtype=torch.float64, device=acc.device)
         if acc.num_processes > 1:
             stats = acc.reduce(stats, reduction="sum")
-        bad, loss_sum, *sums = stats.tolist()
-        if bad:
-            self._diverged(loss.item())
+        reduced = stats.tolist()
+        kinds, (loss_sum, *sums) = reduced[:acc.num_processes], reduced[acc.num_processes:]
+        if any(kinds):
+            self._diverged(describe_non_finite(kinds))
         return {"loss": loss_sum / acc.num_processes, **dict(zip(numbers, sums))}
 
-    def _diverged(self, loss: float) -> NoReturn:
+    def _diverged(self, loss: str) -> NoReturn:
+        """Stop with what to do: `loss` says which value the reduction found (and on which ranks)."""
         last = self.checkpoints.latest()
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         at = f"the loss became {loss} at step {self.step + 1}"
         if self.step > self.first_step:
-            raise TrainingDiverged(f"{at}; {where}; lower {self.lr_flag} and resume from it, or restart")
+            if last is None:
+                raise TrainingDiverged(f"{at}; {where}; restart with a lower {self.lr_flag}")
+            if self.lower_lr_resume is None:
+                raise TrainingDiverged(f"{at}; {where}; {self.unstable_fix}")
+            peak = show(self.scheduler.base_lrs[0])
+            raise TrainingDiverged(f"{at}; {where}; to continue from it at a lower learning rate, run the same "
+                                   f"command again with {self.lower_lr_resume} and {self.lr_flag} below {peak}; "
+                                   f"or {self.unstable_fix}")
         # No update yet in this process, from weights `run` found finite: the learning rate has not acted on them,
         # so the batch, the loss settings or the precision are the suspects.
         if self.resumed_from is None:
@@ -366,3 +385,29 @@ class TrainingLoop:
         raise TrainingDiverged(f"{at}, the first after resuming from {self.resumed_from}, before any update, from "
                                f"finite weights: check {self.suspects}; or the checkpoint is already unstable (too "
                                f"high a {self.lr_flag} before it): {self.unstable_fix}")
+
+
+NON_FINITE = ("finite", "nan", "inf", "-inf")  # what a loss is, by index: the code each rank reduces
+
+
+def non_finite_kind(value: float) -> int:
+    """`value`'s index in NON_FINITE (0: finite)."""
+    if math.isnan(value):
+        return 1
+    if math.isinf(value):
+        return 2 if value > 0 else 3
+    return 0
+
+
+def describe_non_finite(kinds: Sequence[float]) -> str:
+    """The non-finite losses in `kinds` (one NON_FINITE index per rank, as reduced): "nan" for one process,
+    "nan on rank 1 of 2" or "inf on ranks 0, 3 and nan on rank 2 of 4" for several."""
+    found: dict[str, list[int]] = {}
+    for rank, kind in enumerate(kinds):
+        if kind:
+            found.setdefault(NON_FINITE[int(kind)], []).append(rank)
+    if len(kinds) == 1:
+        return next(iter(found))
+    parts = [f"{name} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+             for name, ranks in found.items()]
+    return f"{' and '.join(parts)} of {len(kinds)}"

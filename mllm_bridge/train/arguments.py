@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encoder.tower import SELECT_FEATURES
+from encoder.training import lower_lr
 from encoder.training.run_log import REPORT_TARGETS
 from encoder.utils.errors import UserError
 from encoder.utils.options import OPTION, Option, option, value_kwargs
@@ -91,6 +92,7 @@ class TrainingArguments:
                                        "checkpoints (which are deleted) instead of refusing or resuming", type=str2bool)
     resume_from_checkpoint: str | None = _flag(None, "a checkpoint-N directory to resume from (default: the newest "
                                                "one in --output_dir, as LLaVA does)")
+    resume_lower_lr: bool = _flag(False, lower_lr.HELP, type=str2bool)
     num_train_epochs: float = _flag(1.0, "passes over the data", type=float)
     max_steps: int = _flag(-1, "optimizer steps; > 0 overrides --num_train_epochs", type=int)
     per_device_train_batch_size: int = _flag(32, "samples per process per micro-batch", type=int)
@@ -161,6 +163,8 @@ GIVEN = "_given_flags"  # namespace attribute: the flags named on the command li
 NOT_SHAPING = frozenset({
     # where the run reads and writes: the checkpoint is compared by what it holds, not by where it lies
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "cache_dir",
+    # lets a resume lower --learning_rate, which is then checked on its own and recorded (encoder.training.lower_lr)
+    lower_lr.FIELD,
     # when progress is saved and where it is logged
     "save_strategy", "save_steps", "save_total_limit", "logging_steps", "logging_dir", "report_to",
     # how fast, not what: the processes that load data, and recomputing activations instead of keeping them

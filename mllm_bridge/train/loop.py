@@ -28,6 +28,7 @@ from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw
 from encoder.training.loop import refuse_changed_settings as refuse_changed
+from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import full_state_dict, shards_parameters
 from encoder.utils.errors import UserError
 
@@ -60,6 +61,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 # What a run derives from its flags, its data and its launch that must also match on resume (the flags
 # themselves are compared through `shaping_settings`). TOTAL_STEPS is known only once the data is tokenized.
 NUM_PROCESSES, TOTAL_STEPS = "num_processes", "total_steps"
+LR_FLAG, RESUME_LOWER_LR = "--learning_rate", "--resume_lower_lr"
 
 
 def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | None = None) -> dict[str, Any]:
@@ -91,12 +93,19 @@ def recorded_settings(path: Path) -> dict[str, Any]:
     return {**settings, **{key: identity[key] for key in (NUM_PROCESSES, TOTAL_STEPS) if key in identity}}
 
 
-def refuse_changed_settings(path: Path, wanted: dict[str, Any]) -> None:
+def refuse_changed_settings(path: Path, wanted: dict[str, Any], lower_lr: bool = False,
+                            lr_change: LowerLrResume | None = None) -> None:
     """Raise SettingsChanged naming every setting in which `path` differs from `wanted` (old -> new), in one line.
 
-    Settings `wanted` leaves out (total_steps, before the data is tokenized) are not compared."""
+    Settings `wanted` leaves out (total_steps, before the data is tokenized) are not compared. `lower_lr`
+    (--resume_lower_lr) accepts a lower --learning_rate, which `lr_change` (the trainer's) then applies."""
     recorded = {k: v for k, v in recorded_settings(path).items() if k in wanted or k != TOTAL_STEPS}
     why = "; (unset) marks what the older version that wrote it did not record" if set(wanted) - set(recorded) else ""
+    lr_change = lr_change or LowerLrResume(LR_FLAG, RESUME_LOWER_LR)
+    if isinstance(recorded.get(LR_FLAG), (int, float)) and LR_FLAG in wanted:
+        why += lr_change.refusal_note(recorded[LR_FLAG], wanted[LR_FLAG], lower_lr)
+        if lr_change.accept(path, recorded[LR_FLAG], wanted[LR_FLAG], lower_lr):
+            recorded[LR_FLAG] = wanted[LR_FLAG]
     refuse_changed(path, recorded, wanted, "resume with the same flags, or pass --overwrite_output_dir True to "
                    "start afresh", why)
 
@@ -115,7 +124,8 @@ class TrainResult:
 class LlavaTrainer(TrainingLoop):
     """Trains `trained.model` in place on `dataset`; `output` decides what checkpoints and the final output hold."""
 
-    lr_flag = "--learning_rate"
+    lr_flag = LR_FLAG
+    lower_lr_resume = f"{RESUME_LOWER_LR} True"
     suspects = "the data (a sample or image the model cannot encode?) and --bf16 / --fp16"
     unstable_fix = "resume from an earlier one if --save_total_limit kept one, or restart with a lower --learning_rate"
 
@@ -160,6 +170,7 @@ class LlavaTrainer(TrainingLoop):
         self.empty_batches = 0
         self.first_losses: list[float] = []
         self.last_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self.lr_change = LowerLrResume(LR_FLAG, RESUME_LOWER_LR)
 
     # -- checkpoints: LLaVA's output files, the flags, and the run's counters ---------------------------------
     def settings(self) -> dict[str, Any]:
@@ -168,7 +179,7 @@ class LlavaTrainer(TrainingLoop):
         return run_settings(self.args, self.accelerator.num_processes, self.total_steps)
 
     def _refuse_changed_settings(self, path: Path) -> None:
-        refuse_changed_settings(path, self.settings())
+        refuse_changed_settings(path, self.settings(), self.args.training.resume_lower_lr, self.lr_change)
 
     def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
         self.output.write(self.accelerator.unwrap_model(self.model), self.trained.tokenizer, directory, weights)
@@ -181,12 +192,14 @@ class LlavaTrainer(TrainingLoop):
         return {"samples_seen": self.samples_seen, "truncated": self.truncated, "empty_batches": self.empty_batches,
                 "first_losses": self.first_losses, "last_losses": list(self.last_losses), "settings": self.settings(),
                 # held whole by every rank, outside the engine's accounting under ZeRO-3 / FSDP2 (_keep_tower_whole)
-                "vision_tower_parameters": sum(p.numel() for p in self.trained.model.get_vision_tower().parameters())}
+                "vision_tower_parameters": sum(p.numel() for p in self.trained.model.get_vision_tower().parameters()),
+                **self.lr_change.record()}
 
     def _restore(self, record: dict[str, Any]) -> None:
         self.samples_seen, self.truncated = record["samples_seen"], record["truncated"]
         self.empty_batches, self.first_losses = record["empty_batches"], record["first_losses"]
         self.last_losses.extend(record["last_losses"])
+        self.lr_change.restore(record, self.scheduler, self.step)
 
     # -- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from: Path | None = None) -> TrainResult:
@@ -222,10 +235,11 @@ class LlavaTrainer(TrainingLoop):
         return {"loss": step_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
 
     def _log_values(self, steps: list[dict[str, float]]) -> dict[str, float]:
-        return {"loss": _mean([s["loss"] for s in steps]), "learning_rate": steps[-1]["learning_rate"],
-                "epoch": self.batches_done / self.sampler.batches_per_epoch,
-                "samples_seen": float(self.samples_seen), "truncated_samples": float(self.truncated),
-                "empty_batches": float(self.empty_batches)}
+        values = {"loss": _mean([s["loss"] for s in steps]), "learning_rate": steps[-1]["learning_rate"],
+                  "epoch": self.batches_done / self.sampler.batches_per_epoch,
+                  "samples_seen": float(self.samples_seen), "truncated_samples": float(self.truncated),
+                  "empty_batches": float(self.empty_batches)}
+        return self.lr_change.note(values)
 
     def _require_finite_weights(self) -> None:
         """Refuse NaN or inf in any weight, trained or frozen, before the first step, naming the flag its part of

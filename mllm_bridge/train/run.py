@@ -150,7 +150,8 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     resume_from = _prepare_output_dir(args, output, accelerator)
     if resume_from is not None:
         # Before the language model is loaded; the trainer checks again with the number of steps the data makes.
-        refuse_changed_settings(resume_from, run_settings(args, accelerator.num_processes))
+        refuse_changed_settings(resume_from, run_settings(args, accelerator.num_processes),
+                                args.training.resume_lower_lr)
     trained = build_training_model(args, tower, frozen_dtype(accelerator))
     dataset = LlavaDataset(samples, trained.tokenizer, trained.image_processor, trained.image_tokens,
                            args.training.model_max_length, args.data.image_aspect_ratio)

@@ -12,7 +12,7 @@ from encoder.utils.files import check_output_dir, file_sha256
 from encoder.utils.options import check_options, option, option_like, options_of
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
-from .config import TrainConfig, TrainingData, TrainOutput
+from .config import RESUME_LOWER_LR, TrainConfig, TrainingData, TrainOutput
 from .trainer import ContrastiveTrainer, latest_checkpoint
 
 
@@ -63,7 +63,8 @@ def run_train(cmd: TrainCommand) -> int:
     weights = Path(cmd.model) / "model.safetensors"
     identity = {"model": str(cmd.model), "train_data": str(data.train_data), "image_root": str(data.image_root),
                 "model_sha256": file_sha256(weights) if weights.is_file() else None}
-    trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity)
+    trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity,
+                                 lower_lr_resume=f"--resume {RESUME_LOWER_LR}")
     model = trainer.train(resume=output.resume)
     if trainer.accelerator.is_main_process:
         card = {

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from encoder.training import lower_lr
 from encoder.utils.options import check_options, option, switch
 
 from .params import TRAINABLE_CHOICES
 
-# TrainConfig fields that change neither the weights nor the schedule, so a resume may change them.
-NOT_SHAPING = ("desc", "checkpoint_every", "num_workers")
+# TrainConfig fields that change neither the weights nor the schedule, so a resume may change them
+# (resume_lower_lr lets a resume change --lr, checked on its own by the trainer, and says so in the record).
+NOT_SHAPING = ("desc", "checkpoint_every", "num_workers", lower_lr.FIELD)
+RESUME_LOWER_LR = "--resume-lower-lr"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -78,6 +81,7 @@ class TrainConfig:
     precision: str = option("--precision", "auto = bf16 autocast on GPUs that support it, else fp32", "auto",
                             kind=str, choices=PRECISIONS)
     seed: int = option("--seed", "seed for batch order and routers", 0, kind=int, low=0)
+    resume_lower_lr: bool = switch(RESUME_LOWER_LR, lower_lr.HELP)
     desc: str = "train"  # names the run in progress bars and logs
 
     def __post_init__(self):

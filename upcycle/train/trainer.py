@@ -28,11 +28,12 @@ from torch.utils.data import Dataset
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, refuse_changed_settings
+from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
 from encoder.utils.errors import UserError
 from encoder.utils.options import check_options
 
-from .config import NOT_SHAPING, TrainConfig
+from .config import NOT_SHAPING, RESUME_LOWER_LR, TrainConfig
 from .losses import clip_contrastive_loss
 from .params import select_trainable
 
@@ -121,6 +122,8 @@ class ContrastiveTrainer(TrainingLoop):
     checkpoint beside the config; a resume with anything that shapes the result changed is refused.
     `source`: how messages name the starting model (default: identity["model"]); its weights, trained and
     frozen, must be finite, which `train` checks before the first step.
+    `lower_lr_resume`: the flags that make a run of the caller's command resume at a lower --lr (TrainConfig's
+    resume_lower_lr), named by the divergence stop; None where the command has no such resume (DMU, compare).
     """
 
     lr_flag = "--lr"
@@ -128,7 +131,8 @@ class ContrastiveTrainer(TrainingLoop):
     unstable_fix = "remove the work directory and restart with a lower --lr"
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
-                 work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None):
+                 work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
+                 lower_lr_resume: str | None = None):
         check_options(config)  # again: a dataclass field may have been changed since it was made
         self.config = config
         self.work_dir = Path(work_dir)
@@ -170,6 +174,8 @@ class ContrastiveTrainer(TrainingLoop):
                          workers, plan, _checkpoint_dir(self.work_dir),
                          source or str((identity or {}).get("model") or "the model to train"))
         self.pairs_seen = 0
+        self.lower_lr_resume = lower_lr_resume
+        self.lr_change = LowerLrResume(self.lr_flag, RESUME_LOWER_LR)
 
     # -- what a checkpoint holds: only the trainable tensors (the frozen ones are the starting model's) ---------
     def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -181,16 +187,23 @@ class ContrastiveTrainer(TrainingLoop):
 
     def _record(self) -> dict:
         return {"pairs_seen": self.pairs_seen, "config": asdict(self.config), "identity": self.identity,
-                "num_processes": self.accelerator.num_processes}
+                "num_processes": self.accelerator.num_processes, **self.lr_change.record()}
 
     def _restore(self, record: dict) -> None:
         self.pairs_seen = record["pairs_seen"]
+        self.lr_change.restore(record, self.scheduler, self.step)
 
     def _refuse_changed_settings(self, path: Path) -> None:
         state = json.loads((path / STATE_FILE).read_text())
-        refuse_changed_settings(path, self.shaping_settings(state.get("config", {}), state.get("identity", {})),
+        recorded, note = dict(state.get("config", {})), ""
+        if "lr" in recorded:
+            lr, allowed = self.config.lr, self.config.resume_lower_lr
+            note = self.lr_change.refusal_note(recorded["lr"], lr, allowed)
+            if self.lr_change.accept(path, recorded["lr"], lr, allowed):
+                recorded["lr"] = lr
+        refuse_changed_settings(path, self.shaping_settings(recorded, state.get("identity", {})),
                                 self.shaping_settings(asdict(self.config), self.identity),
-                                "resume with the same settings, or remove the work directory to start over")
+                                "resume with the same settings, or remove the work directory to start over", note)
         if state["num_processes"] != self.accelerator.num_processes:
             raise UserError(f"{path} was written by {state['num_processes']} processes, this run has "
                             f"{self.accelerator.num_processes}; resume with the same number of processes")
@@ -219,6 +232,9 @@ class ContrastiveTrainer(TrainingLoop):
         means = {key: sum(m[key] for m in micro) / len(micro) / (1 if key == "loss" else processes)
                  for key in ("loss", "contrastive", "load_balance", "z_loss")}
         return {**means, "lr": self.scheduler.get_last_lr()[0], "pairs_seen": float(self.pairs_seen)}
+
+    def _log_values(self, steps: list[dict[str, float]]) -> dict[str, float]:
+        return self.lr_change.note(steps[-1])
 
     def _require_finite_weights(self) -> None:
         require_finite_weights(self.clip, self.source)
