@@ -6,11 +6,13 @@ checkpoint has a CLIP-MoE config that reproduces it.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers.activations import ACT2FN
 
 
 def _is_int(value) -> bool:
@@ -42,7 +44,8 @@ class MoEFields:
     num_experts (`int`, defaults to 4): experts per MoE layer.
     top_k (`int`, defaults to 2): experts each token is routed to; their weights are renormalised to sum to 1.
     moe_layers (`list[int]`, defaults to `[]`): indices of the layers whose MLP is a MoE layer (empty = dense).
-    router_jitter (`float`, defaults to 0.0): multiplicative uniform noise on router inputs while training.
+    router_jitter (`float`, defaults to 0.0): multiplicative uniform noise on router inputs while training, in
+        [0, 1) (inputs scaled by a factor from 1 - router_jitter to 1 + router_jitter).
     capacity_factor (`float`, *optional*): None = dropless; else each expert takes at most
         `ceil(capacity_factor * tokens * top_k / num_experts)` token-choices per forward.
     aux_loss_coef (`float`, defaults to 0.01): weight of the load-balance loss in `aux_loss`.
@@ -98,10 +101,32 @@ class MoEFields:
             )
         if len(set(self.moe_layers)) != len(self.moe_layers):
             raise ValueError(f"moe_layers has duplicates: {self.moe_layers}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
-        if self.router_jitter < 0:
-            raise ValueError(f"router_jitter must be >= 0, got {self.router_jitter}")
+        # NaN passes every comparison, so each bound is written as what must hold (NaN and inf fail it).
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise ValueError(f"capacity_factor must be a finite number > 0 or null (dropless), got "
+                             f"{self.capacity_factor}")
+        if not 0 <= self.router_jitter < 1:
+            raise ValueError(f"router_jitter must be in [0, 1) (router inputs are scaled by 1 +- router_jitter), "
+                             f"got {self.router_jitter}")
+        for name in ("aux_loss_coef", "router_z_loss_coef"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0 (a loss weight), got {getattr(self, name)}")
+
+    def validate_forward_fields(self) -> None:
+        """Run by `@strict` after init: the CLIP tower fields the forward pass reads and no weight shape checks, which
+        would otherwise fail at the first forward (an unknown activation) or give NaN without a word (a NaN
+        layer_norm_eps, a text tower pooling at a token id it never sees)."""
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not an activation transformers knows (CLIPs use "
+                             "quick_gelu or gelu; the names are transformers.activations.ACT2FN's)")
+        if not _is_number(self.layer_norm_eps) or not 0 < self.layer_norm_eps < math.inf:
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {self.layer_norm_eps!r}")
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}")
+        eos = getattr(self, "eos_token_id", None)
+        if self.model_type == CLIPMoETextConfig.model_type and not (_is_int(eos) and 0 <= eos < self.vocab_size):
+            raise ValueError(f"eos_token_id must be a token id below vocab_size ({self.vocab_size}): the text tower "
+                             f"pools the embedding at that token; got {eos!r}")
 
     @property
     def is_moe(self) -> bool:

@@ -131,8 +131,8 @@ class CLIPMoEVisionTower(nn.Module):
             logger.warning("%s is already loaded; load_model called again, skipping", self.vision_tower_name)
             return
         if self.is_moe:  # validated: a damaged directory is one UserError line, never a tower with random weights
-            self.image_processor = load_image_processor(self.vision_tower_name)
             self.vision_tower = load_clip_moe(self.vision_tower_name, CLIPMoEVisionModel, device_map=device_map)
+            self.image_processor = load_image_processor(self.vision_tower_name, self.vision_tower.config.image_size)
         else:  # exactly what LLaVA's own tower does
             self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
             self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)

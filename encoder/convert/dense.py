@@ -197,21 +197,27 @@ def image_processor_for(source, config: CLIPConfig) -> CLIPImageProcessor:
     the model other inputs than it was trained on, and a CLIP-MoE upcycled from it would keep that default.
     """
     directory = _local_directory(source)
+    image_size = config.vision_config.image_size
     if directory is not None and not (directory / PREPROCESSOR_FILE).is_file():
         logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
-        return default_image_processor(config.vision_config.image_size)
+        return default_image_processor(image_size)
     if directory is not None:
-        return load_image_processor(directory)
+        return load_image_processor(directory, image_size)
     try:
-        return CLIPImageProcessor.from_pretrained(source)
+        processor = CLIPImageProcessor.from_pretrained(source)
     except OSError:
         logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
-        return default_image_processor(config.vision_config.image_size)
+        return default_image_processor(image_size)
+    problem = image_size_problem(processor, image_size)
+    if problem:
+        raise UserError(f"{source}: its image processor's {problem} in a local copy of it")
+    return processor
 
 
-def load_image_processor(directory: str | Path) -> CLIPImageProcessor:
+def load_image_processor(directory: str | Path, image_size: int | None = None) -> CLIPImageProcessor:
     """DIR/preprocessor_config.json as a CLIP image processor; UserError naming the file when it is missing,
-    not JSON, or holds values no CLIP preprocessing can use (a mean/std that is not 3 numbers, a std of 0, ...)."""
+    not JSON, or holds values no CLIP preprocessing can use (a mean/std that is not 3 numbers, a std of 0, ...),
+    or, given the model's `image_size`, images of another size (they would fail the model's first forward)."""
     file = Path(directory) / PREPROCESSOR_FILE
     fix = f"restore {file.name} from the model's source or re-save the model's image processor"
     if not file.is_file():
@@ -225,7 +231,36 @@ def load_image_processor(directory: str | Path) -> CLIPImageProcessor:
     problem = _processor_problem(processor)
     if problem:
         raise UserError(f"{file}: {problem}; {fix}")
+    problem = image_size_problem(processor, image_size) if image_size is not None else None
+    if problem:
+        raise UserError(f"{file}: {problem} in {file.name}, or re-save the model's image processor")
     return processor
+
+
+def image_size_problem(processor: CLIPImageProcessor, image_size: int) -> str | None:
+    """What makes `processor`'s images other than `image_size` x `image_size` (what the model's position embeddings
+    take), or None. `crop_size` counts even when the processor does not crop: LLaVA's training makes the blank
+    image of a text-only sample at crop_size. Without a crop, `size` is the output: height x width, or a
+    shortest edge (square images only) that must be image_size."""
+    crop = _size_values(processor.crop_size)
+    if (crop.get("height"), crop.get("width")) != (image_size, image_size):
+        shown = f"{crop.get('height')}x{crop.get('width')}" if crop else "unset"
+        return (f"crop_size is {shown} but the model takes {image_size}x{image_size} images (vision_config."
+                f"image_size); set crop_size to {{\"height\": {image_size}, \"width\": {image_size}}}")
+    if processor.do_center_crop:
+        return None
+    size = _size_values(processor.size)
+    out = (size.get("shortest_edge"),) * 2 if "shortest_edge" in size else (size.get("height"), size.get("width"))
+    if out != (image_size, image_size):
+        return (f"do_center_crop is false and size is {size}, which gives no {image_size}x{image_size} images (the "
+                f"model's vision_config.image_size); set do_center_crop to true or size to {{\"height\": "
+                f"{image_size}, \"width\": {image_size}}}")
+    return None
+
+
+def _size_values(size) -> dict:
+    """A processor's size or crop_size (a dict, transformers' SizeDict, or None) as a dict of the values set."""
+    return {k: v for k, v in dict(size).items() if v is not None} if size is not None else {}
 
 
 def _processor_problem(processor: CLIPImageProcessor) -> str | None:

@@ -259,7 +259,9 @@ def image_processor_from_open_clip(preprocess_cfg: Mapping[str, Any]) -> CLIPIma
     common = {"resample": PILImageResampling.BILINEAR if bilinear else PILImageResampling.BICUBIC,
               "image_mean": list(preprocess_cfg["mean"]), "image_std": list(preprocess_cfg["std"])}
     if mode == "squash":
-        return CLIPImageProcessor(size={"height": h, "width": w}, do_center_crop=False, **common)
+        # crop_size too, though nothing is cropped: LLaVA makes a text-only sample's blank image at crop_size.
+        return CLIPImageProcessor(size={"height": h, "width": w}, crop_size={"height": h, "width": w},
+                                  do_center_crop=False, **common)
     if mode != "shortest" or h != w:
         logger.warning("open_clip resize_mode %r at size %s has no CLIPImageProcessor twin; "
                        "using shortest-edge resize + center crop", mode, size)

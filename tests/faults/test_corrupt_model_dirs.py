@@ -138,6 +138,25 @@ TOWER_FAULTS = [
     ("processor-not-json", write(PREPROCESSOR, "{nope"), "is not valid JSON"),
     ("processor-std-0", edit_processor(image_std=[0.0, 0.26, 0.27]), "image_std [0.0, 0.26, 0.27] has a value <= 0"),
     ("processor-mean-string", edit_processor(image_mean="0.5"), "image_mean is '0.5', not 3 finite numbers"),
+    # Values only the forward reads: NaN passes every `<` check, and each failed at the first forward or gave NaN.
+    ("capacity-factor-nan", edit_config(V, "capacity_factor", value=float("nan")),
+     "capacity_factor must be a finite number > 0 or null (dropless), got nan"),
+    ("capacity-factor-inf", edit_config(V, "capacity_factor", value=float("inf")),
+     "capacity_factor must be a finite number > 0 or null (dropless), got inf"),
+    ("router-jitter-nan", edit_config(V, "router_jitter", value=float("nan")), "router_jitter must be in [0, 1)"),
+    ("router-jitter-inf", edit_config(V, "router_jitter", value=float("inf")), "router_jitter must be in [0, 1)"),
+    ("router-jitter-1", edit_config(V, "router_jitter", value=1.0), "router_jitter must be in [0, 1)"),
+    ("aux-loss-coef-nan", edit_config(V, "aux_loss_coef", value=float("nan")),
+     "aux_loss_coef must be a finite number >= 0 (a loss weight), got nan"),
+    ("z-loss-coef-negative", edit_config(V, "router_z_loss_coef", value=-1.0),
+     "router_z_loss_coef must be a finite number >= 0"),
+    ("hidden-act-unknown", edit_config(V, "hidden_act", value="quick_gelu2"),
+     "hidden_act 'quick_gelu2' is not an activation transformers knows"),
+    ("layer-norm-eps-nan", edit_config(V, "layer_norm_eps", value=float("nan")),
+     "layer_norm_eps must be a finite number > 0, got nan"),
+    ("layer-norm-eps-negative", edit_config(V, "layer_norm_eps", value=-1e-5), "layer_norm_eps must be a finite"),
+    ("attention-dropout-nan", edit_config(V, "attention_dropout", value=float("nan")),
+     "attention_dropout must be a number in [0, 1), got nan"),
 ]
 # What only the full model reads: the text tower's layout and the tokenizer (the LLaVA tower loads neither).
 FULL_MODEL_FAULTS = [
@@ -146,6 +165,10 @@ FULL_MODEL_FAULTS = [
     ("tokenizer-not-json", write("tokenizer.json", '{"version": "1.0", "model": '), "is not valid JSON"),
     ("tokenizer-wrong-content", write("tokenizer.json", '{"version": "1.0"}'), "tokenizer"),
     ("tokenizer-config-not-an-object", write("tokenizer_config.json", "[1, 2]"), "not an object"),
+    ("text-hidden-act-unknown", edit_config("text_config", "hidden_act", value="relu3"),
+     "text_config: hidden_act 'relu3' is not an activation"),
+    ("text-eos-outside-the-vocabulary", edit_config("text_config", "eos_token_id", value=100),
+     "text_config: eos_token_id must be a token id below vocab_size (100)"),
 ]
 
 
@@ -202,6 +225,35 @@ def test_delay_loaded_tower_refuses_its_config(tmp_path, moe_source, fault):
     with pytest.raises(UserError) as err:
         CLIPMoEVisionTower(str(directory), tower_args(), delay_load=True)
     assert_one_line(err.value, directory, file, expected)
+
+
+# A processor whose images the model cannot take (its position embeddings fix the image size): refused where the
+# model is loaded with it; `mllm_bridge check` lists it among the checkpoint's problems (see test_checks).
+SIZE_FAULTS = [
+    ("crop-not-the-image-size", edit_processor(crop_size={"height": 224, "width": 224}),
+     'crop_size is 224x224 but the model takes 32x32 images (vision_config.image_size); set crop_size to '
+     '{"height": 32, "width": 32} in preprocessor_config.json'),
+    ("no-crop-other-size", edit_processor(do_center_crop=False, size={"shortest_edge": 48}),
+     "do_center_crop is false and size is {'shortest_edge': 48}, which gives no 32x32 images"),
+]
+
+
+@pytest.mark.parametrize("corruption, expected", [f[1:] for f in SIZE_FAULTS], ids=[f[0] for f in SIZE_FAULTS])
+def test_a_processor_whose_images_do_not_fit_the_model_is_refused(tmp_path, moe_source, corruption, expected):
+    directory, file = corrupted(tmp_path, moe_source, corruption)
+    with pytest.raises(UserError) as err:
+        load_clip(directory)
+    assert_one_line(err.value, directory, file, expected)
+    with pytest.raises(UserError) as err:
+        CLIPMoEVisionTower(str(directory), tower_args())
+    assert_one_line(err.value, directory, file, expected)
+
+
+def test_a_processor_that_resizes_to_the_image_size_without_a_crop_loads(tmp_path, moe_source):
+    """open_clip's 'squash' resize: no crop, size height x width = the model's image size."""
+    directory, _ = corrupted(tmp_path, moe_source, edit_processor(do_center_crop=False,
+                                                                  size={"height": 32, "width": 32}))
+    assert load_clip(directory).image_processor.size["height"] == 32
 
 
 def test_vision_export_with_fewer_moe_layers_than_its_weights(tmp_path):
