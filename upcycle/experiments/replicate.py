@@ -33,6 +33,7 @@ from encoder.utils.options import check_options, option
 
 from ..eval.intervals import RESAMPLES, bootstrap_ci, paired_difference_ci
 from .main_job import PIXELS_PER_DIGIT, Step, claim_job, data_and_base_steps, mllm_steps, run_step
+from .seeds import parse_seeds
 
 MLLM_ARMS = ("dense", "sparse-all", "dmu")
 PLAN_SETTINGS = ("num_train", "num_val", "num_test", "grid", "base_epochs", "lr_factors", "stage_epochs",
@@ -89,15 +90,11 @@ class ReplicateConfig:
 
 def mllm_seeds(args: ReplicateConfig) -> list[int]:
     """--mllm-seeds, each one of --seeds (only those have towers)."""
-    try:
-        seeds, clip_seeds = [int(s) for s in args.mllm_seeds.split(",")], [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise UserError(f"--mllm-seeds {args.mllm_seeds!r} / --seeds {args.seeds!r}: give comma-separated whole "
-                        "numbers") from None
+    clip_seeds, seeds = parse_seeds(args.seeds, "--seeds"), parse_seeds(args.mllm_seeds, "--mllm-seeds")
     missing = [s for s in seeds if s not in clip_seeds]
-    if missing or len(set(seeds)) < len(seeds):
+    if missing:
         raise UserError(f"--mllm-seeds {args.mllm_seeds}: give distinct seeds of --seeds {args.seeds} (only those "
-                        f"have CLIP towers){'; not there: ' + ', '.join(map(str, missing)) if missing else ''}")
+                        f"have CLIP towers); not there: {', '.join(map(str, missing))}")
     return seeds
 
 

@@ -22,6 +22,7 @@ from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import claim
 
 from ...recipes.dmu.clustering import SMALL_CLUSTER_RULES
+from ..seeds import parse_seeds
 from .arms import (ARMS, DMU_VARIED, SWEPT_LR, ArmSettings, CompareConfig, Setting, arm_settings, check_dmu_stage_epochs,
                    loss_curve, scaled, train_arm)
 from .experts import expert_breakdown
@@ -135,7 +136,7 @@ def run_compare(args: CompareConfig) -> int:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise UserError(f"--arms {args.arms!r}: unknown {unknown}; choose from {', '.join(ARMS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds, "--seeds")
     factors = lr_factors(args.lr_factors)
     settings = args.settings
     dmu_tried = dmu_choices(args, settings) if "dmu" in arms else {}
