@@ -37,6 +37,25 @@ def layer_indices(value):
         return value
 
 
+def check_forward_fields(tower: CLIPTextConfig | CLIPVisionConfig) -> None:
+    """ValueError naming the CLIP tower field the forward pass reads and no weight shape checks that cannot work:
+    they would otherwise fail at the first forward (an unknown activation) or give NaN without a word (a NaN
+    layer_norm_eps, a text tower pooling at a token id it never sees). For the CLIP-MoE tower configs and for a
+    dense base's (`encoder.convert.dense`)."""
+    if not isinstance(tower.hidden_act, str) or tower.hidden_act not in ACT2FN:
+        raise ValueError(f"hidden_act {tower.hidden_act!r} is not an activation transformers knows (CLIPs use "
+                         "quick_gelu or gelu; the names are transformers.activations.ACT2FN's)")
+    # NaN passes every comparison, so each bound is written as what must hold (NaN and inf fail it).
+    if not _is_number(tower.layer_norm_eps) or not 0 < tower.layer_norm_eps < math.inf:
+        raise ValueError(f"layer_norm_eps must be a finite number > 0, got {tower.layer_norm_eps!r}")
+    if not _is_number(tower.attention_dropout) or not 0 <= tower.attention_dropout < 1:
+        raise ValueError(f"attention_dropout must be a number in [0, 1), got {tower.attention_dropout!r}")
+    eos = getattr(tower, "eos_token_id", None)
+    if isinstance(tower, CLIPTextConfig) and not (_is_int(eos) and 0 <= eos < tower.vocab_size):
+        raise ValueError(f"eos_token_id must be a token id below vocab_size ({tower.vocab_size}): the text tower "
+                         f"pools the embedding at that token; got {eos!r}")
+
+
 @dataclass(init=False, repr=False, eq=False, kw_only=True)
 class MoEFields:
     r"""The MoE fields both tower configs add to transformers' CLIP tower configs, and their validation.
@@ -113,20 +132,8 @@ class MoEFields:
                 raise ValueError(f"{name} must be a finite number >= 0 (a loss weight), got {getattr(self, name)}")
 
     def validate_forward_fields(self) -> None:
-        """Run by `@strict` after init: the CLIP tower fields the forward pass reads and no weight shape checks, which
-        would otherwise fail at the first forward (an unknown activation) or give NaN without a word (a NaN
-        layer_norm_eps, a text tower pooling at a token id it never sees)."""
-        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not an activation transformers knows (CLIPs use "
-                             "quick_gelu or gelu; the names are transformers.activations.ACT2FN's)")
-        if not _is_number(self.layer_norm_eps) or not 0 < self.layer_norm_eps < math.inf:
-            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {self.layer_norm_eps!r}")
-        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout < 1:
-            raise ValueError(f"attention_dropout must be a number in [0, 1), got {self.attention_dropout!r}")
-        eos = getattr(self, "eos_token_id", None)
-        if self.model_type == CLIPMoETextConfig.model_type and not (_is_int(eos) and 0 <= eos < self.vocab_size):
-            raise ValueError(f"eos_token_id must be a token id below vocab_size ({self.vocab_size}): the text tower "
-                             f"pools the embedding at that token; got {eos!r}")
+        """Run by `@strict` after init: `check_forward_fields`."""
+        check_forward_fields(self)
 
     @property
     def is_moe(self) -> bool:

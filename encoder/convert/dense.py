@@ -113,9 +113,12 @@ def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
 
 def _dense_config(path: Path) -> CLIPConfig:
     """The directory's CLIPConfig, checked against its weights' shapes (safetensors headers only)."""
+    from ..configuration import check_forward_fields
     from ..model_dir import build_config, check_weights
 
     config = build_config(path / "config.json", None, lambda: CLIPConfig.from_pretrained(path))
+    for key in ("vision_config", "text_config"):  # what the CLIP-MoE config will refuse, said of the base
+        build_config(path / "config.json", key, lambda k=key: check_forward_fields(getattr(config, k)))
     check_weights(path, config, CLIPModel)
     return config
 

@@ -299,6 +299,25 @@ def test_sparse_refuses_a_base_with_corrupt_preprocessing(tmp_path, dense_source
     assert not out.exists()
 
 
+@pytest.mark.parametrize("corruption, expected", [
+    (edit_config(V, "hidden_act", value="nope"), "vision_config: hidden_act 'nope' is not an activation"),
+    (edit_config("text_config", "layer_norm_eps", value=float("nan")),
+     "text_config: layer_norm_eps must be a finite number > 0, got nan"),
+    (edit_processor(crop_size={"height": 224, "width": 224}), "crop_size is 224x224 but the model takes 32x32"),
+], ids=["hidden-act", "layer-norm-eps-nan", "crop-size"])
+def test_sparse_refuses_a_base_the_forward_cannot_use(tmp_path, dense_source, capsys, corruption, expected):
+    """The dense base is held to the CLIP-MoE's rules, named as the base's fault (not the output's)."""
+    from upcycle.cli import main
+
+    base, file = corrupted(tmp_path, dense_source, corruption)
+    out = tmp_path / "moe"
+    assert main(["sparse", "--base", str(base), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert str(base / file) in lines[0] and expected in lines[0], lines
+    assert not out.exists()
+
+
 def test_sparse_still_uses_openai_preprocessing_for_a_base_without_one(tmp_path, dense_source):
     """The documented fallback for a missing file is kept: only a present-and-corrupt one is refused."""
     from upcycle.cli import main
