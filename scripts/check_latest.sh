@@ -14,8 +14,10 @@ venv="$work/venv"
 # environment as it is, not rebuild it from the lock.
 export CLIP_MOE_VENV="$venv" CLIP_MOE_UNLOCKED=1
 echo "[check_latest] newest releases into $venv" >&2
-if ! PIP_CONSTRAINT=/dev/null bash "$root/scripts/setup.sh"; then
-  echo "error: the newest releases do not install together (see pip's message above)" >&2
+PIP_CONSTRAINT=/dev/null bash "$root/scripts/setup.sh" 2>&1 | tee "$work/setup.log" >&2
+if [[ ${PIPESTATUS[0]} != 0 ]]; then
+  # Why, in one line: no index answers at all, pip's resolver found a conflict, or something else (lockfile.py).
+  echo "error: $(python3 "$root/scripts/lockfile.py" why-setup-failed "$work/setup.log")" >&2
   exit 1
 fi
 (cd "$root" && "$venv/bin/python" -m pytest -q -p no:cacheprovider -rfE "$@") 2>&1 | tee "$work/pytest.log"

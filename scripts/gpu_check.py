@@ -6,12 +6,14 @@
    default's parts), each with its final loss, which must be finite.
 
 Writes one JSON (device name, versions, each part's outcome and wall time) atomically to --out and prints it.
-Exit status 0 only when every part passed. Without a visible CUDA device: one line, exit 2, nothing written.
+Exit status 0 only when every part passed. Without a visible CUDA device: one line, exit 2, nothing written. An
+interpreter that lacks what the check runs (torch, transformers, ...): one line naming it, exit 3, nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+NEEDED = ("torch", "transformers", "accelerate", "safetensors", "pytest")  # what the parts import
+NO_CUDA, CANNOT_RUN = 2, 3  # exit statuses of the two refusals
+
+
+def missing_modules(names: tuple[str, ...] = NEEDED) -> list[str]:
+    """The modules of `names` this interpreter cannot import (found without importing them)."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
 
 
 def run(name: str, argv: list[str], log_dir: Path, timeout: int) -> dict:
@@ -64,12 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-batch", type=int, default=8, help="images per batch in the benchmark (default 8)")
     args = parser.parse_args(argv)
 
+    missing = missing_modules()
+    if missing:
+        print(f"error: {sys.executable} cannot import {', '.join(missing)}; run scripts/gpu_check.sh without "
+              "GPU_CHECK_PYTHON (it sets up .venv), or point GPU_CHECK_PYTHON at a Python that has the project's "
+              "requirements", file=sys.stderr)
+        return CANNOT_RUN
     import torch
 
     if not torch.cuda.is_available():
         print("error: no CUDA device is visible; run scripts/gpu_check.sh on a machine with an NVIDIA GPU",
               file=sys.stderr)
-        return 2
+        return NO_CUDA
     work = args.work or Path(tempfile.mkdtemp(prefix="clip-moe-gpu-check."))
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable

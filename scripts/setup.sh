@@ -26,9 +26,11 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 
 if [[ "$unlocked" != 1 ]]; then
-  # Before anything is written: the lock must fit the interpreter (an existing environment's, or the one given).
+  # Before anything is written: the lock must fit the interpreter (an existing environment's, or the one given)
+  # and pin every requirement of pyproject.toml within its range (it is installed without resolving anything).
   target="$python"; [[ -x "$venv/bin/python" ]] && target="$venv/bin/python"
-  python3 "$root/scripts/lockfile.py" check --python "$target" --lock "$lock" || exit 1
+  python3 "$root/scripts/lockfile.py" check --python "$target" --lock "$lock" --pyproject "$root/pyproject.toml" \
+    || exit 1
 fi
 
 echo "[setup] preparing $venv (first run takes a few minutes)" >&2
@@ -39,13 +41,18 @@ pip_quiet() {
 }
 rm -f "$stamp"  # a set-up that fails half-way must not be taken for done
 if [[ "$unlocked" == 1 ]]; then
-  pip_quiet --upgrade --upgrade-strategy eager -e "$root[dev,mllm,deepspeed]"
+  # The extras and the packages installed without dependencies are lockfile.py's (SETUP_EXTRAS, NO_DEPS).
+  pip_quiet --upgrade --upgrade-strategy eager -e "$root[$(python3 "$root/scripts/lockfile.py" setup-extras)]"
   # llava-torch pins torch==2.0.1 / transformers==4.36.2; its modeling code works with ours, so no deps.
-  pip_quiet --upgrade --no-deps llava-torch shortuuid
+  # shellcheck disable=SC2046  # one word per package
+  pip_quiet --upgrade --no-deps $(python3 "$root/scripts/lockfile.py" no-deps)
 else
   # The lock is complete (every transitive package, llava-torch included), so nothing is resolved here.
   pip_quiet --no-deps -r "$lock"
   pip_quiet --no-deps -e "$root"
 fi
+# Installed without resolving (the lock, or llava-torch): only a consistent environment is stamped done. pip
+# check's complaints about llava-torch's own pins are expected and left out (lockfile.py's pip_check_problems).
+python3 "$root/scripts/lockfile.py" pip-check --python "$venv/bin/python" || exit 1
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
