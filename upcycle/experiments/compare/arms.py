@@ -54,6 +54,13 @@ class ArmSettings:
                                    help="sparse-upcycled training learning rate (reduced as in CLIP-UP)")
     stage_lr: float = option_like(TrainConfig, "lr", 2e-4, flag="--stage-lr", help="DMU MCL stage learning rate")
     router_lr: float = option_like(TrainConfig, "lr", 1e-3, flag="--router-lr", help="DMU router learning rate")
+    # Every arm (and each DMU stage and its router training) checkpoints this often, so a killed comparison loses
+    # at most that many steps of the arm it was in: at replicate's scale (2,000 pairs, batch 64) an arm runs
+    # ~400 steps of well under a second each on 2 cores, so 50 steps are less than a minute of work, while the
+    # trainers' own default (500) would never checkpoint an arm at all. Changing it never invalidates a run.
+    checkpoint_every: int = option_like(TrainConfig, "checkpoint_every", 50,
+                                        help="optimizer steps between each arm's checkpoints (an interrupted "
+                                        "comparison resumes every unfinished arm from its last one)")
     weight_decay: float = 0.1
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
@@ -202,7 +209,7 @@ def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Pat
                                tokenizer_fn(loaded.tokenizer, max_len))
     cfg = TrainConfig(trainable=trainable, epochs=settings.budget_epochs, batch_size=settings.batch_size, lr=lr,
                       weight_decay=settings.weight_decay, aux_loss_coef=aux, z_loss_coef=z, seed=seed,
-                      desc=f"{arm} seed {seed}")
+                      checkpoint_every=settings.checkpoint_every, desc=f"{arm} seed {seed}")
     trainer = ContrastiveTrainer(model, dataset, dataset.collate, cfg, folder / "train")
     model = trainer.train(resume=True)
     card = {"base": str(base_dir), "recipe": ARM_TITLES[arm],
@@ -220,7 +227,8 @@ def _train_dmu(seed: int, base_dir: Path, train_data: Path, folder: Path, settin
                         router_epochs=settings.router_epochs, batch_size=settings.batch_size, lr=settings.stage_lr,
                         router_lr=settings.router_lr, weight_decay=settings.weight_decay, logit_scale=None,
                         small_clusters=settings.small_clusters,
-                        aux_loss_coef=settings.aux_loss_coef, seed=seed)
+                        aux_loss_coef=settings.aux_loss_coef, checkpoint_every=settings.checkpoint_every,
+                        seed=seed)
         run_dmu(cfg, resume=(folder / "dmu" / "manifest.json").exists())
     details = json.loads((out / "clip_moe_recipe.json").read_text())["details"]
     stages = [s["clusters"] for s in details["stages"].values()]
