@@ -11,11 +11,13 @@ set, else `model.safetensors`, then `model.safetensors.index.json`, then `pytorc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 from .utils.errors import UserError
+from .utils.files import file_sha256
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -49,6 +51,25 @@ def is_safetensors(entry: Path | None) -> bool:
 def is_index(entry: Path) -> bool:
     """Whether `entry` is a shard index (a JSON `weight_map` naming the files that hold each tensor)."""
     return entry.name.endswith(".index.json")
+
+
+def weights_sha256(directory: str | os.PathLike) -> str | None:
+    """Hex SHA-256 of the weights `from_pretrained(directory)` reads (None when it holds none), for resume identities:
+    the file's own digest, or for a shard index one digest over the index and each shard it names."""
+    entry = weights_entry(directory)
+    if entry is None or not entry.is_file():
+        return None
+    if not is_index(entry):
+        return file_sha256(entry)
+    try:
+        shards = sorted(set(json.loads(entry.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return file_sha256(entry)  # not an index a loader could read; its readers report that
+    digest = hashlib.sha256(file_sha256(entry).encode())
+    for shard in shards:
+        path = entry.parent / shard
+        digest.update(f"{shard}:{file_sha256(path) if path.is_file() else 'missing'}".encode())
+    return digest.hexdigest()
 
 
 def _explicit_name(directory: Path) -> str | None:

@@ -108,3 +108,34 @@ def test_sparse_upcycles_the_weights_from_pretrained_loads(tmp_path, second_set,
     fc1 = loaded["vision_model.encoder.layers.0.mlp.fc1.weight"]
     for expert in up:  # every expert a copy of the dense MLP that from_pretrained loads
         assert torch.equal(expert, fc1) or torch.equal(expert, fc1.T)
+
+
+
+def test_upcycle_train_refuses_to_resume_over_a_changed_sharded_base(base_clip_dir, grids_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The run records the digest of the weights from_pretrained reads; a sharded base had none (only
+    model.safetensors was hashed), so new shards under the same index were resumed over without a word."""
+    import shutil
+
+    from conftest import kill_after_steps
+    from safetensors.torch import load_file
+
+    from upcycle.cli import main
+    from upcycle.train import ContrastiveTrainer
+
+    base = tmp_path / "base"
+    shutil.copytree(base_clip_dir, base)
+    tensors = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    save_shards(tensors, base)
+    args = ["train", "--model", str(base), "--train-data", str(grids_dir / "train.json"), "--out",
+            str(tmp_path / "out"), "--max-steps", "4", "--batch-size", "16", "--checkpoint-every", "1"]
+    kill_after_steps(monkeypatch, ContrastiveTrainer, 2)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    save_shards({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, base)
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_sha256" in err[0], err

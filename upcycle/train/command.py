@@ -8,8 +8,9 @@ from pathlib import Path
 from encoder.loading import load_clip
 from encoder.save import save_clip_moe
 from encoder.utils.errors import UserError
-from encoder.utils.files import check_output_dir, file_sha256
+from encoder.utils.files import check_output_dir
 from encoder.utils.options import check_options, option, option_like, options_of
+from encoder.weight_files import weights_sha256
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from .config import RESUME_LOWER_LR, TrainConfig, TrainingData, TrainOutput
@@ -60,9 +61,8 @@ def run_train(cmd: TrainCommand) -> int:
     pairs = read_pairs(data.train_data, data.image_root, data.skip_missing)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
                                tokenizer_fn(loaded.tokenizer, loaded.model.config.text_config.max_position_embeddings))
-    weights = Path(cmd.model) / "model.safetensors"
     identity = {"model": str(cmd.model), "train_data": str(data.train_data), "image_root": str(data.image_root),
-                "model_sha256": file_sha256(weights) if weights.is_file() else None}
+                "model_sha256": weights_sha256(cmd.model) if Path(cmd.model).is_dir() else None}
     trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity,
                                  lower_lr_resume=f"--resume {RESUME_LOWER_LR}")
     model = trainer.train(resume=output.resume)
