@@ -35,7 +35,7 @@ def weights_entry(directory: str | os.PathLike) -> Path | None:
     explicit = _explicit_name(directory)
     if explicit is not None:
         entry = directory / explicit
-        inside = os.path.commonpath([directory.absolute(), entry.absolute()]) == str(directory.absolute())
+        inside = os.path.commonpath([os.path.abspath(directory), os.path.abspath(entry)]) == os.path.abspath(directory)
         if not inside or not explicit.endswith((".safetensors", ".safetensors.index.json")):
             raise UserError(f"{directory / 'config.json'}: {EXPLICIT_KEY} {explicit!r} is not a safetensors file "
                             "or shard index inside the model directory; correct it or remove the key")

@@ -139,3 +139,20 @@ def test_upcycle_train_refuses_to_resume_over_a_changed_sharded_base(base_clip_d
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model_sha256" in err[0], err
+
+
+def test_a_weights_pointer_outside_the_directory_is_one_line(tmp_path, capsys):
+    """transformers refuses a `transformers_weights` outside the model directory; the streaming readers did not read
+    it at all (they took model.safetensors). Now both refuse, the streaming one in one line."""
+    from conftest import save_tiny_dense_clip
+
+    from upcycle.cli import main
+
+    base = save_tiny_dense_clip(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "transformers_weights": "../model.safetensors"}))
+    assert main(["sparse", "--base", str(base), "--out", str(tmp_path / "moe")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transformers_weights '../model.safetensors' is not a safetensors file or shard index " \
+        "inside the model directory" in err[0], err
+    assert not (tmp_path / "moe").exists()
