@@ -194,8 +194,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, flag: str = "--o
     tmp = old = None
     try:
         created = _make_parents(out.parent)
-        remove_stale_siblings(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
+        tmp = owned_temporary_dir(out.parent, out.name)
         yield tmp
         make_readable(tmp)
         if out.exists():
@@ -230,6 +229,13 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     return True
+
+
+def owned_temporary_dir(parent: Path, name: str) -> Path:
+    """A new `.NAME.tmp-HOST-PID-*` folder in `parent`, after removing the ones killed writers on this host left
+    there: the temporary of `parent / NAME`, or of files that are then moved into `parent` one by one."""
+    remove_stale_siblings(parent / name)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner()}-", dir=parent))
 
 
 def remove_stale_siblings(out: Path) -> list[Path]:

@@ -35,7 +35,7 @@ from encoder.utils.errors import UserError
 from .arguments import LlavaArguments, shaping_settings
 from .data import modality_lengths
 from .model_setup import TrainingModel
-from .outputs import FullOutput, ProjectorOutput, publish
+from .outputs import FullOutput, ProjectorOutput, publish, remove_stale_final
 from .sampler import ModalityLengthBatchSampler
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -204,7 +204,10 @@ class LlavaTrainer(TrainingLoop):
     # -- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from: Path | None = None) -> TrainResult:
         """Run to `total_steps`, write the final output into OUTPUT_DIR, return the run's numbers."""
+        if self.accelerator.is_main_process:
+            remove_stale_final(self.output_dir)  # a killed final write's copy of the model
         self.run(resume_from)
+        self._save_last_step()
         self._write_final_output()
         # Start and end windows of up to LOSS_WINDOW steps that do not overlap on short runs.
         window = max(1, min(LOSS_WINDOW, self.step // 2))
@@ -259,6 +262,14 @@ class LlavaTrainer(TrainingLoop):
         require_finite_weights(self.accelerator.unwrap_model(self.model), source)
         if isinstance(getattr(self.trained.model.get_model(), "vision_tower", None), list):  # kept out of the engine
             require_finite_weights(self.trained.model.get_vision_tower(), f"--vision_tower {m.vision_tower}")
+
+    def _save_last_step(self) -> None:
+        """With checkpoints on, save the last step too before the final output is written (an HF Trainer saves it
+        as well): a run killed while writing the output then resumes there and only writes it, instead of
+        training again every step since the last --save_steps checkpoint."""
+        last = self.checkpoints.latest()
+        if self.plan.save_every and (last is None or last.name != self.checkpoints.path(self.step).name):
+            self.save_checkpoint()
 
     def _write_final_output(self) -> None:
         acc = self.accelerator
