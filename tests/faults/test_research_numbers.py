@@ -94,3 +94,82 @@ def test_dmu_arms_checkpoint_their_stages_and_router_training(tmp_path, monkeypa
                        arms.ArmSettings(checkpoint_every=7))
     assert seen[0].checkpoint_every == 7
     assert arms.ArmSettings().checkpoint_every < 500  # the trainers' default never checkpoints an arm this size
+
+
+# --- intervals honest at small n ------------------------------------------------------------------------------
+
+def test_all_hits_on_50_items_is_not_a_certain_100_percent():
+    import numpy as np
+
+    from upcycle.eval.intervals import proportion_ci
+
+    for hits in (np.ones(50), np.ones((3, 50))):  # one seed; three seeds that all hit every item
+        ci = proportion_ci(hits)
+        assert ci.estimate == 1.0 and ci.high == 1.0
+        assert 0.90 < ci.low < 0.95  # Wilson on 50 items: [92.9, 100]; the percentile bootstrap said [100, 100]
+
+
+def test_a_single_recall_covers_the_truth_at_small_n():
+    """Exact coverage at n=10, p=0.9 (summed over the binomial outcomes, no simulation): the percentile bootstrap
+    covered the truth about 70% of the time; the interval must keep close to its 95%."""
+    import math
+
+    import numpy as np
+
+    from upcycle.eval.intervals import proportion_ci
+
+    n, p = 10, 0.9
+    coverage = 0.0
+    for k in range(n + 1):
+        ci = proportion_ci(np.r_[np.ones(k), np.zeros(n - k)], resamples=2000)
+        coverage += math.comb(n, k) * p**k * (1 - p) ** (n - k) * (ci.low <= p <= ci.high)
+    assert coverage >= 0.92, coverage
+
+
+def few_items_apart(items: int, differ: int):
+    """Hits of a reference and of a model better on `differ` of `items` items (and alike on the rest)."""
+    import numpy as np
+
+    reference = np.zeros(items, dtype=np.uint8)
+    reference[differ:] = np.arange(items - differ) % 2
+    better = reference.copy()
+    better[:differ] = 1
+    return reference, better
+
+
+def test_a_paired_difference_on_3_items_is_not_called_higher():
+    from upcycle.eval.intervals import MIN_INFORMATIVE, paired_difference_ci, verdict
+
+    reference, better = few_items_apart(3, 3)
+    ci = paired_difference_ci(better, reference)
+    assert ci.excludes_zero()  # the percentile bootstrap's [1, 1] on 3 items...
+    assert verdict(ci).startswith("n too small to call (3 of 3 differ")  # ...is not a finding
+    # on 1,000 items of which 3 differ the same holds, and enough differing items are called
+    assert verdict(paired_difference_ci(*reversed(few_items_apart(1000, 3)))).startswith("n too small to call")
+    reference, better = few_items_apart(1000, 4 * MIN_INFORMATIVE)
+    assert verdict(paired_difference_ci(better, reference)) == "higher"
+    assert verdict(paired_difference_ci(reference, better)) == "lower"
+
+
+def test_compares_table_never_calls_a_difference_on_too_few_items():
+    from upcycle.eval.intervals import pack_hits
+    from upcycle.experiments.compare.report import intervals_section
+
+    reference, better = few_items_apart(3, 3)
+    runs = {arm: [{"seed": 0, "hits": {"i2t_r1": pack_hits(h), "t2i_r1": pack_hits(h)}}]
+            for arm, h in (("dense", reference), ("dmu", better))}
+    section = intervals_section(runs)
+    row = next(line for line in section.splitlines() if line.startswith("| dmu |"))
+    assert "higher" not in row and row.count("n too small to call") == 2, row
+    assert "[100.0, 100.0]" not in row  # 3 of 3 hits: Wilson's [43.9, 100], not a certainty
+
+
+def test_replicates_table_never_calls_a_difference_on_too_few_questions(tmp_path):
+    from upcycle.experiments.replicate import mllm_intervals
+
+    reference, better = few_items_apart(12, 3)  # 12 questions, 4 per image: 3 images
+    (tmp_path / "per_question.json").write_text(__import__("json").dumps({"checkpoints": {
+        name: {"qa": {"exact_match": {str(i): int(h) for i, h in enumerate(hits)}}}
+        for name, hits in (("dense", reference), ("dmu", better))}}))
+    row = next(line for line in mllm_intervals(tmp_path).splitlines() if line.startswith("| dmu |"))
+    assert "higher" not in row and "n too small to call (3 of 12 differ" in row, row

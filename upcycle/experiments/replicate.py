@@ -5,7 +5,7 @@
 2. `upcycle compare`: base / dense fine-tuning (all weights, FFNs only) / sparse upcycling (every other layer,
    all layers) / DMU, equal pair budgets from the same base weights, each arm's learning rate chosen on the
    validation split (DMU also its epochs per stage and small-cluster rule), 3 seeds at the chosen setting,
-   evaluated on test with bootstrap intervals.
+   evaluated on test with intervals (Wilson per arm, paired bootstrap for differences).
 3. The MLLM comparison: LLaVA stage 1 + stage 2 with a tiny Llama on every --mllm-seeds tower of the dense,
    sparse-upcycled (all layers) and DMU arms (LLaVA seeded with the tower's seed), then lmms-eval on digit-grid
    QA for all of them, seeds paired and whole images resampled in the intervals.
@@ -31,7 +31,7 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import write_atomic
 from encoder.utils.options import check_options, option
 
-from ..eval.intervals import RESAMPLES, bootstrap_ci, paired_difference_ci
+from ..eval.intervals import MIN_INFORMATIVE, RESAMPLES, paired_difference_ci, proportion_ci
 from .main_job import PIXELS_PER_DIGIT, Step, claim_job, data_and_base_steps, mllm_steps, run_step
 from .seeds import parse_seeds
 
@@ -211,7 +211,7 @@ def split_tower(name: str) -> tuple[str, int | None]:
 
 
 def mllm_intervals(lmms: Path, reference: str = MLLM_ARMS[0], data: Path | None = None) -> str:
-    """Markdown: each tower's accuracy with its 95% bootstrap interval and its paired difference from `reference`
+    """Markdown: each tower's accuracy with its 95% interval and its paired difference from `reference`
     (the same questions, matched by lmms-eval doc_id, and the same seeds), from the per_question.json `eval-lmms`
     writes in `lmms`. Towers named ARM-seed-S are pooled per arm, seed s against seed s; with `data`, the questions
     about one image are resampled together."""
@@ -253,10 +253,12 @@ def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], ref
                       "intervals cover the test images and these training seeds, not others")
     else:
         seeds_text = "One LLaVA run per tower, so the intervals cover the choice of questions, not training seeds"
-    note = (f"`{task}` {metric} in percent on the {asked:,} questions every tower answered, with 95% percentile "
-            f"bootstrap intervals resampling {resampled} ({RESAMPLES:,} resamples). Differences from `{reference}` "
-            f"are paired: both on the same resampled questions. {seeds_text}. One is called higher or lower only "
-            "when its interval excludes 0.")
+    note = (f"`{task}` {metric} in percent on the {asked:,} questions every tower answered, with 95% Wilson score "
+            f"intervals at the effective number of questions a bootstrap resampling {resampled} finds. Differences "
+            f"from `{reference}` are paired: both on the same resampled questions, 95% percentile bootstrap "
+            f"intervals ({RESAMPLES:,} resamples). {seeds_text}. One is called higher or lower only when its "
+            f"interval excludes 0 and the two differ on at least {MIN_INFORMATIVE} resampled units (else: n too "
+            "small to call).")
     lines = [note, ""]
     if asked < needed:
         lines += [(f"Only {asked:,} questions: an accuracy's interval can reach "
@@ -275,7 +277,7 @@ def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], ref
     ref = arms.get(reference)
     for arm, per_seed in arms.items():
         seeds = sorted(per_seed, key=lambda s: -1 if s is None else s)
-        ci = bootstrap_ci(matrix(per_seed, seeds), groups=labels)
+        ci = proportion_ci(matrix(per_seed, seeds), groups=labels)
         cells = [arm, ", ".join("-" if s is None else str(s) for s in seeds), f"{ci.items:,}",
                  f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]"]
         if ref is None:

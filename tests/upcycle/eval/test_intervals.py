@@ -1,4 +1,4 @@
-"""Bootstrap intervals of recall from per-item hits: coverage of a known rate, paired differences, seeds, refusals."""
+"""Intervals of recall from per-item hits: coverage of a known rate, paired differences, seeds, groups, refusals."""
 
 import math
 from dataclasses import replace
@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from upcycle.eval.intervals import bootstrap_ci, excludes_zero, pack_hits, paired_difference_ci, unpack_hits
+from upcycle.eval.intervals import proportion_ci, excludes_zero, pack_hits, paired_difference_ci, unpack_hits
 
 
 def hits_at(n: int, rate: float, seed: int = 0) -> np.ndarray:
@@ -17,21 +17,24 @@ def hits_at(n: int, rate: float, seed: int = 0) -> np.ndarray:
 
 
 def test_interval_of_a_known_rate_matches_the_normal_approximation():
-    ci = bootstrap_ci(hits_at(1000, 0.30))
+    ci = proportion_ci(hits_at(1000, 0.30))
     assert ci.estimate == pytest.approx(0.30)
     assert ci.low < 0.30 < ci.high
     normal_width = 2 * 1.96 * math.sqrt(0.3 * 0.7 / 1000)  # 0.0568
     assert ci.high - ci.low == pytest.approx(normal_width, rel=0.08)
     assert (ci.level, ci.items, ci.seeds) == (0.95, 1000, 1)
     # a lower level gives a narrower interval inside the 95% one
-    narrow = bootstrap_ci(hits_at(1000, 0.30), level=0.5)
+    narrow = proportion_ci(hits_at(1000, 0.30), level=0.5)
     assert ci.low < narrow.low < narrow.high < ci.high
 
 
-def test_the_interval_is_seeded():
-    hits = hits_at(500, 0.4)
-    assert bootstrap_ci(hits, seed=3) == bootstrap_ci(hits, seed=3)
-    assert bootstrap_ci(hits, seed=3) != bootstrap_ci(hits, seed=4)
+def test_the_bootstrap_is_seeded():
+    hits = np.stack([hits_at(500, 0.4), hits_at(500, 0.4, seed=1)])
+    assert proportion_ci(hits, seed=3) == proportion_ci(hits, seed=3)
+    assert paired_difference_ci(hits[0], hits[1], seed=3) == paired_difference_ci(hits[0], hits[1], seed=3)
+    assert paired_difference_ci(hits[0], hits[1], seed=3) != paired_difference_ci(hits[0], hits[1], seed=4)
+    one = hits_at(500, 0.4)
+    assert proportion_ci(one, seed=3) == proportion_ci(one, seed=4)  # one seed: the Wilson interval, no draws
 
 
 def test_identical_arms_differ_by_exactly_zero():
@@ -70,7 +73,7 @@ def test_pairing_narrows_the_interval_of_a_difference():
     b = a.copy()
     b[np.flatnonzero(a == 0)[:20]] = 1
     paired = paired_difference_ci(b, a)
-    separate_a, separate_b = bootstrap_ci(a), bootstrap_ci(b)
+    separate_a, separate_b = proportion_ci(a), proportion_ci(b)
     assert excludes_zero(paired)
     assert separate_b.low < separate_a.high  # the separate intervals overlap: they could not tell b from a
     assert paired.high - paired.low < (separate_a.high - separate_a.low) / 2
@@ -91,7 +94,7 @@ def test_seeds_are_paired_and_averaged_over_with_items_resampled_jointly():
     assert pooled.estimate == pytest.approx(np.mean([0.10, 0.0, 0.05])) and pooled.seeds == 3
     assert pooled.low < pooled.estimate < pooled.high
     # one arm's recall over seeds: the mean over seeds and items
-    assert bootstrap_ci(a).estimate == pytest.approx(a.mean())
+    assert proportion_ci(a).estimate == pytest.approx(a.mean())
     with pytest.raises(ValueError, match="same seeds and items: hits_a has 3 seed"):
         paired_difference_ci(a, b[:2])
     with pytest.raises(ValueError, match="hits_b 1 x 299"):
@@ -103,22 +106,22 @@ def test_non_finite_hits_are_refused(bad):
     hits = hits_at(100, 0.5).astype(float)
     hits[7] = bad
     with pytest.raises(ValueError, match="1 of 100 values are NaN or infinite"):
-        bootstrap_ci(hits)
+        proportion_ci(hits)
     with pytest.raises(ValueError, match="hits_b: 1 of 100 values are NaN"):
         paired_difference_ci(hits_at(100, 0.5), hits)
 
 
 def test_anything_but_per_item_hits_is_refused():
     with pytest.raises(ValueError, match="neither 0 nor 1"):
-        bootstrap_ci([45.0, 50.0, 55.0])  # recall percentages, not hits
+        proportion_ci([45.0, 50.0, 55.0])  # recall percentages, not hits
     with pytest.raises(ValueError, match="at least one item"):
-        bootstrap_ci([])
+        proportion_ci([])
     with pytest.raises(ValueError, match="shape"):
-        bootstrap_ci(np.zeros((2, 2, 2)))
+        proportion_ci(np.zeros((2, 2, 2)))
     with pytest.raises(ValueError, match="resamples"):
-        bootstrap_ci([0, 1], resamples=0)
+        proportion_ci([0, 1], resamples=0)
     with pytest.raises(ValueError, match="level"):
-        bootstrap_ci([0, 1], level=95)
+        proportion_ci([0, 1], level=95)
 
 
 def test_packed_hits_round_trip():
@@ -137,20 +140,22 @@ def test_whole_groups_are_resampled_together():
     so the same interval to rounding), while treating the copies as independent items would halve the width."""
     originals = hits_at(500, 0.4)
     copies, groups = np.repeat(originals, 4), np.repeat(np.arange(500), 4)
-    grouped, plain = bootstrap_ci(copies, groups=groups), bootstrap_ci(originals)
-    assert (grouped.estimate, grouped.items) == (pytest.approx(plain.estimate), 2000)
-    assert (grouped.low, grouped.high) == (pytest.approx(plain.low), pytest.approx(plain.high))
-    as_independent = bootstrap_ci(copies)
+    grouped, plain = proportion_ci(copies, groups=groups), proportion_ci(originals)
+    assert (grouped.estimate, grouped.items, grouped.units) == (pytest.approx(plain.estimate), 2000, 500)
+    # the grouped interval: Wilson at the effective n the cluster bootstrap finds (about the 500 originals)
+    assert (grouped.low, grouped.high) == (pytest.approx(plain.low, rel=0.02), pytest.approx(plain.high, rel=0.02))
+    as_independent = proportion_ci(copies)
     assert (as_independent.high - as_independent.low) == pytest.approx((plain.high - plain.low) / 2, rel=0.15)
     # the same for a paired difference, and any labels (strings, unequal group sizes) work
     other = hits_at(500, 0.5, seed=3)
     diff = paired_difference_ci(copies, np.repeat(other, 4), groups=[f"img{g}" for g in groups])
     want = paired_difference_ci(originals, other)
     assert (diff.low, diff.high) == (pytest.approx(want.low), pytest.approx(want.high))
-    uneven = bootstrap_ci([1, 1, 1, 0], groups=["a", "a", "a", "b"], resamples=2000)
-    assert uneven.estimate == 0.75 and uneven.low == 0.0 and uneven.high == 1.0  # draws of {a, b}: 0, 0.75 or 1
+    # two groups are too few to estimate a spread from: Wilson on 2 draws, nearly the whole range
+    uneven = proportion_ci([1, 1, 1, 0], groups=["a", "a", "a", "b"], resamples=2000)
+    assert uneven.estimate == 0.75 and uneven.units == 2 and uneven.low < 0.25 and uneven.high > 0.95
 
 
 def test_groups_must_label_every_item():
     with pytest.raises(ValueError, match="one label per item"):
-        bootstrap_ci([1, 0, 1], groups=[0, 0])
+        proportion_ci([1, 0, 1], groups=[0, 0])

@@ -135,9 +135,10 @@ def test_the_report_gives_intervals_and_calls_a_difference_only_when_it_excludes
     assert row(report, "dense").endswith("| reference |")
     low, high = (float(x) for x in row(report, "dense").split("[")[1].split("]")[0].split(", "))
     assert low < accuracy < high and 2 < high - low < 12  # about ±3.9 points at 600 questions
-    assert row(report, "same").endswith("| +0.0 [+0.0, +0.0] CI includes 0 |")
+    assert row(report, "same").endswith("| +0.0 [+0.0, +0.0] n too small to call (0 of 150 differ, 10 needed) |")
     assert "+15.0 [+" in row(report, "better") and row(report, "better").endswith(" higher |")
-    assert "+0.2 [+0.0, " in row(report, "slightly") and row(report, "slightly").endswith("CI includes 0 |")
+    assert "+0.2 [+0.0, " in row(report, "slightly") and row(report, "slightly").endswith("n too small to call (1 of "
+                                                                                         "150 differ, 10 needed) |")
     assert "-10.0 [-" in row(report, "worse") and row(report, "worse").endswith(" lower |")
     assert "Only 600 questions" in report and "--eval-limit to 4,269" in report
     assert report.index("| tower | seeds | questions |") < report.index("lmms-eval's own table")
@@ -154,7 +155,7 @@ def test_seeds_are_pooled_and_paired_and_whole_images_resampled(tmp_path):
     """Two seeds per arm: an arm's accuracy is the mean over its seeds; the difference pairs seed s with seed s.
     The 4 questions of an image have the same outcome here, so resampling whole images (what the report does)
     must give a wider interval than resampling questions as if independent (what it did before)."""
-    from upcycle.eval.intervals import bootstrap_ci
+    from upcycle.eval.intervals import proportion_ci
     from upcycle.experiments.replicate import ReplicateConfig, write_report
 
     rng = np.random.default_rng(1)
@@ -169,7 +170,7 @@ def test_seeds_are_pooled_and_paired_and_whole_images_resampled(tmp_path):
     assert dense[2] == "1,200"
     est, low, high = interval(dense[3])
     assert est == pytest.approx(want, abs=0.05)
-    independent = bootstrap_ci(np.stack([hits["dense-seed-0"], hits["dense-seed-1"]]))
+    independent = proportion_ci(np.stack([hits["dense-seed-0"], hits["dense-seed-1"]]))
     assert high - low > 1.6 * 100 * (independent.high - independent.low)  # about 2x: 4 identical answers per image
     diff = 100 * np.mean([per_image["dmu", s].mean() - per_image["dense", s].mean() for s in (0, 1)])
     assert interval(dmu[4].replace("+", ""))[0] == pytest.approx(diff, abs=0.05)

@@ -22,7 +22,7 @@ from encoder.utils.errors import UserError
 
 from ...data import read_pairs
 from ...eval.embedding import encode_pairs
-from ...eval.intervals import RESAMPLES, pack_hits, paired_difference_ci
+from ...eval.intervals import RESAMPLES, pack_hits, paired_difference_ci, verdict
 from ...eval.retrieval import recalls, retrieval_hits
 from ...recipes.dmu.pipeline import dense_with_ffn, stage_ffn
 
@@ -52,7 +52,8 @@ def expert_breakdown(dmu_work_dir: Path, base_dir: Path, moe_dir: Path, data_jso
           on the split it was chosen on)};
       "moe_minus_best", "moe_minus_average": {"i2t_r1", "t2i_r1", "r1_mean"}, differences of the reported values;
       "intervals": {"moe_minus_best", "moe_minus_average"} -> {"i2t_r1", "t2i_r1"} -> {"estimate", "low", "high"}
-          (percentage points), "level", "items", "excludes_zero": the paired bootstrap interval over the queries;
+          (percentage points), "level", "items", "excludes_zero", "informative" (queries on which the two differ),
+          "verdict" (`intervals.verdict`'s wording): the paired bootstrap interval over the queries;
       plus "num_experts", "data", "val".
     Raises UserError when the work directory lacks a stage or does not fit the base or the CLIP-MoE.
     """
@@ -130,5 +131,6 @@ def _intervals(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], resamples
     for key in KEYS:
         ci = paired_difference_ci(a[key].numpy(), b[key].numpy(), resamples=resamples)
         out[key] = {"estimate": 100 * ci.estimate, "low": 100 * ci.low, "high": 100 * ci.high, "level": ci.level,
-                    "items": ci.items, "excludes_zero": ci.excludes_zero()}
+                    "items": ci.items, "excludes_zero": ci.excludes_zero(), "informative": ci.informative,
+                    "verdict": verdict(ci)}
     return out

@@ -1,5 +1,5 @@
-"""The comparison's markdown tables (mean ± std over seeds; R@1 with bootstrap intervals and paired differences
-against the dense arm) and its training-loss plot."""
+"""The comparison's markdown tables (mean ± std over seeds; R@1 with its interval and paired differences against
+the dense arm) and its training-loss plot."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 
 from encoder.utils.files import write_atomic
 
-from ...eval.intervals import RESAMPLES, Interval, bootstrap_ci, paired_difference_ci, unpack_hits
+from ...eval.intervals import (MIN_INFORMATIVE, RESAMPLES, Interval, paired_difference_ci, proportion_ci, unpack_hits,
+                               verdict)
 from .arms import ARM_TITLES
 
 COLUMNS = (("i2t_r1", "I→T R@1"), ("i2t_r5", "I→T R@5"), ("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"),
@@ -46,18 +47,20 @@ REFERENCE_ARM = "dense"
 
 def intervals_section(results: dict[str, list[dict]], reference: str | None = REFERENCE_ARM,
                       why: str = "fixed in advance") -> str:
-    """R@1 with its 95% bootstrap interval per arm, and each arm's paired difference from the reference arm."""
+    """R@1 with its 95% interval per arm, and each arm's paired difference from the reference arm."""
     reference = reference if reference in results else None
     counts = {key: len(next(iter(results.values()))[0]["hits"][key]) for key, _ in INTERVAL_COLUMNS}
     if reference:
         pairing = (f"Differences are measured against `{reference}`, {why}. They are paired: both arms on the same "
-                   "resampled items, seed s against seed s, the untrained base against every seed. A difference is "
-                   "called higher or lower only when its interval excludes 0.")
+                   "resampled items, seed s against seed s, the untrained base against every seed; 95% percentile "
+                   f"bootstrap intervals, {RESAMPLES:,} resamples. A difference is called higher or lower only when "
+                   f"its interval excludes 0 and the two arms differ on at least {MIN_INFORMATIVE} items (with fewer "
+                   "the bootstrap calls chance differences too often: the cell says n too small to call).")
     else:
         pairing = "No paired differences: no dense arm to measure them against was run."
-    note = (f"R@1 in percent with 95% percentile bootstrap intervals over the {counts['i2t_r1']:,} test images "
-            f"(I→T) and {counts['t2i_r1']:,} distinct test captions (T→I), {RESAMPLES:,} resamples; each resample "
-            f"draws test items and averages an arm's seeds. {pairing}")
+    note = (f"R@1 in percent over the {counts['i2t_r1']:,} test images (I→T) and {counts['t2i_r1']:,} distinct "
+            "test captions (T→I), averaged over an arm's seeds, with 95% Wilson score intervals (several seeds: at "
+            f"the effective number of items a bootstrap of the test items finds). {pairing}")
     return note + "\n\n" + intervals_table(results, reference)
 
 
@@ -69,7 +72,7 @@ def intervals_table(results: dict[str, list[dict]], reference: str | None) -> st
     for arm, runs in results.items():
         cells = [arm]
         for key, _ in INTERVAL_COLUMNS:
-            ci = bootstrap_ci([unpack_hits(r["hits"][key]) for r in runs])
+            ci = proportion_ci([unpack_hits(r["hits"][key]) for r in runs])
             cells.append(f"{100 * ci.estimate:.1f} [{100 * ci.low:.1f}, {100 * ci.high:.1f}]")
             if reference:
                 cells.append("reference" if arm == reference else difference_cell(paired_difference(
@@ -94,9 +97,9 @@ def paired_difference(arm: str, runs: list[dict], reference_runs: list[dict], ke
 
 
 def difference_cell(ci: Interval) -> str:
-    """The difference in points with its interval, called higher or lower only when the interval excludes 0."""
-    verdict = ("higher" if ci.estimate > 0 else "lower") if ci.excludes_zero() else "CI includes 0"
-    return f"{100 * ci.estimate:+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}] {verdict}"
+    """The difference in points with its interval and `intervals.verdict`'s wording (higher or lower only when the
+    interval excludes 0 and enough items differ)."""
+    return f"{100 * ci.estimate:+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}] {verdict(ci)}"
 
 
 def positions_table(results: dict[str, list[dict]]) -> str:
