@@ -173,3 +173,27 @@ def test_replicates_table_never_calls_a_difference_on_too_few_questions(tmp_path
         for name, hits in (("dense", reference), ("dmu", better))}}))
     row = next(line for line in mllm_intervals(tmp_path).splitlines() if line.startswith("| dmu |"))
     assert "higher" not in row and "n too small to call (3 of 12 differ" in row, row
+
+
+# --- replicate's MLLM table: no tower left out without a row saying why ---------------------------------------
+
+def test_a_tower_without_per_question_hits_gets_a_row_saying_why(tmp_path):
+    import json
+
+    from upcycle.experiments.replicate import ReplicateConfig, write_report
+
+    hits = {str(i): i % 2 for i in range(40)}
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "compare.md").write_text("## CLIP arms\n")
+    (tmp_path / "compare" / "training_loss.png").write_bytes(b"png")
+    (tmp_path / "lmms-eval").mkdir()
+    (tmp_path / "lmms-eval" / "results.md").write_text("# lmms-eval comparison\n")
+    # sparse-all-seed-0 answered another metric only; dmu-seed-0's evaluation wrote nothing at all
+    (tmp_path / "lmms-eval" / "per_question.json").write_text(json.dumps({"checkpoints": {
+        "dense-seed-0": {"qa": {"exact_match": hits}}, "sparse-all-seed-0": {"qa": {"other": hits}}}}))
+    report = write_report(tmp_path, ReplicateConfig(out=str(tmp_path), seeds="0", mllm_seeds="0"), {}, 1.0).read_text()
+    table = report[report.index("`qa` exact_match"):]
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "dense" in rows
+    assert "per_question.json holds no `qa` exact_match for it" in rows["sparse-all-seed-0"]
+    assert "its lmms-eval run wrote no per-question results" in rows["dmu-seed-0"]

@@ -152,7 +152,8 @@ def write_report(out: Path, args: ReplicateConfig, timings: dict, seconds: float
     lmms = out / "lmms-eval" / "results.md"
     mllm = "\n".join("#" + line if line.startswith("##") else line
                      for line in lmms.read_text().splitlines() if not line.startswith("# ")) if lmms.exists() else ""
-    intervals = mllm_intervals(lmms.parent, data=out / "digit-grids") if lmms.exists() else ""
+    towers = [tower_name(arm, s) for s in mllm_seeds(args) for arm in MLLM_ARMS]
+    intervals = mllm_intervals(lmms.parent, data=out / "digit-grids", expected=towers) if lmms.exists() else ""
     total = sum(timings.values())
     text = f"""# Tiny-scale replication: dense fine-tuning vs sparse upcycling vs DMU
 
@@ -210,11 +211,13 @@ def split_tower(name: str) -> tuple[str, int | None]:
     return (arm, int(seed)) if sep and seed.isdigit() else (name, None)
 
 
-def mllm_intervals(lmms: Path, reference: str = MLLM_ARMS[0], data: Path | None = None) -> str:
+def mllm_intervals(lmms: Path, reference: str = MLLM_ARMS[0], data: Path | None = None,
+                   expected: list[str] | tuple[str, ...] = ()) -> str:
     """Markdown: each tower's accuracy with its 95% interval and its paired difference from `reference`
     (the same questions, matched by lmms-eval doc_id, and the same seeds), from the per_question.json `eval-lmms`
     writes in `lmms`. Towers named ARM-seed-S are pooled per arm, seed s against seed s; with `data`, the questions
-    about one image are resampled together."""
+    about one image are resampled together. A tower of `expected` (the towers the plan evaluated) or of the file
+    without per-question hits for a table's metric gets a row saying so, never silently left out."""
     path = lmms / "per_question.json"
     if not path.is_file():
         return (f"No per-question results in {lmms} (written by an older `eval-lmms`), so no intervals; delete "
@@ -225,15 +228,21 @@ def mllm_intervals(lmms: Path, reference: str = MLLM_ARMS[0], data: Path | None 
     if not rows:
         return f"{path} holds no per-question results (every run failed?), so no intervals."
     groups = question_groups(data) if data is not None else {}
-    return "\n\n".join(_interval_table(task, metric, {name: per[task][metric] for name, per in checkpoints.items()
-                                                        if metric in per.get(task, {})}, reference, groups)
-                        for task, metric in rows)
+    tables = []
+    for task, metric in rows:
+        hits = {name: per[task][metric] for name, per in checkpoints.items() if metric in per.get(task, {})}
+        missing = {name: ("not in per_question.json: its lmms-eval run wrote no per-question results" if name not in
+                          checkpoints else f"per_question.json holds no `{task}` {metric} for it")
+                   for name in dict.fromkeys([*expected, *checkpoints]) if name not in hits}
+        tables.append(_interval_table(task, metric, hits, reference, groups, missing))
+    return "\n\n".join(tables)
 
 
 def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], reference: str,
-                    groups: dict[str, str] | None = None) -> str:
+                    groups: dict[str, str] | None = None, missing: dict[str, str] | None = None) -> str:
     """One task's table: rows are arms (towers ARM-seed-S pooled over their seeds); `hits` maps a tower to
-    {doc_id: 0/1}; `groups` maps doc_id to its image (questions of one image are resampled together)."""
+    {doc_id: 0/1}; `groups` maps doc_id to its image (questions of one image are resampled together); `missing`
+    maps each tower without hits to why, one row each (an arm missing a seed is pooled over the others)."""
     # The CLIP comparison's wording (higher/lower only when 0 is excluded); imported here: compare loads torch.
     from .compare.report import difference_cell
 
@@ -265,8 +274,10 @@ def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], ref
                    f"±{100 * 1.96 * math.sqrt(0.25 / asked):.1f} points, more than the ±{100 * CI_HALF_WIDTH:.1f} "
                    f"aimed for; raise --eval-limit to {needed:,} (and --num-test to a quarter of that or more: 4 "
                    "questions per test image)."), ""]
+    absent = [f"| {name} | {'-' if split_tower(name)[1] is None else split_tower(name)[1]} | 0 | left out: {why} | "
+              "- |" for name, why in (missing or {}).items()]
     if not common:
-        return "\n".join(lines + ["No question was answered by every tower, so no intervals."])
+        return "\n".join(lines + ["No question was answered by every tower, so no intervals.", "", *absent])
     labels = [groups[d] for d in common] if grouped else None
     lines += [f"| tower | seeds | questions | {metric} [95% CI] | − {reference} [95% CI] (paired) |",
               "|---|---|---|---|---|"]
@@ -290,4 +301,4 @@ def _interval_table(task: str, metric: str, hits: dict[str, dict[str, int]], ref
             diff = paired_difference_ci(matrix(per_seed, seeds), matrix(ref, seeds), groups=labels)
             cells.append(difference_cell(diff))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + absent)
