@@ -124,6 +124,9 @@ def write(python: str, lock: Path) -> None:
     unpinned = [line for line in out.splitlines() if line.strip() and not _PIN.match(line) and not line.startswith("#")]
     if unpinned:
         raise LockError(f"cannot pin {unpinned[0]!r} (installed from a path or URL); install it from the index")
+    # The lock setup.sh would refuse is not written either (an environment that lacks a requirement).
+    require_pinned({canonical(line.split("==")[0]): line.split("==")[1] for line in pins},
+                   setup_requirements(PYPROJECT), lock)
     facts = interpreter_facts(python)
     text = "\n".join([
         "# The exact versions the test suite passed with: written by scripts/lock.sh, installed by scripts/setup.sh",

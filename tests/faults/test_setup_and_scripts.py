@@ -174,3 +174,17 @@ def test_check_latest_without_a_reachable_index_says_so_not_that_releases_confli
     assert last.startswith("error: no package index is reachable"), result.stderr[-2000:]
     assert "do not install together" not in result.stderr
     assert not list(tmp_path.glob("clip-moe-latest.*"))  # its throw-away environment removed
+
+
+def test_the_lock_writer_refuses_an_environment_that_lacks_a_requirement(tmp_path):
+    frozen = tmp_path / "freeze.txt"
+    frozen.write_text("\n".join(line for line in (ROOT / "requirements.lock").read_text().splitlines()
+                                if not line.startswith(("#", "transformers=="))) + "\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\nif [[ "$1 $2 $3" == "-m pip freeze" ]]; then cat "{frozen}"; exit; fi\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    lock = tmp_path / "requirements.lock"
+    result = run(*LOCKFILE, "write", "--python", str(python), "--lock", str(lock))
+    assert result.returncode == 2 and not lock.exists()
+    assert len(error_lines(result)) == 1 and "lacks transformers" in result.stderr, result.stderr
