@@ -197,3 +197,71 @@ def test_a_tower_without_per_question_hits_gets_a_row_saying_why(tmp_path):
     assert "dense" in rows
     assert "per_question.json holds no `qa` exact_match for it" in rows["sparse-all-seed-0"]
     assert "its lmms-eval run wrote no per-question results" in rows["dmu-seed-0"]
+
+
+# --- one failing sweep candidate is reported and skipped; the others are still compared -----------------------
+
+def fake_compare_runs(monkeypatch, fails):
+    """`compare` with training and evaluation replaced: DMU raises the recipe's UserError where `fails(settings)`,
+    every other run trains instantly and scores by its folder (x3 better than x1 on val)."""
+    from encoder.utils.errors import UserError
+    from upcycle.experiments.compare import run as run_module
+
+    def train(arm, seed, base_dir, train_data, folder, settings):
+        folder.mkdir(parents=True, exist_ok=True)
+        if arm == "dmu" and fails(settings):
+            raise UserError("stage 2: every cluster is smaller than the global batch 16, so --small-clusters drop "
+                            "leaves nothing to train; use merge or bin or a smaller --batch-size")
+        if arm == "base":
+            return {"model": str(base_dir), "pairs_seen": 0, "optimizer_steps": 0}
+        return {"model": str(folder), "pairs_seen": settings.budget_epochs * 96, "optimizer_steps": 12}
+
+    def metrics(model_dir, data):
+        score = 30.0 if "lr-x3" in model_dir else 20.0
+        score += 5.0 if "small-clusters-bin" in model_dir else 0.0
+        hits = "1" * int(score) + "0" * (100 - int(score))
+        return {"i2t_r1": score, "t2i_r1": score, "i2t_r5": score, "t2i_r5": score, "digits_mean": score,
+                "digits": {"top left": score}, "hits": {"i2t_r1": hits, "t2i_r1": hits},
+                "vision_params_total": 1, "vision_params_active": 1}
+
+    ci = {"estimate": 0.0, "low": -1.0, "high": 1.0, "excludes_zero": False, "verdict": "CI includes 0"}
+    breakdown = {"models": {name: {"i2t_r1": 1.0, "t2i_r1": 1.0, "r1_mean": 1.0, "hits": {}}
+                            for name in ("moe", "expert-0", "expert-1", "ffn-average")},
+                 "best_expert": {"name": "expert-1", "chosen_on": "val"},
+                 "intervals": {k: {"i2t_r1": ci, "t2i_r1": ci} for k in ("moe_minus_best", "moe_minus_average")}}
+    monkeypatch.setattr(run_module, "train_arm", train)
+    monkeypatch.setattr(run_module, "metrics_on_split", metrics)
+    monkeypatch.setattr(run_module, "forward_ms_per_image", lambda *a, **k: {})
+    monkeypatch.setattr(run_module, "loss_curve", lambda *a, **k: [])
+    monkeypatch.setattr(run_module, "expert_breakdown", lambda *a, **k: breakdown)
+
+
+def sweep_args(base, grids, out):
+    return ["compare", "--base", str(base), "--data", str(grids), "--out", str(out), "--arms", "base,dense,dmu",
+            "--seeds", "0,1", "--lr-factors", "1,3", "--num-experts", "2", "--batch-size", "16",
+            "--dmu-small-clusters", "merge,drop,bin"]
+
+
+def test_a_failing_sweep_candidate_is_reported_and_skipped(base_clip_dir, grids_dir, tmp_path, monkeypatch):
+    import json
+
+    fake_compare_runs(monkeypatch, lambda settings: settings.small_clusters == "drop")
+    out = tmp_path / "cmp"
+    assert main(sweep_args(base_clip_dir, grids_dir, out)) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["chosen_dmu_settings"] == {"small_clusters": "bin"}  # still chosen among those that ran
+    assert [r["seed"] for r in summary["results"]["dmu"]] == [0, 1]
+    report = (out / "compare.md").read_text()
+    assert "| small clusters | merge: 30.0, drop: failed, **bin: 35.0** | bin |" in report
+    assert "- small clusters drop failed and was skipped: the recipe stopped: stage 2: every cluster" in report
+
+
+def test_an_arm_whose_every_candidate_fails_fails_in_one_line(base_clip_dir, grids_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    fake_compare_runs(monkeypatch, lambda settings: True)
+    out = tmp_path / "cmp"
+    assert main(sweep_args(base_clip_dir, grids_dir, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "arm dmu: every learning-rate factor failed" in err[0], err
+    assert "x1: the recipe stopped" in err[0] and "x3: the recipe stopped" in err[0]
+    assert not (out / "compare.md").exists()

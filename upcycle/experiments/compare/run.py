@@ -68,20 +68,34 @@ def validation_score(metrics: dict) -> float:
 
 
 def sweep_arm(arm: str, seed: int, factors: list[float], base_dir: Path, data_dir: Path, out: Path,
-              settings: ArmSettings, inputs: dict[str, str]) -> tuple[float, dict[float, float]]:
+              settings: ArmSettings, inputs: dict[str, str]) -> tuple[float, dict[float, float | str]]:
     """Train `arm` with `seed` at every factor, score each on val.json only; return the best factor (the smaller
-    one on a tie) and every factor's score. The test split is never read here."""
+    one on a tie) and every factor's score, or why it failed (`validation_run`). The test split is never read
+    here. Raises UserError when every factor failed."""
     scores = {}
     for factor in factors:
         scores[factor] = validation_run(arm, seed, Setting(factor), base_dir, data_dir, out, settings, inputs)
-    return max(sorted(scores), key=lambda f: scores[f]), scores
+    scored = [f for f in sorted(scores) if not isinstance(scores[f], str)]
+    if not scored:
+        raise UserError(f"arm {arm}: every learning-rate factor failed on the first seed ("
+                        + "; ".join(f"x{f:g}: {why}" for f, why in scores.items())
+                        + f"); leave {arm} out of --arms or change its settings")
+    return max(scored, key=lambda f: scores[f]), scores
 
 
 def validation_run(arm: str, seed: int, choice: Setting, base_dir: Path, data_dir: Path, out: Path,
-                   settings: ArmSettings, inputs: dict[str, str]) -> float:
-    """Train (or reuse) one sweep point and return its validation score."""
+                   settings: ArmSettings, inputs: dict[str, str]) -> float | str:
+    """Train (or reuse) one sweep point and return its validation score, or, when its recipe refuses the setting
+    (DMU's `drop` leaving a stage nothing to train, ...), why: one failing candidate is reported and skipped, and
+    the others are still compared. Settings changed under an existing folder still stop the comparison."""
     folder = arm_folder(out, arm, seed, choice, sweeping=True)
-    result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, choice), inputs, split="val")
+    claim(folder, arm_settings(arm, seed, scaled(arm, settings, choice), inputs),
+          f"use another --out, or delete {folder} to retrain this arm with the new settings")
+    try:
+        result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, choice), inputs, split="val")
+    except UserError as err:
+        print(f"{arm} ({choice.tag()}) failed and is skipped: {err}")
+        return f"the recipe stopped: {err}"
     return validation_score(result["val"])
 
 
@@ -89,7 +103,9 @@ def sweep_dmu(seed: int, start: Setting, tried: dict[str, list], base_dir: Path,
               settings: ArmSettings, inputs: dict[str, str]) -> tuple[Setting, list[dict]]:
     """DMU's own settings after its learning rate, one at a time in DMU_VARIED order (stage epochs, then
     small-cluster handling), each value trained with `seed` and scored on val.json, the best kept for the next
-    (the one already chosen on a tie). Returns the chosen setting and one row per setting tried."""
+    (the one already chosen on a tie). A value whose run failed is reported (its row says why) and skipped; when
+    every value of a setting failed, the setting chosen so far stays. Returns the chosen setting and one row per
+    setting tried."""
     chosen, rows = start, []
     for name in DMU_VARIED:
         values = tried.get(name) or []
@@ -100,10 +116,13 @@ def sweep_dmu(seed: int, start: Setting, tried: dict[str, list], base_dir: Path,
             choice = chosen.with_override(name, value, settings)
             scores[value] = (choice, validation_run("dmu", seed, choice, base_dir, data_dir, out, settings, inputs))
         current = dict(chosen.overrides).get(name, getattr(settings, name))
-        best = max(values, key=lambda v: (scores[v][1], v == current))
-        rows.append({"setting": name, "scores": {str(v): round(score, 3) for v, (_, score) in scores.items()},
-                     "chosen": best})
-        chosen = scores[best][0]
+        scored = [v for v in values if not isinstance(scores[v][1], str)]
+        best = max(scored, key=lambda v: (scores[v][1], v == current)) if scored else current
+        rows.append({"setting": name, "scores": {str(v): score if isinstance(score, str) else round(score, 3)
+                                                 for v, (_, score) in scores.items()},
+                     "chosen": best, "all_failed": not scored})
+        if scored:
+            chosen = scores[best][0]
     return chosen, rows
 
 
@@ -334,17 +353,24 @@ def sweep_section(sweeps: dict[str, dict[float, float]], chosen: dict[str, float
     chosen = {arm: c.factor if isinstance(c, Setting) else c for arm, c in chosen.items()}
     head = ["arm", "swept rate", *(f"x{f:g}" for f in factors), "chosen"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    failures = []
     for arm, scores in sweeps.items():
         name = SWEPT_LR[arm]
         cells = [arm, f"{name} = {getattr(settings, name):g} x factor"]
-        cells += [(f"**{scores[f]:.1f}**" if f == chosen[arm] else f"{scores[f]:.1f}") if f in scores else "-"
-                  for f in factors]
+        for f in factors:
+            if f not in scores:
+                cells.append("-")
+            elif isinstance(scores[f], str):
+                cells.append("failed")
+                failures.append(f"- `{arm}` at x{f:g} failed and was skipped: {scores[f]}")
+            else:
+                cells.append(f"**{scores[f]:.1f}**" if f == chosen[arm] else f"{scores[f]:.1f}")
         cells.append(f"x{chosen[arm]:g} ({getattr(settings, name) * chosen[arm]:g})")
         lines.append("| " + " | ".join(cells) + " |")
     return ("Learning rates chosen on the validation split (val.json; its digits are disjoint from train and test): "
             "each arm trained with the first seed at every factor, scored by validation R@1 averaged over both "
             "directions; every seed then trained at the chosen factor, and only those runs were evaluated on test."
-            + edge_note(sweeps, chosen) + "\n\n" + "\n".join(lines))
+            + edge_note(sweeps, chosen) + "\n\n" + "\n".join(lines + (["", *failures] if failures else [])))
 
 
 def edge_note(sweeps: dict[str, dict[float, float]], chosen: dict[str, float]) -> str:
@@ -361,11 +387,19 @@ def dmu_sweep_section(rows: list[dict], chosen: "Setting | None", settings: ArmS
     """DMU's own settings tried on val after its learning rate (`sweep_dmu`), one table row per setting."""
     if not rows or chosen is None:
         return ""
-    lines = ["| DMU setting | tried (validation R@1) | chosen |", "|---|---|---|"]
+    lines, failures = ["| DMU setting | tried (validation R@1) | chosen |", "|---|---|---|"], []
     for row in rows:
-        tried = ", ".join(f"**{v}: {score:.1f}**" if v == str(row["chosen"]) else f"{v}: {score:.1f}"
-                          for v, score in row["scores"].items())
-        lines.append(f"| {row['setting'].replace('_', ' ')} | {tried} | {row['chosen']} |")
+        setting = row["setting"].replace("_", " ")
+        tried = []
+        for v, score in row["scores"].items():
+            if isinstance(score, str):
+                tried.append(f"{v}: failed")
+                failures.append(f"- {setting} {v} failed and was skipped: {score}")
+            else:
+                tried.append(f"**{v}: {score:.1f}**" if v == str(row["chosen"]) else f"{v}: {score:.1f}")
+        kept = f"{row['chosen']} (all tried failed; kept)" if row.get("all_failed") else row["chosen"]
+        lines.append(f"| {setting} | {', '.join(tried)} | {kept} |")
+    lines += ["", *failures] if failures else []
     final = scaled("dmu", settings, chosen)
     return ("DMU's own settings, chosen on the same validation split after its learning rate, one at a time (first "
             f"seed; equal budget: fewer epochs per stage give the rest of the {settings.budget_epochs} epochs to "
