@@ -19,7 +19,7 @@ import torch
 
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, file_sha256, write_atomic
-from encoder.utils.step_record import claim
+from encoder.utils.step_record import SettingsChanged, claim
 
 from ...recipes.dmu.clustering import SMALL_CLUSTER_RULES
 from ..seeds import parse_seeds
@@ -89,10 +89,10 @@ def validation_run(arm: str, seed: int, choice: Setting, base_dir: Path, data_di
     (DMU's `drop` leaving a stage nothing to train, ...), why: one failing candidate is reported and skipped, and
     the others are still compared. Settings changed under an existing folder still stop the comparison."""
     folder = arm_folder(out, arm, seed, choice, sweeping=True)
-    claim(folder, arm_settings(arm, seed, scaled(arm, settings, choice), inputs),
-          f"use another --out, or delete {folder} to retrain this arm with the new settings")
     try:
         result = run_arm(arm, seed, base_dir, data_dir, folder, scaled(arm, settings, choice), inputs, split="val")
+    except SettingsChanged:
+        raise
     except UserError as err:
         print(f"{arm} ({choice.tag()}) failed and is skipped: {err}")
         return f"the recipe stopped: {err}"
