@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..utils.errors import UserError
+from .deepspeed_config import LoopOwned, check_launch
 
 # What `accelerate launch --use_deepspeed / --use_fsdp` (or its config file) asks for, through the environment.
 ENGINE_REQUESTS = {"ACCELERATE_USE_DEEPSPEED": ("DeepSpeed", "DEEPSPEED", "--use_deepspeed"),
@@ -30,7 +31,8 @@ def process_state():
     return PartialState(cpu=on_cpu())
 
 
-def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None = None, **kwargs):
+def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None = None, loop: LoopOwned | None = None,
+                     **kwargs):
     """An Accelerator that has joined the process group and runs the engine the launch asked for; kwargs go to
     `Accelerator` (e.g. gradient accumulation).
 
@@ -40,7 +42,10 @@ def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None =
 
     `deepspeed_config`: a DeepSpeed JSON named by the run's own flags (LLaVA's `--deepspeed`), which turns
     DeepSpeed on under any launcher, as in an HF Trainer; it must agree with `accelerate launch
-    --deepspeed_config_file` if that was given too."""
+    --deepspeed_config_file` if that was given too.
+
+    `loop`: what the training loop decides from the run's flags (its accumulation, which the Accelerator gets
+    too): a launch or DeepSpeed config that contradicts it is refused here, before anything is built."""
     from accelerate import Accelerator
 
     if deepspeed_config is not None:
@@ -51,6 +56,9 @@ def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None =
         raise UserError("accelerate launch --use_deepspeed: DeepSpeed is not installed here; pip install "
                         "'clip-moe-toolkit[deepspeed]' (or deepspeed), or launch without --use_deepspeed to train "
                         "with DDP")
+    if loop is not None:
+        check_launch(loop)
+        kwargs.setdefault("gradient_accumulation_steps", loop.accumulation)
     if name == "FSDP" and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("accelerate launch --use_fsdp: only FSDP2 is supported (torch's fully_shard, whose "
                         "checkpoints this loop saves and resumes exactly); add --fsdp_version 2")

@@ -43,6 +43,7 @@ from .sampler import endless_batches
 from .sharded import (
     ShardedCheckpointState,
     configure_deepspeed,
+    engine_input_dtype,
     engine_of,
     full_state_dict,
     is_sharded,
@@ -181,6 +182,7 @@ class TrainingLoop:
         self.trained_params = [p for p in accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         self.checkpoint_state = ShardedCheckpointState(self) if is_sharded(accelerator) else CheckpointState(self)
         self.engine = engine_of(accelerator)
+        self.input_dtype = engine_input_dtype(accelerator)
         self.parameters_total = parameters_held(self.model)[1]
         self.memory: dict[str, list] = {}  # per rank, measured at each checkpoint (`_measure_memory`)
         self.step = 0
@@ -287,9 +289,9 @@ class TrainingLoop:
         if resume_from is not None:
             self.resume(resume_from)
         if is_sharded(acc):
-            held = parameters_held(self.model)[0]
+            held = [parameters_held(self.model)[0]]  # one entry per rank, also when the engine runs one process
             if acc.num_processes > 1:
-                held = acc.gather(torch.tensor([held], device=acc.device)).tolist()
+                held = acc.gather(torch.tensor(held, device=acc.device)).tolist()
             if acc.is_main_process:
                 print(f"{plan.desc}: {self.engine} over {acc.num_processes} processes; the ranks hold "
                       f"{', '.join(f'{n:,}' for n in held)} of the {self.parameters_total:,} parameters in the engine")
@@ -322,7 +324,7 @@ class TrainingLoop:
         acc = self.accelerator
         micro = []
         for _ in range(self.plan.accumulation):
-            batch = next(batches)
+            batch = self._engine_inputs(next(batches))
             torch.manual_seed(self._micro_batch_seed())
             with acc.accumulate(self.model), acc.autocast():
                 loss, numbers = self._forward(batch)
@@ -336,6 +338,13 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return self._step_metrics(micro)
+
+    def _engine_inputs(self, batch: dict) -> dict:
+        """`batch` with its float tensors in the engine's dtype (`engine_input_dtype`), the rest as it is."""
+        if self.input_dtype is None:
+            return batch
+        return {k: v.to(self.input_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in batch.items()}
 
     def _micro_batch_seed(self) -> int:
         """The seed of this micro-batch's random numbers (dropout), from the run's seed, the micro-batch's place in

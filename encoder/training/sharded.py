@@ -57,19 +57,16 @@ def configure_deepspeed(accelerator, module: nn.Module, micro_batch: int, max_gr
     clipping happens inside the engine (accelerate's `clip_grad_norm_` does nothing under DeepSpeed, and
     DeepSpeed's default is 1.0 whatever --max_grad_norm says), the bucket sizes follow the model's hidden size
     (which accelerate looks for only on the top module), and ZeRO-3 must be able to gather the weights the
-    loop writes."""
+    loop writes. What the config sets itself was checked against the run before anything was built
+    (`deepspeed_config.check_launch`)."""
     if accelerator.distributed_type.name != "DEEPSPEED":
         return
     plugin = accelerator.state.deepspeed_plugin
     config = plugin.deepspeed_config
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = micro_batch
-    clipping = config.get("gradient_clipping", "auto")
-    if clipping == "auto":
+    if config.get("gradient_clipping", "auto") == "auto":  # any other value agrees (deepspeed_config.check_launch)
         config["gradient_clipping"] = max_grad_norm
-    elif float(clipping) != float(max_grad_norm):
-        raise UserError(f"the DeepSpeed config clips gradients at {clipping} but the run asks for {max_grad_norm}; "
-                        "make them agree (or set \"gradient_clipping\": \"auto\" in the config)")
     zero = config.setdefault("zero_optimization", {})
     hidden = max((getattr(getattr(m, "config", None), "hidden_size", 0) or 0 for m in module.modules()), default=0)
     if hidden:
@@ -80,6 +77,16 @@ def configure_deepspeed(accelerator, module: nn.Module, micro_batch: int, max_gr
                 zero[key] = value
     if zero.get("stage") == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def engine_input_dtype(accelerator) -> torch.dtype | None:
+    """The dtype float inputs (images) must arrive in, as an HF Trainer casts them: under DeepSpeed with bf16 or
+    fp16 on (by --bf16 / --fp16 or by the config), the engine holds the whole model in that dtype and nothing
+    autocasts (accelerate turns its autocast off under DeepSpeed), so fp32 images would meet bf16 weights. None:
+    the inputs stay as they are (other engines autocast)."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def full_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -171,6 +171,8 @@ NOT_SHAPING = frozenset({
     "dataloader_num_workers", "gradient_checkpointing",
     # which process this is: the launcher's business (the number of processes is compared on its own)
     "local_rank",
+    # the DeepSpeed config is compared by its content, value by value, where it is used (deepspeed_config)
+    "deepspeed",
     # there is no evaluation, and these take the one value "no" anyway
     "evaluation_strategy", "eval_strategy",
     # accepted but without effect here (each has its note)

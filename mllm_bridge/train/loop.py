@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler
+from encoder.training.deepspeed_config import engine_settings
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw
 from encoder.training.loop import refuse_changed_settings as refuse_changed
 from encoder.training.lower_lr import LowerLrResume
@@ -64,9 +65,11 @@ NUM_PROCESSES, TOTAL_STEPS = "num_processes", "total_steps"
 LR_FLAG, RESUME_LOWER_LR = "--learning_rate", "--resume_lower_lr"
 
 
-def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | None = None) -> dict[str, Any]:
-    """What a checkpoint must share with a run to be resumed by it (without total_steps when it is not known yet)."""
-    settings = {**shaping_settings(args.as_dict()), NUM_PROCESSES: num_processes}
+def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | None = None,
+                 engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it (without total_steps when it is not known yet).
+    `engine`: the DeepSpeed config's values (`deepspeed_config.engine_settings`), compared by content."""
+    settings = {**shaping_settings(args.as_dict()), NUM_PROCESSES: num_processes, **(engine or {})}
     if total_steps is not None:
         settings[TOTAL_STEPS] = total_steps
     return settings
@@ -176,7 +179,8 @@ class LlavaTrainer(TrainingLoop):
     def settings(self) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it: every flag that shapes the result,
         the number of processes and the number of optimizer steps (which the data decides too)."""
-        return run_settings(self.args, self.accelerator.num_processes, self.total_steps)
+        return run_settings(self.args, self.accelerator.num_processes, self.total_steps,
+                            engine_settings(self.accelerator))
 
     def _refuse_changed_settings(self, path: Path) -> None:
         refuse_changed_settings(path, self.settings(), self.args.training.resume_lower_lr, self.lr_change)

@@ -14,6 +14,7 @@ import torch
 
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
+from encoder.training.deepspeed_config import LoopOwned, engine_settings
 from encoder.training.sharded import whole_numel
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent
@@ -58,8 +59,12 @@ def make_accelerator(args: LlavaArguments):
     mixed = "fp16" if t.fp16 else "bf16" if bf16 else "no"
     if t.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return joined_accelerator(mixed, deepspeed_config=deepspeed_config(args),
-                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    return joined_accelerator(mixed, deepspeed_config=deepspeed_config(args), loop=LoopOwned(
+        accumulation=t.gradient_accumulation_steps, batch=t.per_device_train_batch_size, max_grad_norm=t.max_grad_norm,
+        precision=mixed, accumulation_flag="--gradient_accumulation_steps", batch_flag="--per_device_train_batch_size",
+        clipping_flag="--max_grad_norm", precision_flag="--fp16" if t.fp16 else "--bf16",
+        optimizer_flags="--learning_rate, --weight_decay",
+        schedule_flags="--lr_scheduler_type, --warmup_ratio, --warmup_steps"))
 
 
 def cpu_runs_bf16() -> bool:
@@ -150,8 +155,8 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     resume_from = _prepare_output_dir(args, output, accelerator)
     if resume_from is not None:
         # Before the language model is loaded; the trainer checks again with the number of steps the data makes.
-        refuse_changed_settings(resume_from, run_settings(args, accelerator.num_processes),
-                                args.training.resume_lower_lr)
+        settings = run_settings(args, accelerator.num_processes, engine=engine_settings(accelerator))
+        refuse_changed_settings(resume_from, settings, args.training.resume_lower_lr)
     trained = build_training_model(args, tower, frozen_dtype(accelerator))
     dataset = LlavaDataset(samples, trained.tokenizer, trained.image_processor, trained.image_tokens,
                            args.training.model_max_length, args.data.image_aspect_ratio)

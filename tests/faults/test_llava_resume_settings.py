@@ -137,7 +137,8 @@ def test_only_the_listed_flags_are_free_to_change():
         "save_total_limit", "logging_steps", "logging_dir", "report_to", "dataloader_num_workers",
         "gradient_checkpointing", "evaluation_strategy", "eval_strategy", "per_device_eval_batch_size",
         "lazy_preprocess", "is_multimodal", "remove_unused_columns", "local_rank",
-        "resume_lower_lr"}  # it frees --learning_rate to go lower only, checked on its own (test_nonfinite.py)
+        "resume_lower_lr",  # it frees --learning_rate to go lower only, checked on its own (test_nonfinite.py)
+        "deepspeed"}  # the config's path: its content is compared instead, where it is used (test_deepspeed_runs.py)
 
 
 def test_a_resume_with_only_non_shaping_changes_continues(interrupted, tmp_path, capsys):

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
+from encoder.training.deepspeed_config import LoopOwned, engine_settings
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, refuse_changed_settings
 from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
@@ -86,11 +87,15 @@ def _has(output, field: str) -> bool:
     return getattr(output, field, None) is not None
 
 
-def _accelerator(precision: str, grad_accum: int):
-    mixed = "no"
+def _accelerator(config: TrainConfig):
+    precision, mixed = config.precision, "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
-    return make_accelerator(mixed, gradient_accumulation_steps=grad_accum)
+    return make_accelerator(mixed, loop=LoopOwned(
+        accumulation=config.grad_accum, batch=config.batch_size, batch_is_global=True,
+        max_grad_norm=config.max_grad_norm or 0.0, precision=mixed, accumulation_flag="--grad-accum",
+        batch_flag="--batch-size", clipping_flag="--max-grad-norm", precision_flag="--precision",
+        optimizer_flags="--lr, --weight-decay", schedule_flags="--warmup-ratio, with a cosine decay"))
 
 
 def _checkpoint_dir(work_dir: str | Path) -> CheckpointDir:
@@ -136,7 +141,7 @@ class ContrastiveTrainer(TrainingLoop):
         check_options(config)  # again: a dataclass field may have been changed since it was made
         self.config = config
         self.work_dir = Path(work_dir)
-        acc = _accelerator(config.precision, config.grad_accum)
+        acc = _accelerator(config)
         if config.batch_size % acc.num_processes:
             raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {acc.num_processes} "
                             "processes (it is the global batch)")
@@ -152,7 +157,9 @@ class ContrastiveTrainer(TrainingLoop):
         sampler = ClusterBatchSampler(labels if labels is not None else [0] * n, config.batch_size,
                                       acc.num_processes, acc.process_index, config.seed)
         batch_plan = hashlib.sha256(json.dumps([int(x) for x in labels] if labels is not None else n).encode())
-        self.identity = {**(identity or {}), "pairs": n, "batch_plan_sha256": batch_plan.hexdigest()}
+        # The DeepSpeed config by its content: a resume under an edited one is refused like a changed flag.
+        self.identity = {**(identity or {}), "pairs": n, "batch_plan_sha256": batch_plan.hexdigest(),
+                         **engine_settings(acc)}
         workers = config.num_workers
         if workers is None:
             workers = min(8, os.cpu_count() or 1) if acc.device.type == "cuda" else 0
