@@ -11,7 +11,6 @@ import pytest
 
 from upcycle.cli import main
 
-
 # --- seeds: repeats and junk are refused in one line before anything is written ------------------------------
 
 @pytest.mark.parametrize("seeds, says", [("0,0", "seed 0 is given more than once"),
@@ -202,14 +201,15 @@ def test_a_tower_without_per_question_hits_gets_a_row_saying_why(tmp_path):
 # --- one failing sweep candidate is reported and skipped; the others are still compared -----------------------
 
 def fake_compare_runs(monkeypatch, fails):
-    """`compare` with training and evaluation replaced: DMU raises the recipe's UserError where `fails(settings)`,
+    """`compare` with training and evaluation replaced: DMU raises the recipe's UserError where `fails(settings,
+    seed)`,
     every other run trains instantly and scores by its folder (x3 better than x1 on val)."""
     from encoder.utils.errors import UserError
     from upcycle.experiments.compare import run as run_module
 
     def train(arm, seed, base_dir, train_data, folder, settings):
         folder.mkdir(parents=True, exist_ok=True)
-        if arm == "dmu" and fails(settings):
+        if arm == "dmu" and fails(settings, seed):
             raise UserError("stage 2: every cluster is smaller than the global batch 16, so --small-clusters drop "
                             "leaves nothing to train; use merge or bin or a smaller --batch-size")
         if arm == "base":
@@ -245,7 +245,7 @@ def sweep_args(base, grids, out):
 def test_a_failing_sweep_candidate_is_reported_and_skipped(base_clip_dir, grids_dir, tmp_path, monkeypatch):
     import json
 
-    fake_compare_runs(monkeypatch, lambda settings: settings.small_clusters == "drop")
+    fake_compare_runs(monkeypatch, lambda settings, seed: settings.small_clusters == "drop")
     out = tmp_path / "cmp"
     assert main(sweep_args(base_clip_dir, grids_dir, out)) == 0
     summary = json.loads((out / "compare.json").read_text())
@@ -258,10 +258,19 @@ def test_a_failing_sweep_candidate_is_reported_and_skipped(base_clip_dir, grids_
 
 def test_an_arm_whose_every_candidate_fails_fails_in_one_line(base_clip_dir, grids_dir, tmp_path, monkeypatch,
                                                             capsys):
-    fake_compare_runs(monkeypatch, lambda settings: True)
+    fake_compare_runs(monkeypatch, lambda settings, seed: True)
     out = tmp_path / "cmp"
     assert main(sweep_args(base_clip_dir, grids_dir, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "arm dmu: every learning-rate factor failed" in err[0], err
     assert "x1: the recipe stopped" in err[0] and "x3: the recipe stopped" in err[0]
     assert not (out / "compare.md").exists()
+
+
+def test_a_chosen_setting_failing_on_a_later_seed_names_the_arm_seed_and_setting(base_clip_dir, grids_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    fake_compare_runs(monkeypatch, lambda settings, seed: seed == 1)
+    assert main(sweep_args(base_clip_dir, grids_dir, tmp_path / "cmp")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "arm dmu, seed 1 (lr-x3-small-clusters-bin): the recipe stopped" in err[0], err
+    assert "leave dmu out of --arms, drop seed 1 from --seeds" in err[0]

@@ -126,6 +126,22 @@ def sweep_dmu(seed: int, start: Setting, tried: dict[str, list], base_dir: Path,
     return chosen, rows
 
 
+def seed_run(arm: str, seed: int, choice: Setting, base_dir: Path, data_dir: Path, out: Path, settings: ArmSettings,
+             inputs: dict[str, str], sweeping: bool) -> dict:
+    """One seed of an arm at its chosen setting, evaluated on test. A recipe's refusal here (a seed whose data
+    leaves DMU's `drop` nothing to train, ...) stops the comparison, whose seeds must all be there to be paired,
+    with one line naming the arm, seed and setting and what `compare` can do about it."""
+    try:
+        return run_arm(arm, seed, base_dir, data_dir, arm_folder(out, arm, seed, choice, sweeping),
+                       scaled(arm, settings, choice), inputs)
+    except SettingsChanged:
+        raise
+    except UserError as err:
+        raise UserError(f"arm {arm}, seed {seed} ({choice.tag()}): the recipe stopped: {err}; the comparison "
+                        f"needs every seed of an arm, so leave {arm} out of --arms, drop seed {seed} from --seeds "
+                        "or sweep other settings") from None
+
+
 def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_train: int,
                    dropping: frozenset[str] = frozenset()) -> int:
     """Every trained arm saw the same number of pairs and every arm started from the same base weights. The arms
@@ -178,8 +194,7 @@ def run_compare(args: CompareConfig) -> int:
         if arm == "dmu" and dmu_tried:
             chosen[arm], dmu_rows = sweep_dmu(seeds[0], chosen[arm], dmu_tried, base_dir, data_dir, out, settings,
                                               inputs)
-    results = {arm: [run_arm(arm, s, base_dir, data_dir, arm_folder(out, arm, s, chosen[arm], sweeping),
-                             scaled(arm, settings, chosen[arm]), inputs)
+    results = {arm: [seed_run(arm, s, chosen[arm], base_dir, data_dir, out, settings, inputs, sweeping)
                      for s in (seeds if arm != "base" else [0])] for arm in arms}
     reference, why = reference_arm(results, sweeping)
     experts = {}
