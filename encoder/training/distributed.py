@@ -15,6 +15,7 @@ import torch
 
 from ..utils.errors import UserError
 from .deepspeed_config import LoopOwned, check_launch
+from .run_guard import watch_launcher
 
 # What `accelerate launch --use_deepspeed / --use_fsdp` (or its config file) asks for, through the environment.
 ENGINE_REQUESTS = {"ACCELERATE_USE_DEEPSPEED": ("DeepSpeed", "DEEPSPEED", "--use_deepspeed"),
@@ -48,6 +49,7 @@ def make_accelerator(mixed_precision: str = "no", deepspeed_config: str | None =
     too): a launch or DeepSpeed config that contradicts it is refused here, before anything is built."""
     from accelerate import Accelerator
 
+    watch_launcher()  # a worker ends with its launcher rather than train on as an orphan
     if deepspeed_config is not None:
         _ask_for_deepspeed(deepspeed_config)
     asked = requested_engine()

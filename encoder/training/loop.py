@@ -35,12 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..utils.errors import TrainingDiverged, UserError
-from ..utils.files import atomic_output_dir
+from ..utils.files import atomic_output_dir, remove_stale_siblings
 from ..utils.options import show
 from ..utils.step_record import SettingsChanged, differences
+from .run_guard import RunLock
 from .run_log import NullLog, RunLog
 from .sampler import endless_batches
 from .sharded import (
+    PARTIAL_SUFFIX,
     ShardedCheckpointState,
     configure_deepspeed,
     engine_input_dtype,
@@ -96,6 +98,22 @@ class CheckpointDir:
         """Delete all but the newest `keep` checkpoints (None or 0: keep all)."""
         for old in self.all()[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
+
+    def remove_partial(self) -> list[Path]:
+        """Delete what killed saves left, whatever their step: sharded `<prefix>N.partial/` folders and the
+        atomic writer's `.<prefix>N.tmp-*` / `.old-*` siblings of dead writers (for a real model, tens of GB each;
+        a resume with another save interval never writes that step again to replace them). Run by the main process
+        before any rank saves: a sharded partial is only ever written by a live run of this directory, which
+        `run_guard` rules out beside this one."""
+        n, removed = len(self.prefix), []
+        for path in self.root.glob(f"{self.prefix}*{PARTIAL_SUFFIX}"):
+            if path.name[n:-len(PARTIAL_SUFFIX)].isdigit():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        steps = {p.name[1 + n:].split(".", 1)[0] for p in self.root.glob(f".{self.prefix}*.*-*")}
+        for step in sorted(s for s in steps if s.isdigit()):
+            removed += remove_stale_siblings(self.path(int(step)))
+        return removed
 
 
 @dataclass
@@ -286,6 +304,13 @@ class TrainingLoop:
     def run(self, resume_from: Path | None = None) -> None:
         """Train to `total_steps`, from `resume_from` when given; checkpoints as planned, none at the end."""
         acc, plan = self.accelerator, self.plan
+        lock = RunLock(self.checkpoints.root)
+        lock.refuse_live_holder()  # every rank, before the main process claims the directory
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            lock.claim()
+            self.checkpoints.remove_partial()
+        acc.wait_for_everyone()  # no rank saves before the leftovers are gone
         if resume_from is not None:
             self.resume(resume_from)
         if is_sharded(acc):

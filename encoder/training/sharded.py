@@ -14,19 +14,22 @@ DeepSpeed ZeRO-1/2 shard the optimizer state, ZeRO-3 and FSDP2 the parameters as
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
-from ..utils.errors import UserError
+from ..utils.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from .loop import TrainingLoop
 
 ENGINE_DIR = "engine"  # inside a checkpoint: the engine's sharded state (one part per rank)
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written by every rank; renamed into place when complete
 SCHEDULER_FILE = "scheduler.pt"  # not prepared by accelerate (it would step once per process), so saved here
 
 
@@ -162,7 +165,7 @@ class ShardedCheckpointState:
 
     def save(self, final: Path) -> None:
         loop, acc = self.loop, self.loop.accelerator
-        partial = final.with_name(final.name + ".partial")
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if acc.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -188,6 +191,45 @@ class ShardedCheckpointState:
         if engine != engine_of(acc) or not (directory / ENGINE_DIR).is_dir():
             raise UserError(f"{directory} was written under {engine}, this run uses {engine_of(acc)}; resume "
                             "under the engine that wrote it (the sharded optimizer state is the engine's own)")
-        acc.load_state(str(directory / ENGINE_DIR))
-        loop.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+        try:
+            acc.load_state(str(directory / ENGINE_DIR))
+            loop.scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, map_location="cpu",
+                                                      weights_only=True))
+            failure = None
+        except UNREADABLE as err:
+            failure = err
+        _refuse_damaged(acc, directory, failure, loop.checkpoints.all())
         return record
+
+
+# What reading a truncated or overwritten engine part raises, by reader: torch's distributed checkpoint collects
+# every rank's failure into a CheckpointException (a BaseException) on all ranks; DeepSpeed's and accelerate's
+# torch.load raise RuntimeError ("failed finding central directory"), UnpicklingError, EOFError; a missing or
+# unexpected entry KeyError, IndexError, ValueError or DeepSpeed's own asserts.
+UNREADABLE = (CheckpointException, OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, AssertionError,
+              pickle.UnpicklingError)
+
+
+def _refuse_damaged(acc, directory: Path, failure: BaseException | None, complete: list[Path]) -> None:
+    """Stop every rank together, with one line naming the checkpoint and the way out, when any rank could not
+    read its part: DeepSpeed reads each rank's shard alone, so the ranks that could read theirs would otherwise
+    go on to the next collective and die there on the lost peer, every rank with a traceback."""
+    failed = torch.zeros(acc.num_processes, device=acc.device)
+    if isinstance(failure, CheckpointException):  # raised on every rank, naming the ranks that failed
+        for rank in failure.failures:
+            failed[rank] = 1
+        failure = next(iter(failure.failures.values()))[0] if failure.failures else failure
+    elif failure is not None:
+        failed[acc.process_index] = 1
+    if acc.num_processes > 1:
+        failed = acc.reduce(failed, reduction="sum")
+    ranks = [rank for rank, bad in enumerate(failed.tolist()) if bad]
+    if not ranks:
+        return
+    # The reader's first sentence: torch's goes on to advise on how files get corrupted (or weights_only=False).
+    detail = f": {first_line(failure, with_type=True).split('. ')[0].rstrip('.')}" if failure is not None else ""
+    earlier = [p for p in complete if p.resolve() != directory.resolve()]
+    then = f"the run resumes from {earlier[-1]}" if earlier else "no earlier checkpoint is kept, so the run starts over"
+    raise UserError(f"checkpoint {directory} is damaged: the engine state in its {ENGINE_DIR}/ cannot be read by "
+                    f"rank(s) {', '.join(map(str, ranks))}{detail}; delete {directory} and run the same command "
+                    f"again ({then})")

@@ -24,7 +24,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from encoder.utils.errors import UserError
-from encoder.utils.files import make_readable, owned_temporary_dir, remove_stale_siblings, write_failure
+from encoder.utils.files import (
+    make_readable,
+    owned_temporary_dir,
+    remove_stale_siblings,
+    write_failure,
+)
 from encoder.weight_files import SAFETENSORS_FILE, is_index, weights_entry
 
 from .projector import PROJECTOR_FILE, projector_parameter_names
