@@ -152,3 +152,19 @@ def _forget_earlier_precision(mixed: str) -> None:
 
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed:
         AcceleratorState._reset_state()
+
+
+def leave_process_group() -> None:
+    """Once every rank is done (a barrier), leave the process group while the interpreter is fully alive.
+
+    Left to interpreter exit, gloo's worker threads may still hold the work of the last asynchronous collectives
+    (FSDP2 issues them: all-gathers, reduce-scatters) with tensors Python owns; freeing those during finalization
+    takes the GIL there, the thread is unwound and the process aborts ("terminate called without an active
+    exception", SIGABRT) after a finished run, by chance, more often on a loaded machine. Only for runs that
+    succeeded: after an error, peers may still wait in a collective, which a barrier or destroy would hang on."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()

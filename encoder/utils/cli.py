@@ -62,7 +62,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()  # per-file loading bars would drown the command's own output
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
     except UserError as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
@@ -72,3 +72,8 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
             raise
         print("error: " + " ".join(line.split()), file=sys.stderr)
         return 2
+    # The ranks of a training command leave their process group before the interpreter exits (see there why).
+    from ..training.distributed import leave_process_group
+
+    leave_process_group()
+    return code

@@ -194,3 +194,21 @@ def test_a_final_write_killed_midway_is_finished_without_training_again(tmp_path
     assert not [p for p in out.iterdir() if p.name.startswith(".final")]
     final, last = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoint-4" / "model.safetensors"))
     assert set(final) == set(last) and all(torch.equal(final[k], last[k]) for k in last)
+
+
+# -- the end of a finished run ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_ranks_of_a_finished_run_leave_the_process_group_before_the_interpreter_exits(tmp_path, digit_llm_dir,
+                                                                                       clip_moe_dir, grids_dir):
+    """Left to the interpreter's finalization, gloo's worker threads could still hold FSDP2's last asynchronous
+    collectives and abort a finished run by chance ("terminate called without an active exception", SIGABRT, rank
+    1, on a loaded machine). Now every rank destroys its group after a final barrier, while Python is alive."""
+    flags = stage2(digit_llm_dir, clip_moe_dir, grids_dir, tmp_path / "llava")
+    flags[flags.index("--max_steps") + 1] = "2"
+    run = subprocess.run([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2", str(HELPERS / "process_group_at_exit.py"),
+                          "mllm_bridge.train", *flags], env=ENV, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reports = sorted(line for line in run.stdout.splitlines() if "process group at exit" in line)
+    assert reports == ["rank 0: process group at exit: False", "rank 1: process group at exit: False"], run.stdout
