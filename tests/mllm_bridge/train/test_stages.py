@@ -73,7 +73,8 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(stage1):
 
 
 def test_stage1_output_is_llavas_layout(stage1):
-    assert {p.name for p in stage1.out.iterdir()} >= {"config.json", "mm_projector.bin", "checkpoint-4"}
+    # --save_total_limit 1: the last step's checkpoint, saved before the output (so a killed output write resumes)
+    assert {p.name for p in stage1.out.iterdir()} >= {"config.json", "mm_projector.bin", "checkpoint-6"}
     saved = torch.load(stage1.out / "mm_projector.bin", weights_only=True)
     assert sorted(saved) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
                              "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
@@ -145,7 +146,10 @@ def test_a_finished_run_is_trained_over_only_when_asked(stage1, digit_llm_dir, c
     argv = ["pretrain", *flags(digit_llm_dir, clip_moe_dir, grids_dir, out, max_steps=2, learning_rate=0.1)]
     assert "already holds a finished run; pass --overwrite_output_dir True" in bad_run(capsys, argv)
     assert main([*argv, "--overwrite_output_dir", "True"]) == 0
-    assert "resumed" not in capsys.readouterr().out and not loop.checkpoints(out)  # the old run's are gone
+    assert "resumed" not in capsys.readouterr().out
+    # The old run's checkpoints are gone; the one left is the new run's last step.
+    assert [p.name for p in loop.checkpoints(out)] == ["checkpoint-2"]
+    assert loop.recorded_settings(out / "checkpoint-2")["--learning_rate"] == 0.1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     again = torch.load(out / "mm_projector.bin", weights_only=True)
     assert not torch.equal(again["model.mm_projector.0.weight"], stage1.model.get_model().mm_projector[0].weight)
