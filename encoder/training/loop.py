@@ -305,12 +305,7 @@ class TrainingLoop:
         """Train to `total_steps`, from `resume_from` when given; checkpoints as planned, none at the end."""
         acc, plan = self.accelerator, self.plan
         lock = RunLock(self.checkpoints.root)
-        lock.refuse_live_holder()  # every rank, before the main process claims the directory
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            lock.claim()
-            self.checkpoints.remove_partial()
-        acc.wait_for_everyone()  # no rank saves before the leftovers are gone
+        lock.refuse_live_holder()  # every rank, before the main process claims the directory (below)
         if resume_from is not None:
             self.resume(resume_from)
         if is_sharded(acc):
@@ -324,6 +319,12 @@ class TrainingLoop:
             self._require_finite_weights()
         elif resume_from is not None:
             self._require_finite_shards()
+        # Written only now, so a run refused above leaves nothing behind; after every rank has read the lock.
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            lock.claim()
+            self.checkpoints.remove_partial()
+        acc.wait_for_everyone()  # no rank saves before the leftovers are gone
         log = (RunLog(self.checkpoints.root, plan.log_dir, plan.report_to, plan.desc, plan.config, self.step)
                if acc.is_main_process else NullLog())
         bar = tqdm(total=self.total_steps, initial=self.step, desc=plan.desc, unit="step",
