@@ -20,6 +20,7 @@ import torch
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent, file_sha256, write_atomic
 from encoder.utils.step_record import SettingsChanged, claim
+from encoder.weight_files import weights_entry, weights_sha256
 
 from ...recipes.dmu.clustering import SMALL_CLUSTER_RULES
 from ..seeds import parse_seeds
@@ -51,7 +52,7 @@ def run_arm(arm: str, seed: int, base_dir: Path, data_dir: Path, folder: Path, s
     else:
         start = time.time()
         trained = train_arm(arm, seed, base_dir, data_dir / "train.json", folder, settings)
-        result = {"arm": arm, "seed": seed, **trained, "base_sha256": file_sha256(base_dir / "model.safetensors"),
+        result = {"arm": arm, "seed": seed, **trained, "base_sha256": weights_sha256(base_dir),
                   "train_seconds": round(time.time() - start, 1)}
         folder.mkdir(parents=True, exist_ok=True)
     if split == "val":
@@ -163,7 +164,8 @@ def check_fairness(results: dict[str, list[dict]], settings: ArmSettings, num_tr
 def run_compare(args: CompareConfig) -> int:
     base_dir, data_dir, out = Path(args.base), Path(args.data), Path(args.out)
     check_output_parent(out / "compare.json")  # before hours of training the arms, not after
-    for needed in (base_dir / "model.safetensors", data_dir / "train.json", data_dir / "test.json"):
+    for needed in (weights_entry(base_dir) or base_dir / "model.safetensors", data_dir / "train.json",
+                   data_dir / "test.json"):
         if not needed.is_file():
             raise UserError(f"{needed} not found; --base must be a CLIP directory and --data a digit-grid "
                             "directory (python -m upcycle make-digit-grids)")
@@ -181,7 +183,7 @@ def run_compare(args: CompareConfig) -> int:
         raise UserError(f"{what}: a sweep is scored on {data_dir / 'val.json'}, which is missing or empty; make the "
                         "data with --num-val N, or pass one value")
     start = time.time()
-    inputs = {"base_sha256": file_sha256(base_dir / "model.safetensors"),
+    inputs = {"base_sha256": weights_sha256(base_dir),
               "train_sha256": file_sha256(data_dir / "train.json"), "test_sha256": file_sha256(data_dir / "test.json")}
     if sweeping:
         inputs["val_sha256"] = file_sha256(data_dir / "val.json")
