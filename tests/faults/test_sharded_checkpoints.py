@@ -106,8 +106,11 @@ def test_workers_end_with_their_killed_launcher(launcher):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: list[psutil.Process] = []
     try:
-        ready = [parent.stdout.readline() for _ in range(2)]
-        assert all("ready" in line for line in ready), ready
+        ready = ""
+        while ready.count("ready") < 2:  # the two workers share the pipe: their lines may interleave
+            line = parent.stdout.readline()
+            assert line, ready + parent.stderr.read()[-3000:]
+            ready += line
         workers = [p for p in psutil.Process(parent.pid).children(recursive=True) if "hold_accelerator" in " ".join(p.cmdline())]
         assert len(workers) == 2
         parent.send_signal(signal.SIGKILL)
