@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import UserError
 
 
@@ -75,24 +77,61 @@ _WRITE_FAILURES = {
 # Unambiguous wherever they come from; the others only count when they concern the output's own paths.
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _STRERRORS = {os.strerror(code): code for code in _WRITE_FAILURES}
-# torch.save's zip writer (caffe2/serialize/inline_container.cc) raises RuntimeError, not OSError: a short write
-# ("unexpected pos N vs M", "... failed writing file ...: file write failed") or a failed open ("open file failed
-# with strerror: Read-only file system").
+# Two libraries give no errno for a failed write, only a message, so for them alone the message is read (checked
+# with torch 2.14 and safetensors 0.8 on a full tmpfs, /dev/full and a read-only mount):
+# - torch.save to a path: its zip writer (caffe2/serialize/inline_container.cc) raises a bare RuntimeError with no
+#   cause (its context, if any, is another errno-less RuntimeError, "basic_ios::clear: iostream error"): a short
+#   write ("unexpected pos N vs M", "... file write failed") or a failed open ("open file failed with strerror:
+#   Read-only file system"); a missing folder is "Parent directory P does not exist.". (Saved to an open file
+#   instead, the OSError is its context and is found by errno; the project keeps paths: the archive's inner
+#   folder is named after the file, so the bytes would change.)
+# - safetensors: SafetensorError formats Rust's io::Error into its text ("... (os error 28) at path \"...\"")
+#   and carries no errno, cause or context.
 _TORCH_WRITER = re.compile(r"inline_container\.cc.*(?:open file failed with strerror: (?P<strerror>[^\n]+?)\s*$|"
                            r"unexpected pos \d+ vs \d+|file write failed)", re.DOTALL)
 _TORCH_PARENT = re.compile(r"^Parent directory (?P<path>.+) does not exist\.$")
-# safetensors' writer raises SafetensorError carrying the OS error: "... (os error 28) at path \"...\"".
 _SAFETENSORS_IO = re.compile(r"I/O error: .*\(os error (?P<code>\d+)\)(?: at path \"(?P<path>[^\"]*)\")?")
 
 
 def write_errno(exc: BaseException) -> tuple[int, str | None] | None:
     """(errno, path or None) when `exc` is a failed write for a reason of `_WRITE_FAILURES`, else None.
 
-    Besides OSError this recognises torch.save's RuntimeError from its file writer and safetensors' error, by
-    their writer's own messages only, so an unrelated RuntimeError is never taken for a disk problem."""
-    if isinstance(exc, OSError):
-        return (exc.errno, exc.filename) if exc.errno in _WRITE_FAILURES else None
+    The errno comes from the first OSError in `exc`'s chain (`exc`, then what caused it: `__cause__`, or the
+    `__context__` it was raised while handling), so a library or caller that wraps the OS error, whatever its
+    words, keeps it. Only where the chain holds no OSError are torch.save's and safetensors' own writer
+    messages read (see above), so an unrelated RuntimeError is never taken for a disk problem. A UserError is
+    already its one line, and an interrupt is no failed write, whatever they were raised while handling."""
+    if isinstance(exc, UserError) or not isinstance(exc, Exception):
+        return None
+    chain = _exception_chain(exc)
+    for link in chain:
+        if isinstance(link, OSError):
+            return (link.errno, link.filename) if link.errno in _WRITE_FAILURES else None
+    for link in chain:
+        found = _library_write_errno(link)
+        if found is not None:
+            return found
+    return None
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions behind it, as a traceback shows them (a context hidden by `from None` is not)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = link.__cause__ if link.__cause__ is not None or link.__suppress_context__ else link.__context__
+    return chain
+
+
+def _library_write_errno(exc: BaseException) -> tuple[int, str | None] | None:
+    """The errno behind torch.save's or safetensors' failed write, read from their message (they carry none)."""
     text = str(exc)
+    if isinstance(exc, SafetensorError):
+        match = _SAFETENSORS_IO.search(text)
+        if match and int(match["code"]) in _WRITE_FAILURES:
+            return int(match["code"]), match["path"]
+        return None
     if isinstance(exc, RuntimeError):
         match = _TORCH_WRITER.search(text)
         if match:
@@ -103,11 +142,6 @@ def write_errno(exc: BaseException) -> tuple[int, str | None] | None:
         match = _TORCH_PARENT.match(text)
         if match and os.path.lexists(match["path"]) and not os.path.isdir(match["path"]):
             return errno.ENOTDIR, match["path"]
-        return None
-    if type(exc).__name__ == "SafetensorError":
-        match = _SAFETENSORS_IO.search(text)
-        if match and int(match["code"]) in _WRITE_FAILURES:
-            return int(match["code"]), match["path"]
     return None
 
 
