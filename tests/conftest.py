@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -228,6 +231,92 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Test tiers (pyproject.toml's markers; `bash scripts/test.sh --fast` leaves them out, the plain command runs them
+# all). Held by what a test does while it runs, so no test can sit in the fast tier by mistake: starting a launcher
+# needs `engines`, running a command or script `end_to_end` (or `engines`), torch.compile / torch.export `compile`.
+# (Processes started through subprocess; none of the tests uses torch.multiprocessing.spawn.)
+
+LAUNCHER_MODULES = {"accelerate.commands.launch", "torch.distributed.run", "torch.distributed.launch",
+                    "deepspeed.launcher.runner"}
+LAUNCHER_PROGRAMS = {"torchrun", "deepspeed"}  # and `accelerate launch`
+TORCH_DIR = Path(torch.__file__).parent
+
+
+def command_words(args) -> list[str]:
+    """Popen's first argument as words (a string, a path or a sequence of them)."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        return shlex.split(os.fsdecode(args))
+    return [os.fsdecode(word) for word in args]
+
+
+def process_tier(args) -> str | None:
+    """The tier of a test that starts the process `args` (Popen's first argument): "engines" for a launcher
+    (accelerate launch, torchrun, the deepspeed launcher), "end_to_end" for a Python interpreter running a module or
+    a file, a shell running a script, or a script itself; "compile" for torch's own code in a fresh interpreter
+    (inductor's compile workers); None for anything else (a `python -c` snippet, `true`)."""
+    words = command_words(args)
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if (LAUNCHER_MODULES & set(words) or program in LAUNCHER_PROGRAMS
+            or (program == "accelerate" and words[1:2] == ["launch"])):
+        return "engines"
+    if program.startswith("python") and len(words) > 1 and words[1] != "-c":
+        runs = words[2] if words[1] == "-m" and len(words) > 2 else words[1]
+        torch_own = runs.split(".")[0] == "torch" if words[1] == "-m" else Path(runs).is_relative_to(TORCH_DIR)
+        return "compile" if torch_own else "end_to_end"
+    if program in ("bash", "sh") and len(words) > 1 and not words[1].startswith("-"):
+        return "end_to_end"
+    return "end_to_end" if program.endswith((".sh", ".py")) else None
+
+
+@contextlib.contextmanager
+def tiers_held(item):
+    """While `item` sets up (its fixtures included) and runs: a process or a compilation its markers do not allow
+    fails the test with the marker it needs."""
+    marked = {mark.name for mark in item.iter_markers()}
+
+    def require(tier: str, what: str) -> None:
+        if tier not in marked and not (tier == "end_to_end" and "engines" in marked):
+            pytest.fail(f"{item.nodeid} {what}: mark it @pytest.mark.{tier} (the test tiers: pyproject.toml's "
+                        "markers, tests/conftest.py)", pytrace=False)
+
+    start, compile_, export = subprocess.Popen.__init__, torch.compile, torch.export.export
+
+    def checked_start(self, *args, **kwargs):
+        argv = kwargs["args"] if "args" in kwargs else args[0]
+        tier = process_tier(argv)
+        if tier is not None:
+            require(tier, f"starts `{shlex.join(command_words(argv))}`")
+        start(self, *args, **kwargs)
+
+    def checked_compile(*args, **kwargs):
+        require("compile", "calls torch.compile")
+        return compile_(*args, **kwargs)
+
+    def checked_export(*args, **kwargs):
+        require("compile", "calls torch.export.export")
+        return export(*args, **kwargs)
+
+    subprocess.Popen.__init__, torch.compile, torch.export.export = checked_start, checked_compile, checked_export
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__, torch.compile, torch.export.export = start, compile_, export
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with tiers_held(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with tiers_held(item):
+        yield
 
 
 # Which dtype each matmul ran in (mixed-precision tests of the experts, the trainers and LLaVA's stages).

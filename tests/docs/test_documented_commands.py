@@ -254,6 +254,7 @@ def runnable_readme_commands() -> list[tuple[int, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("line, command", runnable_readme_commands(),
                          ids=[f"README:{n}" for n, _ in runnable_readme_commands()])
+@pytest.mark.end_to_end
 def test_readme_command_runs_with_stand_ins(line, command, stand_ins):
     scratch, mapping = stand_ins
     words = [mapping.get(w, w).strip("[]") for w in shlex.split(command) if w not in PLACEHOLDERS]
@@ -264,6 +265,7 @@ def test_readme_command_runs_with_stand_ins(line, command, stand_ins):
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
 
 
+@pytest.mark.end_to_end
 def test_model_card_command_lines_parse(tmp_path, dense_clip_dir, monkeypatch):
     out = tmp_path / "card-moe"
     result = subprocess.run([sys.executable, "-m", "upcycle", "sparse", "--base", str(dense_clip_dir), "--out",

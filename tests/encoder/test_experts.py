@@ -319,6 +319,7 @@ def test_cuda_fp32_default_matches_the_cpu_reference():
 
 
 @pytest.mark.cuda
+@pytest.mark.compile
 def test_cuda_bf16_vision_model_exports_with_grouped_mm():
     import torch.export
 

@@ -9,6 +9,8 @@ from encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
 from encoder.moe import CLIPMoESparseMLP
 from upcycle import sparse_upcycle
 
+pytestmark = pytest.mark.compile
+
 
 def moe_layer(capacity_factor=None, seed=0, hidden_act="quick_gelu") -> CLIPMoESparseMLP:
     cfg = CLIPMoEVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

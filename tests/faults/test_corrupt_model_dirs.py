@@ -385,6 +385,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           env=env, check=False)
 
 
+@pytest.mark.end_to_end
 def test_upcycle_eval_refuses_a_config_that_lies_about_the_experts(tmp_path, moe_source):
     from PIL import Image
 
@@ -399,6 +400,7 @@ def test_upcycle_eval_refuses_a_config_that_lies_about_the_experts(tmp_path, moe
     assert not result.stdout.strip()
 
 
+@pytest.mark.end_to_end
 def test_mllm_bridge_check_reports_a_truncated_tower(tmp_path, moe_source):
     tower, _ = corrupted(tmp_path, moe_source, truncate)
     llava = tmp_path / "llava-tiny"

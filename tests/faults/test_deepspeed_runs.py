@@ -255,6 +255,7 @@ def trained(out) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_llava_bf16_under_zero3_in_one_process_of_the_deepspeed_launcher(tmp_path, digit_llm_dir, clip_moe_dir,
                                                                           grids_dir):
     """LLaVA's finetune.sh (ZeRO-3 config, --bf16 True) by the deepspeed launcher with one process."""
@@ -275,6 +276,7 @@ def test_llava_bf16_under_zero3_in_one_process_of_the_deepspeed_launcher(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_llava_bf16_config_under_zero2_in_one_torchrun_process_resumes_only_under_the_same_config(
         tmp_path, digit_llm_dir, clip_moe_dir, grids_dir):
     """A config that turns bf16 on itself, by torchrun with one process: killed after step 1, refused on resume once
@@ -306,6 +308,7 @@ def test_llava_bf16_config_under_zero2_in_one_torchrun_process_resumes_only_unde
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_upcycle_bf16_in_one_process_of_accelerate_launch_use_deepspeed(tmp_path, base_clip_dir, grids_dir):
     """upcycle's trainer, --precision bf16, under `accelerate launch --num_processes 1 --use_deepspeed`."""
     needs_bf16()

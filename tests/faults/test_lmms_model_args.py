@@ -27,6 +27,7 @@ def test_a_bad_model_argument_is_one_line_and_exit_2(arg_string, message, lmms_c
     assert len(err) == 1 and err[0].startswith("error: llava_clipmoe: ") and message in err[0], err
 
 
+@pytest.mark.end_to_end
 def test_python_m_lmms_eval_exits_non_zero_on_a_typo(lmms_checkpoints, digit_task_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--model", "llava_clipmoe", "--model_args",

@@ -70,6 +70,7 @@ def nan_moe_dir(tmp_path_factory, base_clip_dir):
 
 
 @pytest.mark.parametrize("command", ["eval", "routing"])
+@pytest.mark.end_to_end
 def test_eval_and_routing_on_a_model_with_one_nan_expert_weight_exit_non_zero_with_one_line(
         command, tmp_path, nan_moe_dir, grids_dir):
     model = nan_moe_dir

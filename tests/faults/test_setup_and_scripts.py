@@ -53,6 +53,7 @@ def committed_lock_with(tmp_path, drop: str = "", replace: tuple[str, str] | Non
     ("deepspeed", None, "requirements.lock lacks deepspeed"),  # an extra the set-up installs
     ("llava-torch", None, "requirements.lock lacks llava-torch"),  # installed without dependencies, so not pulled in
 ], ids=["a dependency missing", "a version outside the range", "an extra missing", "llava-torch missing"])
+@pytest.mark.end_to_end
 def test_setup_refuses_a_lock_that_does_not_pin_pyprojects_requirements_before_writing_anything(
         tmp_path, drop, replace, says):
     lock = committed_lock_with(tmp_path, drop, replace)
@@ -107,6 +108,7 @@ exec "{sys.executable}" "$@"
     return venv
 
 
+@pytest.mark.end_to_end
 def test_setup_does_not_stamp_an_environment_that_pip_check_finds_broken(tmp_path):
     venv = fake_environment(tmp_path, LLAVA_COMPLAINTS + BROKEN)
     result = run("bash", str(SETUP), CLIP_MOE_VENV=str(venv))
@@ -125,6 +127,7 @@ def test_setup_does_not_stamp_an_environment_that_pip_check_finds_broken(tmp_pat
 # -- gpu_check ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.end_to_end
 def test_gpu_check_from_another_folder_finds_its_script_and_says_there_is_no_cuda(tmp_path):
     out = tmp_path / "gpu_check.json"
     result = run("bash", str(ROOT / "scripts" / "gpu_check.sh"), "--out", str(out), cwd=tmp_path,
@@ -134,6 +137,7 @@ def test_gpu_check_from_another_folder_finds_its_script_and_says_there_is_no_cud
         "error: no CUDA device is visible; run scripts/gpu_check.sh on a machine with an NVIDIA GPU"]
 
 
+@pytest.mark.end_to_end
 def test_gpu_check_with_an_interpreter_without_torch_says_so_in_one_line(tmp_path):
     python = tmp_path / "python-without-site-packages"
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages, so no torch
@@ -166,6 +170,7 @@ UNREACHABLE_INDEX = dict(PIP_CONFIG_FILE="/dev/null", PIP_FIND_LINKS="", PIP_IND
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_check_latest_without_a_reachable_index_says_so_not_that_releases_conflict(tmp_path):
     result = run("bash", str(ROOT / "scripts" / "check_latest.sh"), cwd=tmp_path, TMPDIR=str(tmp_path),
                  **UNREACHABLE_INDEX)
@@ -176,6 +181,7 @@ def test_check_latest_without_a_reachable_index_says_so_not_that_releases_confli
     assert not list(tmp_path.glob("clip-moe-latest.*"))  # its throw-away environment removed
 
 
+@pytest.mark.end_to_end
 def test_the_lock_writer_refuses_an_environment_that_lacks_a_requirement(tmp_path):
     frozen = tmp_path / "freeze.txt"
     frozen.write_text("\n".join(line for line in (ROOT / "requirements.lock").read_text().splitlines()

@@ -97,6 +97,7 @@ def test_a_run_refuses_to_start_beside_a_live_writer_of_its_directory(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.engines
 def test_workers_end_with_their_killed_launcher(launcher):
     """`kill -9` of the launcher: torchrun / accelerate launch start workers in sessions of their own, which then
     trained on as orphans; now each worker sees its launcher gone and exits."""
@@ -143,6 +144,7 @@ def stage2(llm, tower, data, out) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(DAMAGED))
+@pytest.mark.engines
 def test_a_damaged_engine_part_stops_every_rank_with_one_line(engine, tmp_path, digit_llm_dir, clip_moe_dir,
                                                               grids_dir):
     """Before: tracebacks on every rank (DeepSpeed's rank 1 in torch.load advising weights_only=False, rank 0 on
@@ -176,6 +178,7 @@ def test_a_damaged_engine_part_stops_every_rank_with_one_line(engine, tmp_path, 
 # -- LLaVA's final write ------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_a_final_write_killed_midway_is_finished_without_training_again(tmp_path, digit_llm_dir, clip_moe_dir,
                                                                        grids_dir):
     """Killed with the whole output in its hidden folder: that folder stayed for good, and the next run trained
@@ -202,6 +205,7 @@ def test_a_final_write_killed_midway_is_finished_without_training_again(tmp_path
 # -- the end of a finished run ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_the_ranks_of_a_finished_run_leave_the_process_group_before_the_interpreter_exits(tmp_path, digit_llm_dir,
                                                                                        clip_moe_dir, grids_dir):
     """Left to the interpreter's finalization, gloo's worker threads could still hold FSDP2's last asynchronous

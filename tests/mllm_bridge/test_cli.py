@@ -129,6 +129,7 @@ def test_every_command_has_help(command, capsys):
         assert "Exit status: 0 when the checkpoint and its tower fit, 1 when a mismatch was found" in out
 
 
+@pytest.mark.end_to_end
 def test_check_in_a_shell_with_the_hook_off_reports_the_dense_fallback(llava_dir):
     # Through `python -m` in a fresh interpreter: the switch is read from the environment at start-up.
     result = subprocess.run([sys.executable, "-m", "mllm_bridge", "check", str(llava_dir)], capture_output=True,

@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO_ROOT
 
 ROOT = REPO_ROOT
+pytestmark = pytest.mark.end_to_end  # the scripts run as a user runs them
 USER_SCRIPTS = ("demo", "replicate", "pretrain_projector", "finetune", "eval_lmms")
 
 

@@ -9,6 +9,8 @@ from conftest import REPO_ROOT
 
 ROOT = REPO_ROOT
 
+pytestmark = pytest.mark.end_to_end  # every test runs one of the scripts
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_one_line_exit_2_and_nothing_written(tmp_path):

@@ -4,9 +4,11 @@ Python or a malformed one stops the set-up with one line before anything is writ
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 ROOT = REPO_ROOT
+pytestmark = pytest.mark.end_to_end  # every test runs scripts/lockfile.py or scripts/setup.sh
 LOCKFILE = [sys.executable, str(ROOT / "scripts" / "lockfile.py")]
 
 

@@ -93,6 +93,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, base_dir, tmp_path, c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.end_to_end
 def test_process_exit_code_and_no_traceback(tmp_path):
     result = run_cli("sparse", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "moe"))
     assert result.returncode == 2

@@ -233,6 +233,7 @@ def test_cli_user_errors(tmp_path, capsys, case, expected_error):
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_python_m_encoder_user_error_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "encoder", "import-official", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o")],

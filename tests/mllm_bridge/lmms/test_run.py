@@ -85,6 +85,7 @@ def test_init_llava_writes_a_checkpoint_without_tower_weights(lmms_checkpoints, 
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_eval_lmms_runs_lmms_eval_with_the_plugin(lmms_checkpoints, digit_task_dir, tmp_path):
     out = tmp_path / "eval"
     result = run_python(["-m", "mllm_bridge", "eval-lmms", "--checkpoint", f"moe={lmms_checkpoints.full}",
@@ -117,6 +118,7 @@ def test_eval_lmms_runs_lmms_eval_with_the_plugin(lmms_checkpoints, digit_task_d
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_lmms_evals_builtin_llava_evaluates_a_clip_moe_checkpoint(lmms_checkpoints, digit_task_dir, tmp_path):
     # The built-in model builds LLaVA through load_pretrained_model; the start-up hook gives it our tower.
     code = (

@@ -15,6 +15,7 @@ ROOT = REPO_ROOT
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_bare_scripts_build_everything_and_train(tmp_path, capsys):
     # The scripts set up the environment, then hand every argument to this entry point.
     for script, stage in (("pretrain_projector.sh", "pretrain"), ("finetune.sh", "finetune")):

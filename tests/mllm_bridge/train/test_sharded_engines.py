@@ -19,7 +19,7 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 STEPS, KILLED_AT = 4, 3  # a checkpoint every 2 steps: the killed run resumes from checkpoint-2
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",

@@ -252,6 +252,7 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(tmp_path, digit_llm_dir, cl
     assert not (out / "mm_projector.bin").exists()
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_two_processes_train_like_one(stage1, digit_llm_dir, clip_moe_dir, grids_dir, tmp_path):
     """accelerate launch with 2 CPU processes (DDP over gloo), each holding half of every global batch, reaches
     the one-process projector. DDP averages the two halves' mean losses, which equals the one-process mean here

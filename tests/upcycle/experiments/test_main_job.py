@@ -12,6 +12,7 @@ from upcycle.experiments.main_job import QUICK, plan
 
 
 @pytest.mark.slow
+@pytest.mark.end_to_end
 def test_quick_main_job_runs_every_stage_and_fills_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0

@@ -181,6 +181,7 @@ def test_skip_missing_drops_and_counts(base_clip_dir, grids_dir, tmp_path, caplo
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_two_processes_plan_the_same_clusters_and_finish(dmu_run, base_clip_dir, grids_dir, tmp_path):
     """DMU under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): the processes share the
     encoding, agree on one cluster plan (the one-process run's) and split every global batch between them."""

@@ -193,6 +193,7 @@ def test_train_command_writes_a_model_that_differs_from_its_start(base_clip_dir,
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_two_processes_train_like_one_on_the_same_global_batches(base_clip_dir, grids_dir, tmp_path):
     """accelerate launch with 2 CPU processes (gloo): each rank holds half of every global batch, negatives are
     gathered with gradients, so one optimizer step gives the one-process weights."""
@@ -217,6 +218,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(base_clip_dir, 
 
 
 @pytest.mark.slow
+@pytest.mark.engines
 def test_a_sharded_engine_trains_the_ddp_weights_holding_half_per_rank(base_clip_dir, grids_dir, tmp_path):
     """upcycle train under FSDP2 (parameters, gradients and Adam state sharded over 2 CPU processes) gives the
     one-process (= DDP, test above) weights after two steps, the gathered-negatives loss unchanged, and each rank
