@@ -9,7 +9,7 @@ from encoder.loading import load_clip
 from encoder.save import save_clip_moe
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir
-from encoder.utils.options import check_options, option, option_like, options_of
+from encoder.utils.options import check_options, option, options_of
 from encoder.weight_files import weights_sha256
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
@@ -29,12 +29,7 @@ class TrainCommand:
     model: str = option("--model", "CLIP or CLIP-MoE directory (or a dense base spec)")
     out: str = option("--out", "output directory for the trained model")
     data: TrainingData = options_of(TrainingData)
-    train: TrainConfig = options_of(TrainConfig, exclude=("aux_loss_coef", "z_loss_coef", "desc"))
-    # the loss weights default to the CLIP-MoE config's (None here), which only the loaded model can say
-    aux_loss_coef: float | None = option_like(TrainConfig, "aux_loss_coef", None, optional=True,
-                                              default_text="the CLIP-MoE config's")
-    z_loss_coef: float | None = option_like(TrainConfig, "z_loss_coef", None, optional=True,
-                                            default_text="the CLIP-MoE config's")
+    train: TrainConfig = options_of(TrainConfig, exclude=("desc",))
     output: TrainOutput = options_of(TrainOutput)
 
     def __post_init__(self):
@@ -43,7 +38,7 @@ class TrainCommand:
 
 def run_train(cmd: TrainCommand) -> int:
     # Every flag was checked when `cmd` was made, before anything is read, loaded or written; the loss weights
-    # left to the model's config are checked again once the model says what they are.
+    # left to the model's config (None) are the trainer's to read from the model.
     out, data, output = cmd.out, cmd.data, cmd.output
     check_output_dir(out, output.overwrite)
     work = Path(output.work_dir) if output.work_dir else Path(out).with_name(Path(out).name + ".train-work")
@@ -52,12 +47,7 @@ def run_train(cmd: TrainCommand) -> int:
     loaded = load_clip(cmd.model)
     if loaded.tokenizer is None:
         raise UserError(f"{cmd.model} has no tokenizer files; save its tokenizer into the directory")
-    moe = loaded.is_moe
-    aux = cmd.aux_loss_coef if cmd.aux_loss_coef is not None else (
-        loaded.model.config.vision_config.aux_loss_coef if moe else 0.0)
-    z = cmd.z_loss_coef if cmd.z_loss_coef is not None else (
-        loaded.model.config.vision_config.router_z_loss_coef if moe else 0.0)
-    cfg = replace(cmd.train, aux_loss_coef=aux, z_loss_coef=z, desc="train")
+    cfg = replace(cmd.train, desc="train")
     pairs = read_pairs(data.train_data, data.image_root, data.skip_missing)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
                                tokenizer_fn(loaded.tokenizer, loaded.model.config.text_config.max_position_embeddings))
@@ -85,5 +75,4 @@ def card_settings(cmd: TrainCommand) -> dict:
     for part in (cmd.data, cmd.train, cmd.output):
         flat.update(vars(part))
     flat.pop("desc")
-    flat.update(aux_loss_coef=cmd.aux_loss_coef, z_loss_coef=cmd.z_loss_coef)
     return flat

@@ -68,8 +68,12 @@ class TrainConfig:
                                        "as 100", None, parse=parse_logit_scale, default_text="learnable",
                                        kind=float, low=0, low_open=True, optional=True,
                                        hint="pass 'learnable' for the model's own")
-    aux_loss_coef: float = option("--aux-loss-coef", "load-balance weight", 0.01, kind=float, low=0)
-    z_loss_coef: float = option("--z-loss-coef", "router z-loss weight", 0.0, kind=float, low=0)
+    # None: the CLIP-MoE config's (aux_loss_coef, router_z_loss_coef), the one source of their defaults; the
+    # trainer reads them from the model it trains (0 for a dense model, which has no router)
+    aux_loss_coef: float | None = option("--aux-loss-coef", "load-balance weight", None, kind=float, low=0,
+                                         optional=True, default_text="the CLIP-MoE config's")
+    z_loss_coef: float | None = option("--z-loss-coef", "router z-loss weight", None, kind=float, low=0,
+                                       optional=True, default_text="the CLIP-MoE config's")
     max_grad_norm: float | None = option("--max-grad-norm", "gradient clipping norm, or 'none' for no clipping",
                                          1.0, parse=parse_max_grad_norm, kind=float, low=0, low_open=True,
                                          optional=True, hint="use 'none' to train without clipping")

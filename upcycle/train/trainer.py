@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +87,17 @@ def _has(output, field: str) -> bool:
     return getattr(output, field, None) is not None
 
 
+def with_model_loss_weights(config: TrainConfig, model: nn.Module) -> TrainConfig:
+    """`config` with the auxiliary-loss weights it leaves to the model (None) read from the model's CLIP-MoE config
+    (`aux_loss_coef`, `router_z_loss_coef`), the one source of their defaults; 0 for a dense model (no router)."""
+    model_config = model.config.vision_config if getattr(model.config, "model_type", "") == "clip_moe" else None
+    aux = config.aux_loss_coef if config.aux_loss_coef is not None else (
+        model_config.aux_loss_coef if model_config is not None else 0.0)
+    z = config.z_loss_coef if config.z_loss_coef is not None else (
+        model_config.router_z_loss_coef if model_config is not None else 0.0)
+    return replace(config, aux_loss_coef=aux, z_loss_coef=z)
+
+
 def _accelerator(config: TrainConfig):
     precision, mixed = config.precision, "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
@@ -139,7 +150,7 @@ class ContrastiveTrainer(TrainingLoop):
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
                  lower_lr_resume: str | None = None):
         check_options(config)  # again: a dataclass field may have been changed since it was made
-        self.config = config
+        config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
         acc = _accelerator(config)
         if config.batch_size % acc.num_processes:

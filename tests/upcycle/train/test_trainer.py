@@ -117,6 +117,27 @@ def test_router_only_training_changes_exactly_the_routers(base_clip_dir, grids_d
     assert '"load_balance": 0.0' not in metrics[0]  # the auxiliary losses reach the trainer
 
 
+def test_the_loss_weights_left_open_are_the_models_own(base_clip_dir, grids_dir, tmp_path):
+    """One source for the auxiliary-loss weights: a TrainConfig that leaves them out trains with the CLIP-MoE
+    config's (recorded as numbers, so a resume compares them); a given weight wins; a dense CLIP has no router."""
+    loaded = load_clip(base_clip_dir)
+    data = dataset_for(loaded, grids_dir / "train.json")
+    moe = sparse_upcycle(loaded.model, 2, 1, "all", ("vision", "text"), seed=0, aux_loss_coef=0.02,
+                         router_z_loss_coef=0.003)
+    cfg = TrainConfig(trainable="router", max_steps=1, batch_size=16)
+    assert (cfg.aux_loss_coef, cfg.z_loss_coef) == (None, None)
+    trainer = ContrastiveTrainer(moe, data, data.collate, cfg, tmp_path / "moe")
+    assert (trainer.config.aux_loss_coef, trainer.config.z_loss_coef) == (0.02, 0.003)
+    trainer.train(resume=False)
+    state = json.loads((latest_checkpoint(tmp_path / "moe") / "state.json").read_text())
+    assert (state["config"]["aux_loss_coef"], state["config"]["z_loss_coef"]) == (0.02, 0.003)
+    given = ContrastiveTrainer(moe, data, data.collate, TrainConfig(trainable="router", z_loss_coef=0.0,
+                                                                    batch_size=16), tmp_path / "given")
+    assert (given.config.aux_loss_coef, given.config.z_loss_coef) == (0.02, 0.0)
+    dense = ContrastiveTrainer(loaded.model, data, data.collate, TrainConfig(batch_size=16), tmp_path / "dense")
+    assert (dense.config.aux_loss_coef, dense.config.z_loss_coef) == (0.0, 0.0)
+
+
 def test_all_with_learnable_scale_trains_the_logit_scale_and_fixed_scale_does_not(base_clip_dir, grids_dir,
                                                                                    tmp_path):
     loaded = load_clip(base_clip_dir)

@@ -63,8 +63,11 @@ class DMUConfig:
     logit_scale: float | None = option_like(TrainConfig, "logit_scale", 100.0, default_text=None,
                                             help="fixed logit multiplier (DMU's published value by default) or "
                                             "'learnable' = the base's own, frozen")
-    aux_loss_coef: float = option_like(TrainConfig, "aux_loss_coef", help="load-balance weight in router training")
-    z_loss_coef: float = option_like(TrainConfig, "z_loss_coef")
+    # DMU's own weights (no z-loss by default), written into the CLIP-MoE config it makes, where router training
+    # reads them like any training of that model
+    aux_loss_coef: float = option_like(TrainConfig, "aux_loss_coef", 0.01, default_text=None, optional=False,
+                                       help="load-balance weight in router training")
+    z_loss_coef: float = option_like(TrainConfig, "z_loss_coef", 0.0, default_text=None, optional=False)
     checkpoint_every: int = option_like(TrainConfig, "checkpoint_every")
     num_workers: int | None = option_like(TrainConfig, "num_workers")
     precision: str = option_like(TrainConfig, "precision")

@@ -211,8 +211,7 @@ class DMURun:
         return TrainConfig(trainable=trainable, epochs=epochs, max_steps=max_steps, batch_size=cfg.batch_size,
                            lr=lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                            label_smoothing=cfg.label_smoothing, logit_scale=cfg.logit_scale,
-                           aux_loss_coef=cfg.aux_loss_coef if trainable == "router" else 0.0,
-                           z_loss_coef=cfg.z_loss_coef if trainable == "router" else 0.0,
+                           aux_loss_coef=None, z_loss_coef=None,  # the model's: DMU's on the MoE, 0 on the base
                            checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers,
                            precision=cfg.precision, seed=cfg.seed, desc=desc)
 
