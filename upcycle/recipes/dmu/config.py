@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from encoder.utils.options import check_options, option, option_like
@@ -81,6 +81,20 @@ class DMUConfig:
     def fingerprint(self) -> dict:
         """The settings that decide the result; a --resume must repeat them."""
         return {k: jsonable(v) for k, v in asdict(self).items() if k not in RESUMABLE_SETTINGS}
+
+    def train_config(self, phase: str, desc: str) -> TrainConfig:
+        """The TrainConfig of one phase ("ffn": an MCL stage; "router": router training). Every field of this
+        config that is a TrainConfig setting (the same option, under the same name) passes as given; the phase
+        picks what trains, its learning rate and length; the loss weights are left to the model trained (the
+        CLIP-MoE config they were written into; none on the dense base a stage trains)."""
+        lr, epochs, max_steps = ((self.lr, self.stage_epochs, self.stage_max_steps) if phase == "ffn" else
+                                 (self.router_lr, self.router_epochs, self.router_max_steps))
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name in _FIELD_NAMES}
+        return TrainConfig(**{**shared, "trainable": phase, "lr": lr, "epochs": epochs, "max_steps": max_steps,
+                              "aux_loss_coef": None, "z_loss_coef": None, "desc": desc})
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(DMUConfig))
 
 
 def recorded_settings(manifest: dict) -> dict:

@@ -28,7 +28,7 @@ from encoder.utils.options import check_options
 from encoder.utils.step_record import SettingsChanged, differences
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
-from ...train import ContrastiveTrainer, TrainConfig
+from ...train import ContrastiveTrainer
 from ...train.params import is_trainable
 from ..assemble import assemble_clip_moe, moe_config_for
 from .clustering import DROPPED, accumulate_labels, describe, kmeans_labels, plan_batches
@@ -136,7 +136,7 @@ class DMURun:
         data = self.dataset if len(kept) == len(batch_labels) else Subset(self.dataset, kept.tolist())
 
         model = copy.deepcopy(self.base)  # every stage starts from the base; only its batches differ
-        train_cfg = self._train_config("ffn", cfg.lr, cfg.stage_epochs, cfg.stage_max_steps, f"MCL stage {stage}")
+        train_cfg = cfg.train_config("ffn", f"MCL stage {stage}")
         trainer = ContrastiveTrainer(model, data, self.dataset.collate, train_cfg, folder / "train",
                                      labels=batch_labels[kept], source=f"base {cfg.base}")
         model = trainer.train(resume=True)
@@ -206,15 +206,6 @@ class DMURun:
                            "earlier one did; use a smaller --batch-size, fewer --clusters-per-modality or "
                            "--small-clusters merge", pair)
 
-    def _train_config(self, trainable: str, lr: float, epochs: float, max_steps: int | None, desc: str) -> TrainConfig:
-        cfg = self.cfg
-        return TrainConfig(trainable=trainable, epochs=epochs, max_steps=max_steps, batch_size=cfg.batch_size,
-                           lr=lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                           label_smoothing=cfg.label_smoothing, logit_scale=cfg.logit_scale,
-                           aux_loss_coef=None, z_loss_coef=None,  # the model's: DMU's on the MoE, 0 on the base
-                           checkpoint_every=cfg.checkpoint_every, num_workers=cfg.num_workers,
-                           precision=cfg.precision, seed=cfg.seed, desc=desc)
-
     def assemble(self):
         """Expert i of every MoE layer = stage i's FFN (expert 0 = the base's); routers new."""
         sources = [self.base.state_dict()] + [load_file(str(self.stage_dir(s) / "ffn.safetensors"))
@@ -225,8 +216,7 @@ class DMURun:
         cfg = self.cfg
         model = self.assemble()
         start = time.time()
-        train_cfg = self._train_config("router", cfg.router_lr, cfg.router_epochs, cfg.router_max_steps,
-                                       "router training")
+        train_cfg = cfg.train_config("router", "router training")
         trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
                                      source="the CLIP-MoE assembled from the base and the stages' FFNs")
         model = trainer.train(resume=True)
