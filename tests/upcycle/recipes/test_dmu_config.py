@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from upcycle.recipes.dmu.config import DMUConfig
 from upcycle.train import TrainConfig
@@ -31,3 +31,13 @@ def test_every_training_setting_dmu_has_reaches_its_phases():
     for phase in ("ffn", "router"):
         train = cfg.train_config(phase, phase)
         assert {name: getattr(train, name) for name in shared} == {name: getattr(cfg, name) for name in shared}
+
+
+def test_a_dmu_resume_may_change_what_a_training_resume_may_and_no_more():
+    """The settings a DMU --resume may change are its output paths and TrainConfig's NOT_SHAPING ones."""
+    cfg = DMUConfig(base="b", train_data="d", out="o")
+    moved = replace(cfg, out="o2", work_dir="w", overwrite=True, checkpoint_every=3, num_workers=2)
+    assert moved.fingerprint() == cfg.fingerprint()
+    assert not {"checkpoint_every", "num_workers", "out"} & set(cfg.fingerprint())
+    assert replace(cfg, batch_size=8).fingerprint() != cfg.fingerprint()
+    assert replace(cfg, seed=1).fingerprint() != cfg.fingerprint()

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from encoder.utils.options import check_options, option, option_like
 
-from ...train.config import TrainConfig, TrainingData, TrainOutput
+from ...train.config import NOT_SHAPING, TrainConfig, TrainingData, TrainOutput
 from ..sparse_config import SparseConfig
 from .clustering import SMALL_CLUSTER_RULES
 
-# Settings that may change between a run and its --resume without invalidating finished work.
-RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", "num_workers", "checkpoint_every")
+# Settings that may change between a run and its --resume without invalidating finished work: where the run
+# writes, and the training settings that shape nothing (TrainConfig's list, the one home of that choice).
+RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", *NOT_SHAPING)
 # Settings added after work directories were made, with the value those runs had: an older manifest that lacks
 # one recorded that value, so its --resume is not refused for a setting it could not name.
 ADDED_SETTINGS = {"small_clusters": "merge"}
