@@ -164,8 +164,8 @@ class CLIPMoEConfig(CLIPConfig):
     r"""A CLIP-MoE: a `CLIPConfig` whose tower configs carry MoE fields.
 
     text_config / vision_config: `CLIPMoETextConfig` / `CLIPMoEVisionConfig` (or their dicts).
-    output_router_logits (`bool`, defaults to False): the default of `CLIPMoEModel.forward`'s
-        `output_router_logits` for both towers (each tower config's own field applies when the tower runs alone).
+    output_router_logits (`bool`, defaults to False): True makes router logits the default of
+        `CLIPMoEModel.forward` for both towers; False leaves it to each tower config's own field.
     """
 
     model_type = "clip_moe"

@@ -5,8 +5,6 @@ Attention, embeddings and dense MLPs are transformers' own CLIP modules; layers 
 state dict loads unchanged into the non-MoE parts.
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -20,10 +18,11 @@ from transformers.models.clip.modeling_clip import (
     CLIPVisionEmbeddings,
     image_text_contrastive_loss,
 )
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .experts import CLIPMoEExperts
-from .moe import CLIPMoESparseMLP, RouterOutput
+from .moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
 from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
 
 
@@ -38,81 +37,48 @@ class CLIPMoEEncoderLayer(GradientCheckpointingLayer):
         self.mlp = CLIPMoESparseMLP(config) if self.is_moe else CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-        output_router_logits: bool = False,
-        **attn_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, RouterOutput | None]:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **attn_kwargs) -> torch.Tensor:
         residual = hidden_states
-        hidden_states, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
+        hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
         hidden_states = self.layer_norm2(hidden_states)
-        router = None
-        if self.is_moe:
-            hidden_states, router = self.mlp(hidden_states, token_mask, output_router_logits)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, attn_weights, router
+        hidden_states = self.mlp(hidden_states)[0] if self.is_moe else self.mlp(hidden_states)
+        return residual + hidden_states
 
 
 class CLIPMoEEncoder(nn.Module):
+    """The stack of layers. Hidden states, attentions and router logits are recorded by the tower's
+    `capture_outputs` (hooks on the modules `_can_record_outputs` names), as in transformers' CLIP."""
+
     def __init__(self, config: CLIPMoEVisionConfig | CLIPMoETextConfig):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        output_router_logits: bool = False,
-        **attn_kwargs,
-    ) -> CLIPMoEEncoderOutput:
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> CLIPMoEEncoderOutput:
         hidden_states = inputs_embeds
-        all_hidden = [hidden_states] if output_hidden_states else None
-        all_attn = [] if output_attentions else None
-        routers: list[RouterOutput] = []
         for layer in self.layers:
-            hidden_states, attn, router = layer(
-                hidden_states, attention_mask, token_mask, output_router_logits, **attn_kwargs
-            )
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            if output_attentions:
-                all_attn.append(attn)
-            if router is not None:
-                routers.append(router)
-
-        out = CLIPMoEEncoderOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attn) if output_attentions else None,
-        )
-        if output_router_logits and routers:
-            out.router_logits = tuple(r.logits for r in routers)
-            out.load_balance_loss = torch.stack([r.load_balance_loss for r in routers]).mean()
-            out.router_z_loss = torch.stack([r.z_loss for r in routers]).mean()
-            out.aux_loss = (
-                self.config.aux_loss_coef * out.load_balance_loss
-                + self.config.router_z_loss_coef * out.router_z_loss
-            )
-        return out
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return CLIPMoEEncoderOutput(last_hidden_state=hidden_states)
 
 
 class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
     config: CLIPMoEConfig
     base_model_prefix = "clip_moe"
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]
-    _can_record_outputs = {}
+    # What `capture_outputs` records (transformers' convention, as in its CLIP and MoE models):
+    # `output_hidden_states` (True, or the indices of the states to keep), `output_attentions`,
+    # `output_router_logits` (the fp32 logits of each MoE layer's router).
+    _can_record_outputs = {
+        "hidden_states": CLIPMoEEncoderLayer,
+        "attentions": CLIPAttention,
+        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
+    }
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -128,7 +94,8 @@ class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
         super()._init_weights(module)
         factor = self.config.initializer_factor
         if isinstance(module, CLIPMoEExperts):
-            # Same scales as transformers' CLIPMLP init; routers are plain Linears (default init).
+            # up_proj as transformers' CLIPMLP inits fc1; down_proj with std hidden**-0.5 (CLIPMLP's fc2 adds a
+            # (2 * num_hidden_layers)**-0.5 factor). Routers are plain Linears (default init).
             hidden = module.up_proj.shape[-1]
             init.normal_(module.up_proj, std=(2 * hidden) ** -0.5 * factor)
             init.normal_(module.down_proj, std=hidden**-0.5 * factor)
@@ -145,40 +112,40 @@ def _other_tower_keys(other_tower: str) -> list[str]:
     return [rf"^{other_tower}\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$"]
 
 
-def _encode(
-    tower: CLIPMoEVisionModel | CLIPMoETextModel,
-    hidden_states: torch.Tensor,
-    output_hidden_states: bool | None,
-    output_attentions: bool | None,
-    output_router_logits: bool | None,
-    **kwargs,
-) -> CLIPMoEEncoderOutput:
-    """The tower's encoder, with each output flag the forward left None taken from the tower's config."""
+def _tower_output(tower: "CLIPMoEVisionModel | CLIPMoETextModel", features, token_mask: torch.Tensor | None,
+                  return_dict: bool | None, flags: dict, **inputs) -> CLIPMoEOutputWithPooling | tuple:
+    """A tower's output: `features` (its pass under `capture_outputs`, which records what `flags` ask for, each flag
+    left None taken from the tower's config), plus the auxiliary losses of the router logits it recorded.
+
+    The losses are computed from the recorded logits alone (`routing_losses`), over the non-padding tokens
+    (token_mask, None = all), as transformers' MoE models compute their auxiliary loss from `router_logits`.
+    A tower without MoE layers records no router logits: its routing fields stay None.
+    """
     config = tower.config
-    return tower.encoder(
-        hidden_states,
-        output_hidden_states=_flag(output_hidden_states, config.output_hidden_states),
-        output_attentions=_flag(output_attentions, config.output_attentions),
-        output_router_logits=_flag(output_router_logits, config.output_router_logits),
-        **kwargs,
-    )
+    kwargs = {name: value for name, value in flags.items() if value is not None}
+    if not config.is_moe:
+        kwargs["output_router_logits"] = False
+    out = features(return_dict=True, **inputs, **kwargs)
+    if out.router_logits is not None:
+        losses = [routing_losses(logits, config.top_k, token_mask) for logits in out.router_logits]
+        out.load_balance_loss = torch.stack([balance for balance, _ in losses]).mean()
+        out.router_z_loss = torch.stack([z for _, z in losses]).mean()
+        out.aux_loss = config.aux_loss_coef * out.load_balance_loss + config.router_z_loss_coef * out.router_z_loss
+    return out if _flag(return_dict, config.return_dict) else out.to_tuple()
 
 
-def _tower_output(
-    last_hidden_state: torch.Tensor, pooled: torch.Tensor, enc: CLIPMoEEncoderOutput, return_dict: bool
-) -> CLIPMoEOutputWithPooling | tuple:
-    """A tower's output: its last hidden state and pooled token, the encoder's other outputs passed through."""
-    out = CLIPMoEOutputWithPooling(
-        last_hidden_state=last_hidden_state,
-        pooler_output=pooled,
-        hidden_states=enc.hidden_states,
-        attentions=enc.attentions,
-        router_logits=enc.router_logits,
-        load_balance_loss=enc.load_balance_loss,
-        router_z_loss=enc.router_z_loss,
-        aux_loss=enc.aux_loss,
-    )
-    return out if return_dict else out.to_tuple()
+def _install_recording_hooks(tower: CLIPMoEPreTrainedModel) -> None:
+    """Install `capture_outputs`' hooks now rather than at the first call that asks for an output: installing
+    takes a lock, which torch.compile(fullgraph=True) cannot trace. They record nothing unless asked."""
+    maybe_install_capturing_hooks(tower)
+
+
+_OUTPUT_FLAGS_DOC = """
+        `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
+        before the final layer norm, as in transformers' CLIP), or the index / list of indices of the states to keep
+        (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
+        `output_router_logits`: one fp32 [batch * seq, num_experts] tensor per MoE layer, and the auxiliary losses.
+        Each flag left None is the config's."""
 
 
 class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
@@ -198,6 +165,7 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+        _install_recording_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
@@ -206,24 +174,29 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CLIPMoEOutputWithPooling:
-        """pixel_values [B, C, H, W] -> last_hidden_state [B, 1 + patches, d], pooler_output [B, d].
-
-        `hidden_states` (with `output_hidden_states`) has num_hidden_layers + 1 entries; entry 0 is the
-        pre-layernormed embedding, as in transformers' CLIP.
-        """
+    ) -> CLIPMoEOutputWithPooling | tuple:
+        """pixel_values [B, C, H, W] -> last_hidden_state [B, 1 + patches, d], pooler_output [B, d]."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return _tower_output(self, self._features, None, return_dict, flags, pixel_values=pixel_values,
+                             interpolate_pos_encoding=interpolate_pos_encoding)
+
+    forward.__doc__ += _OUTPUT_FLAGS_DOC
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                  **kwargs) -> CLIPMoEOutputWithPooling:
         hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         hidden_states = self.pre_layrnorm(hidden_states)
-        enc = _encode(self, hidden_states, output_hidden_states, output_attentions, output_router_logits, **kwargs)
-        pooled = self.post_layernorm(enc.last_hidden_state[:, 0, :])
-        return _tower_output(enc.last_hidden_state, pooled, enc, _flag(return_dict, self.config.return_dict))
+        last = self.encoder(hidden_states, **kwargs).last_hidden_state
+        return CLIPMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0, :]))
 
 
 class CLIPMoETextModel(CLIPMoEPreTrainedModel):
@@ -241,6 +214,7 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+        _install_recording_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.token_embedding
@@ -253,36 +227,43 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CLIPMoEOutputWithPooling:
+    ) -> CLIPMoEOutputWithPooling | tuple:
         """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, d] (the EOS position).
 
         Tokens with attention_mask == 0, or after the EOS token when no mask is given, are padding: they
-        are routed like any token but do not count in the auxiliary losses.
-        """
+        are routed like any token but do not count in the auxiliary losses."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         input_ids = input_ids.view(-1, input_ids.shape[-1])
-        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         eos_position = self._eos_position(input_ids)
         if attention_mask is not None:
             token_mask = attention_mask.to(torch.bool)
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             token_mask = positions[None, :] <= eos_position[:, None]
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return _tower_output(self, self._features, token_mask, return_dict, flags, input_ids=input_ids,
+                             attention_mask=attention_mask, position_ids=position_ids, eos_position=eos_position)
+
+    forward.__doc__ += _OUTPUT_FLAGS_DOC
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, eos_position: torch.Tensor, **kwargs) -> CLIPMoEOutputWithPooling:
+        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
         )
         kwargs.pop("is_causal", None)
-        enc = _encode(self, hidden_states, output_hidden_states, output_attentions, output_router_logits,
-                      attention_mask=mask, token_mask=token_mask, is_causal=True, **kwargs)
-        last = self.final_layer_norm(enc.last_hidden_state)
+        last = self.final_layer_norm(self.encoder(hidden_states, mask, is_causal=True, **kwargs).last_hidden_state)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_position.to(last.device)]
-        return _tower_output(last, pooled, enc, _flag(return_dict, self.config.return_dict))
+        return CLIPMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
     def _eos_position(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Same rule as transformers' CLIPTextModel: legacy configs (eos_token_id == 2) pool the highest token
@@ -334,9 +315,12 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     def _router_kwargs(self, kwargs: dict) -> dict:
-        # The full model's config decides for both towers (their own configs decide when used alone).
+        # The argument decides for both towers; else the full model's config when it asks for router logits;
+        # else each tower's own config (`text_config` / `vision_config`), as a tower used alone.
         flag = kwargs.get("output_router_logits")
-        return {**kwargs, "output_router_logits": _flag(flag, self.config.output_router_logits)}
+        if flag is None and self.config.output_router_logits:
+            flag = True
+        return {**kwargs, "output_router_logits": flag}
 
     def forward(
         self,

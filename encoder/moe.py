@@ -51,6 +51,20 @@ def router_z_loss(router_logits: torch.Tensor, token_mask: torch.Tensor | None =
     return (z * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def routing_losses(router_logits: torch.Tensor, top_k: int,
+                   token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balance loss, z-loss) of one MoE layer from its fp32 router logits [T, E] alone.
+
+    The experts the layer picked are the top-k of the softmax of the logits (what `route` computes), so the
+    losses need nothing but the logits a model records as `router_logits` (as transformers' MoE models
+    compute their auxiliary loss). token_mask [..] bool (T entries) or None: the non-padding tokens.
+    """
+    probs = torch.softmax(router_logits, dim=-1)
+    top_k_index = torch.topk(probs, top_k, dim=-1).indices
+    mask = token_mask.reshape(-1) if token_mask is not None else None
+    return load_balance_loss(probs, top_k_index, router_logits.shape[-1], mask), router_z_loss(router_logits, mask)
+
+
 @dataclass
 class RouterOutput:
     """What one MoE layer reports about its routing (all tokens, padding included, in `logits`)."""
@@ -58,6 +72,20 @@ class RouterOutput:
     logits: torch.Tensor  # [T, E], fp32
     load_balance_loss: torch.Tensor  # scalar, non-padding tokens only
     z_loss: torch.Tensor  # scalar, non-padding tokens only
+
+
+class CLIPMoERouter(nn.Linear):
+    """The router: Linear(width, E, bias=False) whose output is the fp32 router logits [T, E].
+
+    A module of its own so the models can record its output as `router_logits`, the way transformers' MoE
+    models register their routers (`_can_record_outputs`); still an `nn.Linear` (same parameter name and init).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__(hidden_size, num_experts, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states).float()
 
 
 class CLIPMoESparseMLP(nn.Module):
@@ -68,7 +96,7 @@ class CLIPMoESparseMLP(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.router_jitter = config.router_jitter
-        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = CLIPMoERouter(config.hidden_size, config.num_experts)
         self.experts = CLIPMoEExperts(config)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +104,7 @@ class CLIPMoESparseMLP(nn.Module):
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             hidden_states = hidden_states * noise
-        logits = self.router(hidden_states).float()
+        logits = self.router(hidden_states)
         probs = torch.softmax(logits, dim=-1)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
         top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
@@ -99,9 +127,5 @@ class CLIPMoESparseMLP(nn.Module):
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).view(batch, seq, width)
         if not output_router_logits:
             return out, None
-        mask = token_mask.reshape(-1) if token_mask is not None else None
-        return out, RouterOutput(
-            logits=logits,
-            load_balance_loss=load_balance_loss(torch.softmax(logits, dim=-1), top_k_index, self.num_experts, mask),
-            z_loss=router_z_loss(logits, mask),
-        )
+        balance, z = routing_losses(logits, self.top_k, token_mask)
+        return out, RouterOutput(logits=logits, load_balance_loss=balance, z_loss=z)

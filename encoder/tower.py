@@ -162,8 +162,10 @@ class CLIPMoEVisionTower(nn.Module):
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         # return_dict=True: a config saved with return_dict=False must not turn the output into a tuple here.
-        outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype), output_hidden_states=True,
-                                 return_dict=True)
+        # output_hidden_states=[select_layer]: only that state is kept (the others are None, the tuple still
+        # indexes by layer), for CLIP-MoE and transformers' CLIP alike.
+        outs = self.vision_tower(images.to(device=self.device, dtype=self.dtype),
+                                 output_hidden_states=[self.select_layer], return_dict=True)
         return self.feature_select(outs).to(images.dtype)
 
     def _is_trainable(self) -> bool:

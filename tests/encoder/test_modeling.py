@@ -216,3 +216,59 @@ def test_config_output_router_logits_is_the_default(dense_clip, batch, tmp_path)
     assert loaded.output_router_logits is True
     assert loaded.vision_config.output_router_logits is True and loaded.text_config.output_router_logits is True
     assert CLIPMoEVisionConfig().output_router_logits is False
+
+
+# transformers 5's output conventions: outputs recorded through `_can_record_outputs` / `capture_outputs`.
+
+
+def test_router_logits_are_recorded_from_each_moe_router(dense_clip, batch):
+    """Router logits are registered for recording, as in transformers' MoE models, and what is recorded (with the
+    auxiliary losses computed from it) is what each MoE layer computes for itself on the same input."""
+    model = sparse_upcycle(dense_clip, num_experts=4, top_k=2, moe_layers="even").eval()
+    text = model.text_model
+    recorder = text._can_record_outputs["router_logits"]
+    routers = [m for m in text.modules() if isinstance(m, recorder.target_class)]
+    assert routers == [layer.mlp.router for layer in text.encoder.layers if layer.is_moe] and len(routers) == 2
+    inputs, outputs = [], []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+             for layer in text.encoder.layers if layer.is_moe]
+    hooks += [r.register_forward_hook(lambda _m, _args, out: outputs.append(out)) for r in routers]
+    with torch.no_grad():
+        out = text(batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+    for hook in hooks:
+        hook.remove()
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        own = [layer.mlp(x, mask, output_router_logits=True)[1]
+               for layer, x in zip([lay for lay in text.encoder.layers if lay.is_moe], inputs, strict=True)]
+    assert len(out.router_logits) == len(outputs) == 2
+    for recorded, seen, router in zip(out.router_logits, outputs, own, strict=True):
+        assert recorded is seen and recorded.dtype == torch.float32
+        assert torch.equal(recorded, router.logits)
+    assert torch.equal(out.load_balance_loss, torch.stack([r.load_balance_loss for r in own]).mean())
+    assert torch.equal(out.router_z_loss, torch.stack([r.z_loss for r in own]).mean())
+
+
+def test_a_list_of_hidden_layers_keeps_only_those(dense_clip, batch):
+    model = sparse_upcycle(dense_clip).eval()
+    with torch.no_grad():
+        full = model.vision_model(batch["pixel_values"], output_hidden_states=True).hidden_states
+        some = model.vision_model(batch["pixel_values"], output_hidden_states=[-2, 0]).hidden_states
+        one = model.text_model(batch["input_ids"], output_hidden_states=-1).hidden_states
+        theirs = dense_clip.vision_model(batch["pixel_values"], output_hidden_states=[-2, 0]).hidden_states
+    assert len(some) == len(full) == 5  # still indexed by layer, as LLaVA's hidden_states[select_layer]
+    assert [i for i, h in enumerate(some) if h is not None] == [0, 3]
+    assert torch.equal(some[-2], full[-2]) and torch.equal(some[0], full[0])
+    assert [h is None for h in some] == [h is None for h in theirs]  # transformers' CLIP convention
+    assert len(one) == 5 and [i for i, h in enumerate(one) if h is not None] == [4]
+
+
+def test_a_tower_config_flag_applies_inside_the_full_model(dense_clip, batch):
+    model = sparse_upcycle(dense_clip, num_experts=4, top_k=2, moe_layers="even").eval()
+    model.config.text_config.output_router_logits = True
+    with torch.no_grad():
+        out = model(**batch, return_loss=True)
+        off = model(**batch, output_router_logits=False)
+    assert len(out.text_model_output.router_logits) == 2 and out.vision_model_output.router_logits is None
+    torch.testing.assert_close(out.aux_loss, out.text_model_output.aux_loss)
+    assert off.aux_loss is None and off.text_model_output.router_logits is None

@@ -140,3 +140,12 @@ def test_a_config_saved_with_return_dict_false_still_gives_features(clip_moe_dir
     tower.vision_tower.config.return_dict = False  # as loaded from a config.json that says so
     assert isinstance(tower.vision_tower(px), tuple)  # the model itself honours it ...
     assert torch.equal(tower(px), expected)  # ... and the tower asks for the output object anyway
+
+
+@pytest.mark.parametrize("directory", ["clip_moe_dir", "dense_clip_dir"])
+def test_the_tower_keeps_only_the_selected_hidden_state(directory, request):
+    tower = CLIPMoEVisionTower(str(request.getfixturevalue(directory)), llava_args(-2))
+    kept = []
+    tower.vision_tower.register_forward_hook(lambda _model, _args, out: kept.append(out.hidden_states))
+    tower(pixels(2))
+    assert [i for i, h in enumerate(kept[0]) if h is not None] == [3]
