@@ -272,3 +272,15 @@ def test_a_tower_config_flag_applies_inside_the_full_model(dense_clip, batch):
     assert len(out.text_model_output.router_logits) == 2 and out.vision_model_output.router_logits is None
     torch.testing.assert_close(out.aux_loss, out.text_model_output.aux_loss)
     assert off.aux_loss is None and off.text_model_output.router_logits is None
+
+
+def test_attentions_are_recorded_as_in_transformers_clip(dense_clip, batch):
+    model = CLIPMoEModel(dense_as_moe_config(dense_clip)).eval()
+    model.load_state_dict(dense_clip.state_dict(), strict=True)
+    dense_clip.set_attn_implementation("eager")
+    model.set_attn_implementation("eager")  # sdpa computes no attention weights (transformers warns and records none)
+    with torch.no_grad():
+        theirs, ours = dense_clip(**batch, output_attentions=True), model(**batch, output_attentions=True)
+    for tower in ("vision_model_output", "text_model_output"):
+        a, b = getattr(theirs, tower).attentions, getattr(ours, tower).attentions
+        assert len(a) == len(b) == 4 and all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
