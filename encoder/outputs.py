@@ -32,7 +32,8 @@ class RoutingOutput:
 
 @dataclass
 class CLIPMoEEncoderOutput(RoutingOutput, BaseModelOutput):
-    r"""`BaseModelOutput` of the CLIP-MoE encoder plus the `RoutingOutput` fields."""
+    r"""`BaseModelOutput` of the CLIP-MoE encoder plus the `RoutingOutput` fields. The encoder fills
+    `last_hidden_state` only: the towers record the other outputs (`_can_record_outputs`) and add the losses."""
 
 
 @dataclass
