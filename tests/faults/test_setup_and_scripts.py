@@ -49,7 +49,7 @@ def committed_lock_with(tmp_path, drop: str = "", replace: tuple[str, str] | Non
 @pytest.mark.parametrize("drop, replace, says", [
     ("transformers", None, "requirements.lock lacks transformers; write the lock again with scripts/lock.sh"),
     ("", ("transformers", "transformers==5.40.0"),
-     "requirements.lock pins transformers==5.40.0 (pyproject: >=5,<5.40) outside pyproject's range"),
+     "requirements.lock pins transformers==5.40.0 (pyproject: >=5.23,<5.40) outside pyproject's range"),
     ("deepspeed", None, "requirements.lock lacks deepspeed"),  # an extra the set-up installs
     ("llava-torch", None, "requirements.lock lacks llava-torch"),  # installed without dependencies, so not pulled in
 ], ids=["a dependency missing", "a version outside the range", "an extra missing", "llava-torch missing"])
