@@ -222,6 +222,42 @@ def test_a_refused_config_stops_a_launched_llava_run_before_the_model_is_built(l
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_refused_config_stops_upcycle_train_before_the_model_loads(launch, monkeypatch, capsys, tmp_path):
+    from upcycle.cli import main
+    from upcycle.train import command
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the DeepSpeed config was checked")
+
+    monkeypatch.setattr(command, "load_clip", refuse)
+    launch(zero2(gradient_accumulation_steps=4), processes=1)
+    out = tmp_path / "refused"
+    code = main(["train", "--model", str(tmp_path / "any-clip"), "--train-data", str(tmp_path / "pairs.json"),
+                 "--out", str(out), "--batch-size", "4", "--grad-accum", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert '"gradient_accumulation_steps": 4 but --grad-accum is 1' in err[0], err
+    assert not out.exists()
+
+
+def test_a_refused_config_stops_upcycle_dmu_before_the_base_loads(launch, monkeypatch, capsys, tmp_path):
+    from upcycle.cli import main
+    from upcycle.recipes.dmu import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("DMU started before the DeepSpeed config was checked")
+
+    monkeypatch.setattr(pipeline.DMURun, "run", refuse)
+    launch(zero2(gradient_clipping=0.5), processes=1)
+    out = tmp_path / "refused"
+    code = main(["dmu", "--base", str(tmp_path / "any-clip"), "--train-data", str(tmp_path / "pairs.json"),
+                 "--out", str(out), "--batch-size", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "gradient_clipping" in err[0], err
+    assert not out.exists() and not (tmp_path / "refused.dmu-work").exists()
+
+
 # -- launched runs: one engine process, bf16 ------------------------------------------------------------------------
 
 def llava_flags(llm, tower, data, out, **extra) -> list[str]:

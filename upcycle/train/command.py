@@ -14,7 +14,7 @@ from encoder.weight_files import weights_sha256
 
 from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
 from .config import RESUME_LOWER_LR, TrainConfig, TrainingData, TrainOutput
-from .trainer import ContrastiveTrainer, latest_checkpoint
+from .trainer import ContrastiveTrainer, check_launch_fits, latest_checkpoint
 
 
 @dataclass
@@ -44,6 +44,7 @@ def run_train(cmd: TrainCommand) -> int:
     work = Path(output.work_dir) if output.work_dir else Path(out).with_name(Path(out).name + ".train-work")
     if latest_checkpoint(work) is not None and not output.resume:
         raise UserError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it or remove it")
+    check_launch_fits(cmd.train)  # before the model loads: a 7B-scale load is minutes to lose to a config typo
     loaded = load_clip(cmd.model)
     if loaded.tokenizer is None:
         raise UserError(f"{cmd.model} has no tokenizer files; save its tokenizer into the directory")

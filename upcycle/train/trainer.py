@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
-from encoder.training.deepspeed_config import LoopOwned, engine_settings
+from encoder.training.deepspeed_config import LoopOwned, check_launch, engine_settings
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, refuse_changed_settings
 from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
@@ -98,15 +98,27 @@ def with_model_loss_weights(config: TrainConfig, model: nn.Module) -> TrainConfi
     return replace(config, aux_loss_coef=aux, z_loss_coef=z)
 
 
-def _accelerator(config: TrainConfig):
+def _loop_owned(config: TrainConfig) -> LoopOwned:
+    """What this trainer's loop decides from its flags, for the launch checks (`deepspeed_config.check_launch`)."""
     precision, mixed = config.precision, "no"
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         mixed = "bf16"
-    return make_accelerator(mixed, loop=LoopOwned(
+    return LoopOwned(
         accumulation=config.grad_accum, batch=config.batch_size, batch_is_global=True,
         max_grad_norm=config.max_grad_norm or 0.0, precision=mixed, accumulation_flag="--grad-accum",
         batch_flag="--batch-size", clipping_flag="--max-grad-norm", precision_flag="--precision",
-        optimizer_flags="--lr, --weight-decay", schedule_flags="--warmup-ratio, with a cosine decay"))
+        optimizer_flags="--lr, --weight-decay", schedule_flags="--warmup-ratio, with a cosine decay")
+
+
+def check_launch_fits(config: TrainConfig) -> None:
+    """Refuse, before a command loads its model, a launch (DeepSpeed config, accelerate's own accumulation) that
+    contradicts `config`; the trainer checks again when it makes its Accelerator."""
+    check_launch(_loop_owned(config))
+
+
+def _accelerator(config: TrainConfig):
+    loop = _loop_owned(config)
+    return make_accelerator(loop.precision, loop=loop)
 
 
 def _checkpoint_dir(work_dir: str | Path) -> CheckpointDir:

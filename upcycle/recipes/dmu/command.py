@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from encoder.utils.options import option_like, options_of
 
 from ...train.config import TrainOutput
+from ...train.trainer import check_launch_fits
 from .config import DMUConfig
 from .pipeline import run_dmu
 
@@ -27,5 +28,7 @@ class DMUCommand:
 
 
 def run_dmu_command(cmd: DMUCommand) -> int:
+    # Before the base loads and the clustering runs: a launch that contradicts the training phases is refused now.
+    check_launch_fits(cmd.dmu.train_config("ffn", "MCL stage"))
     run_dmu(cmd.dmu, resume=cmd.resume)
     return 0
