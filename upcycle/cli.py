@@ -40,9 +40,10 @@ class Command:
 
 
 def commands() -> list[Command]:
-    from .eval.commands import EvalConfig, RoutingConfig, run_eval, run_routing
+    from .eval.commands import RoutingConfig, run_routing
     from .experiments.compare.arms import CompareConfig
     from .experiments.compare.run import run_compare
+    from .experiments.digit_accuracy import DigitEvalConfig, run_digit_eval
     from .experiments.digit_grids import DigitGridsConfig, run_make_digit_grids
     from .experiments.main_job import MainJobConfig, run_main_job
     from .experiments.replicate import ReplicateConfig, run_replicate
@@ -65,7 +66,8 @@ def commands() -> list[Command]:
         Command("dmu", DMUCommand, run_dmu_command),
         Command("compare", CompareConfig, run_compare),
         Command("replicate", ReplicateConfig, run_replicate),
-        Command("eval", EvalConfig, run_eval, forward_batch),
+        # eval, with the digit-grid demo's --digit-positions (the evaluator itself knows no demo)
+        Command("eval", DigitEvalConfig, run_digit_eval, forward_batch),
         Command("routing", RoutingConfig, run_routing, forward_batch),
     ]
 

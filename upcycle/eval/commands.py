@@ -1,23 +1,27 @@
 """The `eval` and `routing` commands of `python -m upcycle`: their configs and what they do.
 
-    python -m upcycle eval --model runs/clip-moe --data digits/test.json --digit-positions
+    python -m upcycle eval --model runs/clip-moe --data coco_test.json --classes classes.txt
+
+A command built on `eval` adds its own flags (a subclass of `EvalConfig`) and metrics (`ExtraMetric`) without this
+module knowing them.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from encoder.loading import load_clip, model_type_of
 from encoder.utils.cli import parse_device
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_file, write_atomic
-from encoder.utils.options import check_options, option, option_like, options_of, switch
+from encoder.utils.options import check_options, option, option_like, options_of
 
-from ..data import read_pairs
-from ..experiments.digit_accuracy import digit_position_accuracy, read_digit_labels
+from ..data import Pair, read_pairs
 from ..train.config import TrainingData
 from .embedding import encode_pairs
 from .retrieval import retrieval_metrics
@@ -50,8 +54,7 @@ class EvalConfig:
     Encodes every image-caption pair of --data and prints JSON: image->text and text->image recall@1/5/10 in
     percent (identical caption strings count as one text; an image hits when its caption is among the top-k
     texts, a caption when any image carrying it is among the top-k images); with --classes zero-shot top-1/top-5
-    accuracy where each pair's class is its caption; with --digit-positions digit accuracy per grid position.
-    Works for dense CLIPs and CLIP-MoE directories alike.
+    accuracy where each pair's class is its caption. Works for dense CLIPs and CLIP-MoE directories alike.
     """
 
     model: str = option("--model", "CLIP-MoE directory or dense CLIP (transformers directory, hub id, "
@@ -62,8 +65,6 @@ class EvalConfig:
     templates: str | None = option("--templates", "prompt templates for --classes, one per line with {} for the "
                                    "class name", None, default_text=f"{len(DEFAULT_TEMPLATES)} built-in, e.g. "
                                    f"{DEFAULT_TEMPLATES[1]!r}")
-    digit_positions: bool = switch("--digit-positions", "also classify the digit at every grid position zero-shot "
-                                   "with prompts like 'top left 3' (make-digit-grids data: records with \"digits\")")
     out: str | None = option("--out", "also write the JSON to this file", None)
 
 
@@ -83,7 +84,17 @@ class RoutingConfig:
     out_json: str | None = option("--out-json", "also write the JSON to this file", None)
 
 
-def run_eval(cfg: EvalConfig) -> int:
+@dataclass(frozen=True)
+class ExtraMetric:
+    """A metric a command built on `eval` adds to its JSON under `name`. `prepare(data, pairs)` runs before the (long)
+    encoding pass, so its input is checked first, and returns what computes the result from the image embeddings
+    (one row per pair, in order), the model and its tokenizer."""
+
+    name: str
+    prepare: Callable[[EvalData, list[Pair]], Callable[[Any, Any, Any], Any]]
+
+
+def run_eval(cfg: EvalConfig, extras: Sequence[ExtraMetric] = ()) -> int:
     data = cfg.pairs
     if cfg.templates and not cfg.classes:
         raise UserError("--templates applies to zero-shot classification; give --classes too")
@@ -96,9 +107,7 @@ def run_eval(cfg: EvalConfig) -> int:
         class_names = read_classes(cfg.classes)
         templates = read_templates(cfg.templates) if cfg.templates else None
         labels = labels_for(captions, class_names, cfg.classes)
-    if cfg.digit_positions:
-        digit_labels = read_digit_labels(data.data, data.image_root)
-        digits = [digit_labels[p.image] for p in pairs]
+    computes = {extra.name: extra.prepare(data, pairs) for extra in extras}
     device = parse_device(data.device)
     loaded = load_clip(cfg.model)
     image_emb, text_emb = encode_pairs(loaded.model, pairs, loaded.image_processor, loaded.tokenizer,
@@ -108,8 +117,8 @@ def run_eval(cfg: EvalConfig) -> int:
     if cfg.classes:
         accuracy = zero_shot_accuracy(image_emb, labels, class_names, loaded.model, loaded.tokenizer, templates)
         result.update(zero_shot_top1=accuracy["top1"], zero_shot_top5=accuracy["top5"])
-    if cfg.digit_positions:
-        result["digit_positions"] = digit_position_accuracy(image_emb, digits, loaded.model, loaded.tokenizer)
+    for name, compute in computes.items():
+        result[name] = compute(image_emb, loaded.model, loaded.tokenizer)
     _emit(result, cfg.out)
     return 0
 

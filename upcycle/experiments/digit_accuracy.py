@@ -1,20 +1,23 @@
 """Zero-shot digit accuracy per grid position on the digit-grid data (`make-digit-grids`): per position, does the
 image score the prompt of its own digit ("top left 3") above the nine others? Chance is 10%.
 
-Demo-only (the generic evaluator knows nothing of grids); `python -m upcycle eval --digit-positions`, the main job
-and the comparison report it.
+Demo-only (the generic evaluator knows nothing of grids): this module adds `--digit-positions` to `python -m upcycle
+eval` (`DigitEvalConfig`, run through the evaluator's `ExtraMetric` hook); the main job and the comparison report it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from encoder.utils.errors import UserError, require_finite
+from encoder.utils.options import switch
 
-from ..data.formats import read_text_file
+from ..data.formats import Pair, read_text_file
+from ..eval.commands import EvalConfig, EvalData, ExtraMetric, run_eval
 from ..eval.embedding import encode_texts
 from ..eval.zero_shot import label_ranks
 from .digit_grids import position_names
@@ -77,3 +80,24 @@ def read_digit_labels(path: str | Path, image_root: str | Path | None = None) ->
                             "(python -m upcycle make-digit-grids)")
         labels[str((root / rec.get("image", "")).absolute())] = rec["digits"]
     return labels
+
+
+@dataclass
+class DigitEvalConfig(EvalConfig):
+    # The command's help: the evaluator's, plus what this flag adds.
+    __doc__ = EvalConfig.__doc__.rstrip() + "\n    With --digit-positions, digit accuracy per grid position.\n"
+
+    digit_positions: bool = switch("--digit-positions", "also classify the digit at every grid position zero-shot "
+                                   "with prompts like 'top left 3' (make-digit-grids data: records with \"digits\")")
+
+
+def run_digit_eval(cfg: DigitEvalConfig) -> int:
+    """`eval`, plus "digit_positions" (accuracy per grid position) in its JSON with --digit-positions."""
+    return run_eval(cfg, [ExtraMetric("digit_positions", _digit_metric)] if cfg.digit_positions else [])
+
+
+def _digit_metric(data: EvalData, pairs: list[Pair]):
+    """Reads every pair's digits before the encoding pass; the accuracy comes from the embeddings after it."""
+    digit_labels = read_digit_labels(data.data, data.image_root)
+    digits = [digit_labels[p.image] for p in pairs]
+    return lambda image_emb, model, tokenizer: digit_position_accuracy(image_emb, digits, model, tokenizer)
