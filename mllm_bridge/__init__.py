@@ -8,8 +8,8 @@ it in every interpreter; heavier modules are imported where used:
   `checks`, `swap_tower`: `python -m mllm_bridge check | swap-tower`; `model`, `loading`, `init`: a LLaVA model
   around a tower, loaded or initialised as LLaVA does; `tiny_lm`: a tiny Llama for tests and demos.
 - `lmms/`: lmms-eval. `plugin` registers the model `llava_clipmoe` (`model`, with `requests`, `results`,
-  `expert_usage`); `run`, `task_data`, `tasks/`, `embedded_default`: `python -m mllm_bridge eval-lmms |
-  make-lmms-task`.
+  `expert_usage`); `run` (with `checkpoints`), `task_data`, `tasks/`, `embedded_default`: `python -m mllm_bridge
+  eval-lmms | make-lmms-task`.
 - `train/`: LLaVA-1.5 stage 1 / stage 2 training (`python -m mllm_bridge.train pretrain | finetune`).
 """
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from encoder.tower import SELECT_FEATURES
 from encoder.utils.cli import command_parser, positive_int, run_cli
 
-from .lmms.embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT
+from .lmms.embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_checkpoints
 from .lmms.run import CHECKPOINT_ARGS, LLAVA_15_TASKS
 from .lmms.task_data import TASK_NAMES
 
@@ -54,9 +55,9 @@ def commands() -> list[Command]:
     from .llava.checks import run_check
     from .llava.init import run_init_llava
     from .llava.swap_tower import run_swap_tower
-    from .llava.tiny_lm import run_make_tiny_llm
     from .lmms.run import run_eval_lmms
     from .lmms.task_data import run_make_lmms_task
+    from .train.embedded_default import run_make_tiny_llm
 
     return [
         Command(
@@ -122,7 +123,8 @@ def commands() -> list[Command]:
              OVERWRITE),
         ),
         Command(
-            "eval-lmms", run_eval_lmms,
+            # without --checkpoint the embedded default (a demo) supplies the checkpoints; the runner knows no demo
+            "eval-lmms", partial(run_eval_lmms, default=default_checkpoints),
             "benchmark LLaVA checkpoints with lmms-eval and write a comparison table",
             "Checks every checkpoint, tower and task first, reports (one line each) tasks whose data cannot be "
             "loaded here and skips them, then runs `python -m lmms_eval --model llava_clipmoe` once per checkpoint "

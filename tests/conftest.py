@@ -174,7 +174,8 @@ def dataset_for(loaded, data_file):
 @pytest.fixture(scope="session")
 def digit_llm_dir(tmp_path_factory, grids_dir):
     """A 2-layer, width-32 Llama with a tokenizer trained on the digit grids' captions, questions and answers."""
-    from mllm_bridge.train.embedded_default import save_tiny_llm, training_texts
+    from mllm_bridge.llava.tiny_lm import save_tiny_llm
+    from mllm_bridge.train.embedded_default import training_texts
 
     out = tmp_path_factory.mktemp("llm") / "llm"
     save_tiny_llm(out, training_texts(grids_dir), hidden_size=32)

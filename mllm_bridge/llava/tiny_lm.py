@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaTokenizer
+
+from encoder.utils.files import atomic_output_dir
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in Llama
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
@@ -60,23 +64,20 @@ def tiny_llama_config(
     )
 
 
-def run_make_tiny_llm(args) -> int:
-    """`python -m mllm_bridge make-tiny-llm`: the language model of the embedded CPU runs, from a digit-grid folder."""
-    from pathlib import Path
+def save_tiny_llm(out: Path, texts: list[str], hidden_size: int = 128, initializer_range: float = 0.1,
+                  seed: int = 0) -> None:
+    """A randomly initialised 2-layer Llama and a tokenizer trained on `texts`, saved like any LLM directory.
 
-    from encoder.utils.errors import UserError
-    from encoder.utils.files import check_output_dir
+    initializer_range: at Llama's 0.02 a random model barely responds to its inputs, so stage 1 (which
+    trains only the projector) could hardly move its loss; at 0.1 the image tokens can steer it.
+    """
+    from transformers import LlamaForCausalLM
 
-    from ..train.embedded_default import save_tiny_llm, training_texts
-
-    data = Path(args.data)
-    missing = [n for n in ("train.json", "train_qa.json") if not (data / n).is_file()]
-    if missing:
-        raise UserError(f"{data} lacks {', '.join(missing)}; give a digit-grid directory "
-                        "(python -m upcycle make-digit-grids)")
-    if Path(args.out).exists():
-        raise UserError(f"{args.out} exists; remove it or choose another --out")
-    check_output_dir(args.out, overwrite=False)  # a folder that is a file or not writable: before any work
-    save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
-    print(f"tiny Llama written to {args.out}")
-    return 0
+    tokenizer = train_tokenizer(texts, merges_vocab_size=512)
+    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, max_position_embeddings=2048)
+    config.initializer_range = initializer_range
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

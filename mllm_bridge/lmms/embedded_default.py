@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import Checkpoint
+from encoder.utils.errors import UserError
+
+from .checkpoints import Checkpoint
 from .task_data import TASK_NAMES
 
 DEFAULT_LIMIT = 100  # questions per task (the multiple-choice task scores 10 answers each)
@@ -57,3 +59,17 @@ def default_plan(root: str | Path) -> DefaultPlan:
     tasks_dir = root / "lmms-tasks"
     make_lmms_task(assets.data, tasks_dir, overwrite=True)  # seconds; keeps the YAML in step with the package
     return DefaultPlan(checkpoints, tasks_dir, list(TASK_NAMES))
+
+
+def default_checkpoints(args) -> list[Checkpoint]:
+    """eval-lmms without --checkpoint: the embedded default's checkpoints; it fills in the task folder, tasks, limit,
+    batch size and device too, where no flag gave them."""
+    if args.include_path is not None:
+        raise UserError("--include-path needs --checkpoint; the embedded default brings its own task folder")
+    plan = default_plan(args.default_dir)
+    args.include_path = str(plan.include_path)
+    args.tasks = args.tasks or ",".join(plan.tasks)
+    args.limit = DEFAULT_LIMIT if args.limit is None else args.limit
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    args.device = args.device or "cpu"
+    return plan.checkpoints

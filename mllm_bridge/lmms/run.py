@@ -14,13 +14,14 @@ import logging
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from encoder.utils.errors import UserError, first_line
 from encoder.utils.files import check_output_dir
 
 from ..llava.loading import plan_checkpoint
+from .checkpoints import Checkpoint
 from .plugin import MODEL_ID
 from .results import RunResult, read_run, write_report
 
@@ -29,18 +30,6 @@ logger = logging.getLogger(__name__)
 LLAVA_15_TASKS = ("mme", "mmbench_en_dev", "pope", "gqa", "textvqa_val", "scienceqa_img", "seedbench")
 # llava_clipmoe model args a --checkpoint may set for itself
 CHECKPOINT_ARGS = ("model_base", "vision_tower", "conv_template", "dtype", "max_new_tokens")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One column of the comparison: a name, a LLaVA checkpoint directory and its extra plugin model args."""
-
-    name: str
-    pretrained: str
-    args: dict[str, str] = field(default_factory=dict)
-
-    def model_args(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in {"pretrained": self.pretrained, **self.args}.items())
 
 
 def parse_checkpoint(text: str, common_args: dict[str, str] | None = None) -> Checkpoint:
@@ -171,31 +160,20 @@ def evaluate(checkpoints: list[Checkpoint], tasks: list[str], out: str | Path, i
     return results
 
 
-def run_eval_lmms(args) -> int:
-    """`python -m mllm_bridge eval-lmms`: exit status 1 when a checkpoint's run failed."""
+def run_eval_lmms(args, default: Callable[..., list[Checkpoint]] | None = None) -> int:
+    """`python -m mllm_bridge eval-lmms`: exit status 1 when a checkpoint's run failed.
+
+    default: what runs without --checkpoint (the command line passes the embedded default's
+    `default_checkpoints`, which may fill in unset flags on `args`); the runner itself knows no demo.
+    """
     import time
 
     common = parse_model_args(args.model_args, "--model-args")
+    fallback = default(args) if not args.checkpoint and default is not None else []
     checkpoints = ([parse_checkpoint(text, common) for text in args.checkpoint]
-                   or [Checkpoint(c.name, c.pretrained, {**common, **c.args}) for c in _embedded_default(args)])
+                   or [Checkpoint(c.name, c.pretrained, {**common, **c.args}) for c in fallback])
     tasks = [t.strip() for t in (args.tasks or ",".join(LLAVA_15_TASKS)).split(",") if t.strip()]
     out = args.out or f"runs/lmms_eval/{time.strftime('%Y%m%d-%H%M%S')}"
     results = evaluate(checkpoints, tasks, out, args.include_path, args.limit, args.batch_size or 1, args.device,
                        args.overwrite)
     return 0 if all(r.ok for r in results) else 1
-
-
-def _embedded_default(args) -> list[Checkpoint]:
-    """No --checkpoint: the embedded default's checkpoints; it fills in the task folder, tasks, limit, batch size
-    and device too, where no flag gave them."""
-    from .embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_plan
-
-    if args.include_path is not None:
-        raise UserError("--include-path needs --checkpoint; the embedded default brings its own task folder")
-    plan = default_plan(args.default_dir)
-    args.include_path = str(plan.include_path)
-    args.tasks = args.tasks or ",".join(plan.tasks)
-    args.limit = DEFAULT_LIMIT if args.limit is None else args.limit
-    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    args.device = args.device or "cpu"
-    return plan.checkpoints

@@ -18,13 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
-from encoder.utils.files import atomic_output_dir
+from encoder.utils.files import check_output_dir
 
-from ..llava.tiny_lm import tiny_llama_config, train_tokenizer
+from ..llava.tiny_lm import save_tiny_llm
 from .conversation import V1_END, V1_ROLES, V1_SYSTEM
 
 DEFAULT_DIR = Path("runs/llava-default")
@@ -79,25 +77,6 @@ def save_vision_tower(clip_moe: Path, out: Path) -> None:
     save_clip_moe(model.vision_model, out, CLIPImageProcessor.from_pretrained(clip_moe), card=card, overwrite=True)
 
 
-def save_tiny_llm(out: Path, texts: list[str], hidden_size: int = 128, initializer_range: float = 0.1,
-                  seed: int = 0) -> None:
-    """A randomly initialised 2-layer Llama and a tokenizer trained on `texts`, saved like any LLM directory.
-
-    initializer_range: at Llama's 0.02 a random model barely responds to its inputs, so stage 1 (which
-    trains only the projector) could hardly move its loss; at 0.1 the image tokens can steer it.
-    """
-    from transformers import LlamaForCausalLM
-
-    tokenizer = train_tokenizer(texts, merges_vocab_size=512)
-    config = tiny_llama_config(tokenizer, hidden_size=hidden_size, max_position_embeddings=2048)
-    config.initializer_range = initializer_range
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def training_texts(data: Path) -> list[str]:
     """Every text the two stages feed the LLM, so the tokenizer covers them all."""
     texts = [V1_SYSTEM, *V1_ROLES.values(), V1_END]
@@ -129,3 +108,18 @@ def finetune_flags(assets: EmbeddedAssets, root: Path) -> dict:
                 data_path=str(assets.data / "train_qa.json"), image_folder=str(assets.data),
                 pretrain_mm_mlp_adapter=str(root / PRETRAIN_OUTPUT / "mm_projector.bin"),
                 output_dir=str(root / FINETUNE_OUTPUT))
+
+
+def run_make_tiny_llm(args) -> int:
+    """`python -m mllm_bridge make-tiny-llm`: the language model of the embedded CPU runs, from a digit-grid folder."""
+    data = Path(args.data)
+    missing = [n for n in ("train.json", "train_qa.json") if not (data / n).is_file()]
+    if missing:
+        raise UserError(f"{data} lacks {', '.join(missing)}; give a digit-grid directory "
+                        "(python -m upcycle make-digit-grids)")
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} exists; remove it or choose another --out")
+    check_output_dir(args.out, overwrite=False)  # a folder that is a file or not writable: before any work
+    save_tiny_llm(Path(args.out), training_texts(data), hidden_size=args.hidden_size, seed=args.seed)
+    print(f"tiny Llama written to {args.out}")
+    return 0
