@@ -137,3 +137,14 @@ def test_check_in_a_shell_with_the_hook_off_reports_the_dense_fallback(llava_dir
     assert result.returncode == 1, result.stderr
     assert "LLaVA builds:    CLIPVisionTower (LLaVA's own)" in result.stdout
     assert "would load it as a dense CLIP without its experts" in result.stdout
+
+
+def test_eval_lmms_without_a_checkpoint_falls_back_to_the_embedded_default(tmp_path, capsys):
+    # The runner knows no demo: the command line hands it the embedded default, whose first check (it brings its own
+    # task folder) answers here before anything is built; without the fallback the runner would say "no checkpoint".
+    args = ["eval-lmms", "--include-path", str(tmp_path), "--default-dir", str(tmp_path / "default"),
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --include-path needs --checkpoint; the embedded default brings its own task folder\n"
+    assert not (tmp_path / "default").exists() and not (tmp_path / "out").exists()
