@@ -17,16 +17,13 @@ import json
 import pickle
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..utils.errors import UserError, first_line
-
-if TYPE_CHECKING:
-    from .loop import TrainingLoop
 
 ENGINE_DIR = "engine"  # inside a checkpoint: the engine's sharded state (one part per rank)
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written by every rank; renamed into place when complete
@@ -153,6 +150,23 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class CheckpointedLoop(Protocol):
+    """What a checkpoint state reads from the loop it saves (`loop.TrainingLoop` is one), so this module needs no
+    import of the loop, which imports it: the trainer's hooks for its files and record, and where the loop is."""
+
+    accelerator: Any
+    model: nn.Module
+    scheduler: Any
+    checkpoints: Any  # loop.CheckpointDir
+    plan: Any  # loop.LoopPlan
+
+    def position(self) -> dict[str, Any]: ...
+
+    def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def _record(self) -> dict[str, Any]: ...
+
+
 class ShardedCheckpointState:
     """`CheckpointState` for sharded engines: `save` and `load` run on every rank.
 
@@ -160,7 +174,7 @@ class ShardedCheckpointState:
     (every rank), then the trainer's files and the schedule (main), the state file last, and renamed into place
     by the main process: a run killed at any point leaves no directory that a resume takes for complete."""
 
-    def __init__(self, loop: TrainingLoop):
+    def __init__(self, loop: CheckpointedLoop):
         self.loop = loop
 
     def save(self, final: Path) -> None:
