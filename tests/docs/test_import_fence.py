@@ -1,0 +1,88 @@
+"""The dependency fence the README's Layout states, read from the source with `ast` (nothing is imported):
+`upcycle -> encoder <- mllm_bridge`, and the product part of upcycle (eval, recipes, train, data) never reaches up
+into the demo and research code of `upcycle.experiments`; and no import circle inside encoder or upcycle.
+
+Every import counts, at any depth (a function-level import is as real as a top-level one), type-only ones too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+PACKAGES = ("encoder", "upcycle", "mllm_bridge")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The absolute names of the modules `path` imports (`from .x import y` counts as both .x and .x.y, since y
+    may be a submodule)."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def modules_under(folder: str) -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted((REPO_ROOT / folder).rglob("*.py"))}
+
+
+def offending(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{module} imports {name}" for module, names in modules_under(folder).items() for name in sorted(names)
+            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+
+
+@pytest.mark.parametrize("folder", ["upcycle/eval", "upcycle/recipes", "upcycle/train", "upcycle/data"])
+def test_the_product_part_of_upcycle_does_not_import_the_experiments(folder):
+    assert offending(folder, ("upcycle.experiments",)) == []
+
+
+def test_encoder_imports_neither_upcycle_nor_mllm_bridge():
+    assert offending("encoder", ("upcycle", "mllm_bridge")) == []
+
+
+def test_mllm_bridge_never_imports_upcycle():
+    assert offending("mllm_bridge", ("upcycle",)) == []
+
+
+@pytest.mark.parametrize("package", ["encoder", "upcycle"])
+def test_no_import_circle(package):
+    # A circle ties its modules together (neither can be read, moved or tested alone), whether the import that
+    # closes it is lazy or only for type checking: encoder/training's loop and sharded once were one.
+    modules = modules_under(package)
+    graph = {module: {name for name in names if name in modules and name != module}
+             for module, names in modules.items()}
+    circular = sorted(module for module in graph if any(module in reachable(graph, n) for n in graph[module]))
+    assert circular == []
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_import_reader_resolves_relative_imports():
+    # The fence is only as good as the reader: a relative import two levels up must resolve to its absolute name.
+    path = REPO_ROOT / "upcycle" / "eval" / "commands.py"
+    names = imports_of(path)
+    assert "upcycle.data" in names and "encoder.loading" in names and "upcycle.eval.retrieval" in names
