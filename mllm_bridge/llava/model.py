@@ -25,6 +25,7 @@ def build_llava_model(
     projector_type: str = "mlp2x_gelu",
     dtype: torch.dtype | None = None,
     cache_dir: str | None = None,
+    patch_merge_type: str = "flat",
 ):
     """A `LlavaLlamaForCausalLM`: a new (from a config) or saved Llama, `vision_tower`, a new projector.
 
@@ -44,7 +45,7 @@ def build_llava_model(
         mm_vision_select_layer=select_layer,
         mm_vision_select_feature=select_feature,
         mm_projector_type=projector_type,
-        mm_patch_merge_type="flat",
+        mm_patch_merge_type=patch_merge_type,
         pretrain_mm_mlp_adapter=None,
     )
     model.get_model().initialize_vision_modules(model_args)
