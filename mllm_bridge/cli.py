@@ -17,9 +17,11 @@ from typing import Any
 from encoder.tower import SELECT_FEATURES
 from encoder.utils.cli import command_parser, positive_int, run_cli
 
-from .lmms.embedded_default import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_checkpoints
+# The command line wires the CPU demo in as defaults (make-tiny-llm, make-lmms-task, eval-lmms without --checkpoint);
+# the fence allows this to command lines only.
+from .embedded.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_checkpoints
+from .embedded.task_data import TASK_NAMES
 from .lmms.run import CHECKPOINT_ARGS, LLAVA_15_TASKS
-from .lmms.task_data import TASK_NAMES
 
 Argument = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -52,12 +54,12 @@ DIGIT_GRIDS = "a folder written by `python -m upcycle make-digit-grids`"
 
 
 def commands() -> list[Command]:
+    from .embedded.task_data import run_make_lmms_task
+    from .embedded.training import run_make_tiny_llm
     from .llava.checks import run_check
     from .llava.init import run_init_llava
     from .llava.swap_tower import run_swap_tower
     from .lmms.run import run_eval_lmms
-    from .lmms.task_data import run_make_lmms_task
-    from .train.embedded_default import run_make_tiny_llm
 
     return [
         Command(

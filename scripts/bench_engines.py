@@ -43,7 +43,7 @@ def main() -> int:
                         "one-process run takes twice as many, so every run has the same global batch)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from mllm_bridge.train.embedded_default import ensure_assets
+    from mllm_bridge.embedded.training import ensure_assets
 
     work = Path(args.work)
     with stdout_to_stderr():  # the builders' progress lines (theirs and their subprocesses') stay off the JSON

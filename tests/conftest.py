@@ -116,7 +116,7 @@ def dense_clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def llama_tokenizer():
-    from mllm_bridge.llava.tiny_lm import train_tokenizer
+    from mllm_bridge.embedded.tiny_lm import train_tokenizer
 
     return train_tokenizer(CAPTIONS * 4, merges_vocab_size=160)
 
@@ -124,8 +124,8 @@ def llama_tokenizer():
 @pytest.fixture(scope="session")
 def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
     """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `clip_moe_dir`."""
+    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
     from mllm_bridge.llava.model import build_llava_model
-    from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
     out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-clip-moe"
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def dataset_for(loaded, data_file):
 @pytest.fixture(scope="session")
 def digit_llm_dir(tmp_path_factory, grids_dir):
     """A 2-layer, width-32 Llama with a tokenizer trained on the digit grids' captions, questions and answers."""
-    from mllm_bridge.llava.tiny_lm import save_tiny_llm
-    from mllm_bridge.train.embedded_default import training_texts
+    from mllm_bridge.embedded.tiny_lm import save_tiny_llm
+    from mllm_bridge.embedded.training import training_texts
 
     out = tmp_path_factory.mktemp("llm") / "llm"
     save_tiny_llm(out, training_texts(grids_dir), hidden_size=32)
@@ -192,8 +192,8 @@ def lmms_checkpoints(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 
     from transformers import LlamaForCausalLM
 
+    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
     from mllm_bridge.llava.model import build_llava_model
-    from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
     root = tmp_path_factory.mktemp("lmms-checkpoints")
     parts = SimpleNamespace(full=root / "llava-full", stage1=root / "llava-stage1", llm=root / "llm")
@@ -217,7 +217,7 @@ def lmms_checkpoints(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 @pytest.fixture(scope="session")
 def digit_task_dir(tmp_path_factory, grids_dir):
     """The lmms-eval digit-grid task folder over `grids_dir`'s test split (32 images, 128 questions)."""
-    from mllm_bridge.lmms.task_data import make_lmms_task
+    from mllm_bridge.embedded.task_data import make_lmms_task
 
     out = tmp_path_factory.mktemp("lmms-tasks") / "digit_grids"
     make_lmms_task(grids_dir, out)

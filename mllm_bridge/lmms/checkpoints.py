@@ -1,5 +1,5 @@
 """The checkpoint an eval-lmms run compares: a value type of its own, so the runner (`run`) and the embedded default
-(`embedded_default`), which both make them, depend on it and not on each other."""
+(`mllm_bridge.embedded.evaluation`), which both make them, depend on it and not on each other."""
 
 from __future__ import annotations
 

@@ -7,5 +7,6 @@ templates, masking and output layouts (`python -m mllm_bridge.train pretrain | f
 - `conversation`: the 'plain' and 'v1' templates and their labels; `data`: LLaVA JSON -> batches.
 - `model_setup`: the model and tokenizer, frozen per stage; `projector`: mm_projector.bin, checked loading.
 - `loop`: the accelerate loop with checkpoints and resume; metrics via `encoder.training.run_log`; `outputs`: what is saved.
-- `run`: one run from flags; `embedded_default`: the CPU run of the bare scripts (and `make-tiny-llm`, its LLM).
+- `run`: one run from flags. The CPU run of the bare scripts is `mllm_bridge.embedded.training`'s; `cli` runs it
+  when no data flag is given.
 """

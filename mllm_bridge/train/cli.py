@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from encoder.utils.cli import UserErrorParser, run_cli
 
+# The command line wires the CPU demo in as its default (the fence allows this to command lines only).
+from ..embedded.training import DEFAULT_DIR, embedded_namespace
 from .arguments import add_llava_arguments, split_arguments
-from .embedded_default import DEFAULT_DIR
 from .stages import FINETUNE, PRETRAIN, STAGES, Stage
 
 DATA_FLAGS = ("model_name_or_path", "vision_tower", "data_path")
@@ -54,29 +54,9 @@ def _run(stage: Stage, namespace: argparse.Namespace, argv: list[str]) -> int:
     from .run import run_training
 
     if _is_embedded(namespace):
-        namespace = _embedded_namespace(stage, namespace, argv)
+        namespace = embedded_namespace(stage, namespace, argv, build_parser)
     run_training(split_arguments(namespace))
     return 0
-
-
-def _embedded_namespace(stage: Stage, namespace: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """Build the embedded default's parts (main process first), run its stage 1 when stage 2 needs it, and
-    re-parse the command line with the embedded values as defaults, so explicit flags still win."""
-    from encoder.training import process_state
-
-    from . import embedded_default as embedded
-    from .outputs import ProjectorOutput
-    from .run import run_training
-
-    root = Path(namespace.embedded_dir)
-    with process_state().main_process_first():
-        assets = embedded.ensure_assets(root)
-    flags = {PRETRAIN.name: embedded.pretrain_flags(assets, root), FINETUNE.name: embedded.finetune_flags(assets, root)}
-    if stage is FINETUNE and not ProjectorOutput().is_complete(root / embedded.PRETRAIN_OUTPUT):
-        print("[embedded default] stage 1 output missing: running `pretrain` first", flush=True)
-        stage1 = build_parser(flags).parse_args([PRETRAIN.name, "--embedded_dir", str(root)])
-        run_training(split_arguments(stage1))
-    return build_parser(flags, argv).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

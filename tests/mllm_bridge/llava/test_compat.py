@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
+from mllm_bridge.embedded.tiny_lm import tiny_llama_config
 from mllm_bridge.llava import compat
 from mllm_bridge.llava.model import build_llava_model
-from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

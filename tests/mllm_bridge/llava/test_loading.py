@@ -9,8 +9,8 @@ import torch
 from transformers import CLIPVisionModel
 
 from encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel, CLIPMoEVisionTower
+from mllm_bridge.embedded.tiny_lm import tiny_llama_config
 from mllm_bridge.llava.model import build_llava_model
-from mllm_bridge.llava.tiny_lm import tiny_llama_config
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 

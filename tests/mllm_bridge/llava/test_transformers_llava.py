@@ -4,7 +4,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel
-from mllm_bridge.llava.tiny_lm import tiny_llama_config
+from mllm_bridge.embedded.tiny_lm import tiny_llama_config
 
 
 def test_llava_for_conditional_generation_with_a_clip_moe(clip_moe_dir, llama_tokenizer, tmp_path):

@@ -28,26 +28,6 @@ def only(paths):
     return paths[0]
 
 
-def test_make_lmms_task_writes_a_movable_task_folder(grids_dir, tmp_path, capsys):
-    out = tmp_path / "tasks"
-    assert main(["make-lmms-task", "--data", str(grids_dir), "--out", str(out)]) == 0
-    assert "128 questions written" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "digit_grids.parquet", "digit_grids_mc.yaml",
-                                                     "digit_grids_qa.yaml"]
-    from datasets import Dataset
-
-    moved = tmp_path / "moved"
-    out.rename(moved)  # images are embedded and the YAML names its data relative to itself
-    docs = Dataset.from_parquet(str(moved / "digit_grids.parquet"), cache_dir=str(tmp_path / "cache"))
-    assert len(docs) == 128 and set(docs[0]["answer"]) <= set("0123456789")
-    assert docs[0]["image"].size == (32, 32) and "<image>" not in docs[0]["question"]
-
-    capsys.readouterr()
-    assert main(["make-lmms-task", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "t2")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "has no test_qa.json" in err and "make-digit-grids" in err
-
-
 def test_eval_lmms_bad_input_is_one_line(lmms_checkpoints, digit_task_dir, tmp_path, capsys):
     full = lmms_checkpoints.full
     cases = [
@@ -151,31 +131,3 @@ def test_markdown_report_compares_runs_side_by_side(tmp_path):
     assert "| pope | pope_accuracy | 8 | 0.5000 | 0.6250 | failed |" in table
     assert "`broken` failed: Tasks not found: x" in table and "mme (offline)" in table
     assert "| moe | 1 | 5 | 0.750 | 0.250 | 0.811 |" in table  # balance = entropy(0.75, 0.25) / log 2
-
-
-
-def test_embedded_default_plans_both_stages_with_both_towers(lmms_checkpoints, grids_dir, clip_moe_dir,
-                                                             dense_clip_dir, tmp_path):
-    from mllm_bridge.lmms.embedded_default import default_plan
-    from mllm_bridge.train.embedded_default import FINETUNE_OUTPUT, PRETRAIN_OUTPUT
-
-    root = tmp_path / "llava-default"  # what the embedded training run leaves behind
-    root.mkdir()
-    for name, target in [("digit-grids", grids_dir), ("clip-moe-vision", clip_moe_dir), ("clip-base", dense_clip_dir),
-                         ("llm", lmms_checkpoints.llm), (FINETUNE_OUTPUT, lmms_checkpoints.full),
-                         (PRETRAIN_OUTPUT, lmms_checkpoints.stage1)]:
-        (root / name).symlink_to(target)
-    plan = default_plan(root)
-    assert [c.name for c in plan.checkpoints] == ["stage2-clip-moe", "stage2-dense-tower", "stage1-clip-moe",
-                                                  "stage1-dense-tower"]
-    stage1_dense = plan.checkpoints[3]
-    assert stage1_dense.args == {"model_base": str(root / "llm"), "conv_template": "plain",
-                                 "vision_tower": str(root / "clip-base")}
-    assert plan.tasks == ["digit_grids_qa", "digit_grids_mc"]
-    assert (plan.include_path / "digit_grids_qa.yaml").is_file()
-
-    for name in (FINETUNE_OUTPUT, PRETRAIN_OUTPUT):
-        (root / name).unlink()
-    plan = default_plan(root)  # before any training: one untrained checkpoint from the same parts
-    assert [c.name for c in plan.checkpoints] == ["untrained-clip-moe", "untrained-dense-tower"]
-    assert (root / "llava-untrained" / "config.json").is_file()

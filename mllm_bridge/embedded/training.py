@@ -8,13 +8,18 @@
 
 The upcycle commands run as subprocesses, as a user would run them: `mllm_bridge` does not import `upcycle`'s
 model-making code. Each part is written atomically and reused on later runs.
+
+`python -m mllm_bridge.train` runs it when none of its data flags is given (`embedded_namespace`); the command line
+hands in its parser builder, so this module never imports the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +27,9 @@ from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir
 
-from ..llava.tiny_lm import save_tiny_llm
-from .conversation import V1_END, V1_ROLES, V1_SYSTEM
+from ..train.conversation import V1_END, V1_ROLES, V1_SYSTEM
+from ..train.stages import FINETUNE, PRETRAIN, Stage
+from .tiny_lm import save_tiny_llm
 
 DEFAULT_DIR = Path("runs/llava-default")
 PRETRAIN_OUTPUT = "llava-clip-moe-pretrain"
@@ -108,6 +114,34 @@ def finetune_flags(assets: EmbeddedAssets, root: Path) -> dict:
                 data_path=str(assets.data / "train_qa.json"), image_folder=str(assets.data),
                 pretrain_mm_mlp_adapter=str(root / PRETRAIN_OUTPUT / "mm_projector.bin"),
                 output_dir=str(root / FINETUNE_OUTPUT))
+
+
+# Builds the training parser with flag defaults replaced per stage (stage name -> flag values), optionally for argv.
+ParserBuilder = Callable[..., argparse.ArgumentParser]
+
+
+def embedded_namespace(stage: Stage, namespace: argparse.Namespace, argv: list[str],
+                       build_parser: ParserBuilder) -> argparse.Namespace:
+    """Build the embedded default's parts (main process first), run its stage 1 when stage 2 needs it, and
+    re-parse the command line with the embedded values as defaults, so explicit flags still win.
+
+    build_parser: the training command line's `build_parser(stage_defaults, argv=...)`.
+    """
+    from encoder.training import process_state
+
+    from ..train.arguments import split_arguments
+    from ..train.outputs import ProjectorOutput
+    from ..train.run import run_training
+
+    root = Path(namespace.embedded_dir)
+    with process_state().main_process_first():
+        assets = ensure_assets(root)
+    flags = {PRETRAIN.name: pretrain_flags(assets, root), FINETUNE.name: finetune_flags(assets, root)}
+    if stage is FINETUNE and not ProjectorOutput().is_complete(root / PRETRAIN_OUTPUT):
+        print("[embedded default] stage 1 output missing: running `pretrain` first", flush=True)
+        stage1 = build_parser(flags).parse_args([PRETRAIN.name, "--embedded_dir", str(root)])
+        run_training(split_arguments(stage1))
+    return build_parser(flags, argv).parse_args(argv)
 
 
 def run_make_tiny_llm(args) -> int:

@@ -17,6 +17,9 @@ from encoder.utils.constants import IMAGE_TOKEN
 from encoder.utils.errors import UserError
 from encoder.utils.files import atomic_output_dir
 
+# The task YAML and its functions stay in the product's lmms/tasks/, not here: saved task folders (this command's
+# output) name them by absolute module path, `!function mllm_bridge.lmms.tasks.digit_grids.utils...`, so moving
+# them would break every folder already written. The YAML is copied unchanged.
 TASK_PACKAGE = "mllm_bridge.lmms.tasks.digit_grids"
 DATA_FILE = "digit_grids.parquet"  # the name the shipped YAML files give in dataset_kwargs.data_files
 TASK_NAMES = ("digit_grids_qa", "digit_grids_mc")

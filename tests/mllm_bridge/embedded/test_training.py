@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
+from mllm_bridge.embedded.training import FINETUNE_OUTPUT, PRETRAIN_OUTPUT, ensure_assets
 from mllm_bridge.train.cli import main
-from mllm_bridge.train.embedded_default import FINETUNE_OUTPUT, PRETRAIN_OUTPUT, ensure_assets
 
 ROOT = REPO_ROOT
 

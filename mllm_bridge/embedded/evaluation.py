@@ -2,10 +2,10 @@
 embedded training run made (`scripts/pretrain_projector.sh`, `scripts/finetune.sh` without flags), each with its
 CLIP-MoE tower and once more with the dense CLIP it was upcycled from, swapped in through `vision_tower=`.
 
-Before any training has run, the same parts (data, towers, tiny LLM; built by `mllm_bridge.train.embedded_default`
-and shared with training) make one untrained checkpoint, so the whole evaluation path runs end to end. Sparse
-upcycling preserves the dense function and the tower stays frozen in training, so the two tower columns should
-agree; the expert-usage table shows how the CLIP-MoE's routers spread the image tokens.
+Before any training has run, the same parts (data, towers, tiny LLM; built by `embedded.training` and shared with
+the training run) make one untrained checkpoint, so the whole evaluation path runs end to end. Sparse upcycling
+preserves the dense function and the tower stays frozen in training, so the two tower columns should agree;
+the expert-usage table shows how the CLIP-MoE's routers spread the image tokens.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from encoder.utils.errors import UserError
 
-from .checkpoints import Checkpoint
+from ..lmms.checkpoints import Checkpoint
 from .task_data import TASK_NAMES
 
 DEFAULT_LIMIT = 100  # questions per task (the multiple-choice task scores 10 answers each)
 DEFAULT_BATCH_SIZE = 8
-DENSE_BASE = "clip-base"  # where embedded_default.ensure_assets keeps the dense CLIP it upcycles
+DENSE_BASE = "clip-base"  # where training.ensure_assets keeps the dense CLIP it upcycles
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ def default_plan(root: str | Path) -> DefaultPlan:
     """Checkpoints and task folder of the embedded default under `root` (the training runs' folder), building the
     shared parts, an untrained checkpoint (when no stage has run) and the task folder where they are missing."""
     from ..llava.init import init_llava
-    from ..train.embedded_default import FINETUNE_OUTPUT, PRETRAIN_OUTPUT, ensure_assets
     from .task_data import make_lmms_task
+    from .training import FINETUNE_OUTPUT, PRETRAIN_OUTPUT, ensure_assets
 
     root = Path(root)
     assets = ensure_assets(root)
