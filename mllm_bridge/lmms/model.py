@@ -34,6 +34,7 @@ from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
 from encoder.utils.user_files import image_rgb
 
+from ..llava.image_tokens import ImageLayout
 from ..llava.loading import load_llava, plan_checkpoint, resolve_dtype
 from .expert_usage import ExpertUsageRecorder
 from .requests import (
@@ -88,6 +89,9 @@ class LlavaCLIPMoE(lmms):
         self.model, self.tokenizer, self.image_processor = loaded.model, loaded.tokenizer, loaded.image_processor
         # LLaVA re-pads after splicing image features in; generation needs the padding on the left.
         self.model.config.tokenizer_padding_side = "left"
+        self.layout = ImageLayout.for_tower(self.model.config, self.model.get_vision_tower())
+        # In memory only: llava-torch's grid code parses the pinpoints as a list, not LLaVA-NeXT's range form.
+        self.model.config.image_grid_pinpoints = self.layout.grid_pinpoints
         self._stop_criteria: dict[tuple[str, ...], object] = {}
         self.pad_token_id = next(t for t in (self.tokenizer.pad_token_id, self.tokenizer.unk_token_id,
                                              self.tokenizer.eos_token_id) if t is not None)
@@ -195,18 +199,16 @@ class LlavaCLIPMoE(lmms):
 
         return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
 
-    def _pixels(self, images: Sequence[list]) -> tuple[torch.Tensor | None, list]:
-        """All images of a batch, in order, as one [N, 3, H, W] tensor in the model's dtype, and their sizes."""
-        from llava.mm_utils import process_images
-
+    def _pixels(self, images: Sequence[list]) -> tuple[torch.Tensor | list[torch.Tensor] | None, list]:
+        """All images of a batch, in order, as LLaVA's `images=` takes them (one tensor, or under anyres a list of
+        per-image crop stacks when their crop counts differ) in the model's dtype, and their `image_sizes`."""
         flat = [image for doc_images in images for image in doc_images]
         if not flat:
             return None, []
-        pixels = process_images(flat, self.image_processor, self.model.config)
+        pixels, sizes = self.layout.pixels(flat, self.image_processor)
         if isinstance(pixels, list):
-            raise UserError("images of different processed sizes in one batch (image_aspect_ratio anyres) are not "
-                            "supported by llava_clipmoe; use a pad or square checkpoint")
-        return pixels.to(device=self._device, dtype=self.model.dtype), [image.size for image in flat]
+            return [p.to(device=self._device, dtype=self.model.dtype) for p in pixels], sizes
+        return pixels.to(device=self._device, dtype=self.model.dtype), sizes
 
     def _generate(self, prompts: list[str], images: list[list], settings: GenerationSettings) -> list[str]:
         ids = [self._encode(p) for p in prompts]

@@ -166,3 +166,75 @@ def test_stage1_directory_copy_without_weights_needs_its_base(lmms_checkpoints, 
     (broken / "mm_projector.bin").unlink()
     with pytest.raises(UserError, match="no model weights"):
         model(docs, broken)
+
+
+# LLaVA-1.6 checkpoints: anyres crops, so images of different shapes get different crop and token counts.
+
+SHAPES = [(32, 32), (64, 32), (32, 64), (80, 40), (20, 70)]
+
+
+@pytest.fixture(scope="module")
+def anyres_checkpoint(tmp_path_factory, clip_moe_dir, llama_tokenizer):
+    """A tiny CLIP-MoE LLaVA with image_aspect_ratio anyres, spatial_unpad (a learned image_newline) and the
+    pinpoints in LLaVA-NeXT's range form (2x2 crops of the tower's 32 pixels at most)."""
+    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
+    from mllm_bridge.llava.model import build_llava_model
+
+    out = tmp_path_factory.mktemp("lmms-anyres") / "llava-anyres"
+    config = tiny_llama_config(llama_tokenizer, hidden_size=32)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    llava = build_llava_model(config, clip_moe_dir, patch_merge_type="spatial_unpad")
+    llava.config.image_aspect_ratio = "anyres"
+    llava.config.image_grid_pinpoints = "(1x1),...,(2x2)"
+    assert llava.get_model().image_newline.shape == (32,)
+    state = {k: v for k, v in llava.state_dict().items() if ".vision_tower." not in k}
+    llava.save_pretrained(out, state_dict=state)
+    llama_tokenizer.save_pretrained(out)
+    return out
+
+
+def shaped_visual(doc):
+    """The doc's grid resized to the shape its question index picks (`_shape`, set by `shaped`)."""
+    return [image.resize(tuple(doc["_shape"])) for image in utils.doc_to_visual(doc)]
+
+
+def shaped(docs):
+    return [dict(d, _shape=SHAPES[i % len(SHAPES)]) for i, d in enumerate(docs)]
+
+
+def shaped_request(kind, context, second, doc_id):
+    return Instance(kind, (context, second, shaped_visual, doc_id, TASK, SPLIT), idx=0,
+                    metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+
+
+def test_anyres_batches_of_different_crop_counts_answer_as_batch_size_1(anyres_checkpoint, docs):
+    docs = shaped(docs)
+    lm = model(docs, anyres_checkpoint, 5)
+    pixels, sizes = lm._pixels([shaped_visual(d) for d in docs[:5]])
+    assert isinstance(pixels, list) and len({p.shape[0] for p in pixels}) > 1  # crop counts differ in the batch
+    assert len({lm.layout.count(s) for s in sizes}) > 1
+    assert lm.model.config.image_grid_pinpoints == [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+    requests = [shaped_request("generate_until", utils.doc_to_text(d) + " Look closely." * (i % 2), GREEDY, i)
+                for i, d in enumerate(docs[:10])]
+    answers = {bs: model(docs, anyres_checkpoint, bs).generate_until(requests) for bs in (1, 3, 5)}
+    assert answers[1] == answers[3] == answers[5]
+    assert len(set(answers[1])) > 1
+
+    scored = [shaped_request("loglikelihood", utils.doc_to_text(docs[i]), f" {d}", i) for i in range(5) for d in (3, 7)]
+    batched = [r.text for r in model(docs, anyres_checkpoint, 4).loglikelihood(scored)]
+    one_by_one = [r.text for r in model(docs, anyres_checkpoint, 1).loglikelihood(scored)]
+    assert [s for s, _ in batched] == pytest.approx([s for s, _ in one_by_one], rel=1e-4)
+    assert [g for _, g in batched] == [g for _, g in one_by_one]
+    assert len({round(s, 3) for s, _ in batched}) > 1
+
+
+def test_anyres_checkpoint_without_pinpoints_is_one_line(anyres_checkpoint, docs, tmp_path):
+    broken = tmp_path / "llava-anyres-no-pinpoints"
+    shutil.copytree(anyres_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "image_grid_pinpoints": None}))
+    with pytest.raises(UserError, match="anyres needs image_grid_pinpoints") as err:
+        model(docs, broken)
+    assert "\n" not in str(err.value)
