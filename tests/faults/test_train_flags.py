@@ -3,6 +3,7 @@ refuse them with one line naming the flag, before any model is loaded or anythin
 --grad-accum 0 took no micro-batch, --max-steps 0 trained an epoch, --epochs 0 one step, a NaN weight was reported
 as a divergence to be fixed by lowering --lr)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -131,16 +132,18 @@ def test_sensible_edge_values_are_accepted():
     DMUConfig(base="b", train_data="d", out="o", num_experts=2, logit_scale=None, stage_max_steps=1)
 
 
-def test_a_dmu_config_field_changed_after_it_was_made_is_still_refused(tmp_path):
-    from upcycle.recipes.dmu.pipeline import DMURun
-
+def test_a_dmu_config_cannot_be_changed_unchecked_after_it_was_made(tmp_path):
+    # Configs are frozen and checked once, when made: a field cannot be set afterwards, and a changed copy
+    # (dataclasses.replace) is a new config, checked like any other, so nonsense never reaches the run.
     cfg = DMUConfig(base=str(tmp_path / "base"), train_data="d", out=str(tmp_path / "out"))
-    cfg.router_lr = -1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.router_lr = -1.0
     with pytest.raises(UserError, match="--router-lr must be > 0, got -1.0"):
-        DMURun(cfg)
+        dataclasses.replace(cfg, router_lr=-1.0)
+    assert cfg.router_lr == 1e-6
 
 
-def test_the_trainer_checks_a_config_changed_after_it_was_made(base_clip_dir, grids_dir, tmp_path):
+def test_a_train_config_cannot_be_changed_unchecked_after_it_was_made(base_clip_dir, grids_dir, tmp_path):
     from conftest import dataset_for
 
     from encoder.loading import load_clip
@@ -148,9 +151,10 @@ def test_the_trainer_checks_a_config_changed_after_it_was_made(base_clip_dir, gr
     loaded = load_clip(base_clip_dir)
     data = dataset_for(loaded, grids_dir / "train.json")
     cfg = TrainConfig(max_steps=2, batch_size=16)
-    cfg.grad_accum = 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grad_accum = 0
     with pytest.raises(UserError, match="--grad-accum must be >= 1, got 0"):
-        ContrastiveTrainer(loaded.model, data, data.collate, cfg, tmp_path / "w")
+        ContrastiveTrainer(loaded.model, data, data.collate, dataclasses.replace(cfg, grad_accum=0), tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 

@@ -18,7 +18,7 @@ def parse_towers(text: str) -> tuple[str, ...]:
     return towers
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseConfig:
     """sparse-upcycle a dense CLIP (experts = copies of the MLP, new routers)
 

@@ -17,7 +17,7 @@ from .config import RESUME_LOWER_LR, TrainConfig, TrainingData, TrainOutput
 from .trainer import ContrastiveTrainer, check_launch_fits, latest_checkpoint
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainCommand:
     """continued contrastive training of a CLIP or CLIP-MoE
 

@@ -45,7 +45,7 @@ def parse_max_grad_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r}: use a number such as 1.0, or 'none' for no clipping") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     trainable: str = option("--trainable", "parameters to train: all, ffn (MLPs / experts) or router", "all",
                             kind=str, choices=TRAINABLE_CHOICES)
@@ -92,7 +92,7 @@ class TrainConfig:
         check_options(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingData:
     """The image-caption pairs a training command reads (`upcycle train`, `upcycle dmu`)."""
 
@@ -103,7 +103,7 @@ class TrainingData:
     skip_missing: bool = switch("--skip-missing", "drop pairs whose image is missing or empty (0 bytes), counted")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainOutput:
     """Where a training command keeps its work and whether it may continue or replace it (`train`, `dmu`)."""
 

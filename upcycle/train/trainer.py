@@ -32,7 +32,6 @@ from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw, 
 from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
 from encoder.utils.errors import UserError
-from encoder.utils.options import check_options
 
 from .config import NOT_SHAPING, RESUME_LOWER_LR, TrainConfig
 from .losses import clip_contrastive_loss
@@ -161,7 +160,6 @@ class ContrastiveTrainer(TrainingLoop):
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
                  lower_lr_resume: str | None = None):
-        check_options(config)  # again: a dataclass field may have been changed since it was made
         config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
         acc = _accelerator(config)

@@ -12,7 +12,7 @@ from .config import DMUConfig
 from .pipeline import run_dmu
 
 
-@dataclass
+@dataclass(frozen=True)
 class DMUCommand:
     """Diversified Multiplet Upcycling: MCL stages, assembly, router training
 

@@ -19,7 +19,7 @@ RESUMABLE_SETTINGS = ("out", "work_dir", "overwrite", *NOT_SHAPING)
 ADDED_SETTINGS = {"small_clusters": "merge"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class DMUConfig:
     """Every field is the `upcycle dmu` flag of the same name. The base, layout and training fields are the
     same settings as `upcycle sparse`'s and TrainConfig's (help and accepted values; DMU's flag names and

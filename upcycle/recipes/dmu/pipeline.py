@@ -24,7 +24,6 @@ from encoder.save import save_clip_moe
 from encoder.training import process_state
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir, write_atomic
-from encoder.utils.options import check_options
 from encoder.utils.step_record import SettingsChanged, differences
 
 from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
@@ -45,7 +44,6 @@ class DMURun:
         self.cfg = cfg
         self.work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir(cfg.out)
         check_output_dir(cfg.out, cfg.overwrite)
-        self._check_settings()
         self.manifest = self._open_manifest(resume)
         dense = load_dense_clip(cfg.base)
         if dense.tokenizer is None:
@@ -65,9 +63,6 @@ class DMURun:
                                          aux_loss_coef=cfg.aux_loss_coef, router_z_loss_coef=cfg.z_loss_coef)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
-    def _check_settings(self) -> None:
-        check_options(self.cfg)  # again: a dataclass field may have been changed since it was made
-
     def _open_manifest(self, resume: bool) -> dict:
         path = self.work / MANIFEST
         fresh = {"settings": self.cfg.fingerprint(), "stages": {}, "router": None}
