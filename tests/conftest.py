@@ -139,7 +139,7 @@ def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
 
 @pytest.fixture(scope="session")
 def grids_dir(tmp_path_factory):
-    from upcycle.experiments.digit_grids import make_digit_grids
+    from upcycle.embedded.digit_grids import make_digit_grids
 
     out = tmp_path_factory.mktemp("data") / "grids"
     make_digit_grids(out, num_train=96, num_val=8, num_test=32, image_size=32, grid=2, seed=0)
@@ -151,7 +151,7 @@ def base_clip_dir(tmp_path_factory, grids_dir):
     """A width-32, 2-layer dense CLIP with a word tokenizer fitted to the digit captions."""
     import json
 
-    from upcycle.experiments.small_base import init_small_clip
+    from upcycle.embedded.small_base import init_small_clip
 
     out = tmp_path_factory.mktemp("models") / "base"
     captions = [r["conversations"][1]["value"] for r in json.loads((grids_dir / "train.json").read_text())]

@@ -4,7 +4,8 @@
 
 Every command is a config dataclass (its fields are the flags: encoder.utils.options; its docstring the help) and
 the function that runs it, which lives next to what it runs; this module only lists them and generates the
-parsers.
+parsers. It is the one module that wires the product (recipes, train, eval, data) together with the fenced-off
+CPU demo (upcycle.embedded) and research harness (upcycle.research).
 """
 
 from __future__ import annotations
@@ -40,18 +41,18 @@ class Command:
 
 
 def commands() -> list[Command]:
+    from .embedded.digit_accuracy import DigitEvalConfig, run_digit_eval
+    from .embedded.digit_grids import DigitGridsConfig, run_make_digit_grids
+    from .embedded.main_job import MainJobConfig, run_main_job
+    from .embedded.small_base import InitBaseConfig, run_init_base
+    from .embedded.sparse_demo import SparseDemoConfig, run_demo
     from .eval.commands import RoutingConfig, run_routing
-    from .experiments.compare.arms import CompareConfig
-    from .experiments.compare.run import run_compare
-    from .experiments.digit_accuracy import DigitEvalConfig, run_digit_eval
-    from .experiments.digit_grids import DigitGridsConfig, run_make_digit_grids
-    from .experiments.main_job import MainJobConfig, run_main_job
-    from .experiments.replicate import ReplicateConfig, run_replicate
-    from .experiments.small_base import InitBaseConfig, run_init_base
-    from .experiments.sparse_demo import SparseDemoConfig, run_demo
     from .recipes.dmu.command import DMUCommand, run_dmu_command
     from .recipes.sparse_command import run_sparse
     from .recipes.sparse_config import SparseConfig
+    from .research.compare.arms import CompareConfig
+    from .research.compare.run import run_compare
+    from .research.replicate import ReplicateConfig, run_replicate
     from .train.command import TrainCommand, run_train
 
     # eval/routing batch pairs for speed only; --batch-size is the training batch whose pairs are negatives

@@ -29,7 +29,7 @@ WEIGHTS, CONFIG, PREPROCESSOR = "model.safetensors", "config.json", "preprocesso
 
 
 def save_word_tokenizer(directory: Path) -> None:
-    from upcycle.experiments.small_base import build_word_tokenizer
+    from upcycle.embedded.small_base import build_word_tokenizer
 
     build_word_tokenizer(CAPTIONS, max_length=16).save_pretrained(directory)
 

@@ -354,7 +354,7 @@ def test_swap_tower_on_a_bad_disk_leaves_the_config_and_no_backup(fault, llava_m
 @pytest.mark.parametrize("case", ["parent_is_file", "read_only"])
 @pytest.mark.parametrize("command", ["demo", "replicate", "compare"])
 def test_long_jobs_check_out_before_their_first_step(command, case, tmp_path, monkeypatch, capsys):
-    from upcycle.experiments import main_job
+    from upcycle.embedded import steps as main_job  # the step runner of demo and replicate
 
     def fail(*args, **kwargs):
         raise AssertionError("a step ran before --out was checked")

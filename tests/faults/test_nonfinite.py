@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from encoder.utils.errors import NonFiniteValues
+from upcycle.embedded.digit_accuracy import position_accuracy
 from upcycle.eval.retrieval import retrieval_metrics
 from upcycle.eval.zero_shot import topk_accuracy
-from upcycle.experiments.digit_accuracy import position_accuracy
 from encoder.routing_stats import RoutingTally
 
 

@@ -79,7 +79,7 @@ def test_a_compare_arm_killed_midway_resumes_from_its_checkpoint_to_the_same_wei
 
 def test_dmu_arms_checkpoint_their_stages_and_router_training(tmp_path, monkeypatch):
     """DMU's stages and router training are the DMU recipe's own runs: the comparison's interval reaches them."""
-    from upcycle.experiments.compare import arms
+    from upcycle.research.compare import arms
 
     seen = []
 
@@ -100,7 +100,7 @@ def test_dmu_arms_checkpoint_their_stages_and_router_training(tmp_path, monkeypa
 def test_all_hits_on_50_items_is_not_a_certain_100_percent():
     import numpy as np
 
-    from upcycle.eval.intervals import proportion_ci
+    from upcycle.research.intervals import proportion_ci
 
     for hits in (np.ones(50), np.ones((3, 50))):  # one seed; three seeds that all hit every item
         ci = proportion_ci(hits)
@@ -115,7 +115,7 @@ def test_a_single_recall_covers_the_truth_at_small_n():
 
     import numpy as np
 
-    from upcycle.eval.intervals import proportion_ci
+    from upcycle.research.intervals import proportion_ci
 
     n, p = 10, 0.9
     coverage = 0.0
@@ -137,7 +137,7 @@ def few_items_apart(items: int, differ: int):
 
 
 def test_a_paired_difference_on_3_items_is_not_called_higher():
-    from upcycle.eval.intervals import MIN_INFORMATIVE, paired_difference_ci, verdict
+    from upcycle.research.intervals import MIN_INFORMATIVE, paired_difference_ci, verdict
 
     reference, better = few_items_apart(3, 3)
     ci = paired_difference_ci(better, reference)
@@ -151,8 +151,8 @@ def test_a_paired_difference_on_3_items_is_not_called_higher():
 
 
 def test_compares_table_never_calls_a_difference_on_too_few_items():
-    from upcycle.eval.intervals import pack_hits
-    from upcycle.experiments.compare.report import intervals_section
+    from upcycle.research.compare.report import intervals_section
+    from upcycle.research.intervals import pack_hits
 
     reference, better = few_items_apart(3, 3)
     runs = {arm: [{"seed": 0, "hits": {"i2t_r1": pack_hits(h), "t2i_r1": pack_hits(h)}}]
@@ -164,7 +164,7 @@ def test_compares_table_never_calls_a_difference_on_too_few_items():
 
 
 def test_replicates_table_never_calls_a_difference_on_too_few_questions(tmp_path):
-    from upcycle.experiments.replicate import mllm_intervals
+    from upcycle.research.replicate import mllm_intervals
 
     reference, better = few_items_apart(12, 3)  # 12 questions, 4 per image: 3 images
     (tmp_path / "per_question.json").write_text(__import__("json").dumps({"checkpoints": {
@@ -179,7 +179,7 @@ def test_replicates_table_never_calls_a_difference_on_too_few_questions(tmp_path
 def test_a_tower_without_per_question_hits_gets_a_row_saying_why(tmp_path):
     import json
 
-    from upcycle.experiments.replicate import ReplicateConfig, write_report
+    from upcycle.research.replicate import ReplicateConfig, write_report
 
     hits = {str(i): i % 2 for i in range(40)}
     (tmp_path / "compare").mkdir()
@@ -205,7 +205,7 @@ def fake_compare_runs(monkeypatch, fails):
     seed)`,
     every other run trains instantly and scores by its folder (x3 better than x1 on val)."""
     from encoder.utils.errors import UserError
-    from upcycle.experiments.compare import run as run_module
+    from upcycle.research.compare import run as run_module
 
     def train(arm, seed, base_dir, train_data, folder, settings):
         folder.mkdir(parents=True, exist_ok=True)

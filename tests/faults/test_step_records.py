@@ -8,7 +8,7 @@ import pytest
 
 from encoder.utils.errors import UserError
 from encoder.utils.step_record import SettingsChanged
-from upcycle.experiments.main_job import STEP_RECORDS, Step, claim_job, run_step, step_record
+from upcycle.embedded.steps import STEP_RECORDS, Step, claim_job, run_step, step_record
 
 PY = sys.executable
 

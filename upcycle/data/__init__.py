@@ -1,5 +1,5 @@
 """Image-text data for training a CLIP-MoE: readers (LLaVA JSON, JSONL, CSV, TSV, tar shards) and torch datasets.
-(The generated digit-grid data of the demo is upcycle.experiments.digit_grids.)"""
+(The generated digit-grid data of the demo is upcycle.embedded.digit_grids.)"""
 
 from .datasets import ImageTextDataset, collate, processor_transform, tokenizer_fn
 from .formats import SUPPORTED_EXTENSIONS, Pair, read_pairs

@@ -1,5 +1,5 @@
 """Zero-shot image-text retrieval of a dense CLIP or a CLIP-MoE: recall at 1, 5 and 10 both ways, as papers report it,
-and the per-query hits behind it (for paired statistics across models, see `upcycle.eval.intervals`).
+and the per-query hits behind it (for paired statistics across models, see `upcycle.research.intervals`).
 
 The functions take L2-normalised embeddings (see `upcycle.eval.embedding.encode_pairs`) and score by dot product.
 Zero-shot classification is in zero_shot.py.
@@ -35,7 +35,7 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions:
 def retrieval_hits(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
                    image_ids: Sequence[Hashable] | None = None, chunk_size: int = 1024) -> dict[str, torch.Tensor]:
     """Per query, whether it hits at 1, 5 and 10, both ways: what `retrieval_metrics` averages, kept per item
-    so that two models scored on the same queries can be compared pair by pair (see `upcycle.eval.intervals`).
+    so that two models scored on the same queries can be compared pair by pair (see `upcycle.research.intervals`).
 
     Arguments and the deduplication as in `retrieval_metrics`. Returns i2t_r1, i2t_r5, i2t_r10 as bool
     tensors [n_images] (the unique images in order of first appearance) and t2i_r1, t2i_r5, t2i_r10 as bool

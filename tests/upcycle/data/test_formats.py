@@ -23,7 +23,7 @@ from upcycle.data import (
     write_tar_shard,
 )
 from upcycle.data import datasets as datasets_module
-from upcycle.experiments.digit_grids import caption_for, load_digit_source, make_digit_grids, position_names
+from upcycle.embedded.digit_grids import caption_for, load_digit_source, make_digit_grids, position_names
 
 CAPTIONS = ["a red square", "a green square", "a blue square"]
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from upcycle.cli import main
-from upcycle.eval.intervals import pack_hits
-from upcycle.experiments.compare import ArmSettings, check_fairness
-from upcycle.experiments.compare.report import intervals_section
+from upcycle.research.compare import ArmSettings, check_fairness
+from upcycle.research.compare.report import intervals_section
+from upcycle.research.intervals import pack_hits
 from upcycle.train import ContrastiveTrainer
 
 
@@ -161,7 +161,7 @@ def test_the_learning_rate_sweep_chooses_on_validation_and_never_reads_test(base
     """Validation and test disagree on purpose: validation prefers x3, test would prefer x10. Every arm trains at
     x3 for all seeds, only x3 runs are ever evaluated on test, and the better dense arm on validation becomes the
     reference of the paired differences."""
-    from upcycle.experiments.compare import run as run_module
+    from upcycle.research.compare import run as run_module
 
     val_score = {"1": 10.0, "3": 30.0, "10": 20.0}
     test_score = {"1": 90.0, "3": 5.0, "10": 95.0}
@@ -249,7 +249,7 @@ def test_dmus_stage_epochs_and_small_clusters_are_chosen_on_validation_at_an_unc
     small-cluster rules at the chosen epochs, each scored on val only; every seed trains at the final choice and
     only that is evaluated on test. Test prefers other settings on purpose. With `drop` chosen, DMU may have seen
     fewer pairs (it skips small clusters), never more."""
-    from upcycle.experiments.compare import run as run_module
+    from upcycle.research.compare import run as run_module
 
     val = {"lr-x1": 10.0, "lr-x3": 20.0, "lr-x3-stage-epochs-1": 25.0, "lr-x3-stage-epochs-1-small-clusters-drop": 30.0,
            "lr-x3-stage-epochs-1-small-clusters-bin": 28.0}
@@ -308,7 +308,7 @@ def test_dmu_stage_epochs_beyond_the_budget_are_one_line(base_clip_dir, grids_di
 
 
 def test_a_factor_at_the_edge_of_the_grid_is_flagged():
-    from upcycle.experiments.compare.run import edge_note
+    from upcycle.research.compare.run import edge_note
 
     note = edge_note({"dense": {1: 1.0, 3: 2.0, 10: 3.0}, "dmu": {1: 1.0, 3: 5.0, 10: 2.0},
                       "sparse-all": {1: 4.0, 3: 2.0, 10: 1.0}}, {"dense": 10, "dmu": 3, "sparse-all": 1})

@@ -11,8 +11,8 @@
    QA for all of them, seeds paired and whole images resampled in the intervals.
 4. OUT/report.md (+ PNGs) with the exact command, machine, wall time and versions.
 
-Steps run as subprocesses through the main job's step runner: finished steps (and finished arm/seed runs
-inside `compare`) are skipped when the command is run again.
+Steps run as subprocesses through the demo's step runner (`upcycle.embedded.steps`): finished steps (and finished
+arm/seed runs inside `compare`) are skipped when the command is run again.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import write_atomic
 from encoder.utils.options import check_options, option
 
-from ..eval.intervals import MIN_INFORMATIVE, RESAMPLES, paired_difference_ci, proportion_ci
-from .main_job import PIXELS_PER_DIGIT, Step, claim_job, data_and_base_steps, mllm_steps, run_step
+from ..embedded.main_job import PIXELS_PER_DIGIT, data_and_base_steps, mllm_steps
+from ..embedded.steps import Step, claim_job, run_steps
+from .intervals import MIN_INFORMATIVE, RESAMPLES, paired_difference_ci, proportion_ci
 from .seeds import parse_seeds
 
 MLLM_ARMS = ("dense", "sparse-all", "dmu")
@@ -131,13 +132,7 @@ def run_replicate(args: ReplicateConfig) -> int:
     steps = plan(out, args)  # checks the arguments before OUT is claimed with them
     claim_job(out, "replicate", {name: getattr(args, name) for name in PLAN_SETTINGS})
     start = time.time()
-    timings_file = out / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    for i, step in enumerate(steps, start=1):
-        seconds = run_step(step, i, len(steps), out)
-        if seconds or step.name not in timings:
-            timings[step.name] = round(seconds, 1)
-            write_atomic(timings_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))
+    timings = run_steps(out, steps, out / "timings.json")
     report = write_report(out, args, timings, time.time() - start)
     print(f"\nreport: {report}")
     return 0

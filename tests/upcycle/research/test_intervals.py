@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from upcycle.eval.intervals import proportion_ci, excludes_zero, pack_hits, paired_difference_ci, unpack_hits
+from upcycle.research.intervals import proportion_ci, excludes_zero, pack_hits, paired_difference_ci, unpack_hits
 
 
 def hits_at(n: int, rate: float, seed: int = 0) -> np.ndarray:

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from encoder.loading import load_clip
+from upcycle.embedded.digit_accuracy import digit_position_accuracy, digit_prompts, position_accuracy
+from upcycle.embedded.digit_grids import caption_for
 from upcycle.eval.embedding import encode_texts
-from upcycle.experiments.digit_accuracy import digit_position_accuracy, digit_prompts, position_accuracy
-from upcycle.experiments.digit_grids import caption_for
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import numpy as np
 
 from encoder.utils.files import write_atomic
 
-from ...eval.intervals import (MIN_INFORMATIVE, RESAMPLES, Interval, paired_difference_ci, proportion_ci, unpack_hits,
-                               verdict)
+from ...embedded.report import smooth
+from ..intervals import MIN_INFORMATIVE, RESAMPLES, Interval, paired_difference_ci, proportion_ci, unpack_hits, verdict
 from .arms import ARM_TITLES
 
 COLUMNS = (("i2t_r1", "I→T R@1"), ("i2t_r5", "I→T R@5"), ("t2i_r1", "T→I R@1"), ("t2i_r5", "T→I R@5"),
@@ -134,7 +134,3 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str
     fig.tight_layout()
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
-
-def smooth(values: list[float], window: int = 9) -> list[float]:
-    half = window // 2
-    return [statistics.mean(values[max(0, i - half):i + half + 1]) for i in range(len(values))]

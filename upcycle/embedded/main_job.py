@@ -4,34 +4,25 @@ digit-grid data -> a small dense CLIP trained from scratch (the "pretrained base
 LLaVA stage 1 and stage 2 with a tiny Llama, once with the dense tower and once with the CLIP-MoE tower ->
 lmms-eval on the digit-grid QA task for both -> report.md with tables and plots.
 
-Every step is the command a user would type, run as a subprocess and printed first. A step that succeeds
-leaves a record of its command line in OUT/.steps/; a re-run skips exactly the steps recorded with the same
-command line, so an interrupted run continues where it stopped, a failed step is never taken for done, and a
-step's leftovers are cleared (or resumed, for the training commands that resume themselves) before it runs
-again. The job's sizes are recorded in OUT/settings.json: a run with other sizes (e.g. --quick over a full
-run) stops with one line instead of mixing the two. mllm_bridge is only ever run, never imported, which keeps
-the packages' dependency direction (upcycle -> encoder <- mllm_bridge).
+Every step is the command a user would type, run through the step runner of `steps.py` (shared with
+`upcycle replicate`): a re-run skips exactly the steps that finished with the same command line, so an
+interrupted run continues where it stopped and a failed step is never taken for done. The job's sizes are
+recorded in OUT/settings.json: a run with other sizes (e.g. --quick over a full run) stops with one line instead
+of mixing the two. mllm_bridge is only ever run, never imported, which keeps the packages' dependency direction
+(upcycle -> encoder <- mllm_bridge).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder.utils.errors import UserError
-from encoder.utils.files import check_output_parent, write_atomic
 from encoder.utils.options import option, switch
-from encoder.utils.step_record import SETTINGS_FILE, claim
 
-STEP_RECORDS = ".steps"
+from .steps import Step, claim_job, run_steps
 
 
 @dataclass(frozen=True)
@@ -51,15 +42,6 @@ class Sizes:
 QUICK = Sizes(num_train=96, num_test=32, base_epochs=1, batch_size=16, dmu_stage_epochs=1, stage1_steps=2,
               stage2_steps=2, eval_limit=4)
 TOWERS = ("dense", "clip-moe")
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    argv: list[str]
-    output: Path  # what the step leaves when it succeeds (a re-run skips it only with its success record too)
-    clean: Path | None = None  # removed before the step runs again without a success record: the leftovers of a
-    # failed or interrupted run of a command that refuses an existing output. None: the command resumes itself.
 
 
 def plan(out: Path, sizes: Sizes) -> list[Step]:
@@ -144,44 +126,6 @@ def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int
     return steps
 
 
-def step_record(out: Path, step: Step) -> Path:
-    return out / STEP_RECORDS / (re.sub(r"[^a-z0-9]+", "-", step.name.lower()).strip("-") + ".json")
-
-
-def run_step(step: Step, index: int, total: int, out: Path) -> float:
-    """Run one step unless its success record holds the same command line; returns the seconds it ran."""
-    record = step_record(out, step)
-    command = step.argv[1:]  # the interpreter's path is not a setting
-    if record.is_file() and step.output.exists():
-        try:
-            done_before = json.loads(record.read_text()).get("argv") == command
-        except (OSError, ValueError):
-            done_before = False
-        if done_before:
-            print(f"[{index}/{total}] {step.name}: done earlier ({step.output}), skipped", flush=True)
-            return 0.0
-    record.unlink(missing_ok=True)
-    if step.clean is not None and step.clean.exists():
-        print(f"[{index}/{total}] {step.name}: clearing what an unfinished earlier run left in {step.clean}",
-              flush=True)
-        shutil.rmtree(step.clean) if step.clean.is_dir() else step.clean.unlink()
-    print(f"\n[{index}/{total}] {step.name}\n  $ {shlex.join(step.argv)}", flush=True)
-    start = time.time()
-    done = subprocess.run(step.argv)
-    if done.returncode != 0:
-        raise UserError(f"step '{step.name}' failed (exit {done.returncode}); fix the cause shown above and run "
-                        "the same command again: finished steps are skipped")
-    seconds = time.time() - start
-    write_atomic(record, lambda tmp: tmp.write_text(json.dumps({"argv": command, "seconds": round(seconds, 1)})))
-    return seconds
-
-
-def claim_job(out: Path, job: str, settings: dict) -> None:
-    """OUT holds this job with these settings, or is new: anything else stops with one line."""
-    check_output_parent(out / SETTINGS_FILE)
-    claim(out, {"job": job, **settings}, f"use another --out, or delete {out} to start over")
-
-
 @dataclass
 class MainJobConfig:
     """the main job on its embedded default: data -> base -> DMU -> LLaVA -> lmms-eval
@@ -204,13 +148,7 @@ def run_main_job(cfg: MainJobConfig) -> int:
     claim_job(out, "demo", dataclasses.asdict(sizes))
     steps = plan(out, sizes)
     start = time.time()
-    timing_file = out / "report" / "timings.json"
-    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    for i, step in enumerate(steps, start=1):
-        seconds = run_step(step, i, len(steps), out)
-        if seconds or step.name not in timings:  # a skipped step keeps the time it took when it ran
-            timings[step.name] = round(seconds, 1)
-            write_atomic(timing_file, lambda tmp: tmp.write_text(json.dumps(timings, indent=1) + "\n"))
+    timings = run_steps(out, steps, out / "report" / "timings.json")
     report = write_report(out, sizes, timings, time.time() - start)
     print(f"\nreport: {report}")
     return 0

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from upcycle.cli import main
-from upcycle.experiments.main_job import QUICK, plan
+from upcycle.embedded.main_job import QUICK, plan
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ scores them and the CLIP-MoE on one split by R@1 both ways. The best single expe
 when one is given. The paired intervals of "MoE - best expert" and "MoE - FFN average" are computed on the same
 queries.
 
-    from upcycle.experiments.compare.experts import expert_breakdown
+    from upcycle.research.compare.experts import expert_breakdown
     result = expert_breakdown(Path("moe.dmu-work"), Path("base"), Path("moe"), Path("grids/test.json"),
                               val_json=Path("grids/val.json"))
 """
@@ -22,9 +22,9 @@ from encoder.utils.errors import UserError
 
 from ...data import read_pairs
 from ...eval.embedding import encode_pairs
-from ...eval.intervals import RESAMPLES, pack_hits, paired_difference_ci, verdict
 from ...eval.retrieval import recalls, retrieval_hits
 from ...recipes.dmu.pipeline import dense_with_ffn, stage_ffn
+from ..intervals import RESAMPLES, pack_hits, paired_difference_ci, verdict
 
 KEYS = ("i2t_r1", "t2i_r1")
 AVERAGE = "ffn-average"

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from upcycle.experiments.main_job import Step, run_step
-from upcycle.experiments.replicate import MLLM_ARMS, plan, split_tower, tower_name
+from upcycle.embedded.steps import Step, run_step
+from upcycle.research.replicate import MLLM_ARMS, plan, split_tower, tower_name
 
 
 def args(**kw):
-    from upcycle.experiments.replicate import ReplicateConfig
+    from upcycle.research.replicate import ReplicateConfig
 
     defaults = dict(num_train=100, num_val=10, num_test=20, base_epochs=3, seeds="0,1,2", mllm_seeds="0,2",
                     stage_steps=7, eval_limit=9, lr_factors="1,3", stage_epochs=2, dmu_stage_epochs="1,2",
@@ -85,7 +85,7 @@ def test_a_step_is_skipped_only_with_its_success_record_and_the_same_command(tmp
 def test_the_default_question_count_gives_a_95_interval_of_at_most_1_5_points():
     import math
 
-    from upcycle.experiments.replicate import ReplicateConfig
+    from upcycle.research.replicate import ReplicateConfig
 
     n = ReplicateConfig().eval_limit
     assert n == 4269
@@ -118,7 +118,7 @@ def row(report, tower):
 def test_the_report_gives_intervals_and_calls_a_difference_only_when_it_excludes_0(tmp_path):
     import numpy as np
 
-    from upcycle.experiments.replicate import ReplicateConfig, write_report
+    from upcycle.research.replicate import ReplicateConfig, write_report
 
     dense = (np.random.default_rng(0).random(600) < 0.4).astype(int)
     wrong = np.flatnonzero(dense == 0)
@@ -155,8 +155,8 @@ def test_seeds_are_pooled_and_paired_and_whole_images_resampled(tmp_path):
     """Two seeds per arm: an arm's accuracy is the mean over its seeds; the difference pairs seed s with seed s.
     The 4 questions of an image have the same outcome here, so resampling whole images (what the report does)
     must give a wider interval than resampling questions as if independent (what it did before)."""
-    from upcycle.eval.intervals import proportion_ci
-    from upcycle.experiments.replicate import ReplicateConfig, write_report
+    from upcycle.research.intervals import proportion_ci
+    from upcycle.research.replicate import ReplicateConfig, write_report
 
     rng = np.random.default_rng(1)
     per_image = {(arm, seed): (rng.random(300) < p).astype(int) for arm, p in (("dense", 0.4), ("dmu", 0.5))
@@ -177,7 +177,7 @@ def test_seeds_are_pooled_and_paired_and_whole_images_resampled(tmp_path):
 
 
 def test_an_arm_with_other_seeds_gets_no_paired_difference(tmp_path):
-    from upcycle.experiments.replicate import ReplicateConfig, write_report
+    from upcycle.research.replicate import ReplicateConfig, write_report
 
     ones = [1, 0, 1, 1] * 50
     fake_replicate_run(tmp_path, {"dense-seed-0": ones, "dense-seed-1": ones, "dmu-seed-0": ones, "dmu-seed-2": ones})

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 from pathlib import Path
 
 import torch
 
 from encoder.utils.files import write_atomic
 
-from .compare.report import smooth
-
 TOWER_TITLES = {"dense": "dense base (trained from scratch)", "clip-moe": "CLIP-MoE by DMU (4 experts, top-2)"}
+
+
+def smooth(values: list[float], window: int = 9) -> list[float]:
+    """A centred moving mean of a loss curve (shorter windows at the ends). It lives with the demo's plots and
+    `upcycle compare`'s loss plot imports it from here: the research harness may use the demo, never the reverse."""
+    half = window // 2
+    return [statistics.mean(values[max(0, i - half):i + half + 1]) for i in range(len(values))]
 
 
 def _json(path: Path):

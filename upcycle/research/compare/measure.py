@@ -15,19 +15,19 @@ from encoder.loading import load_clip
 from encoder.model_card import parameter_summary
 
 from ...data import read_pairs
+from ...embedded.digit_accuracy import digit_position_accuracy
 from ...eval.embedding import encode_pairs, inference
-from ...eval.intervals import pack_hits
 from ...eval.retrieval import recalls, retrieval_hits
-from ..digit_accuracy import digit_position_accuracy
+from ..intervals import pack_hits
 
 
 def metrics_on_split(model_dir: str | Path, test_data: Path) -> dict:
     """Retrieval R@1/5/10 both ways and per-position zero-shot digit accuracy (percent) on one split (`test_data`:
     test.json, or val.json for a learning-rate sweep).
 
-    "hits" holds each retrieval key's per-query hits packed as a '0'/'1' string (`upcycle.eval.intervals.pack_hits`):
-    i2t keys one character per unique test image, t2i keys one per unique caption, in order of first appearance, so
-    every arm's strings line up item by item.
+    "hits" holds each retrieval key's per-query hits packed as a '0'/'1' string
+    (`upcycle.research.intervals.pack_hits`): i2t keys one character per unique test image, t2i keys one per unique
+    caption, in order of first appearance, so every arm's strings line up item by item.
     """
     loaded = load_clip(model_dir)
     pairs = read_pairs(test_data)

@@ -12,10 +12,10 @@ from encoder.utils.errors import UserError
 from upcycle.cli import main
 from upcycle.data import read_pairs
 from upcycle.eval.embedding import encode_pairs
-from upcycle.eval.intervals import pack_hits
 from upcycle.eval.retrieval import retrieval_hits, retrieval_metrics
-from upcycle.experiments.compare import experts
-from upcycle.experiments.compare.experts import expert_breakdown
+from upcycle.research.compare import experts
+from upcycle.research.compare.experts import expert_breakdown
+from upcycle.research.intervals import pack_hits
 
 NUM_EXPERTS = 3
 
