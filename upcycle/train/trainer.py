@@ -151,17 +151,19 @@ class ContrastiveTrainer(TrainingLoop):
     frozen, must be finite, which `train` checks before the first step.
     `lower_lr_resume`: the flags that make a run of the caller's command resume at a lower --lr (TrainConfig's
     resume_lower_lr), named by the divergence stop; None where the command has no such resume (DMU, compare).
+    `lr_flag`: the caller's flag for `config.lr`, named by the divergence stop (DMU's router training sets it with
+    --router-lr, so advice to lower --lr would change the MCL stages instead).
     """
 
-    lr_flag = "--lr"
     suspects = "the data (an image or caption the model cannot encode?), --logit-scale or --precision"
-    unstable_fix = "remove the work directory and restart with a lower --lr"
 
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
-                 lower_lr_resume: str | None = None):
+                 lower_lr_resume: str | None = None, lr_flag: str = "--lr"):
         config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
+        self.lr_flag = lr_flag
+        self.unstable_fix = f"remove {self.work_dir} and restart with a lower {lr_flag}"
         acc = _accelerator(config)
         if config.batch_size % acc.num_processes:
             raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {acc.num_processes} "

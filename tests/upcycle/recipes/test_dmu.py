@@ -203,3 +203,32 @@ def test_two_processes_plan_the_same_clusters_and_finish(dmu_run, base_clip_dir,
                       return_counts=True)[1]
     assert stats["pairs_used_per_epoch"] == 96 - int((sizes % 2).sum())  # only odd remainders are left out
     assert CLIPMoEModel.from_pretrained(out).config.vision_config.num_experts == 3
+
+
+def test_a_diverged_router_training_names_the_router_lr(base_clip_dir, grids_dir, tmp_path, monkeypatch, capsys):
+    # Router training learns at --router-lr: advice to lower --lr would only change the MCL stages.
+    import upcycle.train.trainer as trainer_module
+
+    real_loss = trainer_module.clip_contrastive_loss
+    seen = {}
+
+    def nan_in_router_training(*args, **kwargs):  # at router step 2: after an update, so the rate is suspect
+        value = real_loss(*args, **kwargs)
+        trainer = seen.get("trainer")
+        if trainer is not None and trainer.config.desc == "router training":
+            seen["router_calls"] = seen.get("router_calls", 0) + 1
+            return value * float("nan") if seen["router_calls"] == 2 else value
+        return value
+
+    real_init = ContrastiveTrainer.__init__
+
+    def remember(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen["trainer"] = self
+
+    monkeypatch.setattr(trainer_module, "clip_contrastive_loss", nan_in_router_training)
+    monkeypatch.setattr(ContrastiveTrainer, "__init__", remember)
+    assert main(dmu_args(base_clip_dir, grids_dir, tmp_path / "moe")) != 0
+    err = capsys.readouterr().err
+    assert "lower --router-lr" in err and "lower --lr" not in err, err
+    assert not (tmp_path / "moe").exists()

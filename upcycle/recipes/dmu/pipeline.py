@@ -213,7 +213,8 @@ class DMURun:
         start = time.time()
         train_cfg = cfg.train_config("router", "router training")
         trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
-                                     source="the CLIP-MoE assembled from the base and the stages' FFNs")
+                                     source="the CLIP-MoE assembled from the base and the stages' FFNs",
+                                     lr_flag="--router-lr")
         model = trainer.train(resume=True)
         self.manifest["router"] = {"status": "done", "steps": trainer.total_steps, "pairs_seen": trainer.pairs_seen,
                                    "final_loss": _last_loss(self.work / "router" / "metrics.jsonl"),
