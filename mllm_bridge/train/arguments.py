@@ -21,8 +21,8 @@ from encoder.training.run_log import REPORT_TARGETS
 from encoder.utils.errors import UserError
 from encoder.utils.options import OPTION, Option, option, value_kwargs
 
+from ..llava.image_tokens import ASPECT_RATIOS, MERGE_TYPES
 from .conversation import TEMPLATES
-from .data import ASPECT_RATIOS
 from .projector import check_projector_type
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -67,7 +67,10 @@ class ModelArguments:
     freeze_mm_mlp_adapter: bool = _flag(False, "keep the projector frozen", type=str2bool)
     mm_use_im_start_end: bool = _flag(False, "only False (LLaVA-1.5) is supported", type=str2bool)
     mm_use_im_patch_token: bool = _flag(False, "only False (LLaVA-1.5) is supported", type=str2bool)
-    mm_patch_merge_type: str = _flag("flat", "only flat (LLaVA-1.5) is supported", choices=("flat",))
+    mm_patch_merge_type: str = _flag("flat", "how anyres crops reach the LLM: flat (every crop's patches in turn, "
+                                     "LLaVA-1.5), spatial (one patch grid) or spatial_unpad (the grid without the "
+                                     "padding, each row ended by a learned image_newline: LLaVA-1.6)",
+                                     choices=MERGE_TYPES)
 
 
 @dataclass
@@ -76,8 +79,13 @@ class DataArguments:
                                   "(stage 1: blip_laion_cc_sbu_558k.json; stage 2: llava_v1_5_mix665k.json)")
     image_folder: str | None = _flag(None, "folder the records' image paths are relative to "
                                      "(default: the JSON file's folder)")
-    image_aspect_ratio: str = _flag("square", "square (resize + centre crop) or pad (pad to a square with the "
-                                    "mean colour first)", choices=ASPECT_RATIOS)
+    image_aspect_ratio: str = _flag("square", "square (resize + centre crop), pad (pad to a square with the "
+                                    "mean colour first) or anyres (LLaVA-1.6: a global view plus crops on the "
+                                    "--image_grid_pinpoints resolution that fits the image best)",
+                                    choices=ASPECT_RATIOS)
+    image_grid_pinpoints: str | None = _flag(None, "anyres resolutions as [width, height] pairs, e.g. \"[[336, 672], "
+                                             "[672, 336], [672, 672]]\", or LLaVA-NeXT's range \"(1x1),...,(2x2)\" "
+                                             "in crops of the tower's image size; each a multiple of that size")
     lazy_preprocess: bool = _flag(True, "tokenize and decode images per sample in the DataLoader (as LLaVA's lazy "
                                   "data set); False is accepted with a note, data is always processed lazily",
                                   type=str2bool)
@@ -289,6 +297,14 @@ def validate(args: LlavaArguments) -> None:
     if t.dataloader_num_workers is not None and t.dataloader_num_workers < 0:
         raise UserError(f"--dataloader_num_workers {t.dataloader_num_workers}: expected 0 (load in the main "
                         "process) or more")
+    if m.mm_patch_merge_type != "flat" and d.image_aspect_ratio != "anyres":
+        raise UserError(f"--mm_patch_merge_type {m.mm_patch_merge_type} lays out anyres crops; with "
+                        f"--image_aspect_ratio {d.image_aspect_ratio} every image is one crop and LLaVA merges it flat "
+                        "(an image_newline would never train); pass --image_aspect_ratio anyres or "
+                        "--mm_patch_merge_type flat")
+    if d.image_aspect_ratio == "anyres" and not d.image_grid_pinpoints:
+        raise UserError("--image_aspect_ratio anyres needs --image_grid_pinpoints (the resolutions an image may be cut "
+                        "at), e.g. \"(1x1),...,(2x2)\" or \"[[336, 672], [672, 336], [672, 672]]\"")
     if m.tune_mm_mlp_adapter and m.freeze_mm_mlp_adapter:
         raise UserError("--tune_mm_mlp_adapter True with --freeze_mm_mlp_adapter True leaves nothing to train")
 

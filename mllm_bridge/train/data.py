@@ -6,8 +6,10 @@ field types (a `null` or numeric turn value is refused, never trained on as the 
 with its index, not hours later in a DataLoader worker. Images are decoded in `__getitem__`, as LLaVA's
 lazy data set does; one that cannot be decoded stops the run with its path (one line even from a worker
 process, see `encoder.utils.errors.UserError`). Text and images are decoded as upcycle.data decodes them
-(`encoder.utils.user_files`). A sample longer than `model_max_length` (counting the image's tokens) is cut at the
-end and counted; one whose answers were cut away entirely stays in the batch and adds nothing to the loss.
+(`encoder.utils.user_files`). Pixels and the image's token count come from `mllm_bridge.llava.image_tokens`, the
+path evaluation uses too (LLaVA's own `process_images`): under anyres both vary with the image's shape. A sample
+longer than `model_max_length` (counting its image's tokens) is cut at the end and counted; one whose answers were
+cut away entirely stays in the batch and adds nothing to the loss.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ from torch.utils.data import Dataset
 
 from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
-from encoder.utils.user_files import decode_rgb, json_kind, llava_records, missing_or_empty, read_utf8
+from encoder.utils.user_files import (
+    decode_rgb,
+    json_kind,
+    llava_records,
+    missing_or_empty,
+    read_utf8,
+)
 
+from ..llava.image_tokens import ImageLayout
 from .conversation import Prompt, template, tokenize_prompt, turn_text
-
-ASPECT_RATIOS = ("square", "pad")
 
 
 @dataclass(frozen=True)
@@ -127,43 +134,28 @@ def load_rgb(path: str) -> Image.Image:
     return decode_rgb(path, path, record="record")
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """LLaVA's `--image_aspect_ratio pad`: centre the image on a square of the processor's mean colour,
-    so the centre crop that follows keeps the whole image."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 class LlavaDataset(Dataset):
-    """Samples -> {"input_ids", "labels", "image", "truncated"}; text-only samples get a black image, as in
-    LLaVA, so every batch element carries exactly one image.
+    """Samples -> {"input_ids", "labels", "image", "image_size", "truncated"}; text-only samples get a black image,
+    as in LLaVA, so every batch element carries exactly one image.
 
-    image_tokens: positions one image occupies in the language model (the tower's patches, +1 with
-    'cls_patch'); the `<image>` placeholder expands to that many when the model embeds the prompt.
+    layout: how the model turns an image into pixels and LLM positions (`ImageLayout`); the `<image>` placeholder
+    expands to `layout.count(image size)` positions when the model embeds the prompt.
     """
 
-    def __init__(self, samples: Sequence[Sample], tokenizer, image_processor, image_tokens: int,
-                 max_length: int, image_aspect_ratio: str = "square"):
-        if image_aspect_ratio not in ASPECT_RATIOS:
-            raise UserError(f"--image_aspect_ratio {image_aspect_ratio!r} is not supported; use one of "
-                            f"{', '.join(ASPECT_RATIOS)}")
-        if max_length <= image_tokens:
+    def __init__(self, samples: Sequence[Sample], tokenizer, image_processor, layout: ImageLayout, max_length: int):
+        fewest = layout.fewest_tokens()
+        if max_length <= fewest:
             raise UserError(f"--model_max_length {max_length} leaves no room for text: one image alone takes "
-                            f"{image_tokens} tokens; raise --model_max_length")
+                            f"{'at least ' if layout.variable else ''}{fewest} tokens; raise --model_max_length")
         if not getattr(tokenizer, "is_fast", False):
             raise UserError("the language model's tokenizer is not a fast (tokenizers) tokenizer, which labelling "
                             "needs for character offsets; save it with tokenizer.json")
+        layout.check_processor(image_processor)
         self.samples = list(samples)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_tokens = image_tokens
+        self.layout = layout
         self.max_length = max_length
-        self.pad = image_aspect_ratio == "pad"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -171,31 +163,33 @@ class LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         ids, labels = tokenize_prompt(sample.prompt, self.tokenizer)
-        # The placeholder stands for `image_tokens` positions once the features are spliced in.
-        extra = (self.image_tokens - 1) * ids.count(IMAGE_TOKEN_INDEX)
-        budget = self.max_length - extra
+        pixels, size = self._pixels(sample.image)
+        # The placeholder stands for the image's positions once the features are spliced in.
+        extra = (self.layout.count(size) - 1) * ids.count(IMAGE_TOKEN_INDEX)
+        budget = max(1, self.max_length - extra)  # an image longer than the context leaves the first token only
         truncated = len(ids) > budget
         if truncated:
             ids, labels = ids[:budget], labels[:budget]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "image": self._pixels(sample.image), "truncated": truncated}
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "image": pixels, "image_size": size,
+                "truncated": truncated}
 
-    def _pixels(self, path: str | None) -> torch.Tensor:
-        processor = self.image_processor
+    def _pixels(self, path: str | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The sample's pixels and its image's (width, height) (the crop size for a text-only sample)."""
         if path is None:
-            crop = processor.crop_size
-            return torch.zeros(3, crop["height"], crop["width"])
+            crop = self.image_processor.crop_size
+            return self.layout.blank(self.image_processor), (crop["width"], crop["height"])
         image = load_rgb(path)
-        if self.pad:
-            image = expand_to_square(image, tuple(int(255 * m) for m in processor.image_mean))
-        return processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+        return self.layout.one_image(image, self.image_processor), image.size
 
 
 class LlavaCollator:
     """Right-pads a list of samples into a batch for `LlavaLlamaForCausalLM.forward`, with counters.
 
-    `num_truncated`: samples cut to model_max_length; `num_targets`: label positions the loss sees (0 means
-    the batch teaches nothing, e.g. every answer was truncated away).
+    `images` is one tensor when every sample's pixels have one shape, else (anyres, different crop counts) the
+    list LLaVA's `prepare_inputs_labels_for_multimodal` also takes; `image_sizes` are the images' (width, height),
+    which anyres needs to lay out and unpad each image's crops. `num_truncated`: samples cut to model_max_length;
+    `num_targets`: label positions the loss sees (0 means the batch teaches nothing, e.g. every answer was
+    truncated away).
     """
 
     def __init__(self, pad_token_id: int):
@@ -210,6 +204,7 @@ class LlavaCollator:
         # From the lengths, not `input_ids != pad`: the pad id (<unk>) may also occur inside a text.
         attention_mask = torch.arange(input_ids.shape[1])[None] < lengths[:, None]
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "images": torch.stack([s["image"] for s in samples]),
+                "images": ImageLayout.collate([s["image"] for s in samples]),
+                "image_sizes": [tuple(s["image_size"]) for s in samples],
                 "num_truncated": sum(bool(s["truncated"]) for s in samples),
                 "num_targets": int((labels != IGNORE_INDEX).sum())}

@@ -220,8 +220,10 @@ class LlavaTrainer(TrainingLoop):
 
     def _loss(self, batch: dict) -> torch.Tensor:
         device = self.accelerator.device
+        images = batch["images"]  # one tensor, or under anyres a list of per-image crop stacks
+        images = [im.to(device) for im in images] if isinstance(images, list) else images.to(device)
         out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                         images=batch["images"].to(device), labels=batch["labels"].to(device))
+                         images=images, image_sizes=batch["image_sizes"], labels=batch["labels"].to(device))
         if batch["num_targets"] == 0:
             # Nothing to learn here, but every rank must still join the gradient reduction.
             return out.logits.sum() * 0.0

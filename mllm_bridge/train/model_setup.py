@@ -17,8 +17,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from encoder.utils.errors import UserError, first_line
 
-from ..llava.checks import image_tokens, tower_problems
+from ..llava.checks import tower_problems
 from ..llava.config import LlavaCheckpointConfig
+from ..llava.image_tokens import ImageLayout
 from ..llava.model import build_llava_model
 from ..llava.tower_info import TowerInfo, read_tower
 from .arguments import LlavaArguments
@@ -34,7 +35,7 @@ class TrainingModel:
     model: nn.Module  # LlavaLlamaForCausalLM, parameters frozen or trainable per the flags
     tokenizer: object
     image_processor: object  # the tower's CLIPImageProcessor
-    image_tokens: int  # LLM positions one image takes
+    layout: ImageLayout  # an image's pixels and the LLM positions it takes
 
 
 def check_tower(args: LlavaArguments) -> TowerInfo:
@@ -42,13 +43,26 @@ def check_tower(args: LlavaArguments) -> TowerInfo:
     tower = read_tower(args.model.vision_tower)
     planned = _planned_config(args, tower)
     problems = tower_problems(planned, tower)
-    tokens, max_length = image_tokens(planned, tower), args.training.model_max_length
+    layout = image_layout(args, tower)  # bad pinpoints or merge settings: one line, before anything is loaded
+    tokens, max_length = layout.fewest_tokens(), args.training.model_max_length
     if max_length <= tokens:
-        problems.append(f"--model_max_length {max_length} leaves no room for text: one image alone takes {tokens} "
-                        "tokens; raise --model_max_length")
+        problems.append(f"--model_max_length {max_length} leaves no room for text: one image alone takes "
+                        f"{'at least ' if layout.variable else ''}{tokens} tokens; raise --model_max_length")
     if problems:
         raise UserError("; ".join(problems))
     return tower
+
+
+def image_layout(args: LlavaArguments, tower: TowerInfo) -> ImageLayout:
+    """How this run turns images into pixels and tokens: --image_aspect_ratio, --image_grid_pinpoints (range form
+    expanded with the tower's image size), --mm_patch_merge_type, --mm_vision_select_feature."""
+    try:
+        return ImageLayout.from_config({
+            "image_aspect_ratio": args.data.image_aspect_ratio, "image_grid_pinpoints": args.data.image_grid_pinpoints,
+            "mm_patch_merge_type": args.model.mm_patch_merge_type,
+            "mm_vision_select_feature": args.model.mm_vision_select_feature}, tower.image_size, tower.patch_size)
+    except UserError as err:
+        raise UserError(f"--{err}") from None
 
 
 def _planned_config(args: LlavaArguments, tower: TowerInfo) -> LlavaCheckpointConfig:
@@ -87,7 +101,7 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
     with _quiet_about_llava_config():
         model = build_llava_model(m.model_name_or_path, _tower_path(tower), m.mm_vision_select_layer,
                                   m.mm_vision_select_feature, m.mm_projector_type, dtype=llm_dtype,
-                                  cache_dir=t.cache_dir)
+                                  cache_dir=t.cache_dir, patch_merge_type=m.mm_patch_merge_type)
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"the tokenizer of {m.model_name_or_path} has {len(tokenizer)} tokens but the model embeds "
                         f"{model.config.vocab_size}; save the tokenizer that belongs to the model")
@@ -95,12 +109,13 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
         load_pretrained_projector(model, m.pretrain_mm_mlp_adapter, m.vision_tower)
     vision_tower = model.get_vision_tower()
     vision_tower.to(dtype=frozen_dtype)
-    _record_training_config(model, args, tokenizer)
+    layout = image_layout(args, tower)
+    layout.check_processor(vision_tower.image_processor)
+    _record_training_config(model, args, tokenizer, layout)
     _set_trainable(model, args)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return TrainingModel(model, tokenizer, vision_tower.image_processor,
-                         image_tokens(_planned_config(args, tower), tower))
+    return TrainingModel(model, tokenizer, vision_tower.image_processor, layout)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -161,10 +176,12 @@ def _check_language_model(path: str, cache_dir: str | None) -> None:
                         "LlavaLlamaForCausalLM needs a Llama-family model (Vicuna, Llama)")
 
 
-def _record_training_config(model: nn.Module, args: LlavaArguments, tokenizer) -> None:
-    """The config keys LLaVA's train.py sets, so saved outputs load and behave as LLaVA's do."""
+def _record_training_config(model: nn.Module, args: LlavaArguments, tokenizer, layout: ImageLayout) -> None:
+    """The config keys LLaVA's train.py sets, so saved outputs load and behave as LLaVA's do. The pinpoints are
+    written as the list llava-torch's grid code parses (LLaVA-NeXT's range form expanded)."""
     config = model.config
-    config.image_aspect_ratio = args.data.image_aspect_ratio
+    for key, value in layout.config_values().items():  # image_aspect_ratio, image_grid_pinpoints, mm_patch_merge_type
+        setattr(config, key, value)
     config.tokenizer_padding_side = tokenizer.padding_side
     config.tokenizer_model_max_length = tokenizer.model_max_length
     config.architectures = [type(model).__name__]
@@ -188,6 +205,8 @@ def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
     if m.freeze_backbone:
         model.get_model().requires_grad_(False)
         projector.requires_grad_(True)
+        if getattr(model.get_model(), "image_newline", None) is not None:  # LLaVA adds it after freezing the LLM
+            model.get_model().image_newline.requires_grad_(True)
     if m.freeze_mm_mlp_adapter:
         projector.requires_grad_(False)
 

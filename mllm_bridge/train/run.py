@@ -158,8 +158,8 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
         settings = run_settings(args, accelerator.num_processes, engine=engine_settings(accelerator))
         refuse_changed_settings(resume_from, settings, args.training.resume_lower_lr)
     trained = build_training_model(args, tower, frozen_dtype(accelerator))
-    dataset = LlavaDataset(samples, trained.tokenizer, trained.image_processor, trained.image_tokens,
-                           args.training.model_max_length, args.data.image_aspect_ratio)
+    dataset = LlavaDataset(samples, trained.tokenizer, trained.image_processor, trained.layout,
+                           args.training.model_max_length)
     trainer = LlavaTrainer(accelerator, trained, dataset, LlavaCollator(trained.tokenizer.pad_token_id), args, output)
     return trainer, resume_from
 

@@ -18,8 +18,11 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from encoder.utils.errors import UserError
+from mllm_bridge.llava.image_tokens import ImageLayout
 from mllm_bridge.train.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX, plain_prompt, tokenize_prompt, v1_prompt
-from mllm_bridge.train.data import LlavaCollator, LlavaDataset, expand_to_square, read_llava_samples
+from mllm_bridge.train.data import LlavaCollator, LlavaDataset, read_llava_samples
+
+SQUARE = ImageLayout.from_config({}, 32, 8)  # a 32-pixel tower with 8-pixel patches: 16 tokens per image
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +168,8 @@ class FakeProcessor:
     image_mean = [0.5, 0.5, 0.5]
     crop_size = {"height": 8, "width": 8}
 
-    def preprocess(self, image, return_tensors="pt"):
-        return {"pixel_values": torch.zeros(1, 3, 8, 8)}
+    def __call__(self, images, return_tensors="pt"):  # how LLaVA's process_images calls it for square
+        return {"pixel_values": torch.zeros(len(images), 3, 8, 8)}
 
 
 def test_long_samples_are_cut_counted_and_never_crash(tmp_path, tokenizer):
@@ -174,7 +177,7 @@ def test_long_samples_are_cut_counted_and_never_crash(tmp_path, tokenizer):
     path = write_records(tmp_path, [caption_record(caption="top left 1"), caption_record(caption=long_caption)],
                          images=["a.png"])
     samples = read_llava_samples(path, None, "plain")
-    dataset = LlavaDataset(samples, tokenizer, FakeProcessor(), image_tokens=16, max_length=24)
+    dataset = LlavaDataset(samples, tokenizer, FakeProcessor(), SQUARE, max_length=24)
     short, long = dataset[0], dataset[1]
     assert not short["truncated"] and long["truncated"]
     assert len(long["input_ids"]) == 24 - 15  # the <image> placeholder stands for 16 positions
@@ -182,22 +185,56 @@ def test_long_samples_are_cut_counted_and_never_crash(tmp_path, tokenizer):
     assert batch["num_truncated"] == 1 and batch["num_targets"] > 0
     assert batch["attention_mask"].sum(1).tolist() == [len(short["input_ids"]), 9]
 
-    nothing_left = LlavaDataset(samples, tokenizer, FakeProcessor(), image_tokens=16, max_length=17)[1]
+    nothing_left = LlavaDataset(samples, tokenizer, FakeProcessor(), SQUARE, max_length=17)[1]
     assert nothing_left["truncated"] and (nothing_left["labels"] == IGNORE_INDEX).all()
     with pytest.raises(UserError, match="--model_max_length 16 leaves no room for text"):
-        LlavaDataset(samples, tokenizer, FakeProcessor(), image_tokens=16, max_length=16)
+        LlavaDataset(samples, tokenizer, FakeProcessor(), SQUARE, max_length=16)
 
 
-def test_pad_aspect_ratio_centres_on_the_mean_colour():
-    image = Image.new("RGB", (40, 20), (200, 10, 10))
-    square = expand_to_square(image, (127, 127, 127))
-    assert square.size == (40, 40)
-    assert square.getpixel((0, 0)) == (127, 127, 127) and square.getpixel((20, 20)) == (200, 10, 10)
+def test_pad_pixels_are_llavas_own(tmp_path, tokenizer):
+    from llava.mm_utils import process_images
+
+    from encoder.convert.dense import default_image_processor
+
+    processor = default_image_processor(32)
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "wide.png")
+    path = write_records(tmp_path, [caption_record(image="wide.png")], images=[])
+    pad = ImageLayout.from_config({"image_aspect_ratio": "pad"}, 32, 8)
+    item = LlavaDataset(read_llava_samples(path, None, "plain"), tokenizer, processor, pad, max_length=64)[0]
+    expected = process_images([Image.open(tmp_path / "wide.png").convert("RGB")], processor, SimpleNamespace(
+        image_aspect_ratio="pad"))
+    assert item["image_size"] == (40, 20) and torch.equal(item["image"], expected[0])
 
 
 def test_text_only_records_get_a_blank_image_and_no_placeholder(tmp_path, tokenizer):
     record = {"id": "t", "conversations": [{"from": "human", "value": "Say 3."}, {"from": "gpt", "value": "3"}]}
     samples = read_llava_samples(write_records(tmp_path, [record]), None, "v1")
-    item = LlavaDataset(samples, tokenizer, FakeProcessor(), image_tokens=16, max_length=64)[0]
+    item = LlavaDataset(samples, tokenizer, FakeProcessor(), SQUARE, max_length=64)[0]
     assert IMAGE_TOKEN_INDEX not in item["input_ids"].tolist() and not item["truncated"]
     assert torch.equal(item["image"], torch.zeros(3, 8, 8))  # LLaVA feeds zeros so every sample has one image
+
+
+def test_anyres_token_counts_drive_truncation_and_the_collator_keeps_shapes_apart(tmp_path, tokenizer):
+    from encoder.convert.dense import default_image_processor
+
+    processor = default_image_processor(32)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "square.png")
+    Image.new("RGB", (64, 32), (9, 9, 9)).save(tmp_path / "wide.png")
+    long_caption = " ".join(["top left 3, bottom right 7"] * 20)
+    path = write_records(tmp_path, [caption_record("square.png", long_caption), caption_record("wide.png", long_caption)])
+    layout = ImageLayout.from_config({"image_aspect_ratio": "anyres", "image_grid_pinpoints": "(1x1),...,(2x2)",
+                                      "mm_patch_merge_type": "spatial_unpad"}, 32, 8)
+    dataset = LlavaDataset(read_llava_samples(path, None, "plain"), tokenizer, processor, layout, max_length=100)
+    square, wide = dataset[0], dataset[1]
+    assert square["image"].shape == (2, 3, 32, 32) and wide["image"].shape == (3, 3, 32, 32)  # global view + crops
+    assert layout.count((32, 32)) == 36 and layout.count((64, 32)) == 52
+    assert square["truncated"] and len(square["input_ids"]) == 100 - 35
+    assert wide["truncated"] and len(wide["input_ids"]) == 100 - 51
+
+    batch = LlavaCollator(tokenizer.pad_token_id)([square, wide])
+    assert isinstance(batch["images"], list) and batch["image_sizes"] == [(32, 32), (64, 32)]
+    same = LlavaCollator(tokenizer.pad_token_id)([square, square])
+    assert same["images"].shape == (2, 2, 3, 32, 32)
+    with pytest.raises(UserError, match="--model_max_length 16 leaves no room for text: one image alone takes at "
+                                        "least 16 tokens"):
+        LlavaDataset(read_llava_samples(path, None, "plain"), tokenizer, processor, layout, max_length=16)
