@@ -110,10 +110,26 @@ def _sample(record: Any, build, root: Path, where: str) -> Sample:
     return Sample(str((root / image).absolute()) if image else None, prompt)
 
 
-def modality_lengths(samples: Sequence[Sample]) -> list[int]:
+def modality_lengths(samples: Sequence[Sample], layout: ImageLayout | None = None) -> list[int]:
     """LLaVA's `modality_lengths` for `--group_by_modality_length`: a sample's words (whitespace-separated, as LLaVA
-    counts them, no tokenizing up front), positive with an image and negative without, never 0."""
-    return [max(1, len(s.prompt.text.split())) * (1 if s.image is not None else -1) for s in samples]
+    counts them, no tokenizing up front), positive with an image and negative without, never 0.
+
+    Under anyres (`layout.variable`) an image's token count depends on its shape, from a few hundred to thousands
+    of positions, so it is added to its sample's words: batches then group samples of like total length. The size
+    is read from the file's header (no decoding); other layouts give every image the same count, left out as LLaVA
+    leaves it out.
+    """
+    count_images = layout is not None and layout.variable
+    return [(max(1, len(s.prompt.text.split())) + (layout.count(_image_size(s.image)) if count_images else 0))
+            if s.image is not None else -max(1, len(s.prompt.text.split())) for s in samples]
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError:  # not an image PIL knows: decoding says so with the file's path, in one line
+        return load_rgb(path).size
 
 
 def _check_images(samples: list[Sample], path: Path, root: Path) -> None:

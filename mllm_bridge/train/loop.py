@@ -139,7 +139,8 @@ class LlavaTrainer(TrainingLoop):
         self.output_dir = Path(t.output_dir)
         processes = acc.num_processes
         if t.group_by_modality_length:
-            sampler = ModalityLengthBatchSampler(modality_lengths(dataset.samples), t.per_device_train_batch_size,
+            sampler = ModalityLengthBatchSampler(modality_lengths(dataset.samples, getattr(dataset, "layout", None)),
+                                                 t.per_device_train_batch_size,
                                                  processes, acc.process_index, t.seed,
                                                  accumulation=t.gradient_accumulation_steps)
         else:

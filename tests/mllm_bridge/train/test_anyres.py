@@ -14,8 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from encoder.utils.errors import UserError
+from mllm_bridge.llava.image_tokens import ImageLayout
 from mllm_bridge.train.arguments import split_arguments
 from mllm_bridge.train.cli import build_parser, main
+from mllm_bridge.train.data import modality_lengths, read_llava_samples
 from mllm_bridge.train.run import prepare_run
 
 SHAPES = [(32, 32), (64, 32), (32, 64)]
@@ -54,7 +56,7 @@ def test_stage_1_and_2_train_anyres_and_load_in_llava(tmp_path, digit_llm_dir, c
     assert config["image_grid_pinpoints"] == PINPOINTS  # the range form expanded: llava-torch parses only lists
 
     finetune = flags(digit_llm_dir, clip_moe_dir, shaped_data, stage2, "train_qa.json",
-                     pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin")
+                     pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", group_by_modality_length=True)
     assert main(["finetune", *finetune]) == 0
     config = json.loads((stage2 / "config.json").read_text())
     assert config["image_grid_pinpoints"] == PINPOINTS and config["mm_patch_merge_type"] == "spatial_unpad"
@@ -118,3 +120,14 @@ def test_bad_anyres_flags_are_one_line_and_write_nothing(tmp_path, digit_llm_dir
         prepare_run(split_arguments(build_parser().parse_args(
             ["finetune", *flags(digit_llm_dir, clip_moe_dir, shaped_data, out, "train_qa.json", **extra)])))
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_grouping_lengths_count_each_images_tokens_under_anyres(shaped_data):
+    samples = read_llava_samples(shaped_data / "train_qa.json", shaped_data, "v1")
+    layout = ImageLayout.from_config({"image_aspect_ratio": "anyres", "image_grid_pinpoints": PINPOINTS,
+                                      "mm_patch_merge_type": "spatial_unpad"}, 32, 8)
+    words = modality_lengths(samples)
+    lengths = modality_lengths(samples, layout)
+    assert lengths == [w + layout.count(SHAPES[i % 3]) for i, w in enumerate(words)]
+    assert len({b - a for a, b in zip(words, lengths)}) == 3  # three shapes, three image token counts
+    assert modality_lengths(samples, ImageLayout.from_config({"image_aspect_ratio": "pad"}, 32, 8)) == words
