@@ -133,4 +133,3 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str
     ax.legend()
     fig.tight_layout()
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
