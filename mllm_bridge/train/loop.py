@@ -75,11 +75,22 @@ def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | No
     return settings
 
 
+# Flags added after checkpoints were written, with the value every run before them had: a record that lacks one
+# made its run that way, so its resume is not refused for a setting its version could not name. (A flag missing
+# for any other reason still shows as unset.)
+ADDED_SETTINGS = {"--image_grid_pinpoints": None}
+
+
 def recorded_settings(path: Path) -> dict[str, Any]:
     """The settings `path` (a checkpoint-N directory) was made with.
 
     Checkpoints record them in trainer_state.json; older ones recorded a few in its "identity" and every flag in
-    training_args.json, which is read instead (flags that version did not have then show as unset)."""
+    training_args.json, which is read instead (flags that version did not have then show as unset, except
+    `ADDED_SETTINGS`)."""
+    return {**ADDED_SETTINGS, **_recorded(path)}
+
+
+def _recorded(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as err:

@@ -197,3 +197,20 @@ def test_a_flag_the_older_checkpoint_did_not_record_is_named_unset(interrupted, 
     assert exit_status(flags(**interrupted.base, out=out)) == 2
     err = capsys.readouterr().err
     assert "(--group_by_modality_length: (unset) -> False)" in err and "did not record" in err, err
+
+
+def test_a_checkpoint_from_before_image_grid_pinpoints_resumes_without_it(interrupted, tmp_path, capsys, monkeypatch):
+    # --image_grid_pinpoints came with anyres: every run before it had none, so its absence is that value, not a
+    # change; giving pinpoints on resume is one.
+    out = tmp_path / "llava-before-pinpoints"
+    shutil.copytree(interrupted.checkpoint.parent, out)
+    state_file = out / interrupted.checkpoint.name / loop.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["settings"].pop("--image_grid_pinpoints") is None
+    state_file.write_text(json.dumps(state))
+    with monkeypatch.context() as patched:
+        patched.setattr(run_module, "build_training_model", lambda *a, **k: pytest.fail("built the model"))
+        assert exit_status(flags(**interrupted.base, out=out, image_grid_pinpoints="[[32, 64]]")) == 2
+        assert "(--image_grid_pinpoints: None -> [[32, 64]])" in capsys.readouterr().err
+    assert main(flags(**interrupted.base, out=out)) == 0
+    assert f"resumed from {out / f'checkpoint-{SAVE_STEPS}'}" in capsys.readouterr().out
