@@ -1,4 +1,4 @@
-"""Fault tier, the research harness's numbers (`upcycle compare`, `upcycle replicate`, `upcycle.eval.intervals`):
+"""Fault tier, the research harness's numbers (`upcycle compare`, `upcycle replicate`, `upcycle.research.intervals`):
 nothing reported surer than the data allows, no input silently repeated or dropped, one failing candidate or a
 kill costing only itself (they used to: a bootstrap interval of [100, 100] from 50 hits, a paired difference on 3
 items called "higher", `--seeds 0,0` reported as a replication with std 0, a tower missing from the MLLM table
