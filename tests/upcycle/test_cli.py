@@ -179,3 +179,23 @@ def test_demo_runs_and_checks_function_preservation(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "identical to the dense model" in printed and "handwritten digits" in printed
     assert (tmp_path / "demo" / "clip-moe" / "config.json").exists()
+
+
+def test_every_command_config_is_frozen_so_it_is_checked_once_when_made():
+    # A config is checked when made (its __post_init__); were it mutable, a field set afterwards would reach the run
+    # unchecked. Frozen, a change is a `dataclasses.replace`, i.e. a new config, checked again.
+    import dataclasses
+
+    from encoder.utils.options import GROUP
+    from upcycle.cli import commands
+
+    def configs(cls):
+        yield cls
+        for f in dataclasses.fields(cls):
+            if GROUP in f.metadata:  # a nested config (options_of): its class is the group's first item
+                yield from configs(f.metadata[GROUP][0])
+
+    classes = {c for command in commands() for c in configs(command.config)}
+    assert len(classes) > len(commands())  # the nested ones (TrainConfig, DMUConfig, ...) are reached too
+    mutable = sorted(c.__name__ for c in classes if not c.__dataclass_params__.frozen)
+    assert mutable == []

@@ -82,7 +82,7 @@ def read_digit_labels(path: str | Path, image_root: str | Path | None = None) ->
     return labels
 
 
-@dataclass
+@dataclass(frozen=True)
 class DigitEvalConfig(EvalConfig):
     # The command's help: the evaluator's, plus what this flag adds.
     __doc__ = EvalConfig.__doc__.rstrip() + "\n    With --digit-positions, digit accuracy per grid position.\n"

@@ -156,7 +156,7 @@ def _readme(counts: dict[str, int], image_size: int, grid: int, seed: int, resam
             "- every record also has `digits` (row-major labels) and `source_indices` (rows of load_digits)\n")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DigitGridsConfig:
     """write a captioned image data set of handwritten-digit grids
 

@@ -126,7 +126,7 @@ def mllm_steps(out: Path, data: Path, towers: dict[str, Path], stage1_steps: int
     return steps
 
 
-@dataclass
+@dataclass(frozen=True)
 class MainJobConfig:
     """the main job on its embedded default: data -> base -> DMU -> LLaVA -> lmms-eval
 

@@ -74,7 +74,7 @@ def init_small_clip(out: str | Path, captions: Iterable[str], width: int = 64, l
     return model
 
 
-@dataclass
+@dataclass(frozen=True)
 class InitBaseConfig:
     """write a small randomly initialised CLIP with a tokenizer fitted to captions
 

@@ -31,7 +31,7 @@ def caption(digit: int) -> str:
     return f"the digit {digit}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseDemoConfig:
     """build a small CLIP, sparse-upcycle it, check function preservation
 

@@ -29,7 +29,7 @@ from .routing import not_moe_error, routing_figure, routing_stats
 from .zero_shot import DEFAULT_TEMPLATES, labels_for, read_classes, read_templates, zero_shot_accuracy
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalData:
     """The pairs `eval` and `routing` encode, and how: the batch here only trades memory for speed (the
     metrics do not depend on it), unlike the training batch `--batch-size` whose pairs are each other's
@@ -47,7 +47,7 @@ class EvalData:
         check_options(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """zero-shot retrieval and classification metrics of a CLIP or CLIP-MoE
 
@@ -68,7 +68,7 @@ class EvalConfig:
     out: str | None = option("--out", "also write the JSON to this file", None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoutingConfig:
     """expert usage and router entropy of a CLIP-MoE on data, with a heat map
 

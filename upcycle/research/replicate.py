@@ -50,7 +50,7 @@ def questions_for_half_width(half_width: float, z: float = 1.96) -> int:
     return math.ceil(z * z * 0.25 / half_width**2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplicateConfig:
     """the papers' comparison at tiny scale, CLIP arms and MLLMs (about 90 min on 2 CPU cores)
 

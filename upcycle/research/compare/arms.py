@@ -34,7 +34,7 @@ ARM_TITLES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ArmSettings:
     """One recipe per arm family; learning rates are per arm because the recipes differ in what they train.
     The fields without a flag are fixed for the comparison."""
@@ -73,7 +73,7 @@ class ArmSettings:
         return (self.num_experts - 1) * self.stage_epochs + self.router_epochs
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompareConfig:
     """dense fine-tuning vs sparse upcycling vs DMU vs the base, equal budgets
 
