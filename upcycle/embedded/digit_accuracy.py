@@ -23,9 +23,9 @@ from ..eval.zero_shot import label_ranks
 from .digit_grids import position_names
 
 
-def digit_prompts(grid: int) -> list[list[str]]:
+def digit_prompts(rows: int, cols: int | None = None) -> list[list[str]]:
     """Per grid position (row-major) the ten prompts "top left 0" ... "top left 9", worded as the captions."""
-    return [[f"{name} {digit}" for digit in range(10)] for row in position_names(grid) for name in row]
+    return [[f"{name} {digit}" for digit in range(10)] for row in position_names(rows, cols) for name in row]
 
 
 def position_accuracy(image_emb: torch.Tensor, digits: torch.Tensor, prompt_emb: torch.Tensor) -> torch.Tensor:
@@ -42,19 +42,20 @@ def position_accuracy(image_emb: torch.Tensor, digits: torch.Tensor, prompt_emb:
 def digit_position_accuracy(image_emb: torch.Tensor, digits, model, tokenizer) -> dict[str, float]:
     """Zero-shot digit classification at every position of digit-grid images (chance = 10%).
 
-    digits: [N, grid, grid] labels (the records' "digits"). Returns accuracy per position name and "mean".
+    digits: [N, rows, cols] labels (the records' "digits"), one grid shape for all images: a position's name
+    (and so its prompts) depends on the shape. Returns accuracy per position name and "mean".
     """
     try:
         digits = torch.as_tensor(digits, dtype=torch.long)
     except (ValueError, TypeError):
-        raise UserError("digit labels differ in grid size or are not integers; evaluate one grid size at a "
-                        "time") from None
-    if digits.dim() != 3 or digits.shape[1] != digits.shape[2]:
-        raise UserError(f"digit labels of shape {list(digits.shape)}: expected [images, grid, grid]")
-    prompts = digit_prompts(digits.shape[1])
+        raise UserError("digit labels differ in grid shape or are not integers; evaluate one grid shape at a "
+                        "time (make-digit-grids --shapes mixes shapes)") from None
+    if digits.dim() != 3:
+        raise UserError(f"digit labels of shape {list(digits.shape)}: expected [images, rows, columns]")
+    prompts = digit_prompts(digits.shape[1], digits.shape[2])
     prompt_emb = encode_texts(model, tokenizer, [p for position in prompts for p in position])
     accuracy = position_accuracy(image_emb, digits.flatten(1), prompt_emb.view(len(prompts), 10, -1))
-    names = [name for row in position_names(digits.shape[1]) for name in row]
+    names = [name for row in position_names(digits.shape[1], digits.shape[2]) for name in row]
     return {**dict(zip(names, accuracy.tolist(), strict=True)), "mean": accuracy.mean().item()}
 
 
