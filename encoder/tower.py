@@ -23,6 +23,7 @@ from .configuration import CLIPMoEConfig, CLIPMoEVisionConfig
 from .convert.dense import load_image_processor
 from .model_dir import clip_moe_config, load_clip_moe, read_config_json
 from .modeling import CLIPMoEVisionModel
+from .utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ class LlavaVisionTower(Protocol):
 
     Callers also rely on `nn.Module` behaviour (`.to(device, dtype)`, `requires_grad_`), and on
     `image_processor` having `image_mean`, `crop_size['height']`, `size['shortest_edge']` and
-    `preprocess(images, return_tensors='pt')['pixel_values']`.
+    `preprocess(images, return_tensors='pt')['pixel_values']`. LLaVA-NeXT's anyres code also reads
+    `image_size`, which llava-torch's own tower lacks, so it is not part of this protocol;
+    `CLIPMoEVisionTower` has it.
     """
 
     is_loaded: bool
@@ -89,6 +92,31 @@ class LlavaVisionTower(Protocol):
     def num_patches(self) -> int: ...
 
 
+def s2_problem(config: Any) -> str | None:
+    """Why a LLaVA config (object or dict) asking for LLaVA's S2 multi-scale tower cannot have it; None without `s2`.
+
+    LLaVA's `CLIPVisionTowerS2` runs the tower at every `s2_scales` resolution through the `s2wrapper` package and
+    concatenates the features (hidden size x number of scales). Neither `s2wrapper` nor that class is installed
+    (llava-torch 1.2.2.post1's builder has no S2 branch and would build a single-scale tower), so a tower built
+    here would silently give single-scale features to a projector that expects the scales' multiple.
+    """
+    s2 = config.get("s2") if isinstance(config, dict) else getattr(config, "s2", None)
+    if not s2:
+        return None
+    scales = config.get("s2_scales") if isinstance(config, dict) else getattr(config, "s2_scales", None)
+    return (f"s2 is set (LLaVA's multi-scale S2 tower, s2_scales {scales!r}), which this toolkit does not build: "
+            "it needs the s2wrapper package and LLaVA's CLIPVisionTowerS2, neither installed here, and the tower "
+            "would give single-scale features; set s2 to false in the LLaVA config (and retrain the projector if it "
+            "was trained on S2 features)")
+
+
+def check_single_scale(config: Any) -> None:
+    """Raise UserError (one line) when a LLaVA config asks for the S2 multi-scale tower (see `s2_problem`)."""
+    problem = s2_problem(config)
+    if problem:
+        raise UserError(problem)
+
+
 class CLIPMoEVisionTower(nn.Module):
     """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a CLIP-MoE or dense CLIP.
 
@@ -99,10 +127,13 @@ class CLIPMoEVisionTower(nn.Module):
         the CLS token, 'cls_patch' keeps it), `unfreeze_mm_vision_tower`.
     delay_load: keep only the config until `load_model()` (LLaVA builds towers this way inside
         `from_pretrained` and loads the weights afterwards), unless `unfreeze_mm_vision_tower` is set.
+
+    `s2` set in `args` (LLaVA's multi-scale S2 tower) is refused with a UserError: see `check_single_scale`.
     """
 
     def __init__(self, vision_tower: str, args, delay_load: bool = False):
         super().__init__()
+        check_single_scale(args)
         self.is_loaded = False
         self.vision_tower_name = vision_tower
         self.select_layer = args.mm_vision_select_layer
@@ -190,6 +221,11 @@ class CLIPMoEVisionTower(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square crops the tower takes (LLaVA-NeXT's anyres code reads it off the tower)."""
+        return self.config.image_size
 
     @property
     def num_patches_per_side(self) -> int:

@@ -8,6 +8,7 @@ from transformers import CLIPVisionModel
 
 from conftest import save_tiny_clip_moe
 from encoder import CLIPMoEVisionConfig, CLIPMoEVisionModel, CLIPMoEVisionTower, LlavaVisionTower, is_clip_moe_dir
+from encoder.utils.errors import UserError
 
 
 def llava_args(layer: int = -2, feature: str = "patch", **extra) -> SimpleNamespace:
@@ -149,3 +150,21 @@ def test_the_tower_keeps_only_the_selected_hidden_state(directory, request):
     tower.vision_tower.register_forward_hook(lambda _model, _args, out: kept.append(out.hidden_states))
     tower(pixels(2))
     assert [i for i, h in enumerate(kept[0]) if h is not None] == [3]
+
+
+@pytest.mark.parametrize("delay_load", [True, False])
+def test_the_tower_offers_image_size_as_llava_next_reads_it(clip_moe_dir, delay_load):
+    tower = CLIPMoEVisionTower(str(clip_moe_dir), llava_args(), delay_load=delay_load)
+    assert tower.is_loaded is not delay_load
+    assert tower.image_size == tower.config.image_size == 32
+    assert tower.num_patches_per_side == tower.image_size // tower.config.patch_size
+
+
+@pytest.mark.parametrize("directory", ["clip_moe_dir", "dense_clip_dir"])
+@pytest.mark.parametrize("delay_load", [True, False])
+def test_llavas_s2_multi_scale_tower_is_refused_not_built_single_scale(directory, delay_load, request):
+    path = str(request.getfixturevalue(directory))
+    with pytest.raises(UserError, match=r"^s2 is set .*s2_scales '32,64'.*set s2 to false") as err:
+        CLIPMoEVisionTower(path, llava_args(s2=True, s2_scales="32,64"), delay_load=delay_load)
+    assert "\n" not in str(err.value)
+    assert CLIPMoEVisionTower(path, llava_args(s2=False, s2_scales="32,64")).hidden_size == 32

@@ -1,6 +1,8 @@
 """The LLaVA hook: unmodified llava-torch builds our tower for CLIP-MoE directories, and only for them."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +95,18 @@ def test_fresh_interpreter_gets_our_tower_without_importing_the_toolkit(clip_moe
         "print(type(llava_arch.build_vision_tower(cfg, delay_load=True)).__name__)\n"
     )
     assert run_python(code) == "CLIPMoEVisionTower"
+
+
+def test_a_checkpoint_asking_for_llavas_s2_tower_is_refused_by_llavas_own_loading(llava_moe_dir, tmp_path):
+    """llava-torch would build a single-scale tower for `s2: true` (its builder has no S2 branch); ours refuses."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    from encoder.utils.errors import UserError
+
+    checkpoint = shutil.copytree(llava_moe_dir, tmp_path / "llava-s2")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "s2": True, "s2_scales": "32,64,96"}))
+    with pytest.raises(UserError, match=r"^s2 is set .*'32,64,96'"):
+        LlavaLlamaForCausalLM.from_pretrained(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({**config, "s2": False, "s2_scales": "32,64,96"}))
+    assert LlavaLlamaForCausalLM.from_pretrained(checkpoint).get_vision_tower().hidden_size == 32
