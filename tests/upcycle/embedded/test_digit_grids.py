@@ -90,7 +90,8 @@ def test_a_default_run_is_unchanged_and_one_square_shape_reproduces_it(tmp_path)
     for name in plain:  # the option only changes the README's description of the shapes
         same = (tmp_path / "plain" / name).read_bytes() == (tmp_path / "square" / name).read_bytes()
         assert same == (name.name != "README.md"), name
-    assert "2x2 grids of scikit-learn handwritten digits, 64 px (nearest" in (tmp_path / "plain" / "README.md").read_text()
+    readme = (tmp_path / "plain" / "README.md").read_text()
+    assert "2x2 grids of scikit-learn handwritten digits, 64 px (nearest" in readme
     records = json.loads((tmp_path / "plain" / "train.json").read_text())
     assert all(np.array(r["digits"]).shape == (2, 2) and "shape" not in r for r in records)
 
