@@ -12,7 +12,7 @@ from pathlib import Path
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_file, write_failure
 
-from .checks import image_tokens, llava_tower_class, tower_problems
+from .checks import describe_tokens, image_tokens, llava_tower_class, tower_problems
 from .config import LlavaCheckpointConfig, read_llava_config, write_llava_config
 from .tower_info import TowerInfo, read_tower
 
@@ -21,6 +21,7 @@ from .tower_info import TowerInfo, read_tower
 class SwapResult:
     config: LlavaCheckpointConfig  # as written
     backup: Path  # the previous config.json
+    tokens: tuple[int, int]  # (fewest, most) image tokens per image with the new tower (equal unless anyres)
     notes: list[str] = field(default_factory=list)  # things that work but deserve attention
 
 
@@ -34,7 +35,8 @@ def swap_tower(
 
     select_layer / select_feature: None keeps the checkpoint's values.
     Raises UserError, leaving config.json untouched, when the tower is not a CLIP or CLIP-MoE directory
-    or does not fit the checkpoint (projector width, select layer, image processor, context).
+    or does not fit the checkpoint (projector width, select layer, image processor, anyres pinpoints, context),
+    or when the checkpoint asks for LLaVA's S2 multi-scale tower.
     """
     old = read_llava_config(llava_dir)
     if not Path(tower_dir).is_dir():
@@ -52,7 +54,7 @@ def swap_tower(
     if problems:
         raise UserError("; ".join(problems) + f" ({old.config_path} left unchanged)")
     backup = _write(old, new)
-    return SwapResult(new, backup, _notes(old, new, tower))
+    return SwapResult(new, backup, image_tokens(new, tower), _notes(old, new, tower))
 
 
 def _write(old: LlavaCheckpointConfig, new: LlavaCheckpointConfig) -> Path:
@@ -79,12 +81,14 @@ def _notes(old: LlavaCheckpointConfig, new: LlavaCheckpointConfig, tower: TowerI
         notes.append(problem)
     try:
         old_tower = read_tower(old.vision_tower)
+        before = image_tokens(old, old_tower)
     except UserError:
-        return notes  # the old tower is gone or remote: nothing to compare against
-    before, after = image_tokens(old, old_tower), image_tokens(new, tower)
+        return notes  # the old tower is gone, remote or did not fit: nothing to compare against
+    after = image_tokens(new, tower)
     if before != after:
-        notes.append(f"image tokens per image change from {before} to {after}; the language model was trained "
-                     f"with {before}, so fine-tune (stage 2) before relying on the results")
+        notes.append(f"image tokens per image change from {describe_tokens(before)} to {describe_tokens(after)}; "
+                     f"the language model was trained with {describe_tokens(before)}, so fine-tune (stage 2) before "
+                     "relying on the results")
     return notes
 
 
@@ -92,7 +96,8 @@ def run_swap_tower(args) -> int:
     """`python -m mllm_bridge swap-tower`: swap, then say what changed and where the old config is."""
     result = swap_tower(args.llava_dir, args.tower, args.select_layer, args.select_feature)
     print(f"{result.config.config_path}: mm_vision_tower = {result.config.vision_tower}, "
-          f"select layer {result.config.select_layer}, feature {result.config.select_feature!r}")
+          f"select layer {result.config.select_layer}, feature {result.config.select_feature!r} -> "
+          f"{describe_tokens(result.tokens)} image tokens per image")
     print(f"previous config kept as {result.backup}")
     for note in result.notes:
         print(f"note: {note}")
