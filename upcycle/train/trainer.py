@@ -163,7 +163,7 @@ class ContrastiveTrainer(TrainingLoop):
         config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
         self.lr_flag = lr_flag
-        self.unstable_fix = f"remove {self.work_dir} and restart with a lower {lr_flag}"
+        self.unstable_fix = f"remove the work directory and restart with a lower {lr_flag}"
         acc = _accelerator(config)
         if config.batch_size % acc.num_processes:
             raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {acc.num_processes} "
