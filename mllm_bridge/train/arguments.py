@@ -25,6 +25,9 @@ from ..llava.image_tokens import ASPECT_RATIOS, MERGE_TYPES
 from .conversation import TEMPLATES
 from .projector import check_projector_type
 
+# LLaVA-NeXT's --mm_tunable_parts names, in its order (its mm_vision_resampler has no counterpart here).
+TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
+TOWER_PART, PROJECTOR_PART, LLM_PART = TUNABLE_PARTS
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -71,6 +74,18 @@ class ModelArguments:
                                      "LLaVA-1.5), spatial (one patch grid) or spatial_unpad (the grid without the "
                                      "padding, each row ended by a learned image_newline: LLaVA-1.6)",
                                      choices=MERGE_TYPES)
+    unfreeze_mm_vision_tower: bool = _flag(False, "train the vision tower too (LLaVA-NeXT's flag; stage 2): the output "
+                                           "holds the trained tower in vision_tower/ and its config points there",
+                                           type=str2bool)
+    mm_tunable_parts: str | None = _flag(None, "LLaVA-NeXT's spelling of what trains, a comma list of "
+                                         f"{', '.join(TUNABLE_PARTS)}; when given it alone decides (projector only "
+                                         "saves mm_projector.bin, as --tune_mm_mlp_adapter True)")
+    balance_loss_coef: float | None = _flag(None, "weight of a CLIP-MoE tower's router load-balance loss in the "
+                                            "training loss when the tower trains (CuMo's flag; default: the tower "
+                                            "config's aux_loss_coef)", type=float)
+    router_z_loss_coef: float | None = _flag(None, "weight of a CLIP-MoE tower's router z-loss in the training loss "
+                                             "when the tower trains (CuMo's flag; default: the tower config's "
+                                             "router_z_loss_coef)", type=float)
 
 
 @dataclass
@@ -106,6 +121,9 @@ class TrainingArguments:
     per_device_train_batch_size: int = _flag(32, "samples per process per micro-batch", type=int)
     gradient_accumulation_steps: int = _flag(1, "micro-batches per optimizer step", type=int)
     learning_rate: float = _flag(1e-3, "peak learning rate (AdamW)", type=float)
+    mm_vision_tower_lr: float | None = _flag(None, "peak learning rate of the vision tower's weights when it trains "
+                                             "(LLaVA-NeXT's flag, e.g. 2e-6; default: --learning_rate); the same "
+                                             "schedule", type=float)
     weight_decay: float = _flag(0.0, "AdamW weight decay on matrices (not biases or norms)", type=float)
     warmup_ratio: float = _flag(0.03, "linear warm-up share of the optimizer steps", type=float)
     warmup_steps: int = _flag(0, "warm-up steps; > 0 overrides --warmup_ratio", type=int)
@@ -305,8 +323,93 @@ def validate(args: LlavaArguments) -> None:
     if d.image_aspect_ratio == "anyres" and not d.image_grid_pinpoints:
         raise UserError("--image_aspect_ratio anyres needs --image_grid_pinpoints (the resolutions an image may be cut "
                         "at), e.g. \"(1x1),...,(2x2)\" or \"[[336, 672], [672, 336], [672, 672]]\"")
+    _resolve_tunable_parts(args)
     if m.tune_mm_mlp_adapter and m.freeze_mm_mlp_adapter:
         raise UserError("--tune_mm_mlp_adapter True with --freeze_mm_mlp_adapter True leaves nothing to train")
+    _validate_tower_training(args)
+
+
+def resolve_parts(mm_tunable_parts: str | None, tune_mm_mlp_adapter: bool, freeze_backbone: bool,
+                  freeze_mm_mlp_adapter: bool, unfreeze_mm_vision_tower: bool) -> tuple[str, ...]:
+    """The parts that train, in TUNABLE_PARTS' order: --mm_tunable_parts when given (LLaVA-NeXT: it alone decides),
+    else LLaVA's flags (the projector alone under --tune_mm_mlp_adapter; otherwise the projector and the language
+    model unless frozen; the tower when --unfreeze_mm_vision_tower). Also reads a checkpoint's recorded flags,
+    so a resume compares the set whichever spelling made it."""
+    if mm_tunable_parts is not None:
+        named = {part.strip() for part in str(mm_tunable_parts).split(",")}
+        return tuple(part for part in TUNABLE_PARTS if part in named)
+    parts = {PROJECTOR_PART} if tune_mm_mlp_adapter else (
+        ({PROJECTOR_PART} if not freeze_mm_mlp_adapter else set()) | ({LLM_PART} if not freeze_backbone else set()))
+    if unfreeze_mm_vision_tower:
+        parts.add(TOWER_PART)
+    return tuple(part for part in TUNABLE_PARTS if part in parts)
+
+
+def trainable_parts(args: LlavaArguments) -> tuple[str, ...]:
+    m = args.model
+    return resolve_parts(m.mm_tunable_parts, m.tune_mm_mlp_adapter, m.freeze_backbone, m.freeze_mm_mlp_adapter,
+                         m.unfreeze_mm_vision_tower)
+
+
+def trains_tower(args: LlavaArguments) -> bool:
+    return TOWER_PART in trainable_parts(args)
+
+
+# The LLaVA flags that --mm_tunable_parts replaces, and the value each takes under a set of parts.
+_LEGACY_SPELLING = {
+    "tune_mm_mlp_adapter": lambda parts: parts == (PROJECTOR_PART,),
+    "unfreeze_mm_vision_tower": lambda parts: TOWER_PART in parts,
+    "freeze_backbone": lambda parts: LLM_PART not in parts,
+    "freeze_mm_mlp_adapter": lambda parts: PROJECTOR_PART not in parts,
+}
+
+
+def _resolve_tunable_parts(args: LlavaArguments) -> None:
+    """Check --mm_tunable_parts and make LLaVA's flags say the same (one source of truth): --tune_mm_mlp_adapter
+    then decides the output (projector only when the projector alone trains, as LLaVA-NeXT saves it) and
+    --unfreeze_mm_vision_tower whether the tower trains. A LLaVA flag named on the command line that says
+    otherwise is refused rather than silently overruled (LLaVA-NeXT ignores it)."""
+    m = args.model
+    if m.mm_tunable_parts is None:
+        return
+    names = [part.strip() for part in m.mm_tunable_parts.split(",")]
+    unknown = [name for name in names if name not in TUNABLE_PARTS]
+    if unknown:
+        raise UserError(f"--mm_tunable_parts {m.mm_tunable_parts}: {', '.join(repr(n) for n in unknown)} is not a part "
+                        f"this LLaVA has; use a comma list of {', '.join(TUNABLE_PARTS)}")
+    parts = resolve_parts(m.mm_tunable_parts, False, False, False, False)
+    conflicts = [f"--{flag} {getattr(m, flag)}" for flag, value in _LEGACY_SPELLING.items()
+                 if flag in args.given and getattr(m, flag) != value(parts)]
+    if conflicts:
+        raise UserError(f"--mm_tunable_parts {m.mm_tunable_parts} decides what trains, and {', '.join(conflicts)} says "
+                        "otherwise; drop one of them")
+    m.mm_tunable_parts = ",".join(parts)
+    for flag, value in _LEGACY_SPELLING.items():
+        setattr(m, flag, value(parts))
+
+
+def _validate_tower_training(args: LlavaArguments) -> None:
+    """The tower's own flags need a tower that trains; stage 1's projector-only output would drop a trained one."""
+    m, t = args.model, args.training
+    if m.unfreeze_mm_vision_tower and m.tune_mm_mlp_adapter:
+        raise UserError("--unfreeze_mm_vision_tower True with --tune_mm_mlp_adapter True: the output would be "
+                        "mm_projector.bin alone and the trained tower lost; train the tower in stage 2 (finetune), "
+                        "or pass --mm_tunable_parts mm_vision_tower,mm_mlp_adapter for a full checkpoint")
+    tower = trains_tower(args)
+    for flag, value in (("mm_vision_tower_lr", t.mm_vision_tower_lr), ("balance_loss_coef", m.balance_loss_coef),
+                        ("router_z_loss_coef", m.router_z_loss_coef)):
+        if value is None:
+            continue
+        if not tower:
+            raise UserError(f"--{flag} {value} applies to a vision tower that trains, and this run keeps it frozen; "
+                            "pass --unfreeze_mm_vision_tower True (or mm_vision_tower in --mm_tunable_parts), or drop "
+                            f"--{flag}")
+        lowest = "a positive number" if flag == "mm_vision_tower_lr" else "0 or a positive number"
+        if not math.isfinite(value) or value < 0 or (value == 0 and flag == "mm_vision_tower_lr"):
+            raise UserError(f"--{flag} {value}: expected {lowest}")
+    if t.mm_vision_tower_lr is not None and t.resume_lower_lr:
+        raise UserError("--resume_lower_lr True sets one learning rate for every weight, which would overwrite "
+                        "--mm_vision_tower_lr; resume without --resume_lower_lr, or start afresh")
 
 
 def accepted_only_notes(args: LlavaArguments) -> list[str]:

@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from encoder.loading import require_finite_weights
+from encoder.moe import routing_losses
+from encoder.routing_stats import RoutingTally
 from encoder.training import ClusterBatchSampler
 from encoder.training.deepspeed_config import engine_settings
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw
@@ -33,7 +35,7 @@ from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import full_state_dict, shards_parameters
 from encoder.utils.errors import UserError
 
-from .arguments import LlavaArguments, shaping_settings
+from .arguments import LlavaArguments, shaping_settings, trains_tower
 from .data import modality_lengths
 from .model_setup import TrainingModel
 from .outputs import FullOutput, ProjectorOutput, publish, remove_stale_final
@@ -78,7 +80,8 @@ def run_settings(args: LlavaArguments, num_processes: int, total_steps: int | No
 # Flags added after checkpoints were written, with the value every run before them had: a record that lacks one
 # made its run that way, so its resume is not refused for a setting its version could not name. (A flag missing
 # for any other reason still shows as unset.)
-ADDED_SETTINGS = {"--image_grid_pinpoints": None}
+ADDED_SETTINGS = {"--image_grid_pinpoints": None, "--unfreeze_mm_vision_tower": False, "--mm_tunable_parts": None,
+                  "--mm_vision_tower_lr": None, "--balance_loss_coef": None, "--router_z_loss_coef": None}
 
 
 def recorded_settings(path: Path) -> dict[str, Any]:
@@ -164,8 +167,8 @@ class LlavaTrainer(TrainingLoop):
             workers = 4 if acc.device.type == "cuda" else 0
         self.steps_per_epoch = max(1, sampler.batches_per_epoch // t.gradient_accumulation_steps)
         total = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * self.steps_per_epoch))
-        params = [p for p in trained.model.parameters() if p.requires_grad]
-        optimizer = adamw(params, t.learning_rate, t.weight_decay)
+        self.router_losses = RouterLosses.of(trained.model, args) if trains_tower(args) else None
+        optimizer = _optimizer(trained.model, args)
         from transformers import get_scheduler
 
         warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total)
@@ -198,7 +201,8 @@ class LlavaTrainer(TrainingLoop):
         refuse_changed_settings(path, self.settings(), self.args.training.resume_lower_lr, self.lr_change)
 
     def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-        self.output.write(self.accelerator.unwrap_model(self.model), self.trained.tokenizer, directory, weights)
+        self.output.write(self.accelerator.unwrap_model(self.model), self.trained.tokenizer, directory, weights,
+                          final=self.checkpoints.path(self.step).resolve())
         (directory / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
 
     def _read_trained(self, directory: Path) -> None:
@@ -231,19 +235,33 @@ class LlavaTrainer(TrainingLoop):
                            _mean(self.first_losses[:window]), _mean(list(self.last_losses)[-window:]), window)
 
     def _loss(self, batch: dict) -> torch.Tensor:
+        """The loss to optimize: the LM loss plus, for a CLIP-MoE tower that trains, the router losses with their
+        coefficients, as CuMo adds them (the parts, for the metrics, in `loss_parts`)."""
         device = self.accelerator.device
         images = batch["images"]  # one tensor, or under anyres a list of per-image crop stacks
         images = [im.to(device) for im in images] if isinstance(images, list) else images.to(device)
+        if self.router_losses is not None:
+            self.router_losses.clear()
         out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                          images=images, image_sizes=batch["image_sizes"], labels=batch["labels"].to(device))
         if batch["num_targets"] == 0:
             # Nothing to learn here, but every rank must still join the gradient reduction.
-            return out.logits.sum() * 0.0
-        return out.loss
+            loss = out.logits.sum() * 0.0
+        else:
+            loss = out.loss
+        if self.router_losses is None:
+            return loss
+        balance, z = self.router_losses.losses()
+        r = self.router_losses
+        self.loss_parts = {"lm_loss": loss.item(), "vision_load_balance_loss": balance.item(),
+                           "vision_router_z_loss": z.item()}
+        return loss + r.balance_coef * balance + r.z_coef * z
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        return self._loss(batch), {"truncated": float(batch["num_truncated"]), "samples": float(len(batch["input_ids"])),
-                                   "empty": float(batch["num_targets"] == 0)}
+        self.loss_parts: dict[str, float] = {}
+        loss = self._loss(batch)
+        return loss, {"truncated": float(batch["num_truncated"]), "samples": float(len(batch["input_ids"])),
+                      "empty": float(batch["num_targets"] == 0), **self.loss_parts}
 
     def _step_metrics(self, micro: list[dict[str, float]]) -> dict[str, float]:
         self.truncated += int(sum(m["truncated"] for m in micro))
@@ -253,13 +271,23 @@ class LlavaTrainer(TrainingLoop):
         if len(self.first_losses) < LOSS_WINDOW:
             self.first_losses.append(step_loss)
         self.last_losses.append(step_loss)
-        return {"loss": step_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
+        values = {"loss": step_loss, "learning_rate": self.scheduler.get_last_lr()[0]}
+        if self.router_losses is not None:  # summed over the ranks by the loop: their mean
+            ranks = self.accelerator.num_processes
+            for name in ROUTER_LOSS_PARTS:
+                values[name] = sum(m[name] for m in micro) / len(micro) / ranks
+            values["vision_tower_learning_rate"] = self.scheduler.get_last_lr()[-1]
+        return values
 
     def _log_values(self, steps: list[dict[str, float]]) -> dict[str, float]:
         values = {"loss": _mean([s["loss"] for s in steps]), "learning_rate": steps[-1]["learning_rate"],
                   "epoch": self.batches_done / self.sampler.batches_per_epoch,
                   "samples_seen": float(self.samples_seen), "truncated_samples": float(self.truncated),
                   "empty_batches": float(self.empty_batches)}
+        if self.router_losses is not None:  # every rank runs this at the same steps: the tally's sum is collective
+            values.update({name: _mean([s[name] for s in steps]) for name in ROUTER_LOSS_PARTS})
+            values["vision_tower_learning_rate"] = steps[-1]["vision_tower_learning_rate"]
+            values.update(self.router_losses.routing_values(self.accelerator))
         return self.lr_change.note(values)
 
     def _require_finite_weights(self) -> None:
@@ -297,11 +325,114 @@ class LlavaTrainer(TrainingLoop):
             model = acc.unwrap_model(self.model)
 
             def write(tmp: Path) -> None:
-                self.output.write(model, self.trained.tokenizer, tmp, weights)
+                self.output.write(model, self.trained.tokenizer, tmp, weights, final=self.output_dir.resolve())
                 (tmp / ARGS_FILE).write_text(json.dumps(self.args.as_dict(), indent=1) + "\n")
 
             publish(write, self.output_dir)
         acc.wait_for_everyone()
+
+
+ROUTER_LOSS_PARTS = ("lm_loss", "vision_load_balance_loss", "vision_router_z_loss")
+
+
+def _optimizer(model, args: LlavaArguments) -> torch.optim.AdamW:
+    """AdamW over the weights that train (decay on matrices only, as `adamw`); a tower that trains gets its own two
+    groups at --mm_vision_tower_lr (default --learning_rate), last, so the schedule scales both rates alike."""
+    t = args.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not trains_tower(args):
+        return adamw(params, t.learning_rate, t.weight_decay)
+    in_tower = {id(p) for p in model.get_vision_tower().parameters()}
+    groups = []
+    for lr, part in ((t.learning_rate, [p for p in params if id(p) not in in_tower]),
+                     (t.mm_vision_tower_lr or t.learning_rate, [p for p in params if id(p) in in_tower])):
+        groups += [{"params": [p for p in part if p.ndim >= 2], "weight_decay": t.weight_decay, "lr": lr},
+                   {"params": [p for p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate)
+
+
+class RouterLosses:
+    """The routers of a CLIP-MoE tower that trains: asks the tower for its router logits in every forward (LLaVA's
+    tower interface returns features only, so a hook on the CLIP-MoE model adds `output_router_logits=True` and
+    keeps what it returns), turns them into the load-balance and z losses of `encoder.moe.routing_losses` and
+    counts the routing per MoE layer in a `RoutingTally` between metrics lines.
+
+    The logits of all tower calls of a micro-batch (one per image under anyres with lists) are joined per layer
+    first, so the losses are those of one call on all of its images."""
+
+    def __init__(self, model, balance_coef: float, z_coef: float):
+        config = model.config
+        self.top_k, self.balance_coef, self.z_coef = config.top_k, balance_coef, z_coef
+        self.layers = list(config.moe_layers)
+        # The losses of the routers that train (the blocks past the selected hidden state stay frozen); the tally
+        # counts every MoE layer.
+        blocks = model.encoder.layers
+        self.trained_slots = [slot for slot, layer in enumerate(self.layers)
+                              if blocks[layer].mlp.router.weight.requires_grad]
+        self.num_experts = config.num_experts
+        self.tally: RoutingTally | None = None  # made on the device of the first logits (the engine's)
+        self.calls: list[tuple[torch.Tensor, ...]] = []
+        model.register_forward_pre_hook(self._ask, with_kwargs=True)
+        model.register_forward_hook(self._keep)
+
+    @classmethod
+    def of(cls, llava_model, args: LlavaArguments) -> RouterLosses | None:
+        """The router losses of `llava_model`'s tower, or None for a dense tower (it has no routers)."""
+        inner = getattr(llava_model.get_vision_tower(), "vision_tower", None)
+        config = getattr(inner, "config", None)
+        if not getattr(config, "moe_layers", None):
+            return None
+        m = args.model
+        balance = config.aux_loss_coef if m.balance_loss_coef is None else m.balance_loss_coef
+        z = config.router_z_loss_coef if m.router_z_loss_coef is None else m.router_z_loss_coef
+        return cls(inner, balance, z)
+
+    @staticmethod
+    def _ask(module, args, kwargs):
+        return args, {**kwargs, "output_router_logits": True}
+
+    def _keep(self, module, args, output) -> None:
+        logits = getattr(output, "router_logits", None)
+        if logits is not None:
+            self.calls.append(tuple(logits))
+
+    def clear(self) -> None:
+        self.calls = []
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load-balance loss, z-loss) of the calls since `clear`, each the mean over the MoE layers that train (as
+        the tower's own `aux_loss` over its layers); zeros when there are none or the tower did not run. Every MoE
+        layer's routing is counted in the tally."""
+        calls, self.calls = self.calls, []
+        zero = torch.zeros(())
+        if not calls:
+            return zero, zero
+        per_layer = [torch.cat(layer) for layer in zip(*calls)]
+        with torch.no_grad():
+            if self.tally is None:
+                self.tally = RoutingTally(self.layers, self.num_experts, self.top_k, per_layer[0].device)
+            if all(torch.isfinite(logits).all() for logits in per_layer):  # else the loop stops on the loss
+                self.tally.add([logits.detach() for logits in per_layer])
+        if not self.trained_slots:
+            return zero, zero
+        terms = [routing_losses(per_layer[slot], self.top_k) for slot in self.trained_slots]
+        return torch.stack([b for b, _ in terms]).mean(), torch.stack([z for _, z in terms]).mean()
+
+    def routing_values(self, accelerator) -> dict[str, float]:
+        """Per MoE layer since the last call, over all ranks (a collective): the usage balance (entropy of the
+        experts' shares / log E, 1 = even), the mean router entropy / log E and the busiest expert's share."""
+        if self.tally is None:
+            self.tally = RoutingTally(self.layers, self.num_experts, self.top_k, accelerator.device)
+        if accelerator.num_processes > 1:
+            self.tally.reduce(lambda t: accelerator.reduce(t, reduction="sum"))
+        values = {}
+        for layer in self.tally.summary()["layers"]:
+            key = f"vision_routing/layer_{layer['layer']}"
+            values[f"{key}/usage_balance"] = layer["usage_entropy_norm"]
+            values[f"{key}/router_entropy_norm"] = layer["router_entropy_norm"]
+            values[f"{key}/top_expert_fraction"] = max(layer["expert_fraction"])
+        self.tally = RoutingTally(self.layers, self.num_experts, self.top_k, self.tally.choices.device)
+        return values
 
 
 def _keep_tower_whole(model, device) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
+from encoder.tower import CLIPMoEVisionTower
 from encoder.utils.errors import UserError, first_line
 
 from ..llava.checks import tower_problems
@@ -22,7 +24,14 @@ from ..llava.config import LlavaCheckpointConfig
 from ..llava.image_tokens import ImageLayout
 from ..llava.model import build_llava_model
 from ..llava.tower_info import TowerInfo, read_tower
-from .arguments import LlavaArguments
+from .arguments import (
+    LLM_PART,
+    PROJECTOR_PART,
+    TOWER_PART,
+    LlavaArguments,
+    trainable_parts,
+    trains_tower,
+)
 from .projector import load_pretrained_projector
 
 LLAMA_MODEL_TYPES = ("llama", "llava_llama")
@@ -48,6 +57,11 @@ def check_tower(args: LlavaArguments) -> TowerInfo:
     if max_length <= tokens:
         problems.append(f"--model_max_length {max_length} leaves no room for text: one image alone takes "
                         f"{'at least ' if layout.variable else ''}{tokens} tokens; raise --model_max_length")
+    m = args.model
+    for flag in ("balance_loss_coef", "router_z_loss_coef"):
+        if getattr(m, flag) is not None and not (tower.is_moe and tower.moe_layers):
+            problems.append(f"--{flag} {getattr(m, flag)} weighs a router loss, and --vision_tower {tower.path} is a "
+                            f"dense {tower.kind} without routers; drop --{flag}")
     if problems:
         raise UserError("; ".join(problems))
     return tower
@@ -107,18 +121,34 @@ def build_training_model(args: LlavaArguments, tower: TowerInfo, frozen_dtype: t
                         f"{model.config.vocab_size}; save the tokenizer that belongs to the model")
     if m.pretrain_mm_mlp_adapter:
         load_pretrained_projector(model, m.pretrain_mm_mlp_adapter, m.vision_tower)
+    tower_trains = trains_tower(args)
+    if tower_trains:
+        _trainable_tower(model, m)
     vision_tower = model.get_vision_tower()
-    vision_tower.to(dtype=frozen_dtype)
+    vision_tower.to(dtype=torch.float32 if tower_trains else frozen_dtype)  # trained weights stay float32
     layout = image_layout(args, tower)
     layout.check_processor(vision_tower.image_processor)
     _record_training_config(model, args, tokenizer, layout)
     _set_trainable(model, args)
     if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, tower=tower_trains)
     return TrainingModel(model, tokenizer, vision_tower.image_processor, layout)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def _trainable_tower(model: nn.Module, m) -> None:
+    """A tower that can train. llava-torch's own `CLIPVisionTower` (a dense CLIP) runs under `torch.no_grad()`, so
+    it would never get a gradient: it is replaced by `CLIPMoEVisionTower`, which loads the same `CLIPVisionModel`
+    from the same place and runs with autograd once its weights train (LLaVA-NeXT drops that no_grad too)."""
+    inner = model.get_model()
+    current = model.get_vision_tower()
+    if isinstance(current, CLIPMoEVisionTower):
+        return
+    args = SimpleNamespace(mm_vision_select_layer=m.mm_vision_select_layer,
+                           mm_vision_select_feature=m.mm_vision_select_feature)
+    inner.vision_tower = CLIPMoEVisionTower(current.vision_tower_name, args)
+
+
+def enable_gradient_checkpointing(model: nn.Module, tower: bool = False) -> None:
     """Recompute every decoder layer of the LLM in the backward pass instead of keeping its activations (LLaVA's
     `--gradient_checkpointing True`). Non-reentrant checkpointing: it needs no input that requires grad (stage 1's
     LLM is frozen) and gives the same gradients as a run without it.
@@ -127,13 +157,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     `activation_checkpointing_enable(activation_checkpointing_kwargs=)`; the old name stays as a deprecated alias
     until v6, so the new one is used where it exists. The frozen tower runs without autograd, so there is nothing
     to recompute there: its layers are left unwrapped, as in LLaVA, which enables checkpointing before it adds
-    the tower.
+    the tower. A tower that trains (`tower`) keeps its layers checkpointed too.
     """
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:  # transformers < 5
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    if tower:
+        return
     for module in model.get_vision_tower().modules():
         if getattr(module, "gradient_checkpointing", False):
             module.gradient_checkpointing = False
@@ -190,12 +222,17 @@ def _record_training_config(model: nn.Module, args: LlavaArguments, tokenizer, l
     config.mm_use_im_start_end = False
     config.mm_use_im_patch_token = False
     config.mm_projector_lr = None
+    config.mm_tunable_parts = ",".join(trainable_parts(args))  # LLaVA-NeXT records what trained
+    config.mm_vision_tower_lr = args.training.mm_vision_tower_lr
     config.use_cache = False  # set back to True when saving
 
 
 def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
     m = args.model
     projector = model.get_model().mm_projector
+    if m.mm_tunable_parts is not None:
+        _set_tunable_parts(model, trainable_parts(args))
+        return
     if m.tune_mm_mlp_adapter:
         model.requires_grad_(False)
         projector.requires_grad_(True)
@@ -209,5 +246,31 @@ def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
             model.get_model().image_newline.requires_grad_(True)
     if m.freeze_mm_mlp_adapter:
         projector.requires_grad_(False)
+    if m.unfreeze_mm_vision_tower:
+        model.get_vision_tower().requires_grad_(True)
+        freeze_unused_tower_parts(model.get_vision_tower())
 
 
+def freeze_unused_tower_parts(tower) -> None:
+    """Keep frozen what cannot reach the features LLaVA takes, hidden_states[select_layer]: the blocks after it and
+    the post-layernorm (the pooled output's). They would get no gradient from the LM loss (the routers of later MoE
+    blocks only their own balance loss, on features nobody uses), and DDP requires every trained weight to get one."""
+    model = getattr(tower.vision_tower, "vision_model", tower.vision_tower)  # a dense CLIPVisionModel nests its own
+    layers = model.encoder.layers
+    first_unused = tower.select_layer % (len(layers) + 1)  # hidden state i is the output of block i - 1
+    for layer in layers[first_unused:]:
+        layer.requires_grad_(False)
+    model.post_layernorm.requires_grad_(False)
+
+
+def _set_tunable_parts(model: nn.Module, parts: tuple[str, ...]) -> None:
+    """LLaVA-NeXT's rule for --mm_tunable_parts: everything frozen, then each named part by its weights' names (the
+    language model: every weight that belongs to neither the tower nor the projector, image_newline included)."""
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        in_tower, in_projector = "vision_tower" in name, "mm_projector" in name
+        if ((TOWER_PART in parts and in_tower) or (PROJECTOR_PART in parts and in_projector)
+                or (LLM_PART in parts and not in_tower and not in_projector)):
+            param.requires_grad_(True)
+    if TOWER_PART in parts:
+        freeze_unused_tower_parts(model.get_vision_tower())

@@ -7,6 +7,8 @@
 - full (stage 2): `config.json` + safetensors + tokenizer, loadable by `load_pretrained_model(OUTPUT_DIR,
   None, model_name)` and `LlavaLlamaForCausalLM.from_pretrained`. The tower's weights are left out: LLaVA
   builds the tower from `mm_vision_tower` and loads it from there (delayed loading ignores stored copies).
+  A tower that trained is saved as a model directory of its own, `vision_tower/`, and `mm_vision_tower` names
+  it (an absolute path: after moving the output, point it there again with `python -m mllm_bridge swap-tower`).
 
 `config.json` is always the last file to appear, so a directory with a config.json is complete.
 """
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from encoder.utils.errors import UserError
@@ -36,6 +38,8 @@ from .projector import PROJECTOR_FILE, projector_parameter_names
 
 CONFIG_FILE = "config.json"
 TOWER_KEY = ".vision_tower."
+TOWER_DIR = "vision_tower"  # a trained tower, inside the output and each checkpoint
+TRAINED_FROM_FILE = "trained_from.json"  # in TOWER_DIR: the tower it was trained from
 FINAL_TMP = "final"  # `publish` assembles the output in OUTPUT_DIR/.final.tmp-HOST-PID-*/
 
 
@@ -44,7 +48,8 @@ class ProjectorOutput:
 
     kind = "projector"
 
-    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor],
+              final: Path | None = None) -> None:
         """`weights`: the model's whole state dict (gathered from the ranks where the engine shards it)."""
         torch.save({name: weights[name].detach().cpu().contiguous() for name in projector_parameter_names(model)},
                    directory / PROJECTOR_FILE)
@@ -63,24 +68,101 @@ class FullOutput:
 
     kind = "full"
 
-    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-        """`weights`: the model's whole state dict (gathered from the ranks where the engine shards it)."""
+    def write(self, model: nn.Module, tokenizer, directory: Path, weights: dict[str, torch.Tensor],
+              final: Path | None = None) -> None:
+        """`weights`: the model's whole state dict (gathered from the ranks where the engine shards it). `final`:
+        where `directory` will end up (it is written elsewhere and moved), for the trained tower's path."""
         state = {k: v for k, v in weights.items() if TOWER_KEY not in k}
-        with _cache_enabled(model):
-            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        if tower_trains(model):
+            _write_tower(model, directory / TOWER_DIR, weights)
+            with _tower_at(model, (final or directory).resolve() / TOWER_DIR), _cache_enabled(model):
+                model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        else:
+            with _cache_enabled(model):
+                model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(directory)
 
     def read_trained(self, model: nn.Module, directory: Path) -> None:
-        entry = weights_entry(directory) or directory / SAFETENSORS_FILE  # the file from_pretrained would read
-        files = (sorted(set(json.loads(entry.read_text())["weight_map"].values())) if is_index(entry)
-                 else [entry.name])
-        weights = {}
-        for name in files:
-            weights.update(load_file(str(directory / name)))
+        weights = _read_weights(directory)
+        if tower_trains(model):
+            if not (directory / TOWER_DIR).is_dir():
+                raise UserError(f"{directory} holds no trained vision tower ({TOWER_DIR}/); it was written by a run "
+                                "with the tower frozen; resume with the same flags or use another --output_dir")
+            # Read back as LLaVA's builder reads it, then under the LLaVA model's names.
+            inner = model.get_vision_tower().vision_tower
+            saved = type(inner).from_pretrained(str(directory / TOWER_DIR), dtype=torch.float32).state_dict()
+            weights.update({_tower_prefix(model) + k: v for k, v in saved.items()})
         _load_trained(model, weights, directory)
 
     def is_complete(self, directory: Path) -> bool:
         return (directory / CONFIG_FILE).is_file() and any(directory.glob("model*.safetensors"))
+
+
+def tower_trains(model: nn.Module) -> bool:
+    tower = model.get_vision_tower()
+    return not isinstance(tower, list) and any(p.requires_grad for p in tower.parameters())
+
+
+def _tower_prefix(model: nn.Module) -> str:
+    """The prefix of the tower model's weights in the LLaVA model's state dict (model.vision_tower.vision_tower.)."""
+    inner = model.get_vision_tower().vision_tower
+    return next(name for name, module in model.named_modules() if module is inner) + "."
+
+
+def _write_tower(model: nn.Module, directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The trained tower as a model directory of its own kind (a CLIP-MoE vision tower, or a dense CLIP vision
+    model) with its image processor, which LLaVA's builder (through the hook for a CLIP-MoE), lmms-eval and
+    `python -m mllm_bridge check` load as they load any tower."""
+    tower = model.get_vision_tower()
+    inner = tower.vision_tower
+    if not getattr(inner.config, "moe_layers", None):  # a dense CLIPVisionModel: transformers' own layout
+        inner.save_pretrained(directory, safe_serialization=True)
+        tower.image_processor.save_pretrained(directory)
+        _write_trained_from(directory, tower)
+        return
+    # A CLIP-MoE vision export holds the tower model's own keys (its state dict), written as they are: save_pretrained
+    # would give a tower loaded from a full CLIP-MoE directory that directory's `vision_model.` keys back, which a
+    # vision-only config does not load.
+    prefix = _tower_prefix(model)
+    state = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefix)}
+    directory.mkdir()
+    inner.config.architectures = [type(inner).__name__]
+    inner.config.save_pretrained(directory)
+    save_file(state, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    tower.image_processor.save_pretrained(directory)
+    _write_trained_from(directory, tower)
+
+
+def _write_trained_from(directory: Path, tower) -> None:
+    trained_from = {"trained_from": str(tower.vision_tower_name), "trained_in": "LLaVA stage 2 (mllm_bridge.train)"}
+    (directory / TRAINED_FROM_FILE).write_text(json.dumps(trained_from, indent=1) + "\n")
+
+
+class _tower_at:
+    """Saved configs name the trained tower in the output as `mm_vision_tower` (LLaVA builds the tower from it, so
+    the original must never be loaded in its place) and keep the original as `mm_vision_tower_trained_from`."""
+
+    def __init__(self, model: nn.Module, path: Path):
+        self.config, self.path = model.config, str(path)
+
+    def __enter__(self):
+        self.before = self.config.mm_vision_tower
+        self.config.mm_vision_tower_trained_from = self.before
+        self.config.mm_vision_tower = self.path
+
+    def __exit__(self, *exc):
+        self.config.mm_vision_tower = self.before
+        del self.config.mm_vision_tower_trained_from
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    entry = weights_entry(directory) or directory / SAFETENSORS_FILE  # the file from_pretrained would read
+    files = (sorted(set(json.loads(entry.read_text())["weight_map"].values())) if is_index(entry)
+             else [entry.name])
+    weights = {}
+    for name in files:
+        weights.update(load_file(str(directory / name)))
+    return weights
 
 
 def output_for(tune_mm_mlp_adapter: bool) -> ProjectorOutput | FullOutput:

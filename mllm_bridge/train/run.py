@@ -15,11 +15,11 @@ import torch
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
 from encoder.training.deepspeed_config import LoopOwned, engine_settings
-from encoder.training.sharded import whole_numel
+from encoder.training.sharded import engine_of, shards_parameters, whole_numel
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent
 
-from .arguments import LlavaArguments, accepted_only_notes
+from .arguments import LlavaArguments, accepted_only_notes, trains_tower
 from .data import LlavaCollator, LlavaDataset, read_llava_samples
 from .loop import (
     CHECKPOINT_PREFIX,
@@ -31,7 +31,7 @@ from .loop import (
     run_settings,
 )
 from .model_setup import build_training_model, check_tower
-from .outputs import FullOutput, ProjectorOutput, output_for
+from .outputs import TOWER_DIR, FullOutput, ProjectorOutput, output_for
 from .projector import PROJECTOR_FILE
 
 # Removed by --overwrite_output_dir besides the checkpoints: the old run's logs, and the config.json that marks
@@ -144,6 +144,10 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     # Where it will write, first: not after reading the data and loading the model, at the first checkpoint.
     check_output_parent(Path(args.training.output_dir) / STATE_FILE, "--output_dir")
     accelerator = make_accelerator(args)
+    if trains_tower(args) and shards_parameters(accelerator):
+        raise UserError(f"a vision tower that trains is not supported under {engine_of(accelerator)} yet (the tower is "
+                        "held whole on every rank, outside the engine); train it under DDP or ZeRO-1/2, or keep it "
+                        "frozen")
     output = output_for(args.model.tune_mm_mlp_adapter)
     notes = (accepted_only_notes(args) + _precision_notes(args, accelerator) + _deepspeed_notes(args, accelerator)
              + prepare_wandb(args) + _name_notes(args))
@@ -282,7 +286,8 @@ def summary_lines(args: LlavaArguments, output: ProjectorOutput | FullOutput, re
         lines += [f"output: {out} (config.json + {PROJECTOR_FILE})",
                   f"  stage 2:  --pretrain_mm_mlp_adapter {out / PROJECTOR_FILE}", load]
     else:
-        lines += [f"output: {out} (a LLaVA checkpoint: config.json, safetensors, tokenizer)",
+        tower = f", the trained vision tower in {TOWER_DIR}/" if trains_tower(args) else ""
+        lines += [f"output: {out} (a LLaVA checkpoint: config.json, safetensors, tokenizer{tower})",
                   f"  in LLaVA: load_pretrained_model({json.dumps(str(out))}, None, model_name={json.dumps(out.name)})"]
     lines.append(f"  metrics:  {out / 'metrics.jsonl'}; TensorBoard: {args.training.logging_dir or out / 'logs'}")
     return lines

@@ -30,7 +30,8 @@ PRETRAIN = Stage(
 
 FINETUNE = Stage(
     name="finetune",
-    title="stage 2: visual instruction tuning (projector + LLM train, tower frozen)",
+    title="stage 2: visual instruction tuning (projector + LLM train; the tower too with "
+    "--unfreeze_mm_vision_tower True)",
     description="LLaVA-1.5 stage 2: the 'v1' (Vicuna) template, loss on the assistant answers only, the "
     "projector and the LLM train from stage 1's --pretrain_mm_mlp_adapter; the output is a full LLaVA checkpoint "
     "directory that llava's load_pretrained_model(OUTPUT_DIR, None, name) and lmms-eval's llava model load.",

@@ -214,3 +214,33 @@ def test_a_checkpoint_from_before_image_grid_pinpoints_resumes_without_it(interr
         assert "(--image_grid_pinpoints: None -> [[32, 64]])" in capsys.readouterr().err
     assert main(flags(**interrupted.base, out=out)) == 0
     assert f"resumed from {out / f'checkpoint-{SAVE_STEPS}'}" in capsys.readouterr().out
+
+
+def test_a_frozen_tower_run_resumed_with_the_tower_training_is_refused_naming_it(interrupted, capsys, no_model_loads):
+    # Stage 1 refuses --unfreeze_mm_vision_tower (its output would drop the tower); LLaVA-NeXT's spelling of a
+    # tower-and-projector run passes the flag checks and meets the checkpoint's.
+    before = files_of(interrupted.out)
+    capsys.readouterr()
+    argv = flags(**interrupted.base, out=interrupted.out, mm_tunable_parts="mm_vision_tower,mm_mlp_adapter")
+    assert exit_status(argv) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1, lines
+    assert f"{interrupted.checkpoint} belongs to a run with other settings (" in lines[0]
+    assert "--unfreeze_mm_vision_tower: False -> True" in lines[0], lines[0]
+    assert "--mm_tunable_parts: None -> mm_vision_tower,mm_mlp_adapter" in lines[0], lines[0]
+    assert files_of(interrupted.out) == before
+
+
+def test_tower_flags_on_a_checkpoint_from_before_them_are_named_as_changes(interrupted, tmp_path, capsys,
+                                                                           no_model_loads):
+    out = tmp_path / "llava-before-tower-flags"
+    shutil.copytree(interrupted.checkpoint.parent, out)
+    state_file = out / interrupted.checkpoint.name / loop.STATE_FILE
+    state = json.loads(state_file.read_text())
+    for flag in ("--unfreeze_mm_vision_tower", "--mm_tunable_parts", "--mm_vision_tower_lr", "--balance_loss_coef",
+                 "--router_z_loss_coef"):
+        state["settings"].pop(flag)
+    state_file.write_text(json.dumps(state))
+    assert exit_status(flags(**interrupted.base, out=out, mm_tunable_parts="mm_vision_tower,mm_mlp_adapter")) == 2
+    assert "--unfreeze_mm_vision_tower: False -> True" in capsys.readouterr().err
+
