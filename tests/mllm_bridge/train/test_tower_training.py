@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
 from encoder.utils.errors import UserError
@@ -231,3 +232,28 @@ def test_a_trained_tower_under_fsdp2_is_refused_in_one_line_writing_nothing(tmp_
     assert errors == {("error: a vision tower that trains is not supported under fsdp2 yet (the tower is held whole "
                        "on every rank, outside the engine); train it under DDP or ZeRO-1/2, or keep it frozen")}, errors
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+def test_zero2_trains_the_tower_and_resumes_it_exactly(tmp_path, digit_llm_dir, clip_moe_dir, grids_dir):
+    # ZeRO-2 shards the optimizer state (the tower's Adam moments with it), not the weights: a killed run resumes
+    # from the engine's checkpoint to the weights of an uninterrupted one.
+    launcher = [*ACCELERATE, "--multi_gpu"]
+    common = dict(unfreeze_mm_vision_tower=True, mm_vision_tower_lr=TOWER_LR, per_device_train_batch_size=2,
+                  max_steps=4, save_steps=2, save_strategy="steps", deepspeed=REPO_ROOT / "scripts" / "zero2.json")
+    whole, resumed = tmp_path / "llava-z2-whole", tmp_path / "llava-z2-resumed"
+    run = launch(launcher, flags(digit_llm_dir, clip_moe_dir, grids_dir, whole, **common))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "engine deepspeed-zero2" in run.stdout
+    stop = [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), "3", "mllm_bridge.train"]
+    killed = subprocess.run([*launcher, *stop, *flags(digit_llm_dir, clip_moe_dir, grids_dir, resumed, **common)],
+                            env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode != 0 and (resumed / "checkpoint-2" / "vision_tower").is_dir()
+    run = launch(launcher, flags(digit_llm_dir, clip_moe_dir, grids_dir, resumed, **common))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stdout
+    a, b = tower_weights(whole / "vision_tower"), tower_weights(resumed / "vision_tower")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    key = "encoder.layers.0.mlp.experts.up_proj"
+    assert not torch.equal(a[key], tower_weights(clip_moe_dir)[f"vision_model.{key}"])
