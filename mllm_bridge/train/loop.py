@@ -32,7 +32,7 @@ from encoder.training.deepspeed_config import engine_settings
 from encoder.training.loop import CheckpointDir, LoopPlan, TrainingLoop, adamw
 from encoder.training.loop import refuse_changed_settings as refuse_changed
 from encoder.training.lower_lr import LowerLrResume
-from encoder.training.sharded import full_state_dict, shards_parameters
+from encoder.training.sharded import full_state_dict, shards_parameters, whole_numel
 from encoder.utils.errors import UserError
 
 from .arguments import LlavaArguments, shaping_settings, trains_tower
@@ -178,8 +178,8 @@ class LlavaTrainer(TrainingLoop):
                         save_total_limit=t.save_total_limit, log_every=t.logging_steps, desc=self.output_dir.name, seed=t.seed,
                         log_dir=Path(t.logging_dir or self.output_dir / "logs"), report_to=t.report_to,
                         config=args.as_dict())
-        if shards_parameters(acc):
-            _keep_tower_whole(trained.model, acc.device)
+        if shards_parameters(acc) and not trains_tower(args):
+            _keep_tower_whole(trained.model, acc.device)  # a tower that trains is sharded with the rest
         super().__init__(acc, trained.model, optimizer, scheduler, dataset, sampler, collate, workers, plan,
                          _checkpoint_dir(self.output_dir), "the model")
         self.trainable = self.trained_params
@@ -211,8 +211,10 @@ class LlavaTrainer(TrainingLoop):
     def _record(self) -> dict[str, Any]:
         return {"samples_seen": self.samples_seen, "truncated": self.truncated, "empty_batches": self.empty_batches,
                 "first_losses": self.first_losses, "last_losses": list(self.last_losses), "settings": self.settings(),
-                # held whole by every rank, outside the engine's accounting under ZeRO-3 / FSDP2 (_keep_tower_whole)
-                "vision_tower_parameters": sum(p.numel() for p in self.trained.model.get_vision_tower().parameters()),
+                # a frozen tower: held whole by every rank, outside the engine's accounting under ZeRO-3 / FSDP2
+                # (_keep_tower_whole); one that trains: sharded by the engine and counted in its accounting
+                "vision_tower_parameters": sum(whole_numel(p)
+                                               for p in self.trained.model.get_vision_tower().parameters()),
                 **self.lr_change.record()}
 
     def _restore(self, record: dict[str, Any]) -> None:

@@ -115,16 +115,17 @@ def _write_tower(model: nn.Module, directory: Path, weights: dict[str, torch.Ten
     `python -m mllm_bridge check` load as they load any tower."""
     tower = model.get_vision_tower()
     inner = tower.vision_tower
+    # Always from `weights` (gathered from the ranks under ZeRO-3 / FSDP2, where the live module holds a shard).
+    prefix = _tower_prefix(model)
+    state = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefix)}
     if not getattr(inner.config, "moe_layers", None):  # a dense CLIPVisionModel: transformers' own layout
-        inner.save_pretrained(directory, safe_serialization=True)
+        inner.save_pretrained(directory, state_dict=state, safe_serialization=True)
         tower.image_processor.save_pretrained(directory)
         _write_trained_from(directory, tower)
         return
     # A CLIP-MoE vision export holds the tower model's own keys (its state dict), written as they are: save_pretrained
     # would give a tower loaded from a full CLIP-MoE directory that directory's `vision_model.` keys back, which a
     # vision-only config does not load.
-    prefix = _tower_prefix(model)
-    state = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefix)}
     directory.mkdir()
     inner.config.architectures = [type(inner).__name__]
     inner.config.save_pretrained(directory)

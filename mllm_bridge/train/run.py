@@ -15,7 +15,7 @@ import torch
 from encoder.training import make_accelerator as joined_accelerator
 from encoder.training import on_cpu
 from encoder.training.deepspeed_config import LoopOwned, engine_settings
-from encoder.training.sharded import engine_of, shards_parameters, whole_numel
+from encoder.training.sharded import whole_numel
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_parent
 
@@ -144,10 +144,6 @@ def prepare_run(args: LlavaArguments) -> tuple[LlavaTrainer, Path | None]:
     # Where it will write, first: not after reading the data and loading the model, at the first checkpoint.
     check_output_parent(Path(args.training.output_dir) / STATE_FILE, "--output_dir")
     accelerator = make_accelerator(args)
-    if trains_tower(args) and shards_parameters(accelerator):
-        raise UserError(f"a vision tower that trains is not supported under {engine_of(accelerator)} yet (the tower is "
-                        "held whole on every rank, outside the engine); train it under DDP or ZeRO-1/2, or keep it "
-                        "frozen")
     output = output_for(args.model.tune_mm_mlp_adapter)
     notes = (accepted_only_notes(args) + _precision_notes(args, accelerator) + _deepspeed_notes(args, accelerator)
              + prepare_wandb(args) + _name_notes(args))
