@@ -4,14 +4,19 @@ kill, shard what they say they shard, and write the LLaVA checkpoint load_pretra
 
 Launched the three ways users launch them: ZeRO-2 by `accelerate launch --multi_gpu` with LLaVA's own
 `--deepspeed scripts/zero2.json`, ZeRO-3 by the `deepspeed` launcher with `--deepspeed scripts/zero3.json`
-(LLaVA's finetune.sh), FSDP2 by `accelerate launch --use_fsdp --fsdp_version 2`."""
+(LLaVA's finetune.sh), FSDP2 by `accelerate launch --use_fsdp --fsdp_version 2`. ZeRO-3's runs (and their one-process
+reference) train LLaVA-1.6's anyres on images of three shapes (--image_aspect_ratio anyres --mm_patch_merge_type
+spatial_unpad: lists of crop stacks, image_newline trained), the others on square ones, so one set of launches covers
+both layouts."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +38,41 @@ ENGINES = {  # the launcher, and the run's own flags, per engine
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def on_free_port(launcher: list[str]) -> list[str]:
+    """`launcher` on a port no one listens on now: launchers default to 29500, where another launch on the machine
+    (a parallel test run) would join this one's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    flag = "--master_port" if "deepspeed.launcher.runner" in launcher else "--main_process_port"
+    return [*launcher, flag, port]
+ANYRES_ENGINE = "deepspeed-zero3"
+ANYRES = ["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
+          "(1x1),...,(2x2)"]
+SHAPES = [(32, 32), (64, 32), (32, 64)]
+
+
+@pytest.fixture(scope="module")
+def shaped_grids(tmp_path_factory, grids_dir) -> Path:
+    """The digit grids' caption records, their images resized to three shapes in turn (as test_anyres.py)."""
+    from PIL import Image
+
+    out = tmp_path_factory.mktemp("shaped-grids")
+    (out / "images").mkdir()
+    records = json.loads((grids_dir / "train.json").read_text())
+    for i, record in enumerate(records):
+        target = f"images/{i}.png"
+        Image.open(grids_dir / record["image"]).convert("RGB").resize(SHAPES[i % 3]).save(out / target)
+        record["image"] = target
+    (out / "train.json").write_text(json.dumps(records))
+    return out
+
+
+def layout_flags(engine: str, grids_dir: Path, shaped_grids: Path) -> tuple[Path, list[str]]:
+    """The data and layout flags of `engine`'s runs: anyres on shaped images for ANYRES_ENGINE."""
+    return (shaped_grids, ANYRES) if engine == ANYRES_ENGINE else (grids_dir, [])
+
+
 def stage2_flags(llm, tower, data, out, per_device: int) -> list[str]:
     """LLaVA's stage 2 flags as its scripts set them (gradient checkpointing on, as finetune.sh has it), small."""
     values = dict(model_name_or_path=llm, vision_tower=tower, data_path=data / "train.json", image_folder=data,
@@ -45,6 +85,7 @@ def launch(engine: str, script: list[str], flags: list[str]) -> subprocess.Compl
     """`script`: ["-m", MODULE] or [PATH, ARGS...], as accelerate launch takes them (the deepspeed launcher
     spells -m as --module)."""
     launcher, own = ENGINES[engine]
+    launcher = on_free_port(launcher)
     if launcher[2] == "deepspeed.launcher.runner" and script[0] == "-m":
         script = ["--module", *script[1:]]
     command = [*launcher, *script, "finetune", *flags, *own]
@@ -52,21 +93,31 @@ def launch(engine: str, script: list[str], flags: list[str]) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir):
-    """The reference: the same 4 steps of 8 samples in one process."""
-    out = tmp_path_factory.mktemp("engines") / "llava-one"
-    run = subprocess.run([sys.executable, "-m", "mllm_bridge.train", "finetune",
-                          *stage2_flags(digit_llm_dir, clip_moe_dir, grids_dir, out, 8)],
-                         env=ENV, capture_output=True, text=True, timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
+def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
+    """The reference of an engine's runs, made on first use per layout: the same 4 steps of 8 samples in one
+    process."""
+    outs = {}
+
+    def reference(engine: str) -> Path:
+        data, layout = layout_flags(engine, grids_dir, shaped_grids)
+        if data not in outs:
+            out = tmp_path_factory.mktemp("engines") / "llava-one"
+            run = subprocess.run([sys.executable, "-m", "mllm_bridge.train", "finetune",
+                                  *stage2_flags(digit_llm_dir, clip_moe_dir, data, out, 8), *layout],
+                                 env=ENV, capture_output=True, text=True, timeout=600, check=False)
+            assert run.returncode == 0, run.stderr[-3000:]
+            outs[data] = out
+        return outs[data]
+
+    return reference
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
-def engine_runs(request, tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir):
+def engine_runs(request, tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
     """Per engine: an uninterrupted 2-process run, and one killed after step 3 and then resumed."""
     engine, root = request.param, tmp_path_factory.mktemp(request.param)
-    flags = {name: stage2_flags(digit_llm_dir, clip_moe_dir, grids_dir, root / f"llava-{name}", 4)
+    data, layout = layout_flags(engine, grids_dir, shaped_grids)
+    flags = {name: [*stage2_flags(digit_llm_dir, clip_moe_dir, data, root / f"llava-{name}", 4), *layout]
              for name in ("whole", "resumed")}
     whole = launch(engine, ["-m", "mllm_bridge.train"], flags["whole"])
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -84,7 +135,7 @@ def weights(out):
 
 
 def test_two_sharded_processes_train_the_one_process_weights(engine_runs, one_process, digit_llm_dir):
-    one, two = weights(one_process), weights(engine_runs.whole)
+    one, two = weights(one_process(engine_runs.engine)), weights(engine_runs.whole)
     assert set(one) == set(two) and not any(".vision_tower." in k for k in two)
     assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one), engine_runs.engine
     start = load_file(str(digit_llm_dir / "model.safetensors"))
@@ -101,6 +152,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(engine_runs):
     engine_dir = engine_runs.resumed / "checkpoint-2" / "engine"
     assert sorted(p.name for p in engine_dir.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                              "random_states_1.pkl"]
+    if engine_runs.engine == ANYRES_ENGINE:  # anyres on three shapes: image_newline trained, resumed exactly
+        for out in (engine_runs.whole, engine_runs.resumed):
+            config = json.loads((out / "config.json").read_text())
+            assert (config["image_aspect_ratio"], config["mm_patch_merge_type"]) == ("anyres", "spatial_unpad")
+        assert whole["model.image_newline"].shape == (32,)
+        assert torch.equal(resumed["model.image_newline"], whole["model.image_newline"])
 
 
 def test_each_rank_holds_half_of_what_the_engine_shards(engine_runs, one_process):
@@ -108,7 +165,7 @@ def test_each_rank_holds_half_of_what_the_engine_shards(engine_runs, one_process
     tensors), recorded per rank: every engine halves Adam's moments against one process, ZeRO-3 and FSDP2 the
     weights too."""
     state = json.loads((engine_runs.whole / "checkpoint-2" / "trainer_state.json").read_text())
-    alone = json.loads((one_process / "checkpoint-2" / "trainer_state.json").read_text())
+    alone = json.loads((one_process(engine_runs.engine) / "checkpoint-2" / "trainer_state.json").read_text())
     held, total = state["parameters_held_per_rank"], state["parameters_total"]
     assert len(held) == 2 and len(state["peak_memory_mib_per_rank"]) == 2
     moments = alone["optimizer_state_held_per_rank"][0]
