@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -200,9 +201,19 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_process
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def on_free_port(launcher: list[str]) -> list[str]:
+    """`launcher` on a port no one listens on now: launchers default to 29500, where another launch on the machine
+    (a parallel test run) would join this one's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    flag = "--master_port" if "deepspeed.launcher.runner" in launcher else "--main_process_port"
+    return [*launcher, flag, port]
+
+
 def launch(launcher: list[str], argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, "-m", "mllm_bridge.train", *argv], env=ENV, capture_output=True, text=True,
-                          timeout=600, check=False)
+    return subprocess.run([*on_free_port(launcher), "-m", "mllm_bridge.train", *argv], env=ENV, capture_output=True,
+                          text=True, timeout=600, check=False)
 
 
 @pytest.mark.slow
@@ -235,7 +246,8 @@ def test_zero2_trains_the_tower_and_resumes_it_exactly(tmp_path, digit_llm_dir, 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "engine deepspeed-zero2" in run.stdout
     stop = [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), "3", "mllm_bridge.train"]
-    killed = subprocess.run([*launcher, *stop, *flags(digit_llm_dir, clip_moe_dir, grids_dir, resumed, **common)],
+    killed = subprocess.run([*on_free_port(launcher), *stop,
+                             *flags(digit_llm_dir, clip_moe_dir, grids_dir, resumed, **common)],
                             env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert killed.returncode != 0 and (resumed / "checkpoint-2" / "vision_tower").is_dir()
     run = launch(launcher, flags(digit_llm_dir, clip_moe_dir, grids_dir, resumed, **common))
@@ -295,8 +307,8 @@ def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
             if launcher[2] == "deepspeed.launcher.runner" and script[0] == "-m":
                 script = ["--module", *script[1:]]
             argv = flags(digit_llm_dir, clip_moe_dir, shaped_qa, out, **common)
-            return subprocess.run([*launcher, *script, *argv], env=ENV, capture_output=True, text=True, timeout=600,
-                                  check=False)
+            return subprocess.run([*on_free_port(launcher), *script, *argv], env=ENV, capture_output=True, text=True,
+                                  timeout=600, check=False)
 
         whole = go(root / "llava-whole", ["-m", "mllm_bridge.train"])
         assert whole.returncode == 0, whole.stderr[-3000:]
