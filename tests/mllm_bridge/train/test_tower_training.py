@@ -291,8 +291,8 @@ def shaped_qa(tmp_path_factory, grids_dir):
 @pytest.fixture(scope="module")
 def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
     """Per engine, launched on first use: 4 steps of LLaVA-1.6 anyres stage 2 with the tower trained, over 2 processes.
-    Under ZeRO-3 and FSDP2 also a run killed after step 3 (a checkpoint every 2 steps) and resumed; DDP's run is the
-    reference the sharded engines must reach (the same batches on the same ranks)."""
+    Also a run killed after step 3 (a checkpoint every 2 steps) and resumed. DDP's run is the reference the sharded
+    engines must reach (the same batches on the same ranks)."""
     runs = {}
 
     def run(engine: str) -> SimpleNamespace:
@@ -312,15 +312,13 @@ def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
 
         whole = go(root / "llava-whole", ["-m", "mllm_bridge.train"])
         assert whole.returncode == 0, whole.stderr[-3000:]
-        resumed = None
-        if engine != "ddp":
-            stop = [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), "3", "mllm_bridge.train"]
-            killed = go(root / "llava-resumed", stop)
-            assert killed.returncode != 0 and (root / "llava-resumed" / "checkpoint-2" / "vision_tower").is_dir()
-            resumed = go(root / "llava-resumed", ["-m", "mllm_bridge.train"])
-            assert resumed.returncode == 0, resumed.stderr[-3000:]
+        stop = [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), "3", "mllm_bridge.train"]
+        killed = go(root / "llava-resumed", stop)
+        assert killed.returncode != 0 and (root / "llava-resumed" / "checkpoint-2" / "vision_tower").is_dir()
+        resumed = go(root / "llava-resumed", ["-m", "mllm_bridge.train"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
         runs[engine] = SimpleNamespace(whole=root / "llava-whole", resumed=root / "llava-resumed", stdout=whole.stdout,
-                                       resumed_stdout=resumed.stdout if resumed else "")
+                                       resumed_stdout=resumed.stdout)
         return runs[engine]
 
     return run
@@ -356,3 +354,18 @@ def test_zero3_and_fsdp2_shard_train_and_resume_the_tower_to_the_ddp_weights(eng
         config = json.loads((out / "config.json").read_text())
         assert config["mm_vision_tower"] == str((out / "vision_tower").resolve())
         assert config["image_aspect_ratio"] == "anyres" and config["mm_patch_merge_type"] == "spatial_unpad"
+
+
+@pytest.mark.slow
+@pytest.mark.engines
+def test_ddp_trains_anyres_with_the_tower_and_resumes_exactly(engine_tower_runs, clip_moe_dir):
+    runs = engine_tower_runs("ddp")
+    assert "engine ddp" in runs.stdout and "2 process(es)" in runs.stdout
+    assert f"resumed from {runs.resumed / 'checkpoint-2'} (step 2 of 4)" in runs.resumed_stdout
+    for part in ("vision_tower", "."):
+        whole, resumed = tower_weights(runs.whole / part), tower_weights(runs.resumed / part)
+        assert set(whole) == set(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole), part
+    assert not torch.equal(tower_weights(runs.whole / "vision_tower")[KEY],
+                           tower_weights(clip_moe_dir)[f"vision_model.{KEY}"])
+    config = json.loads((runs.whole / "config.json").read_text())
+    assert (config["image_aspect_ratio"], config["mm_patch_merge_type"]) == ("anyres", "spatial_unpad")
