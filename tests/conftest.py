@@ -17,7 +17,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout; tests at any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# A parallel run (pytest-xdist, `-n 2`: PYTEST_XDIST_WORKER names the worker) gives each worker one thread, and the
+# commands its tests start one too, so two workers do not oversubscribe two cores; a serial run keeps two.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 100
 EOS = VOCAB - 1
@@ -224,14 +231,47 @@ def digit_task_dir(tmp_path_factory, grids_dir):
     return out
 
 
+# Tests that must not run beside one another under pytest-xdist: the launches (several on accelerate's default port
+# 29500, each starting two ranks) and the peak-RSS measurement, which another worker's memory pressure could skew.
+ONE_AT_A_TIME = "one-at-a-time"
+ONE_AT_A_TIME_TESTS = {"tests/upcycle/recipes/test_sparse_streaming.py::test_peak_memory_does_not_grow_with_the_output"}
+
+
+def one_at_a_time(item) -> bool:
+    return item.get_closest_marker("engines") is not None or item.nodeid in ONE_AT_A_TIME_TESTS
+
+
+@pytest.hookimpl(wrapper=True)  # marks before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` need a CUDA GPU: skipped here with the reason, run by scripts/gpu_check.sh."""
-    if torch.cuda.is_available():
+    """Tests marked `cuda` need a CUDA GPU: skipped here with the reason, run by scripts/gpu_check.sh. On an xdist
+    worker (`-n 2 --dist loadgroup`), the tests that must not run beside one another join one group, which xdist
+    runs on one worker in sequence; a serial run is left as it is."""
+    grouped = []
+    if hasattr(config, "workerinput"):
+        group = pytest.mark.xdist_group(ONE_AT_A_TIME)
+        grouped = [item for item in items if one_at_a_time(item)]
+        for item in grouped:
+            item.add_marker(group)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+    yield
+    # `--dist loadgroup` sends a group to one worker by the suffix `@GROUP` xdist's worker appends to each test id.
+    # xdist 3.8 appends it to `item._nodeid`, which pytest 9.2 no longer reads (its ids are `item._id`): the group
+    # would silently spread over the workers. Appended here where xdist's own did not take.
+    if not (grouped and config.getvalue("loadgroup")):
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    suffix = f"@{ONE_AT_A_TIME}"
+    for item in grouped:
+        if not item.nodeid.endswith(suffix):
+            if hasattr(item, "_id"):
+                from _pytest.nodeid import NodeId
+
+                item._id = NodeId.parse(item.nodeid + suffix)
+            else:
+                item._nodeid = item.nodeid + suffix
 
 
 # Test tiers (pyproject.toml's markers; `bash scripts/test.sh --fast` leaves them out, the plain command runs them
