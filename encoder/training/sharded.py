@@ -219,9 +219,10 @@ class ShardedCheckpointState:
 # What reading a truncated or overwritten engine part raises, by reader: torch's distributed checkpoint collects
 # every rank's failure into a CheckpointException (a BaseException) on all ranks; DeepSpeed's and accelerate's
 # torch.load raise RuntimeError ("failed finding central directory"), UnpicklingError, EOFError; a missing or
-# unexpected entry KeyError, IndexError, ValueError or DeepSpeed's own asserts.
+# unexpected entry KeyError, IndexError, ValueError or DeepSpeed's own asserts; overwritten bytes the unpickler reads
+# as a huge length, MemoryError (the allocation is refused, nothing was allocated).
 UNREADABLE = (CheckpointException, OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, AssertionError,
-              pickle.UnpicklingError)
+              pickle.UnpicklingError, MemoryError)
 
 
 def _refuse_damaged(acc, directory: Path, failure: BaseException | None, complete: list[Path]) -> None:
