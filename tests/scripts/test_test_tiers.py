@@ -70,9 +70,11 @@ def selected(tmp_path, *args: str) -> set[str]:
 
 @pytest.mark.end_to_end
 def test_fast_leaves_out_exactly_the_slow_tiers_and_the_plain_command_nothing(tmp_path):
-    assert arguments_given_pytest(tmp_path, "-q", "-k", "x") == ["-m", "pytest", "-q", "-k", "x"]
+    parallel = ["-n", "2", "--dist", "loadgroup"]  # two xdist workers, the launches grouped (tests/conftest.py)
+    assert arguments_given_pytest(tmp_path, "-q", "-k", "x") == ["-m", "pytest", *parallel, "-q", "-k", "x"]
     fast = arguments_given_pytest(tmp_path, "--fast", "-q", "-k", "x")
-    assert fast[:3] == ["-m", "pytest", "-m"] and fast[4:] == ["-q", "-k", "x"], fast
+    assert fast[:7] == ["-m", "pytest", *parallel, "-m"] and fast[8:] == ["-q", "-k", "x"], fast
+    fast = fast[:2] + fast[6:]  # the selection at the index the checks below read it
     everything = {"test_plain", "test_cuda", "test_engines", "test_end_to_end", "test_compile", "test_slow",
                   "test_param[1]", "test_param[2]"}
     assert selected(tmp_path) == everything
