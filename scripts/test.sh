@@ -11,7 +11,7 @@ if [[ "${1:-}" == "--fast" ]]; then
   shift
   select=(-m "not (engines or end_to_end or compile or slow)")
 fi
-# Two pytest-xdist workers, one per core of the 2-core machines the suite is sized for (measured: 12 min 18 s vs
+# Two pytest-xdist workers, one per core of the 2-core machines the suite is sized for (measured: 12-14 min vs
 # 17 min 56 s in one process); tests/conftest.py groups the multi-process launches (engines) and the memory
 # measurement, run one at a time on one worker.
 parallel=(-n 2 --dist loadgroup)

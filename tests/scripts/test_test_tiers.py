@@ -20,7 +20,7 @@ def arguments_given_pytest(tmp_path, *args: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CLIP_MOE_UNLOCKED", "CLIP_MOE_LOCK")}
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
-    (venv / "bin" / "python").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    (venv / "bin" / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # printf: echo would take -n as its own flag
     (venv / "bin" / "python").chmod(0o755)
     stamp = subprocess.run(["bash", "scripts/setup.sh", "--stamp"], cwd=ROOT, capture_output=True, text=True,
                            check=True, env=env).stdout
