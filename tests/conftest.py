@@ -237,8 +237,19 @@ ONE_AT_A_TIME = "one-at-a-time"
 ONE_AT_A_TIME_TESTS = {"tests/upcycle/recipes/test_sparse_streaming.py::test_peak_memory_does_not_grow_with_the_output"}
 
 
+# The README's command lines run in one shared folder, each on what the earlier ones wrote: in order, on one worker.
+IN_ORDER = "readme-in-order"
+IN_ORDER_PREFIX = "tests/docs/test_documented_commands.py::test_readme_command_runs_with_stand_ins"
+
+
 def one_at_a_time(item) -> bool:
     return item.get_closest_marker("engines") is not None or item.nodeid in ONE_AT_A_TIME_TESTS
+
+
+def xdist_group_of(item) -> str | None:
+    if one_at_a_time(item):
+        return ONE_AT_A_TIME
+    return IN_ORDER if item.nodeid.startswith(IN_ORDER_PREFIX) else None
 
 
 @pytest.hookimpl(wrapper=True)  # marks before xdist's own hook, which reads the groups into the test ids
@@ -248,10 +259,9 @@ def pytest_collection_modifyitems(config, items):
     runs on one worker in sequence; a serial run is left as it is."""
     grouped = []
     if hasattr(config, "workerinput"):
-        group = pytest.mark.xdist_group(ONE_AT_A_TIME)
-        grouped = [item for item in items if one_at_a_time(item)]
-        for item in grouped:
-            item.add_marker(group)
+        grouped = [(item, xdist_group_of(item)) for item in items if xdist_group_of(item)]
+        for item, name in grouped:
+            item.add_marker(pytest.mark.xdist_group(name))
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_check.sh on one)")
         for item in items:
@@ -263,8 +273,8 @@ def pytest_collection_modifyitems(config, items):
     # would silently spread over the workers. Appended here where xdist's own did not take.
     if not (grouped and config.getvalue("loadgroup")):
         return
-    suffix = f"@{ONE_AT_A_TIME}"
-    for item in grouped:
+    for item, name in grouped:
+        suffix = f"@{name}"
         if not item.nodeid.endswith(suffix):
             if hasattr(item, "_id"):
                 from _pytest.nodeid import NodeId
