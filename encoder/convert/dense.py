@@ -113,7 +113,7 @@ def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
 
 def _dense_config(path: Path) -> CLIPConfig:
     """The directory's CLIPConfig, checked against its weights' shapes (safetensors headers only)."""
-    from ..configuration import check_forward_fields
+    from ..moe_config import check_forward_fields
     from ..model_dir import build_config, check_weights
 
     config = build_config(path / "config.json", None, lambda: CLIPConfig.from_pretrained(path))
