@@ -1,4 +1,5 @@
-"""Symmetric InfoNCE over a global batch whose negatives are gathered from every process, with gradients."""
+"""Contrastive losses over a global batch whose negatives are gathered from every process, with gradients:
+CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid loss."""
 
 from __future__ import annotations
 
@@ -51,3 +52,26 @@ def clip_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
     logits_t2i = logit_scale * text_emb @ all_images.t()
     return 0.5 * (F.cross_entropy(logits_i2t.float(), labels, label_smoothing=label_smoothing)
                   + F.cross_entropy(logits_t2i.float(), labels, label_smoothing=label_smoothing))
+
+
+def siglip_sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
+                        logit_bias: torch.Tensor | float) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss of this rank's images against every text of the global batch.
+
+    image_emb / text_emb: this rank's L2-normalised embeddings [b, D] (the same b on every rank); `logit_scale`
+    is the multiplier itself (`model.logit_scale.exp()`, as for `clip_contrastive_loss`), `logit_bias` the
+    learned bias. Every (image, text) pair is a binary problem, +1 for the matching pair and -1 for all others:
+    `-logsigmoid(labels * (logit_scale * image_emb @ texts.T + logit_bias)).sum() / b`.
+
+    On one process this is `SiglipModel(return_loss=True)`'s loss. On several, each rank's images meet its own
+    positives and every other rank's texts as negatives, normalised by the local b as open_clip's `SigLipLoss`
+    does (its exchange of text blocks is replaced by one all_gather that keeps gradients): the mean of the
+    ranks' losses is the loss over the concatenated batch, and DDP's gradient average is its gradient.
+    """
+    all_texts = gather_with_grad(text_emb)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    b = image_emb.shape[0]
+    logits = (logit_scale * image_emb @ all_texts.t() + logit_bias).float()
+    labels = -torch.ones_like(logits)
+    labels[:, rank * b:(rank + 1) * b] += 2 * torch.eye(b, device=logits.device, dtype=logits.dtype)
+    return -F.logsigmoid(labels * logits).sum() / b
