@@ -262,11 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                                args.repeats, args.warmup, train_tower=args.train_tower))
     result["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.output)
+    if args.output is not None:  # renamed into place: an earlier result stays whole if this write fails
+        from encoder.utils.files import write_atomic
+
+        write_atomic(args.output, lambda tmp: tmp.write_text(text + "\n"), flag="--output")
     print(text)
     return 0
 

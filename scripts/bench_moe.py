@@ -52,6 +52,7 @@ from encoder import (
     CLIPMoEVisionModel,
     set_expert_dispatch,
 )
+from encoder.utils.files import write_atomic
 
 MASKED_LOOP = "bench_masked_loop"
 PRESETS = {  # openai/clip-vit-large-patch14-336's vision tower (LLaVA-1.5's)
@@ -448,11 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         result["tower"] = bench_tower(args, tokens)
     result["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.output)
+    if args.output is not None:  # renamed into place: an earlier result stays whole if this write fails
+        write_atomic(args.output, lambda tmp: tmp.write_text(text + "\n"), flag="--output")
     print(text)
 
 
