@@ -1,0 +1,59 @@
+"""The SigLIP family: SigLIP-MoE configs, models and the dense -> MoE weight map.
+
+Importing this package registers the SigLIP-MoE configs and models with transformers' Auto classes (so
+`AutoConfig` / `AutoModel.from_pretrained(DIR)` return our classes for a saved SigLIP-MoE directory) and the family
+with `encoder.family` (so `family_of(DIR)` knows dense SigLIP and SigLIP-MoE directories).
+"""
+
+from transformers import AutoConfig, AutoModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import PrefixChange
+
+from ..family import Family, register_family
+from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
+from .modeling import (
+    SiglipMoEModel,
+    SiglipMoEPreTrainedModel,
+    SiglipMoETextModel,
+    SiglipMoEVisionModel,
+    sigmoid_loss,
+)
+from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
+from .weight_map import dense_to_moe_state_dict, moe_config_of, sparse_upcycle_siglip
+
+for _config, _model in (
+    (SiglipMoEConfig, SiglipMoEModel),
+    (SiglipMoEVisionConfig, SiglipMoEVisionModel),
+    (SiglipMoETextConfig, SiglipMoETextModel),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+
+# A tower loaded from a full SigLIP-MoE directory takes its weights from under that tower's prefix, as
+# transformers does for SiglipVisionModel / SiglipTextModel.
+for _name, _prefix in (("SiglipMoEVisionModel", "vision_model"), ("SiglipMoETextModel", "text_model")):
+    register_checkpoint_conversion_mapping(_name, [PrefixChange(prefix_to_remove=_prefix)], overwrite=True)
+
+SIGLIP = register_family(Family(
+    name="siglip",
+    dense_model_types=("siglip", "siglip_vision_model", "siglip_text_model"),
+    moe_model_types=(SiglipMoEConfig.model_type, SiglipMoEVisionConfig.model_type, SiglipMoETextConfig.model_type),
+    has_cls_token=False,
+))
+
+__all__ = [
+    "SIGLIP",
+    "SiglipMoEConfig",
+    "SiglipMoEModel",
+    "SiglipMoEOutput",
+    "SiglipMoEOutputWithPooling",
+    "SiglipMoEPreTrainedModel",
+    "SiglipMoETextConfig",
+    "SiglipMoETextModel",
+    "SiglipMoEVisionConfig",
+    "SiglipMoEVisionModel",
+    "dense_to_moe_state_dict",
+    "moe_config_of",
+    "sigmoid_loss",
+    "sparse_upcycle_siglip",
+]

@@ -1,0 +1,401 @@
+"""SigLIP-MoE models with the interfaces of transformers' `SiglipModel`, `SiglipVisionModel` and `SiglipTextModel`.
+
+Attention, embeddings, dense MLPs and the attention-pooling head are transformers' own SigLIP modules; layers listed
+in a tower's `moe_layers` (and the head's MLP when `moe_head`) use the family-agnostic `CLIPMoESparseMLP` instead.
+Parameter names match transformers' SigLIP, so a dense SigLIP state dict loads unchanged into the non-MoE parts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.siglip.modeling_siglip import (
+    SiglipAttention,
+    SiglipMLP,
+    SiglipMultiheadAttentionPoolingHead,
+    SiglipPreTrainedModel,
+    SiglipTextEmbeddings,
+    SiglipVisionEmbeddings,
+)
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
+
+from ..experts import CLIPMoEExperts
+from ..moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
+from ..outputs import CLIPMoEEncoderOutput
+from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
+from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
+
+
+def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (transformers' `SiglipModel(return_loss=True)`, written as it writes it so the
+    numbers are the same): labels +1 on the diagonal, -1 elsewhere; -sum(logsigmoid(labels * logits)) per text, mean."""
+    eye = torch.eye(logits_per_text.size(0), device=logits_per_text.device)
+    m1_diag1 = -torch.ones_like(logits_per_text) + 2 * eye
+    loglik = nn.functional.logsigmoid(m1_diag1 * logits_per_text)
+    return -torch.sum(loglik, dim=-1).mean()
+
+
+def mlp_or_moe(config, is_moe: bool, dense_mlp: type[nn.Module] = SiglipMLP) -> nn.Module:
+    """The family's dense MLP, or the shared MoE layer in its place (same width, activation and expert shapes)."""
+    return CLIPMoESparseMLP(config) if is_moe else dense_mlp(config)
+
+
+def run_mlp(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A dense MLP's output, or a MoE layer's (whose router logits the tower records from its router)."""
+    return mlp(hidden_states)[0] if isinstance(mlp, CLIPMoESparseMLP) else mlp(hidden_states)
+
+
+OUTPUT_FLAGS_DOC = """
+        `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
+        before the final layer norm, as in transformers' SigLIP), or the index / list of indices of the states to
+        keep (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
+        `output_router_logits`: one fp32 [tokens, num_experts] tensor per MoE layer (then one [batch, num_experts]
+        for a MoE head), and the auxiliary losses. Each flag left None is the config's."""
+
+
+def tower_output(tower: PreTrainedModel, features, token_mask: torch.Tensor | None, return_dict: bool | None,
+                 inputs: dict, flags: dict):
+    """A tower's output: `features(**inputs)` (its pass under `capture_outputs`, which records what `flags` ask for,
+    each flag left None taken from the tower's config), plus the auxiliary losses of the router logits it recorded.
+
+    The losses come from the recorded logits alone (`routing_losses`, as transformers' MoE models compute theirs):
+    the encoder layers' over the real tokens (`token_mask` [B, N], None = all), a MoE head's (recorded last, one
+    pooled token per image, every one real) over all its rows. A tower without MoE MLPs records no router logits:
+    its routing fields stay None. Shared by the SigLIP and SigLIP2 towers.
+    """
+    config = tower.config
+    kwargs = {name: value for name, value in flags.items() if value is not None}
+    if not config.is_moe:
+        kwargs["output_router_logits"] = False
+    out = features(return_dict=True, **inputs, **kwargs)
+    if out.router_logits is not None:
+        masks = [token_mask] * len(config.moe_layers) + [None] * (len(out.router_logits) - len(config.moe_layers))
+        losses = [routing_losses(logits, config.top_k, mask) for logits, mask in zip(out.router_logits, masks)]
+        out.load_balance_loss = torch.stack([balance for balance, _ in losses]).mean()
+        out.router_z_loss = torch.stack([z for _, z in losses]).mean()
+        out.aux_loss = config.aux_loss_coef * out.load_balance_loss + config.router_z_loss_coef * out.router_z_loss
+    return out if flag(return_dict, config.return_dict) else out.to_tuple()
+
+
+def install_recording_hooks(tower: PreTrainedModel) -> None:
+    """Install `capture_outputs`' hooks at build time rather than at the first call that asks for an output:
+    installing takes a lock, which torch.compile(fullgraph=True) cannot trace. They record nothing unless asked."""
+    maybe_install_capturing_hooks(tower)
+
+
+def flag(value: bool | None, default: bool | None) -> bool:
+    """A forward argument, or the config's default when the argument is None."""
+    return bool(default) if value is None else bool(value)
+
+
+class SiglipMoEEncoderLayer(GradientCheckpointingLayer):
+    """SigLIP's pre-norm block whose MLP is dense or MoE depending on the tower config."""
+
+    def __init__(self, config: SiglipMoEVisionConfig | SiglipMoETextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = SiglipAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.is_moe = layer_idx in config.moe_layers
+        self.mlp = mlp_or_moe(config, self.is_moe)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **attn_kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
+        hidden_states = residual + hidden_states
+        return hidden_states + run_mlp(self.mlp, self.layer_norm2(hidden_states))
+
+
+class SiglipMoEEncoder(nn.Module):
+    """The stack of layers; the tower's `capture_outputs` records hidden states, attentions and router logits."""
+
+    def __init__(self, config: SiglipMoEVisionConfig | SiglipMoETextConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList([SiglipMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> CLIPMoEEncoderOutput:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return CLIPMoEEncoderOutput(last_hidden_state=hidden_states)
+
+
+class SiglipMoEAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
+    """SigLIP's attention-pooling (MAP) head; its MLP is a MoE layer when the config's `moe_head` is True."""
+
+    def __init__(self, config: SiglipMoEVisionConfig):
+        super().__init__(config)
+        if config.moe_head:
+            self.mlp = mlp_or_moe(config, True)
+
+    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
+        hidden_state = self.attention(probe, hidden_state, hidden_state)[0]
+        hidden_state = hidden_state + run_mlp(self.mlp, self.layernorm(hidden_state))
+        return hidden_state[:, 0]
+
+
+class SiglipMoEPreTrainedModel(SiglipPreTrainedModel):
+    config: SiglipMoEConfig
+    base_model_prefix = "siglip_moe"
+    _no_split_modules = ["SiglipTextEmbeddings", "SiglipVisionEmbeddings", "SiglipMoEEncoderLayer",
+                         "SiglipMoEAttentionPoolingHead"]
+    # What `capture_outputs` records (transformers' convention): `output_hidden_states` (True, or the indices of the
+    # states to keep), `output_attentions`, `output_router_logits` (each MoE router's fp32 logits, in call order:
+    # the encoder's MoE layers, then the head's when `moe_head`).
+    _can_record_outputs = {
+        "hidden_states": SiglipMoEEncoderLayer,
+        "attentions": SiglipAttention,
+        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
+    }
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Our experts' own forward ("eager") is the fast default, as for the CLIP-MoE.
+        return super().get_correct_experts_implementation(requested_experts or "eager")
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, CLIPMoEExperts):
+            # Each expert as transformers' SiglipMLP inits fc1 / fc2: xavier-uniform weights, biases N(0, 1e-6).
+            for weight in (module.up_proj, module.down_proj):
+                fan_out, fan_in = weight.shape[1:]
+                bound = (6.0 / (fan_in + fan_out)) ** 0.5
+                init.uniform_(weight, -bound, bound)
+            init.normal_(module.up_proj_bias, std=1e-6)
+            init.normal_(module.down_proj_bias, std=1e-6)
+        elif isinstance(module, SiglipMoEModel):
+            init.zeros_(module.logit_scale)  # as transformers' SiglipPreTrainedModel inits SiglipModel's
+            init.zeros_(module.logit_bias)
+
+
+def tower_keys_to_ignore(other_tower: str) -> list[str]:
+    """The keys a tower loaded from a full SigLIP-MoE directory (as LLaVA loads its tower) leaves out: the other
+    tower, the logit scale and the logit bias."""
+    return [rf"^{other_tower}\.", r"^logit_scale$", r"^logit_bias$"]
+
+
+class SiglipMoEVisionModel(SiglipMoEPreTrainedModel):
+    """The vision tower, `SiglipVisionModel`'s interface: no class token, post_layernorm over every patch,
+    pooler_output = the attention-pooling head's output (None with `vision_use_head=False`)."""
+
+    config: SiglipMoEVisionConfig
+    config_class = SiglipMoEVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _input_embed_layer = "patch_embedding"
+    _keys_to_ignore_on_load_unexpected = tower_keys_to_ignore("text_model")
+
+    def __init__(self, config: SiglipMoEVisionConfig):
+        super().__init__(config)
+        self.embeddings = SiglipVisionEmbeddings(config)
+        self.encoder = SiglipMoEEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.use_head = config.vision_use_head
+        if self.use_head:
+            self.head = SiglipMoEAttentionPoolingHead(config)
+        self.post_init()
+        install_recording_hooks(self)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embedding
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SiglipMoEOutputWithPooling | tuple:
+        """pixel_values [B, C, H, W] -> last_hidden_state [B, patches, d], pooler_output [B, d]."""
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return tower_output(self, self._features, None, return_dict,
+                            dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding), flags)
+
+    forward.__doc__ += OUTPUT_FLAGS_DOC
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                  **kwargs) -> SiglipMoEOutputWithPooling:
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        last = self.post_layernorm(self.encoder(hidden_states, **kwargs).last_hidden_state)
+        pooled = self.head(last) if self.use_head else None
+        return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
+
+
+class SiglipMoETextModel(SiglipMoEPreTrainedModel):
+    """The text tower, `SiglipTextModel`'s interface: bidirectional attention, pooler_output = `head` of the last
+    position (SigLIP pads to a fixed length, so that position is usually padding, as in transformers)."""
+
+    config: SiglipMoETextConfig
+    config_class = SiglipMoETextConfig
+    input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
+    _keys_to_ignore_on_load_unexpected = tower_keys_to_ignore("vision_model")
+
+    def __init__(self, config: SiglipMoETextConfig):
+        super().__init__(config)
+        self.embeddings = SiglipTextEmbeddings(config)
+        self.encoder = SiglipMoEEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, config.projection_size)
+        self.post_init()
+        install_recording_hooks(self)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.token_embedding = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SiglipMoEOutputWithPooling | tuple:
+        """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, projection_size].
+
+        Tokens with attention_mask == 0, or equal to `pad_token_id` when no mask is given (SigLIP pads to 64 tokens
+        with it and is usually run without a mask), are padding: they are routed like any token but do not count in
+        the auxiliary losses."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        if attention_mask is not None:
+            token_mask = attention_mask.to(torch.bool)
+        elif self.config.pad_token_id is not None:
+            token_mask = input_ids != self.config.pad_token_id
+        else:
+            token_mask = None
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
+
+    forward.__doc__ += OUTPUT_FLAGS_DOC
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None, **kwargs) -> SiglipMoEOutputWithPooling:
+        hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+        last = self.final_layer_norm(self.encoder(hidden_states, mask, **kwargs).last_hidden_state)
+        return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.head(last[:, -1, :]))
+
+
+class SiglipMoEModel(SiglipMoEPreTrainedModel):
+    """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs."""
+
+    config: SiglipMoEConfig
+    config_class = SiglipMoEConfig
+
+    def __init__(self, config: SiglipMoEConfig):
+        super().__init__(config)
+        self.text_model = SiglipMoETextModel._from_config(config.text_config)
+        self.vision_model = SiglipMoEVisionModel._from_config(config.vision_config)
+        self.logit_scale = nn.Parameter(torch.zeros(1))
+        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None, return_dict: bool | None = None,
+                          **kwargs) -> SiglipMoEOutputWithPooling | tuple:
+        """The text tower's output (`pooler_output` = the text embedding before normalisation), as transformers'
+        `SiglipModel.get_text_features`; `return_dict=False` (or `config.return_dict` False) gives `to_tuple()`."""
+        out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              return_dict=True, **self._router_kwargs(kwargs))
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+
+    def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                           return_dict: bool | None = None, **kwargs) -> SiglipMoEOutputWithPooling | tuple:
+        """The vision tower's output (`pooler_output` = the image embedding before normalisation); `return_dict` as
+        in `get_text_features`."""
+        out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                return_dict=True, **self._router_kwargs(kwargs))
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+
+    def _router_kwargs(self, kwargs: dict) -> dict:
+        # The argument decides for both towers; else the full model's config when it asks for router logits;
+        # else each tower's own config, as a tower used alone.
+        wanted = kwargs.get("output_router_logits")
+        if wanted is None and self.config.output_router_logits:
+            wanted = True
+        return {**kwargs, "output_router_logits": wanted}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SiglipMoEOutput | tuple:
+        """`SiglipModel.forward` plus routing outputs.
+
+        logits = logit_scale.exp() * cosine similarity + logit_bias. With `output_router_logits` (default
+        `config.output_router_logits`) each tower output carries its router logits and auxiliary losses, and
+        `aux_loss` is added to `loss` (the sigmoid loss, `return_loss=True`). `return_dict=False` (default
+        `config.return_dict`) gives `to_tuple()`.
+        """
+        vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         output_router_logits=output_router_logits, return_dict=True, **kwargs)
+        text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      output_router_logits=output_router_logits, return_dict=True, **kwargs)
+        # Written as transformers' SiglipModel writes them, so a dense SigLIP-MoE matches it bit for bit.
+        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t())
+        logits_per_text = logits_per_text * self.logit_scale.exp() + self.logit_bias
+
+        aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
+        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+        loss = None
+        if return_loss:
+            loss = sigmoid_loss(logits_per_text)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        out = SiglipMoEOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text,
+            vision_model_output=vision,
+            aux_loss=aux_loss,
+        )
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
