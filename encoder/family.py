@@ -9,13 +9,61 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PretrainedConfig
 
 from .utils.errors import UserError
+
+KINDS = ("model", "vision", "text")  # the keys of `Family.moe_configs` / `moe_models`: the full model, each tower
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """Where a family's dense FFN weights go in its MoE state dict, as names (no tensors).
+
+    tower_prefix: tower ("vision", "text") -> the state-dict prefix of its weights in the full model.
+    ffn_to_expert: dense FFN tensor name (under a layer's MLP) -> the name of the expert stack that copies it.
+    layer_mlp: the MLP of layer `{layer}` within a tower, as a format string ending in '.'; the default is
+        transformers' `encoder.layers.<i>.mlp` naming (CLIP, SigLIP). The router of a MoE layer is
+        `<mlp>router.weight`, its experts `<mlp>experts.<name>`.
+    """
+
+    tower_prefix: Mapping[str, str]
+    ffn_to_expert: Mapping[str, str]
+    layer_mlp: str = "encoder.layers.{layer}.mlp."
+
+    def mlp(self, tower: str, layer: int) -> str:
+        """The state-dict prefix of layer `layer`'s MLP in `tower` of the full model."""
+        return f"{self.tower_prefix[tower]}.{self.layer_mlp.format(layer=layer)}"
+
+    def router_pattern(self, prefix: str = "") -> re.Pattern:
+        """The router weight keys of a tower whose keys start with `prefix` ('vision_model.', or '' for a tower's
+        own export), the layer index as group 1."""
+        layer_mlp = re.escape(self.layer_mlp).replace(re.escape("{layer}"), r"(\d+)")
+        return re.compile(re.escape(prefix) + layer_mlp + re.escape("router.weight"))
+
+    def router_key(self, tower: str, layer: int) -> str:
+        return self.mlp(tower, layer) + "router.weight"
+
+    def expert_keys(self, tower: str, layer: int) -> dict[str, str]:
+        """{expert stack key: the dense FFN key each of its experts copies} of one MoE layer."""
+        mlp = self.mlp(tower, layer)
+        return {f"{mlp}experts.{expert}": mlp + dense for dense, expert in self.ffn_to_expert.items()}
+
+    def dense_ffn_key(self, expert_key: str) -> str | None:
+        """`...mlp.experts.up_proj` -> `...mlp.fc1.weight` (the dense tensor every expert copies); None for a key
+        that is not an expert stack."""
+        head, sep, name = expert_key.rpartition(".experts.")
+        if not sep:
+            return None
+        for dense_name, expert_name in self.ffn_to_expert.items():
+            if name == expert_name:
+                return f"{head}.{dense_name}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -23,15 +71,35 @@ class Family:
     """What the family-agnostic code needs to know of one model family.
 
     name: short name used in messages and the CLI ("clip", "siglip", "siglip2").
-    dense_model_types: transformers' `model_type`s of the dense full model and its towers.
-    moe_model_types: our MoE configs' `model_type`s (full model first, then the towers).
+    dense_model_types: transformers' `model_type`s of the dense full model and its towers, in `KINDS` order
+        (full model, vision tower, text tower).
+    moe_model_types: our MoE configs' `model_type`s, in the same order.
     has_cls_token: whether the vision tower's sequence starts with a class token (LLaVA's "patch" drops it).
+    display_name: the family's name in messages ("CLIP" -> "CLIP" / "CLIP-MoE"); default `name`.
+    moe_configs / moe_models: kind ("model", "vision", "text": `KINDS`) -> the MoE config / PreTrainedModel class,
+        so family-agnostic code builds and loads a family's MoE model from the registry.
+    weight_map: where the dense FFN weights go in the MoE state dict (`WeightMap`); None until the family has one.
+    dense_vision_config / dense_vision_model / image_processor: transformers' classes of the dense vision tower
+        and its image processor, which the LLaVA tower loads for a dense directory of this family.
     """
 
     name: str
     dense_model_types: tuple[str, ...]
     moe_model_types: tuple[str, ...]
     has_cls_token: bool
+    display_name: str = ""
+    moe_configs: Mapping[str, type] = field(default_factory=dict, repr=False)
+    moe_models: Mapping[str, type] = field(default_factory=dict, repr=False)
+    weight_map: WeightMap | None = field(default=None, repr=False)
+    dense_vision_config: type | None = field(default=None, repr=False)
+    dense_vision_model: type | None = field(default=None, repr=False)
+    image_processor: type | None = field(default=None, repr=False)
+
+    def label(self, moe: bool) -> str:
+        """"CLIP-MoE" / "CLIP": what a message calls a (MoE or dense) model of this family."""
+        name = self.display_name or self.name
+        return f"{name}-MoE" if moe else name
+
 
 
 @dataclass(frozen=True)
@@ -41,6 +109,18 @@ class FamilyMatch:
     family: Family
     is_moe: bool
     model_type: str
+
+    @property
+    def label(self) -> str:
+        """What a message calls the model: "CLIP-MoE", "CLIP", ..."""
+        return self.family.label(self.is_moe)
+
+    @property
+    def kind(self) -> str:
+        """"model" (both towers), "vision" or "text" (one tower): the position of `model_type` in its family's
+        tuple, read in `KINDS` order."""
+        types = self.family.moe_model_types if self.is_moe else self.family.dense_model_types
+        return KINDS[types.index(self.model_type)]
 
 
 class UnknownFamily(UserError):
@@ -65,6 +145,14 @@ def register_family(family: Family) -> Family:
 def families() -> tuple[Family, ...]:
     """The registered families, in registration order."""
     return tuple(_FAMILIES.values())
+
+
+def family_named(name: str) -> Family:
+    """The registered family called `name`; UnknownFamily (one line, the families known) for another name."""
+    if name not in _FAMILIES:
+        known = ", ".join(_FAMILIES) or "none registered"
+        raise UnknownFamily(f"no model family {name!r}; the families this toolkit knows: {known}")
+    return _FAMILIES[name]
 
 
 def _model_type(source) -> tuple[str | None, str]:
@@ -106,6 +194,19 @@ def family_of(source) -> FamilyMatch:
         raise UnknownFamily(f"{where} is {what}, of no model family this toolkit knows ({known}); give a directory "
                             "(or hub id) of one of those")
     return match
+
+
+def read_model_type(source) -> str | None:
+    """The `model_type` of a model directory (or its config.json, a config dict or a PretrainedConfig), or None when
+    it has no readable config: the one reader of a directory's model type."""
+    return _model_type(source)[0]
+
+
+def is_full_moe(source) -> bool:
+    """True when `source` (a model directory, its config.json, a config dict or a PretrainedConfig) is the full MoE
+    model (both towers, e.g. a `CLIPMoEModel`) of a registered family, not one tower's export nor a dense model."""
+    match = find_family(source)
+    return match is not None and match.is_moe and match.kind == "model"
 
 
 def is_moe_dir(path: str | os.PathLike | None) -> bool:

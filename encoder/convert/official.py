@@ -29,8 +29,7 @@ import torch
 from transformers import CLIPImageProcessor
 from transformers.initialization import no_init_weights
 
-from ..configuration import CLIPMoEConfig
-from ..modeling import CLIPMoEModel
+from ..clip import CLIPMoEConfig, CLIPMoEModel
 from ..utils.constants import LEGACY_ARGMAX_EOS_ID, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..utils.errors import UserError, first_line
 from ..utils.files import file_sha256

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import MatmulLog, tiny_batch, tiny_dense_clip
-from encoder.configuration import CLIPMoEVisionConfig
+from encoder.clip.configuration import CLIPMoEVisionConfig
 from encoder.experts import (
     EXPERT_DISPATCH,
     FALLBACK_EXPERT_DISPATCH,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-from .moe_config import MoEFields
+from ..moe_config import MoEFields
 
 
 @strict

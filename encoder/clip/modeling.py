@@ -20,10 +20,10 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
+from ..experts import CLIPMoEExperts
+from ..moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
+from ..outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .experts import CLIPMoEExperts
-from .moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
-from .outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
 
 
 class CLIPMoEEncoderLayer(GradientCheckpointingLayer):
@@ -113,9 +113,10 @@ def _other_tower_keys(other_tower: str) -> list[str]:
 
 
 def _tower_output(tower: "CLIPMoEVisionModel | CLIPMoETextModel", features, token_mask: torch.Tensor | None,
-                  return_dict: bool | None, flags: dict, **inputs) -> CLIPMoEOutputWithPooling | tuple:
-    """A tower's output: `features` (its pass under `capture_outputs`, which records what `flags` ask for, each flag
-    left None taken from the tower's config), plus the auxiliary losses of the router logits it recorded.
+                  return_dict: bool | None, inputs: dict, **flags) -> CLIPMoEOutputWithPooling | tuple:
+    """A tower's output: `features(**inputs)` (its pass under `capture_outputs`, which records what `flags` ask for:
+    `output_*` and the forward's other keyword arguments, each left None taken from the tower's config), plus the
+    auxiliary losses of the router logits it recorded.
 
     The losses are computed from the recorded logits alone (`routing_losses`), over the non-padding tokens
     (token_mask, None = all), as transformers' MoE models compute their auxiliary loss from `router_logits`.
@@ -167,9 +168,6 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         self.post_init()
         _install_recording_hooks(self)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embedding
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -183,10 +181,10 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         """pixel_values [B, C, H, W] -> last_hidden_state [B, 1 + patches, d], pooler_output [B, d]."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        return _tower_output(self, self._features, None, return_dict, flags, pixel_values=pixel_values,
-                             interpolate_pos_encoding=interpolate_pos_encoding)
+        inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return _tower_output(self, self._features, None, return_dict, inputs,
+                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                             output_router_logits=output_router_logits, **kwargs)
 
     forward.__doc__ += _OUTPUT_FLAGS_DOC
 
@@ -216,12 +214,6 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         self.post_init()
         _install_recording_hooks(self)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.token_embedding = value
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -246,10 +238,11 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         else:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             token_mask = positions[None, :] <= eos_position[:, None]
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        return _tower_output(self, self._features, token_mask, return_dict, flags, input_ids=input_ids,
-                             attention_mask=attention_mask, position_ids=position_ids, eos_position=eos_position)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      eos_position=eos_position)
+        return _tower_output(self, self._features, token_mask, return_dict, inputs,
+                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                             output_router_logits=output_router_logits, **kwargs)
 
     forward.__doc__ += _OUTPUT_FLAGS_DOC
 
