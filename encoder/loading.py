@@ -11,7 +11,8 @@ import torch
 from transformers import PreTrainedModel
 
 from .convert.dense import image_processor_for, load_dense_clip, tokenizer_for
-from .model_dir import load_clip_moe, read_config_json
+from .family import is_full_moe
+from .model_dir import full_model_class, load_clip_moe
 from .utils.errors import NonFiniteValues
 
 
@@ -26,25 +27,15 @@ class LoadedCLIP:
 
     @property
     def is_moe(self) -> bool:
-        return getattr(self.model.config, "model_type", "") == "clip_moe"
-
-
-def model_type_of(path: str | Path) -> str | None:
-    """The `model_type` in DIR/config.json, or None when `path` is not a model directory."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    return read_config_json(path).get("model_type")
+        return is_full_moe(self.model.config)
 
 
 def load_clip(spec: str | Path) -> LoadedCLIP:
     """A dense CLIP (directory, hub id, open_clip:NAME) or a CLIP-MoE directory, validated (`encoder.model_dir`):
     a directory whose config, weights, image processor or tokenizer is damaged is a UserError, never a model."""
-    if model_type_of(spec) == "clip_moe":
-        from .modeling import CLIPMoEModel
-
+    if Path(spec).is_dir() and is_full_moe(spec):
         path = Path(spec)
-        model = load_clip_moe(path, CLIPMoEModel).eval()
+        model = load_clip_moe(path, full_model_class(path)).eval()
         return LoadedCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(spec))
     dense = load_dense_clip(str(spec))
     return LoadedCLIP(dense.model, dense.image_processor, dense.tokenizer, dense.source)

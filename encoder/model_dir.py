@@ -1,4 +1,5 @@
-"""The one validated way into a CLIP-MoE directory: every defect is a one-line UserError naming the file and the fix.
+"""The one validated way into a MoE directory (a CLIP-MoE, or a MoE of any family registered in `encoder.family`):
+every defect is a one-line UserError naming the file and the fix.
 
 What `from_pretrained` alone lets through, and this module refuses before any weight is loaded:
 
@@ -11,13 +12,13 @@ What `from_pretrained` alone lets through, and this module refuses before any we
 - a `preprocessor_config.json` or tokenizer file that is present but unreadable (see `encoder.convert.dense`).
 
 `load_clip_moe(path, model_class)` is the loader; `check_clip_moe_dir` runs its checks without loading (for
-`python -m mllm_bridge check`, which reads a tower without loading it).
+`python -m mllm_bridge check`, which reads a tower without loading it). Which config and model classes a directory
+takes, and where each tower's weights sit, come from its family (`encoder.family`), found by its `model_type`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -25,15 +26,13 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
+from .family import Family, families, find_family
 from .tensor_stream import WEIGHTS_FILE, CheckpointError, SafetensorsCheckpoint
 from .utils.errors import UserError, first_line
 from .weight_files import weights_entry
 
 CONFIG_FILE = "config.json"
-FULL_MODEL_TYPE = CLIPMoEConfig.model_type
-TOWER_CONFIGS = {"vision_config": CLIPMoEVisionConfig, "text_config": CLIPMoETextConfig}
-TOWER_PREFIXES = {"vision_config": "vision_model.", "text_config": "text_model."}
+TOWERS = ("vision", "text")  # a full model's tower configs are its `<tower>_config`s
 # What a config that transformers cannot build raises, depending on the field and the release.
 CONFIG_ERRORS = (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError)
 LOAD_ERRORS = (OSError, RuntimeError, ValueError, SafetensorError, CheckpointError)
@@ -59,33 +58,43 @@ def read_config_json(path: str | Path, kind: str = "CLIP-MoE directory", fix: st
     return raw
 
 
-def clip_moe_config(path: str | Path, config_class: type[PretrainedConfig] | None = None) -> PretrainedConfig:
-    """The validated config of the CLIP-MoE directory `path`.
+def moe_family(path: str | Path, raw: dict | None = None) -> tuple[Family, str]:
+    """(family, kind) of the MoE directory `path` (kind "model", "vision" or "text": `encoder.family.KINDS`);
+    UserError naming the `model_type` and the MoE model types known when it holds no MoE model of a family."""
+    raw = read_config_json(path) if raw is None else raw
+    match = find_family(raw)
+    if match is None or not match.is_moe or match.kind not in match.family.moe_configs:
+        held = [t for f in families() for t in f.moe_model_types]
+        known = "/".join(f.label(True) for f in families() if f.moe_configs) or "MoE"
+        raise UserError(f"{Path(path) / CONFIG_FILE} says model_type {raw.get('model_type')!r}, not a {known} "
+                        f"(one of {', '.join(held)}); pass a {known} directory")
+    return match.family, match.kind
 
-    config_class: `CLIPMoEConfig` (a full model), `CLIPMoEVisionConfig` or `CLIPMoETextConfig` (one tower, from
-        a full model or a tower export); None = what the directory holds.
+
+def clip_moe_config(path: str | Path, config_class: type[PretrainedConfig] | None = None) -> PretrainedConfig:
+    """The validated config of the MoE directory `path` (a CLIP-MoE, or a MoE of another registered family).
+
+    config_class: the family's full config (`CLIPMoEConfig`) or one tower's (`CLIPMoEVisionConfig`,
+        `CLIPMoETextConfig`: from a full model or a tower export); None = what the directory holds.
     """
     path = Path(path)
     config_file = path / CONFIG_FILE
     raw = read_config_json(path)
-    model_type = raw.get("model_type")
-    held = {FULL_MODEL_TYPE: CLIPMoEConfig, **{cls.model_type: cls for cls in TOWER_CONFIGS.values()}}
-    if model_type not in held:
-        raise UserError(f"{config_file} says model_type {model_type!r}, not a CLIP-MoE (one of {', '.join(held)}); "
-                        "pass a CLIP-MoE directory")
-    config_class = config_class or held[model_type]
-    if model_type == FULL_MODEL_TYPE:
-        towers = {key: raw.get(key) for key in TOWER_CONFIGS}
-    elif held[model_type] is config_class:
-        towers = {config_class.base_config_key: raw}
+    family, kind = moe_family(path, raw)
+    model_type = raw["model_type"]
+    held = family.moe_configs[kind]
+    config_class = config_class or held
+    if kind == "model":
+        towers = {f"{tower}_config": (raw.get(f"{tower}_config"), family.moe_configs[tower]) for tower in TOWERS}
+    elif held is config_class:
+        towers = {config_class.base_config_key: (raw, held)}
     else:
         raise UserError(f"{path} holds a {model_type!r} export, not a {config_class.model_type!r} model; pass a "
-                        "full CLIP-MoE directory or that tower's export")
-    for key, tower in towers.items():  # each tower on its own, so the message can say which one is wrong
+                        f"full {family.label(True)} directory or that tower's export")
+    for key, (tower, tower_class) in towers.items():  # each tower on its own, so the message can say which is wrong
         if not isinstance(tower, dict):
             raise UserError(f"{config_file}: {key} is {tower!r}, not an object; re-save the model")
-        build_config(config_file, key if model_type == FULL_MODEL_TYPE else None, lambda t=tower, k=key:
-               TOWER_CONFIGS[k].from_dict(t))
+        build_config(config_file, key if kind == "model" else None, lambda t=tower, c=tower_class: c.from_dict(t))
     return build_config(config_file, None, lambda: config_class.from_pretrained(path))
 
 
@@ -137,9 +146,12 @@ def check_weights(path: str | Path, config: PretrainedConfig, model_class: type[
     shapes = read_weight_shapes(path)
     if shapes is None:
         return  # .bin weights: `load_clip_moe` checks transformers' loading report instead
-    prefix = _checkpoint_prefix(path, model_class)
-    if isinstance(config, (CLIPMoEConfig, *TOWER_CONFIGS.values())):
-        _check_moe_layout(path, config, shapes, prefix)
+    match = find_family(config)
+    if match is not None and match.is_moe and match.family.weight_map is not None:
+        prefix = _checkpoint_prefix(path, match.family, model_class)
+        _check_moe_layout(path, match.family, config, shapes, prefix)
+    else:
+        prefix = ""
     expected = expected_shapes(config, model_class)
     missing = [name for name in expected if prefix + name not in shapes]
     wrong = [f"{prefix + name} has shape {shapes[prefix + name]} in the weights but {shape} in the config"
@@ -163,26 +175,28 @@ def expected_shapes(config: PretrainedConfig, model_class: type[PreTrainedModel]
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _checkpoint_prefix(path: Path, model_class: type[PreTrainedModel]) -> str:
-    """A tower loaded from a full CLIP-MoE directory reads its tensors under that tower's prefix."""
-    if read_config_json(path).get("model_type") != FULL_MODEL_TYPE:
+def _checkpoint_prefix(path: Path, family: Family, model_class: type[PreTrainedModel]) -> str:
+    """A tower loaded from a full MoE directory reads its tensors under that tower's prefix ('vision_model.')."""
+    if moe_family(path)[1] != "model":
         return ""
-    for key, cls in TOWER_CONFIGS.items():
-        if model_class.config_class is cls:
-            return TOWER_PREFIXES[key]
+    for tower in TOWERS:
+        if model_class.config_class is family.moe_configs.get(tower):
+            return family.weight_map.tower_prefix[tower] + "."
     return ""
 
 
-def _check_moe_layout(path: Path, config: PretrainedConfig, shapes: dict, prefix: str) -> None:
+def _check_moe_layout(path: Path, family: Family, config: PretrainedConfig, shapes: dict, prefix: str) -> None:
     """The MoE fields against the weights, in the config's own terms: which layers hold experts, and how many."""
-    if isinstance(config, CLIPMoEConfig):
-        towers = [(key, getattr(config, key), TOWER_PREFIXES[key]) for key in TOWER_CONFIGS]
+    weight_map = family.weight_map
+    if find_family(config).kind == "model":
+        towers = [(f"{tower}_config", getattr(config, f"{tower}_config"), weight_map.tower_prefix[tower] + ".")
+                  for tower in TOWERS]
     else:  # one tower: from a full directory (under its prefix) or from its own export
         towers = [(config.base_config_key if prefix else None, config, prefix)]
     config_file = path / CONFIG_FILE
     source = weights_file(path).name
     for key, tower, tower_prefix in towers:
-        router = re.compile(re.escape(tower_prefix) + r"encoder\.layers\.(\d+)\.mlp\.router\.weight")
+        router = weight_map.router_pattern(tower_prefix)
         experts = {int(m[1]): shape[0] for name, shape in shapes.items() if (m := router.fullmatch(name)) and shape}
         field = f"{key}.moe_layers" if key else "moe_layers"
         if sorted(experts) != list(tower.moe_layers):
@@ -198,27 +212,28 @@ def _check_moe_layout(path: Path, config: PretrainedConfig, shapes: dict, prefix
 
 def check_clip_moe_dir(path: str | Path, model_class: type[PreTrainedModel] | None = None) -> PretrainedConfig:
     """What `load_clip_moe` checks before it loads, without loading: the config, then the weights' headers against
-    it. Returns the validated config of `model_class` (default `CLIPMoEModel`)."""
-    from .modeling import CLIPMoEModel
-
-    model_class = model_class or CLIPMoEModel
+    it. Returns the validated config of `model_class` (default the family's full model, `CLIPMoEModel` for a CLIP)."""
+    model_class = model_class or full_model_class(path)
     config = clip_moe_config(path, model_class.config_class)
     check_weights(path, config, model_class)
     return config
 
 
-def load_clip_moe(path: str | Path, model_class: type[PreTrainedModel] | None = None, **from_pretrained_kwargs):
-    """`model_class.from_pretrained(path, ...)` (default `CLIPMoEModel`) after `clip_moe_config` and `check_weights`;
-    also refuses what transformers' loading report lists as missing or misshapen (for .bin weights)."""
-    from .modeling import CLIPMoEModel
+def full_model_class(path: str | Path) -> type[PreTrainedModel]:
+    """The full MoE model class (`CLIPMoEModel` for a CLIP-MoE) of the family of the MoE directory `path`."""
+    return moe_family(path)[0].moe_models["model"]
 
+
+def load_clip_moe(path: str | Path, model_class: type[PreTrainedModel] | None = None, **from_pretrained_kwargs):
+    """`model_class.from_pretrained(path, ...)` (default the family's full model) after `clip_moe_config` and
+    `check_weights`; also refuses what transformers' loading report lists as missing or misshapen (for .bin weights)."""
     path = Path(path)
-    model_class = model_class or CLIPMoEModel
+    model_class = model_class or full_model_class(path)
     check_clip_moe_dir(path, model_class)
     try:
         model, info = model_class.from_pretrained(path, output_loading_info=True, **from_pretrained_kwargs)
     except LOAD_ERRORS as err:
-        raise UserError(f"{path}: the CLIP-MoE weights cannot be loaded ("
+        raise UserError(f"{path}: the {moe_family(path)[0].label(True)} weights cannot be loaded ("
                         f"{first_line(err, with_type=True)[:200]}); re-download or re-save the model") from None
     bad = list(info.get("missing_keys") or []) + [str(k[0] if isinstance(k, tuple) else k)
                                                    for k in info.get("mismatched_keys") or []]

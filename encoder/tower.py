@@ -1,15 +1,16 @@
-"""The LLaVA vision tower over a CLIP-MoE: `CLIPVisionTower`'s interface, backed by `CLIPMoEVisionModel`.
+"""The LLaVA vision tower over a MoE encoder: `CLIPVisionTower`'s interface, backed by the family's MoE vision model.
 
 LLaVA's model code talks to its vision tower through an interface that `llava`'s `CLIPVisionTower`
 defines but never writes down; `LlavaVisionTower` below writes it down. `CLIPMoEVisionTower` implements
-it for a CLIP-MoE directory (a full `CLIPMoEModel` or a vision-only export) and, for a dense CLIP
-directory or hub id, behaves exactly like LLaVA's own tower (it loads the same `CLIPVisionModel`).
-This module does not import `llava`: `mllm_bridge` makes LLaVA build this tower.
+it for a MoE directory of any registered family (`encoder.family`: a full model or a vision-only export, e.g. a
+CLIP-MoE's `CLIPMoEVisionModel`) and, for a dense CLIP directory or hub id, behaves exactly like LLaVA's own tower
+(it loads the same `CLIPVisionModel`). The family's rules decide the rest: its classes, and whether the first token
+is a CLS token that the 'patch' select drops. This module does not import `llava`: `mllm_bridge` makes LLaVA build
+this tower.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,34 +18,24 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from .configuration import CLIPMoEConfig, CLIPMoEVisionConfig
 from .convert.dense import load_image_processor
+from .family import Family, family_named, find_family, is_moe_dir
 from .model_dir import clip_moe_config, load_clip_moe, read_config_json
-from .modeling import CLIPMoEVisionModel
 from .utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-CLIP_MOE_MODEL_TYPES = (CLIPMoEConfig.model_type, CLIPMoEVisionConfig.model_type)
 SELECT_FEATURES = ("patch", "cls_patch")
+# LLaVA's own tower is a CLIP: a hub id, or a directory of no registered family, loads as one (as LLaVA loads it).
+DEFAULT_FAMILY = "clip"
 
 
-def read_model_type(path: str | os.PathLike) -> str | None:
-    """The `model_type` in `path/config.json`, or None when `path` is not a directory with a readable config."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return None
-    return config.get("model_type") if isinstance(config, dict) else None
-
-
-def is_clip_moe_dir(path: str | os.PathLike | None) -> bool:
-    """True when `path` is a local directory holding a CLIP-MoE (full model or vision tower only)."""
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    return read_model_type(path) in CLIP_MOE_MODEL_TYPES
+def tower_family(vision_tower: str | os.PathLike) -> Family:
+    """The family whose rules the tower follows: the directory's, else (a hub id) LLaVA's default, a CLIP."""
+    match = find_family(vision_tower) if Path(vision_tower).is_dir() else None
+    return match.family if match is not None else family_named(DEFAULT_FAMILY)
 
 
 @runtime_checkable
@@ -118,13 +109,13 @@ def check_single_scale(config: Any) -> None:
 
 
 class CLIPMoEVisionTower(nn.Module):
-    """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a CLIP-MoE or dense CLIP.
+    """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a MoE encoder (a CLIP-MoE...) or dense CLIP.
 
-    vision_tower: a CLIP-MoE directory (full or vision-only), or anything LLaVA's own tower accepts
-        (a dense CLIP directory or hub id), which then loads exactly as LLaVA loads it.
+    vision_tower: a MoE directory of a registered family (full or vision-only), or anything LLaVA's own tower
+        accepts (a dense CLIP directory or hub id), which then loads exactly as LLaVA loads it.
     args: LLaVA's model config or training arguments: `mm_vision_select_layer` (an index into the
         L + 1 hidden states, -2 = the penultimate block), `mm_vision_select_feature` ('patch' drops
-        the CLS token, 'cls_patch' keeps it), `unfreeze_mm_vision_tower`.
+        the CLS token of a family that has one, 'cls_patch' keeps it), `unfreeze_mm_vision_tower`.
     delay_load: keep only the config until `load_model()` (LLaVA builds towers this way inside
         `from_pretrained` and loads the weights afterwards), unless `unfreeze_mm_vision_tower` is set.
 
@@ -140,21 +131,22 @@ class CLIPMoEVisionTower(nn.Module):
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if isinstance(vision_tower, (str, os.PathLike)) and (Path(vision_tower) / "config.json").is_file():
             read_config_json(vision_tower)  # a directory whose config.json is unreadable is no tower of any kind
-        self.is_moe = is_clip_moe_dir(vision_tower)
+        self.is_moe = is_moe_dir(vision_tower)
+        self.family = tower_family(vision_tower)
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
         elif self.is_moe:
-            self.cfg_only = clip_moe_config(vision_tower, CLIPMoEVisionConfig)
+            self.cfg_only = clip_moe_config(vision_tower, self._config_class)
         else:
             self.cfg_only = self._config_class.from_pretrained(vision_tower)
 
     @property
     def _config_class(self) -> type[PretrainedConfig]:
-        return CLIPMoEVisionConfig if self.is_moe else CLIPVisionConfig
+        return self.family.moe_configs["vision"] if self.is_moe else self.family.dense_vision_config
 
     @property
     def _model_class(self) -> type[PreTrainedModel]:
-        return CLIPMoEVisionModel if self.is_moe else CLIPVisionModel
+        return self.family.moe_models["vision"] if self.is_moe else self.family.dense_vision_model
 
     def load_model(self, device_map=None) -> None:
         """Load the image processor and the frozen vision model (a second call does nothing, as in LLaVA)."""
@@ -162,19 +154,20 @@ class CLIPMoEVisionTower(nn.Module):
             logger.warning("%s is already loaded; load_model called again, skipping", self.vision_tower_name)
             return
         if self.is_moe:  # validated: a damaged directory is one UserError line, never a tower with random weights
-            self.vision_tower = load_clip_moe(self.vision_tower_name, CLIPMoEVisionModel, device_map=device_map)
+            self.vision_tower = load_clip_moe(self.vision_tower_name, self._model_class, device_map=device_map)
             self.image_processor = load_image_processor(self.vision_tower_name, self.vision_tower.config.image_size)
         else:  # exactly what LLaVA's own tower does
-            self.image_processor = CLIPImageProcessor.from_pretrained(self.vision_tower_name)
+            self.image_processor = self.family.image_processor.from_pretrained(self.vision_tower_name)
             self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 
     def feature_select(self, image_forward_outs) -> torch.Tensor:
-        """hidden_states[select_layer] [B, 1 + N, D]; 'patch' -> [B, N, D], 'cls_patch' -> all tokens."""
+        """hidden_states[select_layer] [B, 1 + N, D] (a family with a CLS token; [B, N, D] without);
+        'patch' -> [B, N, D] (the CLS token dropped), 'cls_patch' -> all tokens."""
         features = image_forward_outs.hidden_states[self.select_layer]
         if self.select_feature == "patch":
-            return features[:, 1:]
+            return features[:, 1:] if self.family.has_cls_token else features
         if self.select_feature == "cls_patch":
             return features
         raise ValueError(f"Unexpected select feature: {self.select_feature!r}; expected one of {SELECT_FEATURES}")

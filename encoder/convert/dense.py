@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from ..family import find_family
 from ..tensor_stream import CheckpointError, SafetensorsCheckpoint, StateDictSource, TensorSource
 from ..utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..utils.errors import UserError, first_line
@@ -161,9 +162,11 @@ def _check_clip_directory(path: Path) -> None:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise UserError(f"{path}/config.json is not valid JSON ({err}); re-save the model") from None
-    if model_type == "clip_moe":
-        raise UserError(f"base {path} is already a CLIP-MoE; give the dense CLIP it came from")
-    if model_type != "clip":
+    match = find_family(path)
+    if match is not None and match.is_moe:
+        raise UserError(f"base {path} is already a {match.label}; give the dense {match.family.label(False)} it came "
+                        "from")
+    if match is None or match.family.name != "clip" or match.kind != "model":
         raise UserError(
             f"{path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
         )

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder.tower import SELECT_FEATURES, is_clip_moe_dir, s2_problem
+from encoder.family import family_of, is_moe_dir
+from encoder.tower import SELECT_FEATURES, s2_problem
 from encoder.utils.errors import UserError
 
 from .config import LlavaCheckpointConfig, read_llava_config
@@ -127,12 +128,13 @@ def _literal(text: str) -> bool:
 
 def llava_tower_class(name: str | None) -> tuple[str, str | None]:
     """The tower class LLaVA builds for `name` in this environment, and the problem with that, if any."""
-    if is_clip_moe_dir(name):
+    if is_moe_dir(name):
         active, why = hook_status()
         if active:
             return OURS, None
-        return LLAVAS, (f"{name} is a CLIP-MoE but the LLaVA hook is off ({why}): LLaVA would load it as a "
-                        f"dense CLIP without its experts; unset {ENV_SWITCH} or call mllm_bridge.install_llava_hook()")
+        moe = family_of(name)
+        return LLAVAS, (f"{name} is a {moe.label} but the LLaVA hook is off ({why}): LLaVA would load it as a "
+                        f"dense {moe.family.label(False)} without its experts; unset {ENV_SWITCH} or call mllm_bridge.install_llava_hook()")
     if name is not None and (os.path.exists(name) or name.startswith(("openai", "laion")) or "ShareGPT4V" in name):
         return LLAVAS, None
     return "none", (f"LLaVA raises 'Unknown vision tower: {name}': no such path; point mm_vision_tower at the "

@@ -113,9 +113,10 @@ def _wrap(original):
     def build_vision_tower(vision_tower_cfg, **kwargs):
         name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
         # Imported here, not at module level: the .pth imports this module in every interpreter.
-        from encoder.tower import CLIPMoEVisionTower, is_clip_moe_dir
+        from encoder.family import is_moe_dir
+        from encoder.tower import CLIPMoEVisionTower
 
-        if is_clip_moe_dir(name):
+        if is_moe_dir(name):
             return CLIPMoEVisionTower(name, args=vision_tower_cfg, **kwargs)
         return original(vision_tower_cfg, **kwargs)
 

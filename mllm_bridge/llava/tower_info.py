@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import CLIPImageProcessor, CLIPVisionConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from encoder.convert.dense import load_image_processor
+from encoder.family import Family, families, family_named, find_family, read_model_type
 from encoder.model_dir import check_clip_moe_dir, read_config_json
-from encoder.modeling import CLIPMoEVisionModel
-from encoder.tower import CLIP_MOE_MODEL_TYPES, read_model_type
+from encoder.tower import tower_family
 from encoder.utils.errors import UserError, first_line
 
-DENSE_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+TOWER_KINDS = ("model", "vision")  # a full model or a vision tower's export: what LLaVA may take as its tower
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ImageProcessorInfo:
 
 @dataclass(frozen=True)
 class TowerInfo:
-    """A CLIP or CLIP-MoE vision tower as LLaVA will see it."""
+    """A CLIP or CLIP-MoE (or another registered family's) vision tower as LLaVA will see it."""
 
     path: str
     is_moe: bool
@@ -45,10 +45,12 @@ class TowerInfo:
     top_k: int = 1
     moe_layers: list[int] = field(default_factory=list)
     processor: ImageProcessorInfo | None = None  # None: the directory has no preprocessor_config.json
+    family: str = "clip"  # the `encoder.family` name
 
     @property
     def kind(self) -> str:
-        return "CLIP-MoE" if self.is_moe else "CLIP"
+        """"CLIP-MoE", "CLIP", ...: the family's name for a MoE or dense model."""
+        return family_named(self.family).label(self.is_moe)
 
     @property
     def num_patches_per_side(self) -> int:
@@ -72,15 +74,17 @@ def read_tower(name: str | Path) -> TowerInfo:
     Raises UserError when `name` is neither, or holds another kind of model.
     """
     model_type = _model_type(name)
-    if model_type not in CLIP_MOE_MODEL_TYPES + DENSE_CLIP_MODEL_TYPES:
-        raise UserError(f"{name} holds a {model_type!r} model, not a vision tower; pass a CLIP or CLIP-MoE "
-                        f"directory (model_type one of {', '.join(CLIP_MOE_MODEL_TYPES + DENSE_CLIP_MODEL_TYPES)})")
-    is_moe = model_type in CLIP_MOE_MODEL_TYPES
+    match = find_family({"model_type": model_type})
+    if match is None or match.kind not in TOWER_KINDS or not _has_tower_classes(match.family, match.is_moe):
+        labels, types = _towers_known()
+        raise UserError(f"{name} holds a {model_type!r} model, not a vision tower; pass a {' or '.join(labels)} "
+                        f"directory (model_type one of {', '.join(types)})")
+    family, is_moe = match.family, match.is_moe
     try:
         if is_moe:  # the checks of the tower's own loader: a damaged directory is refused here, as it would be there
-            config = check_clip_moe_dir(name, CLIPMoEVisionModel)
+            config = check_clip_moe_dir(name, family.moe_models["vision"])
         else:
-            config = CLIPVisionConfig.from_pretrained(name)
+            config = family.dense_vision_config.from_pretrained(name)
         processor = _read_processor(name)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read the {model_type} tower {name} ({first_line(err)}); re-export it") from err
@@ -93,8 +97,26 @@ def read_tower(name: str | Path) -> TowerInfo:
         image_size=config.image_size,
         patch_size=config.patch_size,
         processor=processor,
+        family=family.name,
         **moe,
     )
+
+
+def _towers_known() -> tuple[list[str], list[str]]:
+    """(names, model types) of what LLaVA may take as its tower: each family's full model and vision export, MoE
+    and dense, where the family registered the classes they are read with."""
+    labels, types = [], []
+    for family in families():
+        for moe, family_types in ((True, family.moe_model_types), (False, family.dense_model_types)):
+            if _has_tower_classes(family, moe):
+                labels.append(family.label(moe))
+                types += family_types[:len(TOWER_KINDS)]
+    return labels, types
+
+
+def _has_tower_classes(family: Family, moe: bool) -> bool:
+    """Whether the family registered the classes a (MoE or dense) tower of it is read with."""
+    return "vision" in family.moe_models if moe else family.dense_vision_config is not None
 
 
 def _model_type(name: str | Path) -> str | None:
@@ -123,7 +145,7 @@ def _read_processor(name: str | Path) -> ImageProcessorInfo | None:
         processor = load_image_processor(name)
     else:
         try:
-            processor = CLIPImageProcessor.from_pretrained(name)
+            processor = tower_family(name).image_processor.from_pretrained(name)
         except OSError:
             return None
     return ImageProcessorInfo(

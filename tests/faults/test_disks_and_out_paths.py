@@ -283,7 +283,7 @@ def no_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded or the data encoded before --out was checked")
 
-    for name in ("load_clip", "encode_pairs", "routing_stats", "read_pairs", "model_type_of"):
+    for name in ("load_clip", "encode_pairs", "routing_stats", "read_pairs", "read_model_type"):
         monkeypatch.setattr(analysis_commands, name, fail)
 
 

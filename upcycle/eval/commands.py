@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encoder.loading import load_clip, model_type_of
+from encoder.family import is_full_moe, read_model_type
+from encoder.loading import load_clip
 from encoder.utils.cli import parse_device
 from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_file, write_atomic
@@ -128,8 +129,8 @@ def run_routing(cfg: RoutingConfig) -> int:
     for flag, path in (("--out-png", cfg.out_png), ("--out-json", cfg.out_json)):
         if path:
             check_output_file(path, flag)  # not after routing every pair
-    model_type = model_type_of(cfg.model)
-    if model_type not in (None, "clip_moe"):
+    model_type = read_model_type(cfg.model)
+    if model_type is not None and not is_full_moe(cfg.model):
         raise not_moe_error(f"{cfg.model} (model_type {model_type!r})")  # refuse before loading the weights
     pairs = read_pairs(data.data, data.image_root, data.skip_missing)
     device = parse_device(data.device)

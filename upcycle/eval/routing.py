@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from encoder.family import is_full_moe
 from encoder.routing_stats import RoutingTally
 from encoder.utils.errors import UserError
 
@@ -35,7 +36,7 @@ def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor
     (attention_mask 1), since padding is never part of a caption.
     """
     config = model.config
-    if getattr(config, "model_type", None) != "clip_moe":
+    if not is_full_moe(config):
         raise not_moe_error(f"a {type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})")
     tallies = {}
     for tower in TOWERS:

@@ -2,6 +2,8 @@
 
 Sparse upcycling uses the base as every expert source; DMU uses one fine-tuned CLIP per expert.
 Every dense key is consumed and every CLIP-MoE key filled, and the result is loaded with strict=True.
+Which dense key goes where is the family's weight map (`encoder.family.WeightMap`, CLIP's in
+`encoder.clip.weight_map`), found from the MoE config.
 """
 
 from __future__ import annotations
@@ -12,15 +14,10 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from encoder import CLIPMoEConfig, CLIPMoEModel
+from encoder.family import WeightMap, family_of
 from encoder.utils.errors import UserError
 
-TOWER_PREFIX = {"vision": "vision_model", "text": "text_model"}
-FFN_TO_EXPERT = {
-    "fc1.weight": "up_proj",
-    "fc1.bias": "up_proj_bias",
-    "fc2.weight": "down_proj",
-    "fc2.bias": "down_proj_bias",
-}
+TOWERS = ("vision", "text")
 
 
 def resolve_moe_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -77,11 +74,11 @@ def moe_config_for(
     arguments checked as user input."""
     clip_config = base if isinstance(base, CLIPConfig) else base.config
     check_expert_counts(num_experts, top_k)
-    unknown = [t for t in towers if t not in TOWER_PREFIX]
+    unknown = [t for t in towers if t not in TOWERS]
     if unknown or not towers:
         raise UserError(f"towers {list(towers)} not understood: use vision, text or vision,text")
     per_tower = {}
-    for tower in TOWER_PREFIX:
+    for tower in TOWERS:
         cfg = getattr(clip_config, f"{tower}_config")
         layers = resolve_moe_layers(moe_layers, cfg.num_hidden_layers) if tower in towers else []
         per_tower[tower] = dict(num_experts=num_experts, top_k=top_k, moe_layers=layers, **moe_fields)
@@ -101,29 +98,28 @@ def assemble_clip_moe(
     All other weights come from `base`; routers are new, drawn from N(0, initializer_range) with `seed`.
     """
     base_sd = base.state_dict()
+    weight_map = weight_map_of(config)
     routers = new_routers(config, seed)
     sources = None
     if expert_sources is not None:
         sources = [s if isinstance(s, Mapping) else s.state_dict() for s in expert_sources]
     target = {}
     used = set()
-    for tower, prefix in TOWER_PREFIX.items():
+    for tower in TOWERS:
         cfg = getattr(config, f"{tower}_config")
         if sources is not None and cfg.moe_layers and len(sources) != cfg.num_experts:
             raise ValueError(f"{len(sources)} expert sources for {cfg.num_experts} experts in the {tower} tower")
         for layer in cfg.moe_layers:
-            mlp = f"{prefix}.encoder.layers.{layer}.mlp."
-            for dense_name, expert_name in FFN_TO_EXPERT.items():
-                key = mlp + dense_name
+            for expert_key, key in weight_map.expert_keys(tower, layer).items():
                 per_expert = [_ffn(sd, key) for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
-                target[f"{mlp}experts.{expert_name}"] = torch.stack(per_expert).clone()
+                target[expert_key] = torch.stack(per_expert).clone()
                 used.add(key)
     target.update(routers)
     for key, value in base_sd.items():
         if key not in used:
             target[key] = value.clone()
 
-    model = CLIPMoEModel(config)
+    model = family_of(config).family.moe_models["model"](config)
     missing = set(model.state_dict()) - set(target)
     unexpected = set(target) - set(model.state_dict())
     if missing or unexpected:
@@ -139,27 +135,20 @@ def new_routers(config: CLIPMoEConfig, seed: int = 0) -> dict[str, torch.Tensor]
     Drawn from N(0, initializer_range) by one generator per tower (seed for vision, seed + 1 for text), layer
     by layer in order, so the in-memory and the streaming sparse upcycling draw the very same routers.
     """
+    weight_map = weight_map_of(config)
     routers = {}
-    for tower, prefix in TOWER_PREFIX.items():
+    for tower in TOWERS:
         cfg = getattr(config, f"{tower}_config")
         gen = torch.Generator().manual_seed(seed + (0 if tower == "vision" else 1))
         for layer in cfg.moe_layers:
             router = torch.empty(cfg.num_experts, cfg.hidden_size)
-            routers[f"{prefix}.encoder.layers.{layer}.mlp.router.weight"] = router.normal_(
-                0.0, cfg.initializer_range, generator=gen)
+            routers[weight_map.router_key(tower, layer)] = router.normal_(0.0, cfg.initializer_range, generator=gen)
     return routers
 
 
-def dense_ffn_key(expert_key: str) -> str | None:
-    """`...layers.L.mlp.experts.up_proj` -> `...layers.L.mlp.fc1.weight` (the dense tensor every expert copies);
-    None for a key that is not an expert stack."""
-    head, sep, name = expert_key.rpartition(".experts.")
-    if not sep:
-        return None
-    for dense_name, expert_name in FFN_TO_EXPERT.items():
-        if name == expert_name:
-            return f"{head}.{dense_name}"
-    return None
+def weight_map_of(config) -> WeightMap:
+    """The dense<->MoE weight map of the family of the MoE `config` (a CLIP-MoE's: `encoder.clip.weight_map`)."""
+    return family_of(config).family.weight_map
 
 
 def _ffn(source: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

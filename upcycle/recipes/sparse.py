@@ -31,7 +31,7 @@ from encoder.tensor_stream import (
 from encoder.utils.errors import UserError
 
 from ..eval.function_check import max_output_diff, random_inputs
-from .assemble import assemble_clip_moe, dense_ffn_key, moe_config_for, new_routers
+from .assemble import assemble_clip_moe, moe_config_for, new_routers, weight_map_of
 
 SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes
 
@@ -75,11 +75,12 @@ def write_sparse_upcycled(base: DenseCLIPSource, config: CLIPMoEConfig, out_dir:
     skeleton = moe_skeleton(config, base.dtype)
     specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in skeleton.state_dict().items()}
     routers = new_routers(config, seed)  # small ([E, width] per layer), drawn in the in-memory path's order
+    weight_map = weight_map_of(config)
     sources = {}
     for name, spec in specs.items():
         if name in routers:
             continue
-        dense_key = dense_ffn_key(name)
+        dense_key = weight_map.dense_ffn_key(name)
         source_key = dense_key or name
         expected = spec.shape[1:] if dense_key else spec.shape
         if source_key not in base.tensors:

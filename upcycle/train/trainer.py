@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from encoder.family import is_full_moe
 from encoder.loading import require_finite_weights
 from encoder.training import ClusterBatchSampler, make_accelerator
 from encoder.training.deepspeed_config import LoopOwned, check_launch, engine_settings
@@ -54,7 +55,7 @@ class ContrastiveHead(nn.Module):
     def __init__(self, model: nn.Module, own_logit_scale: bool = False):
         super().__init__()
         self.model = model
-        self.is_moe = getattr(model.config, "model_type", "") == "clip_moe"
+        self.is_moe = is_full_moe(model.config)
         if own_logit_scale and "logit_scale" in model._parameters:
             scale = model._parameters.pop("logit_scale")
             # In a submodule: accelerate's FSDP2 preparation expects every weight name to have a module part.
@@ -89,7 +90,7 @@ def _has(output, field: str) -> bool:
 def with_model_loss_weights(config: TrainConfig, model: nn.Module) -> TrainConfig:
     """`config` with the auxiliary-loss weights it leaves to the model (None) read from the model's CLIP-MoE config
     (`aux_loss_coef`, `router_z_loss_coef`), the one source of their defaults; 0 for a dense model (no router)."""
-    model_config = model.config.vision_config if getattr(model.config, "model_type", "") == "clip_moe" else None
+    model_config = model.config.vision_config if is_full_moe(model.config) else None
     aux = config.aux_loss_coef if config.aux_loss_coef is not None else (
         model_config.aux_loss_coef if model_config is not None else 0.0)
     z = config.z_loss_coef if config.z_loss_coef is not None else (

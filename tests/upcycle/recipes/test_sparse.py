@@ -103,7 +103,8 @@ def test_upcycling_an_open_clip_model_reproduces_open_clip(tmp_path, quick_gelu)
 def test_config_and_routers_are_the_same_from_a_model_or_its_config(dense_clip):
     """The streaming path sees only the base's config; it must build the same CLIP-MoE config and routers."""
     from upcycle import moe_config_for
-    from upcycle.recipes.assemble import dense_ffn_key, new_routers
+    from encoder.clip.weight_map import WEIGHT_MAP
+    from upcycle.recipes.assemble import new_routers
 
     from_model = moe_config_for(dense_clip, 4, 2, "odd", ("vision", "text"))
     from_config = moe_config_for(dense_clip.config, 4, 2, "odd", ("vision", "text"))
@@ -113,6 +114,6 @@ def test_config_and_routers_are_the_same_from_a_model_or_its_config(dense_clip):
     assert sorted(routers) == sorted(k for k in moe.state_dict() if k.endswith("router.weight"))
     for key, value in routers.items():
         assert torch.equal(moe.state_dict()[key], value), key
-    assert dense_ffn_key("text_model.encoder.layers.3.mlp.experts.down_proj_bias") == \
+    assert WEIGHT_MAP.dense_ffn_key("text_model.encoder.layers.3.mlp.experts.down_proj_bias") == \
         "text_model.encoder.layers.3.mlp.fc2.bias"
-    assert dense_ffn_key("text_model.encoder.layers.3.mlp.router.weight") is None
+    assert WEIGHT_MAP.dense_ffn_key("text_model.encoder.layers.3.mlp.router.weight") is None
