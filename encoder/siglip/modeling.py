@@ -39,14 +39,17 @@ def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return -torch.sum(loglik, dim=-1).mean()
 
 
-def mlp_or_moe(config, is_moe: bool, dense_mlp: type[nn.Module] = SiglipMLP) -> nn.Module:
-    """The family's dense MLP, or the shared MoE layer in its place (same width, activation and expert shapes)."""
-    return CLIPMoESparseMLP(config) if is_moe else dense_mlp(config)
-
-
 def run_mlp(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """A dense MLP's output, or a MoE layer's (whose router logits the tower records from its router)."""
     return mlp(hidden_states)[0] if isinstance(mlp, CLIPMoESparseMLP) else mlp(hidden_states)
+
+
+class HeadMoEMLP(CLIPMoESparseMLP):
+    """The shared MoE layer returning its output alone, so it stands in for the dense MLP inside transformers'
+    attention-pooling heads, which call `self.mlp(x)` for a tensor. Its router logits are recorded from its router."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states)[0]
 
 
 OUTPUT_FLAGS_DOC = """
@@ -93,15 +96,21 @@ def flag(value: bool | None, default: bool | None) -> bool:
 
 
 class SiglipMoEEncoderLayer(GradientCheckpointingLayer):
-    """SigLIP's pre-norm block whose MLP is dense or MoE depending on the tower config."""
+    """SigLIP's pre-norm block whose MLP is dense or MoE depending on the tower config.
+
+    attention_class / dense_mlp_class: transformers' modules of the family (SigLIP2 sets its own).
+    """
+
+    attention_class: type[nn.Module] = SiglipAttention
+    dense_mlp_class: type[nn.Module] = SiglipMLP
 
     def __init__(self, config: SiglipMoEVisionConfig | SiglipMoETextConfig, layer_idx: int):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = SiglipAttention(config)
+        self.self_attn = self.attention_class(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.is_moe = layer_idx in config.moe_layers
-        self.mlp = mlp_or_moe(config, self.is_moe)
+        self.mlp = CLIPMoESparseMLP(config) if self.is_moe else self.dense_mlp_class(config)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **attn_kwargs) -> torch.Tensor:
@@ -114,10 +123,12 @@ class SiglipMoEEncoderLayer(GradientCheckpointingLayer):
 class SiglipMoEEncoder(nn.Module):
     """The stack of layers; the tower's `capture_outputs` records hidden states, attentions and router logits."""
 
+    layer_class: type[SiglipMoEEncoderLayer] = SiglipMoEEncoderLayer
+
     def __init__(self, config: SiglipMoEVisionConfig | SiglipMoETextConfig):
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList([SiglipMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.layer_class(config, i) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -134,13 +145,7 @@ class SiglipMoEAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
     def __init__(self, config: SiglipMoEVisionConfig):
         super().__init__(config)
         if config.moe_head:
-            self.mlp = mlp_or_moe(config, True)
-
-    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
-        hidden_state = self.attention(probe, hidden_state, hidden_state)[0]
-        hidden_state = hidden_state + run_mlp(self.mlp, self.layernorm(hidden_state))
-        return hidden_state[:, 0]
+            self.mlp = HeadMoEMLP(config)
 
 
 class SiglipMoEPreTrainedModel(SiglipPreTrainedModel):
@@ -168,17 +173,23 @@ class SiglipMoEPreTrainedModel(SiglipPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, CLIPMoEExperts):
-            # Each expert as transformers' SiglipMLP inits fc1 / fc2: xavier-uniform weights, biases N(0, 1e-6).
-            for weight in (module.up_proj, module.down_proj):
-                fan_out, fan_in = weight.shape[1:]
-                bound = (6.0 / (fan_in + fan_out)) ** 0.5
-                init.uniform_(weight, -bound, bound)
-            init.normal_(module.up_proj_bias, std=1e-6)
-            init.normal_(module.down_proj_bias, std=1e-6)
-        elif isinstance(module, SiglipMoEModel):
-            init.zeros_(module.logit_scale)  # as transformers' SiglipPreTrainedModel inits SiglipModel's
-            init.zeros_(module.logit_bias)
+        init_moe_weights(module, SiglipMoEModel)
+
+
+def init_moe_weights(module: nn.Module, full_model_class: type) -> None:
+    """What transformers' SigLIP / SigLIP2 `_init_weights` does not know: each expert as it inits the dense MLP's
+    fc1 / fc2 (xavier-uniform weights, biases N(0, 1e-6)), and the full model's logit scale and bias (zeros, as it
+    inits `SiglipModel`'s). Routers are Linears: its Linear rule (LeCun normal)."""
+    if isinstance(module, CLIPMoEExperts):
+        for weight in (module.up_proj, module.down_proj):
+            fan_out, fan_in = weight.shape[1:]
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            init.uniform_(weight, -bound, bound)
+        init.normal_(module.up_proj_bias, std=1e-6)
+        init.normal_(module.down_proj_bias, std=1e-6)
+    elif isinstance(module, full_model_class):
+        init.zeros_(module.logit_scale)
+        init.zeros_(module.logit_bias)
 
 
 def tower_keys_to_ignore(other_tower: str) -> list[str]:
@@ -241,20 +252,24 @@ class SiglipMoEVisionModel(SiglipMoEPreTrainedModel):
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
 
-class SiglipMoETextModel(SiglipMoEPreTrainedModel):
-    """The text tower, `SiglipTextModel`'s interface: bidirectional attention, pooler_output = `head` of the last
-    position (SigLIP pads to a fixed length, so that position is usually padding, as in transformers)."""
+class SiglipMoETextTower:
+    """The text tower's body, `SiglipTextModel`'s interface: bidirectional attention, pooler_output = `head` of the
+    last position (SigLIP pads to a fixed length, so that position is usually padding, as in transformers).
 
-    config: SiglipMoETextConfig
-    config_class = SiglipMoETextConfig
+    Mixed into a family's PreTrainedModel (SigLIP's and SigLIP2's text towers are the same network); the family sets
+    embeddings_class / encoder_class to its transformers embeddings and its MoE encoder.
+    """
+
+    embeddings_class: type[nn.Module] = SiglipTextEmbeddings
+    encoder_class: type[nn.Module] = SiglipMoEEncoder
     input_modalities = ("text",)
     _input_embed_layer = "token_embedding"
     _keys_to_ignore_on_load_unexpected = tower_keys_to_ignore("vision_model")
 
-    def __init__(self, config: SiglipMoETextConfig):
+    def __init__(self, config):
         super().__init__(config)
-        self.embeddings = SiglipTextEmbeddings(config)
-        self.encoder = SiglipMoEEncoder(config)
+        self.embeddings = self.embeddings_class(config)
+        self.encoder = self.encoder_class(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.projection_size)
         self.post_init()
@@ -307,6 +322,13 @@ class SiglipMoETextModel(SiglipMoEPreTrainedModel):
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.head(last[:, -1, :]))
 
 
+class SiglipMoETextModel(SiglipMoETextTower, SiglipMoEPreTrainedModel):
+    """The SigLIP-MoE text tower (`SiglipMoETextTower`)."""
+
+    config: SiglipMoETextConfig
+    config_class = SiglipMoETextConfig
+
+
 class SiglipMoEModel(SiglipMoEPreTrainedModel):
     """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs."""
 
@@ -333,7 +355,7 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
         """The text tower's output (`pooler_output` = the text embedding before normalisation), as transformers'
         `SiglipModel.get_text_features`; `return_dict=False` (or `config.return_dict` False) gives `to_tuple()`."""
         out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              return_dict=True, **self._router_kwargs(kwargs))
+                              return_dict=True, **router_kwargs(self.config, kwargs))
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
@@ -341,16 +363,8 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
         """The vision tower's output (`pooler_output` = the image embedding before normalisation); `return_dict` as
         in `get_text_features`."""
         out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                return_dict=True, **self._router_kwargs(kwargs))
+                                return_dict=True, **router_kwargs(self.config, kwargs))
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
-
-    def _router_kwargs(self, kwargs: dict) -> dict:
-        # The argument decides for both towers; else the full model's config when it asks for router logits;
-        # else each tower's own config, as a tower used alone.
-        wanted = kwargs.get("output_router_logits")
-        if wanted is None and self.config.output_router_logits:
-            wanted = True
-        return {**kwargs, "output_router_logits": wanted}
 
     def forward(
         self,
@@ -375,27 +389,44 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
                                          output_router_logits=output_router_logits, return_dict=True, **kwargs)
         text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       output_router_logits=output_router_logits, return_dict=True, **kwargs)
-        # Written as transformers' SiglipModel writes them, so a dense SigLIP-MoE matches it bit for bit.
-        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
-        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
-        logits_per_text = torch.matmul(text_embeds, image_embeds.t())
-        logits_per_text = logits_per_text * self.logit_scale.exp() + self.logit_bias
+        return siglip_output(self, vision, text, return_loss, return_dict, SiglipMoEOutput)
 
-        aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-        loss = None
-        if return_loss:
-            loss = sigmoid_loss(logits_per_text)
-            if aux_loss is not None:
-                loss = loss + aux_loss
-        out = SiglipMoEOutput(
-            loss=loss,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text,
-            vision_model_output=vision,
-            aux_loss=aux_loss,
-        )
-        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+
+def router_kwargs(config, kwargs: dict) -> dict:
+    """A full model's tower keyword arguments with `output_router_logits` decided: the argument for both towers;
+    else True when the full model's config asks for router logits; else None (each tower's own config decides, as
+    a tower used alone)."""
+    wanted = kwargs.get("output_router_logits")
+    if wanted is None and config.output_router_logits:
+        wanted = True
+    return {**kwargs, "output_router_logits": wanted}
+
+
+def siglip_output(model: nn.Module, vision, text, return_loss: bool | None, return_dict: bool | None,
+                  output_class: type):
+    """A full model's output from its towers' outputs (SigLIP and SigLIP2 alike): normalised embeddings, logits =
+    logit_scale.exp() * cosine similarity + logit_bias, the sigmoid loss plus both towers' `aux_loss` when asked."""
+    # Written as transformers' SiglipModel writes them, so a dense SigLIP-MoE matches it bit for bit.
+    image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
+    text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
+    logits_per_text = torch.matmul(text_embeds, image_embeds.t())
+    logits_per_text = logits_per_text * model.logit_scale.exp() + model.logit_bias
+
+    aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
+    aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
+    loss = None
+    if return_loss:
+        loss = sigmoid_loss(logits_per_text)
+        if aux_loss is not None:
+            loss = loss + aux_loss
+    out = output_class(
+        loss=loss,
+        logits_per_image=logits_per_text.t(),
+        logits_per_text=logits_per_text,
+        text_embeds=text_embeds,
+        image_embeds=image_embeds,
+        text_model_output=text,
+        vision_model_output=vision,
+        aux_loss=aux_loss,
+    )
+    return out if flag(return_dict, model.config.return_dict) else out.to_tuple()

@@ -115,28 +115,41 @@ def load_upcycled(moe_model: nn.Module, dense_model: nn.Module, seed: int = 0) -
     return moe_model.to(next(dense_model.parameters()).dtype).eval()
 
 
-def moe_config_of(dense_config: PretrainedConfig, vision_moe: dict | None = None,
-                  text_moe: dict | None = None) -> PretrainedConfig:
-    """The SigLIP-MoE config of a dense `SiglipConfig`, `SiglipVisionConfig` or `SiglipTextConfig`, with the MoE
-    fields of `MoEFields` per tower (vision_moe / text_moe; a tower left None stays dense)."""
-    if isinstance(dense_config, SiglipConfig):
-        return SiglipMoEConfig.from_siglip_config(dense_config, vision_moe, text_moe)
-    if isinstance(dense_config, SiglipVisionConfig):
-        return SiglipMoEVisionConfig(**{**tower_dict(dense_config), **(vision_moe or {})})
-    if isinstance(dense_config, SiglipTextConfig):
-        return SiglipMoETextConfig(**{**tower_dict(dense_config), **(text_moe or {})})
-    raise TypeError(f"{type(dense_config).__name__} is not a dense SigLIP config (SiglipConfig, SiglipVisionConfig "
-                    "or SiglipTextConfig)")
-
-
+DENSE_TO_MOE_CONFIG = {SiglipConfig: SiglipMoEConfig, SiglipVisionConfig: SiglipMoEVisionConfig,
+                       SiglipTextConfig: SiglipMoETextConfig}
 MOE_MODEL_CLASS = {SiglipMoEConfig: SiglipMoEModel, SiglipMoEVisionConfig: SiglipMoEVisionModel,
                    SiglipMoETextConfig: SiglipMoETextModel}
 
 
+def moe_config_of(dense_config: PretrainedConfig, vision_moe: dict | None = None, text_moe: dict | None = None,
+                  dense_to_moe: Mapping[type, type] = DENSE_TO_MOE_CONFIG) -> PretrainedConfig:
+    """The MoE config of a dense full / vision / text config (`dense_to_moe`: dense config class -> MoE config
+    class; SigLIP's by default), with the MoE fields of `MoEFields` per tower (vision_moe / text_moe; a tower left
+    None stays dense)."""
+    for dense_class, moe_class in dense_to_moe.items():
+        if not isinstance(dense_config, dense_class):
+            continue
+        if hasattr(moe_class, "sub_configs_defaults") and moe_class.sub_configs_defaults:
+            return moe_class(text_config={**tower_dict(dense_config.text_config), **(text_moe or {})},
+                             vision_config={**tower_dict(dense_config.vision_config), **(vision_moe or {})},
+                             initializer_factor=dense_config.initializer_factor)
+        fields = vision_moe if moe_class.base_config_key == "vision_config" else text_moe
+        return moe_class(**{**tower_dict(dense_config), **(fields or {})})
+    names = ", ".join(c.__name__ for c in dense_to_moe)
+    raise TypeError(f"{type(dense_config).__name__} is not one of the dense configs this map knows ({names})")
+
+
+def sparse_upcycle(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
+                   seed: int = 0, dense_to_moe: Mapping[type, type] = DENSE_TO_MOE_CONFIG,
+                   moe_models: Mapping[type, type] = MOE_MODEL_CLASS) -> nn.Module:
+    """The MoE model of a dense full / vision / text model (SigLIP's classes by default): same kind, MoE fields per
+    tower (e.g. `vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0, 1])`), experts copied from the dense MLPs,
+    new routers drawn with `seed`. Computes what the dense model computes."""
+    config = moe_config_of(dense_model.config, vision_moe, text_moe, dense_to_moe)
+    return load_upcycled(moe_models[type(config)](config), dense_model, seed)
+
+
 def sparse_upcycle_siglip(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
                           seed: int = 0) -> nn.Module:
-    """The SigLIP-MoE of a dense transformers `SiglipModel` / `SiglipVisionModel` / `SiglipTextModel`: same class
-    kind, MoE fields per tower (e.g. `vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0, 1])`), experts copied
-    from the dense MLPs, new routers drawn with `seed`. Computes what the dense model computes."""
-    config = moe_config_of(dense_model.config, vision_moe, text_moe)
-    return load_upcycled(MOE_MODEL_CLASS[type(config)](config), dense_model, seed)
+    """`sparse_upcycle` of a transformers `SiglipModel` / `SiglipVisionModel` / `SiglipTextModel`."""
+    return sparse_upcycle(dense_model, vision_moe, text_moe, seed)

@@ -306,5 +306,5 @@ def test_dense_configs_map_to_moe_configs_per_kind(dense_siglip):
     vision = moe_config_of(dense_siglip.config.vision_config, vision_moe=dict(moe_layers=[1]))
     assert type(vision) is SiglipMoEVisionConfig and vision.moe_layers == [1] and vision.image_size == 32
     assert type(moe_config_of(dense_siglip.config.text_config)) is SiglipMoETextConfig
-    with pytest.raises(TypeError, match="not a dense SigLIP config"):
+    with pytest.raises(TypeError, match="not one of the dense configs"):
         moe_config_of(SiglipMoEVisionConfig().to_dict())
