@@ -18,11 +18,12 @@ from transformers.models.clip.modeling_clip import (
     CLIPVisionEmbeddings,
     image_text_contrastive_loss,
 )
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..experts import CLIPMoEExperts
-from ..moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
+from ..moe import CLIPMoERouter, CLIPMoESparseMLP
 from ..outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
+from ..tower_output import flag, install_recording_hooks, tower_output
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 
 
@@ -112,35 +113,6 @@ def _other_tower_keys(other_tower: str) -> list[str]:
     return [rf"^{other_tower}\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$"]
 
 
-def _tower_output(tower: "CLIPMoEVisionModel | CLIPMoETextModel", features, token_mask: torch.Tensor | None,
-                  return_dict: bool | None, inputs: dict, **flags) -> CLIPMoEOutputWithPooling | tuple:
-    """A tower's output: `features(**inputs)` (its pass under `capture_outputs`, which records what `flags` ask for:
-    `output_*` and the forward's other keyword arguments, each left None taken from the tower's config), plus the
-    auxiliary losses of the router logits it recorded.
-
-    The losses are computed from the recorded logits alone (`routing_losses`), over the non-padding tokens
-    (token_mask, None = all), as transformers' MoE models compute their auxiliary loss from `router_logits`.
-    A tower without MoE layers records no router logits: its routing fields stay None.
-    """
-    config = tower.config
-    kwargs = {name: value for name, value in flags.items() if value is not None}
-    if not config.is_moe:
-        kwargs["output_router_logits"] = False
-    out = features(return_dict=True, **inputs, **kwargs)
-    if out.router_logits is not None:
-        losses = [routing_losses(logits, config.top_k, token_mask) for logits in out.router_logits]
-        out.load_balance_loss = torch.stack([balance for balance, _ in losses]).mean()
-        out.router_z_loss = torch.stack([z for _, z in losses]).mean()
-        out.aux_loss = config.aux_loss_coef * out.load_balance_loss + config.router_z_loss_coef * out.router_z_loss
-    return out if _flag(return_dict, config.return_dict) else out.to_tuple()
-
-
-def _install_recording_hooks(tower: CLIPMoEPreTrainedModel) -> None:
-    """Install `capture_outputs`' hooks now rather than at the first call that asks for an output: installing
-    takes a lock, which torch.compile(fullgraph=True) cannot trace. They record nothing unless asked."""
-    maybe_install_capturing_hooks(tower)
-
-
 _OUTPUT_FLAGS_DOC = """
         `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
         before the final layer norm, as in transformers' CLIP), or the index / list of indices of the states to keep
@@ -166,7 +138,7 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-        _install_recording_hooks(self)
+        install_recording_hooks(self)
 
     def forward(
         self,
@@ -182,9 +154,9 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        return _tower_output(self, self._features, None, return_dict, inputs,
-                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                             output_router_logits=output_router_logits, **kwargs)
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return tower_output(self, self._features, None, return_dict, inputs, flags)
 
     forward.__doc__ += _OUTPUT_FLAGS_DOC
 
@@ -212,7 +184,7 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-        _install_recording_hooks(self)
+        install_recording_hooks(self)
 
     def forward(
         self,
@@ -240,9 +212,9 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
             token_mask = positions[None, :] <= eos_position[:, None]
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       eos_position=eos_position)
-        return _tower_output(self, self._features, token_mask, return_dict, inputs,
-                             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                             output_router_logits=output_router_logits, **kwargs)
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
 
     forward.__doc__ += _OUTPUT_FLAGS_DOC
 
@@ -294,7 +266,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               return_dict=True, **self._router_kwargs(kwargs))
         out.pooler_output = self.text_projection(out.pooler_output)
-        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                            return_dict: bool | None = None, **kwargs) -> CLIPMoEOutputWithPooling | tuple:
@@ -305,7 +277,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                 return_dict=True, **self._router_kwargs(kwargs))
         out.pooler_output = self.visual_projection(out.pooler_output)
-        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
     def _router_kwargs(self, kwargs: dict) -> dict:
         # The argument decides for both towers; else the full model's config when it asks for router logits;
@@ -360,13 +332,9 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
             vision_model_output=vision,
             aux_loss=aux_loss,
         )
-        return out if _flag(return_dict, self.config.return_dict) else out.to_tuple()
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
     # Written as transformers' CLIP writes it, so a dense CLIP-MoE matches CLIPModel bit for bit.
     return x / x.square().sum(dim=-1, keepdim=True).pow(0.5)
-
-
-def _flag(value: bool | None, default: bool | None) -> bool:
-    return bool(default) if value is None else bool(value)
