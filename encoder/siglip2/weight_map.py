@@ -1,0 +1,23 @@
+"""The dense SigLIP2 -> SigLIP2-MoE weight map: SigLIP's (`encoder.siglip.weight_map`; the state dicts use the same
+names), on SigLIP2's config and model classes."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import Siglip2Config, Siglip2TextConfig, Siglip2VisionConfig
+
+from ..siglip.weight_map import sparse_upcycle
+from .configuration import Siglip2MoEConfig, Siglip2MoETextConfig, Siglip2MoEVisionConfig
+from .modeling import Siglip2MoEModel, Siglip2MoETextModel, Siglip2MoEVisionModel
+
+DENSE_TO_MOE_CONFIG = {Siglip2Config: Siglip2MoEConfig, Siglip2VisionConfig: Siglip2MoEVisionConfig,
+                       Siglip2TextConfig: Siglip2MoETextConfig}
+MOE_MODEL_CLASS = {Siglip2MoEConfig: Siglip2MoEModel, Siglip2MoEVisionConfig: Siglip2MoEVisionModel,
+                   Siglip2MoETextConfig: Siglip2MoETextModel}
+
+
+def sparse_upcycle_siglip2(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
+                           seed: int = 0) -> nn.Module:
+    """`encoder.siglip.weight_map.sparse_upcycle` of a transformers `Siglip2Model` / `Siglip2VisionModel` /
+    `Siglip2TextModel`: the SigLIP2-MoE of the same kind, computing what the dense model computes."""
+    return sparse_upcycle(dense_model, vision_moe, text_moe, seed, DENSE_TO_MOE_CONFIG, MOE_MODEL_CLASS)
