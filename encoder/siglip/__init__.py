@@ -5,7 +5,13 @@ Importing this package registers the SigLIP-MoE configs and models with transfor
 with `encoder.family` (so `family_of(DIR)` knows dense SigLIP and SigLIP-MoE directories).
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 
@@ -19,7 +25,12 @@ from .modeling import (
     sigmoid_loss,
 )
 from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
-from .weight_map import dense_to_moe_state_dict, moe_config_of, sparse_upcycle_siglip
+from .weight_map import (
+    WEIGHT_MAP,
+    dense_to_moe_state_dict,
+    moe_config_of,
+    sparse_upcycle_siglip,
+)
 
 for _config, _model in (
     (SiglipMoEConfig, SiglipMoEModel),
@@ -36,9 +47,16 @@ for _name, _prefix in (("SiglipMoEVisionModel", "vision_model"), ("SiglipMoEText
 
 SIGLIP = register_family(Family(
     name="siglip",
+    display_name="SigLIP",
     dense_model_types=("siglip", "siglip_vision_model", "siglip_text_model"),
     moe_model_types=(SiglipMoEConfig.model_type, SiglipMoEVisionConfig.model_type, SiglipMoETextConfig.model_type),
-    has_cls_token=False,
+    has_cls_token=False,  # patches only: LLaVA keeps every token (as LLaVA-NeXT's SigLIP tower does)
+    moe_configs={"model": SiglipMoEConfig, "vision": SiglipMoEVisionConfig, "text": SiglipMoETextConfig},
+    moe_models={"model": SiglipMoEModel, "vision": SiglipMoEVisionModel, "text": SiglipMoETextModel},
+    weight_map=WEIGHT_MAP,
+    dense_vision_config=SiglipVisionConfig,
+    dense_vision_model=SiglipVisionModel,
+    image_processor=SiglipImageProcessor,
 ))
 
 __all__ = [

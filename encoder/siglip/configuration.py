@@ -7,7 +7,12 @@ every dense SigLIP checkpoint has a SigLIP-MoE config that reproduces it.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PretrainedConfig, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+from transformers import (
+    PretrainedConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
 from ..moe_config import MoEFields
 

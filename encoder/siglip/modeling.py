@@ -12,7 +12,6 @@ from torch import nn
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import PreTrainedModel
 from transformers.models.siglip.modeling_siglip import (
     SiglipAttention,
     SiglipMLP,
@@ -21,11 +20,12 @@ from transformers.models.siglip.modeling_siglip import (
     SiglipTextEmbeddings,
     SiglipVisionEmbeddings,
 )
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..experts import CLIPMoEExperts
-from ..moe import CLIPMoERouter, CLIPMoESparseMLP, routing_losses
+from ..moe import CLIPMoERouter, CLIPMoESparseMLP
 from ..outputs import CLIPMoEEncoderOutput
+from ..tower_output import flag, install_recording_hooks, tower_output
 from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
 from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
 
@@ -58,41 +58,6 @@ OUTPUT_FLAGS_DOC = """
         keep (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
         `output_router_logits`: one fp32 [tokens, num_experts] tensor per MoE layer (then one [batch, num_experts]
         for a MoE head), and the auxiliary losses. Each flag left None is the config's."""
-
-
-def tower_output(tower: PreTrainedModel, features, token_mask: torch.Tensor | None, return_dict: bool | None,
-                 inputs: dict, flags: dict):
-    """A tower's output: `features(**inputs)` (its pass under `capture_outputs`, which records what `flags` ask for,
-    each flag left None taken from the tower's config), plus the auxiliary losses of the router logits it recorded.
-
-    The losses come from the recorded logits alone (`routing_losses`, as transformers' MoE models compute theirs):
-    the encoder layers' over the real tokens (`token_mask` [B, N], None = all), a MoE head's (recorded last, one
-    pooled token per image, every one real) over all its rows. A tower without MoE MLPs records no router logits:
-    its routing fields stay None. Shared by the SigLIP and SigLIP2 towers.
-    """
-    config = tower.config
-    kwargs = {name: value for name, value in flags.items() if value is not None}
-    if not config.is_moe:
-        kwargs["output_router_logits"] = False
-    out = features(return_dict=True, **inputs, **kwargs)
-    if out.router_logits is not None:
-        masks = [token_mask] * len(config.moe_layers) + [None] * (len(out.router_logits) - len(config.moe_layers))
-        losses = [routing_losses(logits, config.top_k, mask) for logits, mask in zip(out.router_logits, masks)]
-        out.load_balance_loss = torch.stack([balance for balance, _ in losses]).mean()
-        out.router_z_loss = torch.stack([z for _, z in losses]).mean()
-        out.aux_loss = config.aux_loss_coef * out.load_balance_loss + config.router_z_loss_coef * out.router_z_loss
-    return out if flag(return_dict, config.return_dict) else out.to_tuple()
-
-
-def install_recording_hooks(tower: PreTrainedModel) -> None:
-    """Install `capture_outputs`' hooks at build time rather than at the first call that asks for an output:
-    installing takes a lock, which torch.compile(fullgraph=True) cannot trace. They record nothing unless asked."""
-    maybe_install_capturing_hooks(tower)
-
-
-def flag(value: bool | None, default: bool | None) -> bool:
-    """A forward argument, or the config's default when the argument is None."""
-    return bool(default) if value is None else bool(value)
 
 
 class SiglipMoEEncoderLayer(GradientCheckpointingLayer):

@@ -13,9 +13,20 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+from transformers import (
+    PretrainedConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
-from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig, tower_dict
+from ..family import WeightMap
+from .configuration import (
+    SiglipMoEConfig,
+    SiglipMoETextConfig,
+    SiglipMoEVisionConfig,
+    tower_dict,
+)
 from .modeling import SiglipMoEModel, SiglipMoETextModel, SiglipMoEVisionModel
 
 FFN_TO_EXPERT = {
@@ -25,6 +36,9 @@ FFN_TO_EXPERT = {
     "fc2.bias": "down_proj_bias",
 }
 TOWER_PREFIX = {"vision_config": "vision_model.", "text_config": "text_model."}
+# The names of the family layer (`encoder.family`): towers' prefixes and the expert stacks of the encoder layers' MLPs.
+# It does not name the attention-pooling head's MLP, which `moe_mlp_prefixes` adds when `moe_head` is True.
+WEIGHT_MAP = WeightMap(tower_prefix={"vision": "vision_model", "text": "text_model"}, ffn_to_expert=FFN_TO_EXPERT)
 # The CLIP-MoE draws its routers from N(0, CLIP's initializer_range = 0.02); SigLIP configs carry no
 # initializer_range, so the SigLIP families use the same 0.02.
 ROUTER_INIT_STD = 0.02
@@ -88,13 +102,7 @@ def dense_to_moe_state_dict(dense: Mapping[str, torch.Tensor], config: Pretraine
 def dense_key_of(moe_key: str) -> str | None:
     """`...mlp.experts.up_proj` -> `...mlp.fc1.weight` (the dense tensor every expert copies); None for a key that
     is not an expert stack (routers included: they have no dense source)."""
-    head, sep, name = moe_key.rpartition(".experts.")
-    if not sep:
-        return None
-    for dense_name, expert_name in FFN_TO_EXPERT.items():
-        if name == expert_name:
-            return f"{head}.{dense_name}"
-    return None
+    return WEIGHT_MAP.dense_ffn_key(moe_key)
 
 
 @torch.no_grad()

@@ -4,12 +4,23 @@ Importing this package registers the SigLIP2-MoE configs and models with transfo
 with `encoder.family`, as `encoder.siglip` does for SigLIP.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    Siglip2ImageProcessor,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+)
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import PrefixChange
 
 from ..family import Family, register_family
-from .configuration import Siglip2MoEConfig, Siglip2MoETextConfig, Siglip2MoEVisionConfig
+from ..siglip.weight_map import WEIGHT_MAP
+from .configuration import (
+    Siglip2MoEConfig,
+    Siglip2MoETextConfig,
+    Siglip2MoEVisionConfig,
+)
 from .modeling import (
     NaflexInputError,
     Siglip2MoEModel,
@@ -34,10 +45,17 @@ for _name, _prefix in (("Siglip2MoEVisionModel", "vision_model"), ("Siglip2MoETe
 
 SIGLIP2 = register_family(Family(
     name="siglip2",
+    display_name="SigLIP2",
     dense_model_types=("siglip2", "siglip2_vision_model", "siglip2_text_model"),
     moe_model_types=(Siglip2MoEConfig.model_type, Siglip2MoEVisionConfig.model_type,
                      Siglip2MoETextConfig.model_type),
     has_cls_token=False,
+    moe_configs={"model": Siglip2MoEConfig, "vision": Siglip2MoEVisionConfig, "text": Siglip2MoETextConfig},
+    moe_models={"model": Siglip2MoEModel, "vision": Siglip2MoEVisionModel, "text": Siglip2MoETextModel},
+    weight_map=WEIGHT_MAP,  # SigLIP's: the same state-dict names
+    dense_vision_config=Siglip2VisionConfig,
+    dense_vision_model=Siglip2VisionModel,
+    image_processor=Siglip2ImageProcessor,
 ))
 
 __all__ = [

@@ -29,17 +29,19 @@ from ..siglip.modeling import (
     SiglipMoEEncoder,
     SiglipMoEEncoderLayer,
     SiglipMoETextTower,
-    flag,
     init_moe_weights,
-    install_recording_hooks,
     router_kwargs,
     siglip_output,
     tower_keys_to_ignore,
-    tower_output,
 )
 from ..siglip.outputs import SiglipMoEOutputWithPooling
+from ..tower_output import flag, install_recording_hooks, tower_output
 from ..utils.errors import UserError
-from .configuration import Siglip2MoEConfig, Siglip2MoETextConfig, Siglip2MoEVisionConfig
+from .configuration import (
+    Siglip2MoEConfig,
+    Siglip2MoETextConfig,
+    Siglip2MoEVisionConfig,
+)
 from .outputs import Siglip2MoEOutput
 
 

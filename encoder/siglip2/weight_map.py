@@ -7,7 +7,11 @@ from torch import nn
 from transformers import Siglip2Config, Siglip2TextConfig, Siglip2VisionConfig
 
 from ..siglip.weight_map import sparse_upcycle
-from .configuration import Siglip2MoEConfig, Siglip2MoETextConfig, Siglip2MoEVisionConfig
+from .configuration import (
+    Siglip2MoEConfig,
+    Siglip2MoETextConfig,
+    Siglip2MoEVisionConfig,
+)
 from .modeling import Siglip2MoEModel, Siglip2MoETextModel, Siglip2MoEVisionModel
 
 DENSE_TO_MOE_CONFIG = {Siglip2Config: Siglip2MoEConfig, Siglip2VisionConfig: Siglip2MoEVisionConfig,

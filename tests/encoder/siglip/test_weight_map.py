@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from transformers import SiglipVisionModel
 
-from encoder.siglip import SiglipMoEModel, dense_to_moe_state_dict
+from encoder.family import family_of
+from encoder.siglip import (
+    SiglipMoEModel,
+    SiglipMoETextModel,
+    SiglipMoEVisionModel,
+    dense_to_moe_state_dict,
+)
 from encoder.siglip.weight_map import dense_key_of, moe_config_of, new_routers
 
 
@@ -44,3 +51,21 @@ def test_a_dense_model_of_another_kind_is_refused(dense_siglip):
     config = moe_config_of(dense_siglip.config, vision_moe=dict(moe_layers=[0]))
     with pytest.raises(ValueError, match="has no vision_model.encoder.layers.0.mlp.fc1.weight"):
         dense_to_moe_state_dict(dense_siglip.vision_model.state_dict(), config)
+
+
+def test_the_family_layer_finds_siglip_and_its_classes_and_names(dense_siglip):
+    config = moe_config_of(dense_siglip.config, vision_moe=dict(moe_layers=[2]), text_moe=dict(moe_layers=[0]))
+    match = family_of(config)
+    assert (match.family.name, match.is_moe, match.kind, match.label) == ("siglip", True, "model", "SigLIP-MoE")
+    assert match.family.moe_models == {"model": SiglipMoEModel, "vision": SiglipMoEVisionModel,
+                                       "text": SiglipMoETextModel}
+    assert not match.family.has_cls_token and match.family.dense_vision_model is SiglipVisionModel
+    dense_match = family_of(dense_siglip.config.vision_config)
+    assert (dense_match.family.name, dense_match.is_moe, dense_match.kind) == ("siglip", False, "vision")
+    # The family's weight map names exactly the keys this weight map fills.
+    moe = dense_to_moe_state_dict(dense_siglip.state_dict(), config)
+    weight_map = match.family.weight_map
+    for tower, layer in (("vision", 2), ("text", 0)):
+        assert weight_map.router_key(tower, layer) in moe
+        for expert_key, dense_key in weight_map.expert_keys(tower, layer).items():
+            assert dense_key_of(expert_key) == dense_key and moe[expert_key].shape[0] == 4
