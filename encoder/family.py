@@ -101,7 +101,6 @@ class Family:
         return f"{name}-MoE" if moe else name
 
 
-
 @dataclass(frozen=True)
 class FamilyMatch:
     """The answer of `family_of`: the family, whether the model is MoE, and its `model_type`."""

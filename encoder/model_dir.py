@@ -64,8 +64,9 @@ def moe_family(path: str | Path, raw: dict | None = None) -> tuple[Family, str]:
     raw = read_config_json(path) if raw is None else raw
     match = find_family(raw)
     if match is None or not match.is_moe or match.kind not in match.family.moe_configs:
-        held = [t for f in families() for t in f.moe_model_types]
-        known = "/".join(f.label(True) for f in families() if f.moe_configs) or "MoE"
+        loadable = [f for f in families() if f.moe_configs]  # a family whose MoE classes are registered
+        held = [t for f in loadable for t in f.moe_model_types]
+        known = "/".join(f.label(True) for f in loadable) or "MoE model"
         raise UserError(f"{Path(path) / CONFIG_FILE} says model_type {raw.get('model_type')!r}, not a {known} "
                         f"(one of {', '.join(held)}); pass a {known} directory")
     return match.family, match.kind
