@@ -308,3 +308,48 @@ def test_dense_configs_map_to_moe_configs_per_kind(dense_siglip):
     assert type(moe_config_of(dense_siglip.config.text_config)) is SiglipMoETextConfig
     with pytest.raises(TypeError, match="not one of the dense configs"):
         moe_config_of(SiglipMoEVisionConfig().to_dict())
+
+
+def test_config_output_router_logits_is_the_default_and_the_argument_wins(dense_siglip, siglip_batch, tmp_path):
+    model = upcycled(dense_siglip, (0, 2), (1,))
+    with torch.no_grad():
+        assert model(**siglip_batch).aux_loss is None
+        model.config.output_router_logits = True
+        on = model(**siglip_batch)
+        off = model(**siglip_batch, output_router_logits=False)
+        assert model.vision_model(siglip_batch["pixel_values"]).router_logits is None  # the tower's own config
+        model.vision_model.config.output_router_logits = True
+        assert len(model.vision_model(siglip_batch["pixel_values"]).router_logits) == 2
+    assert on.aux_loss is not None and len(on.text_model_output.router_logits) == 1
+    assert off.aux_loss is None and off.vision_model_output.router_logits is None
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).output_router_logits is True
+
+
+def test_interpolated_position_encoding_matches_transformers(dense_siglip):
+    model = upcycled(dense_siglip, (1, 2), ())
+    px = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = dense_siglip.vision_model(px, interpolate_pos_encoding=True)
+        b = model.vision_model(px, interpolate_pos_encoding=True)
+    assert b.last_hidden_state.shape == (2, 6 * 5, 32)
+    torch.testing.assert_close(b.pooler_output, a.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(dense_siglip, siglip_batch):
+    model = upcycled(dense_siglip, (0, 3), (1,), moe_head=True).train()
+
+    def grads():
+        model.zero_grad()
+        out = model(**siglip_batch, return_loss=True, output_router_logits=True)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, plain = grads()
+    model.activation_checkpointing_enable()  # transformers 5 name of gradient_checkpointing_enable
+    assert model.vision_model.encoder.layers[0].gradient_checkpointing
+    loss_ckpt, ckpt = grads()
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert ckpt.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(ckpt[name], grad, atol=1e-6, rtol=1e-5, msg=name)
