@@ -353,3 +353,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(dense_siglip, siglip_ba
     assert ckpt.keys() == plain.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(ckpt[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_experts_implementation_can_be_switched(dense_siglip, siglip_batch):
+    model = upcycled(dense_siglip, (0, 1), (2,), moe_head=True)
+    with torch.no_grad():  # experts apart, so the implementations' routing and combining both matter
+        for module in model.modules():
+            if hasattr(module, "up_proj"):
+                module.up_proj.add_(0.05 * torch.randn_like(module.up_proj))
+        ours = model(**siglip_batch).logits_per_image
+        model.set_experts_implementation("grouped_mm")
+        theirs = model(**siglip_batch).logits_per_image
+    assert model.vision_model.config._experts_implementation == "grouped_mm"
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
