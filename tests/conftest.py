@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -140,6 +142,22 @@ def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
     model.save_pretrained(out)
     llama_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def llava_config_dir(llava_moe_dir, tmp_path):
+    """A copy of `llava_moe_dir`'s config.json alone (all that `mllm_bridge check | swap-tower` read or write), for
+    a test to edit."""
+    out = tmp_path / "llava-copy"
+    out.mkdir()
+    shutil.copy(llava_moe_dir / "config.json", out)
+    return out
+
+
+def update_config_json(directory, **values):
+    """Set `values` in `directory`/config.json, keeping the rest."""
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 
 
 # Tiny digit-grid data and a small-base CLIP for training and evaluation tests (tests/upcycle).
