@@ -1,9 +1,13 @@
 """The MoE encoders: model families (encoder/clip/, ...), the shared MoE layers, and transformers-compatible models.
 
-Importing this package registers each family (`encoder.family`) and its MoE configs and models with transformers'
-Auto classes, so `AutoConfig` / `AutoModel.from_pretrained(DIR)` return our classes for a saved CLIP-MoE directory.
+Importing this package registers each family (`encoder.family`: clip/, siglip/, siglip2/) and its MoE configs and
+models with transformers' Auto classes, so `AutoConfig` / `AutoModel.from_pretrained(DIR)` return our classes for a
+saved MoE directory.
 """
 
+# The family folders register themselves on import (encoder.family, transformers' Auto classes): imported here, so
+# family_of knows every family whatever the caller imported first. A new family adds its folder to this line.
+from . import clip, siglip, siglip2  # noqa: F401
 from .clip import (
     CLIPMoEConfig,
     CLIPMoEModel,

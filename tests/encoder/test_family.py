@@ -192,3 +192,18 @@ def test_a_family_registered_in_one_call_is_found_loaded_and_used_as_a_tower(toy
     assert tower(pixels).shape == (2, 1 + tower.num_patches, 32)
     tower.family = CLIP
     assert tower(pixels).shape == (2, tower.num_patches, 32)
+
+
+def test_every_family_folder_is_registered_by_importing_encoder():
+    """A family folder is one that calls `register_family` in its __init__; a fresh interpreter that imports only
+    `encoder` knows each (no answer of family_of may depend on what a caller happened to import first)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    folders = sorted(p.parent.name for p in (REPO_ROOT / "encoder").glob("*/__init__.py")
+                     if "register_family(" in p.read_text())
+    code = "import encoder; from encoder.family import families; print(' '.join(sorted(f.name for f in families())))"
+    names = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert "clip" in folders and names.stdout.split() == folders
