@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import PrefixChange
 
 from .utils.errors import UserError
 
@@ -130,7 +132,8 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
-    """Add `family` (replacing one of the same name); a `model_type` claimed by another family is a ValueError."""
+    """Add `family` (replacing one of the same name) and register its MoE classes with transformers
+    (`register_with_transformers`); a `model_type` claimed by another family is a ValueError."""
     for other in _FAMILIES.values():
         if other.name == family.name:
             continue
@@ -138,7 +141,25 @@ def register_family(family: Family) -> Family:
         if shared:
             raise ValueError(f"family {family.name!r} claims model_type(s) {sorted(shared)} of family {other.name!r}")
     _FAMILIES[family.name] = family
+    register_with_transformers(family)
     return family
+
+
+def register_with_transformers(family: Family) -> None:
+    """What transformers must know of the family's MoE classes (those it declares): `AutoConfig` /
+    `AutoModel.from_pretrained(DIR)` of a saved MoE directory return them, and a tower model loaded from a full
+    directory takes its weights from under its tower's prefix (`weight_map.tower_prefix`), as transformers' own
+    tower models do. Idempotent."""
+    for kind, config_class in family.moe_configs.items():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        if kind in family.moe_models:
+            AutoModel.register(config_class, family.moe_models[kind], exist_ok=True)
+    if family.weight_map is None:
+        return
+    for tower, prefix in family.weight_map.tower_prefix.items():
+        if tower in family.moe_models:
+            register_checkpoint_conversion_mapping(family.moe_models[tower].__name__,
+                                                   [PrefixChange(prefix_to_remove=prefix)], overwrite=True)
 
 
 def families() -> tuple[Family, ...]:

@@ -1,33 +1,17 @@
 """The CLIP family: CLIP-MoE configs and models (transformers' CLIP conventions), the dense<->MoE weight map, and
-the tower rules; registered with `encoder.family` and with transformers' Auto classes on import.
+the tower rules; registered on import.
 
-Registering with `AutoConfig` / `AutoModel` makes `from_pretrained(DIR)` of a saved CLIP-MoE directory return our
-classes; `register_family` lets the family-agnostic code (loading, model directories, the LLaVA tower, the recipes)
-find them from a directory's `model_type`.
+`register_family` lets the family-agnostic code (loading, model directories, the LLaVA tower, the recipes) find the
+classes from a directory's `model_type`, and registers them with transformers' Auto classes, so
+`AutoModel.from_pretrained(DIR)` of a saved CLIP-MoE directory returns a `CLIPMoEModel`.
 """
 
-from transformers import AutoConfig, AutoModel, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from ..family import Family, find_family, is_moe_dir, register_family
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
-from .weight_map import TOWER_PREFIX, WEIGHT_MAP
-
-for _config, _model in (
-    (CLIPMoEConfig, CLIPMoEModel),
-    (CLIPMoEVisionConfig, CLIPMoEVisionModel),
-    (CLIPMoETextConfig, CLIPMoETextModel),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-
-# A tower loaded from a full CLIP-MoE directory takes its weights from under that tower's prefix,
-# as transformers does for CLIPVisionModel / CLIPTextModel.
-for _model, _tower in ((CLIPMoEVisionModel, "vision"), (CLIPMoETextModel, "text")):
-    register_checkpoint_conversion_mapping(_model.__name__, [PrefixChange(prefix_to_remove=TOWER_PREFIX[_tower])],
-                                           overwrite=True)
+from .weight_map import WEIGHT_MAP
 
 CLIP = register_family(Family(
     name="clip",

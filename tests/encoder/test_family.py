@@ -13,8 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
+from transformers import AutoModel
 
 from encoder import (
     CLIPMoEConfig,
@@ -148,11 +147,6 @@ class ToyMoEModel(CLIPMoEModel):
     config_class = ToyMoEConfig
 
 
-# As every family does for its towers (a tower read from a full directory takes the keys under its prefix).
-for _model, _prefix in ((ToyMoEVisionModel, "vision_model"), (ToyMoETextModel, "text_model")):
-    register_checkpoint_conversion_mapping(_model.__name__, [PrefixChange(prefix_to_remove=_prefix)], overwrite=True)
-
-
 @pytest.fixture
 def toy_family(monkeypatch):
     """The made-up family, registered for one test (the registry restored afterwards)."""
@@ -178,6 +172,7 @@ def test_a_family_registered_in_one_call_is_found_loaded_and_used_as_a_tower(toy
     assert type(clip_moe_config(toy)) is ToyMoEConfig
     model = load_clip_moe(toy)  # the family's full model, from the registry
     assert type(model) is ToyMoEModel
+    assert type(AutoModel.from_pretrained(toy)) is ToyMoEModel  # register_family told transformers' Auto classes
 
     class Args:
         mm_vision_select_layer = -2
@@ -185,8 +180,9 @@ def test_a_family_registered_in_one_call_is_found_loaded_and_used_as_a_tower(toy
 
     tower = CLIPMoEVisionTower(str(toy), Args())
     assert tower.family is toy_family and type(tower.vision_tower) is ToyMoEVisionModel
+    # its weights, read from under the full directory's vision prefix (register_family told transformers so)
     loaded = tower.vision_tower.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in model.vision_model.state_dict().items())  # its weights
+    assert all(torch.equal(loaded[k], v) for k, v in model.vision_model.state_dict().items())
     pixels = torch.randn(2, 3, 32, 32)
     # no CLS-token rule: 'patch' keeps every token (a CLIP tower drops token 0)
     assert tower(pixels).shape == (2, 1 + tower.num_patches, 32)
