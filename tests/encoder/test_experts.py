@@ -137,9 +137,9 @@ def test_grouped_mm_path_matches_a_token_by_token_reference():
         torch.testing.assert_close(experts(x, index, weights), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "gelu_new"])
 def test_other_activations_agree_across_implementations(hidden_act):
-    # gelu has a fused segment kernel; gelu_pytorch_tanh takes the unfused segment path.
+    # gelu and gelu_pytorch_tanh have fused segment kernels; gelu_new takes the unfused segment path.
     experts = experts_module(hidden_act=hidden_act)
     index, weights = routing(12, 2, [0, 1, 3])
     x = torch.randn(12, 32)

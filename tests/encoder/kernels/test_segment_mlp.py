@@ -35,7 +35,7 @@ def reference_mlp(x, up, up_bias, down, down_bias, counts, act_fn):
 
 
 COUNTS = {"every expert": [3, 2, 4, 1], "experts 1 and 3 empty": [5, 0, 3, 0], "one expert": [0, 0, 6, 0]}
-ACTS = ["quick_gelu", "gelu", "silu", "gelu_pytorch_tanh"]  # the last has no fused kernel
+ACTS = ["quick_gelu", "gelu", "silu", "gelu_pytorch_tanh", "gelu_new"]  # the last has no fused kernel
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -70,7 +70,7 @@ def test_no_grad_forward_records_nothing():
     assert y.grad_fn is None and not y.requires_grad
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "silu"])
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "silu", "gelu_pytorch_tanh"])
 def test_fused_activations_compute_the_transformers_activation(act):
     act_fn = ACT2FN[act]
     fused = fused_activation(act_fn)
@@ -82,7 +82,7 @@ def test_fused_activations_compute_the_transformers_activation(act):
 
 
 def test_unknown_activations_are_not_fused():
-    assert fused_activation(ACT2FN["gelu_pytorch_tanh"]) is None
+    assert fused_activation(ACT2FN["gelu_new"]) is None
     assert fused_activation(torch.nn.ReLU()) is None
 
 
@@ -90,7 +90,7 @@ def test_segment_counts_read_the_ends():
     assert segment_counts(torch.tensor([3, 3, 7, 7])) == [3, 0, 4, 0]
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu_pytorch_tanh", "gelu_new"])
 def test_traceable_segment_mlp_matches_the_eager_kernels(act):
     counts = [3, 0, 4, 2]
     ends = torch.tensor(counts).cumsum(0)
