@@ -3,10 +3,12 @@
 LLaVA's model code talks to its vision tower through an interface that `llava`'s `CLIPVisionTower`
 defines but never writes down; `LlavaVisionTower` below writes it down. `CLIPMoEVisionTower` implements
 it for a MoE directory of any registered family (`encoder.family`: a full model or a vision-only export, e.g. a
-CLIP-MoE's `CLIPMoEVisionModel`) and, for a dense CLIP directory or hub id, behaves exactly like LLaVA's own tower
-(it loads the same `CLIPVisionModel`). The family's rules decide the rest: its classes, and whether the first token
-is a CLS token that the 'patch' select drops. This module does not import `llava`: `mllm_bridge` makes LLaVA build
-this tower.
+CLIP-MoE's `CLIPMoEVisionModel` or a SigLIP-MoE's `SiglipMoEVisionModel`) and, for a dense CLIP directory or hub id,
+behaves exactly like LLaVA's own tower (it loads the same `CLIPVisionModel`); a dense SigLIP directory loads as
+transformers' `SiglipVisionModel`. The family's rules decide the rest: its classes, its image processor (given the
+attributes LLaVA reads: `encoder.image_processors`), and whether the first token is a CLS token that the 'patch'
+select drops (SigLIP has none: every patch token is kept, as LLaVA-NeXT's SigLIP tower does). This module does not
+import `llava`: `mllm_bridge` makes LLaVA build this tower.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .convert.dense import load_image_processor
 from .family import Family, family_named, find_family, is_moe_dir
+from .image_processors import load_tower_image_processor, with_llava_attributes
 from .model_dir import clip_moe_config, load_clip_moe, read_config_json
 from .utils.errors import UserError
 
@@ -109,10 +111,13 @@ def check_single_scale(config: Any) -> None:
 
 
 class CLIPMoEVisionTower(nn.Module):
-    """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a MoE encoder (a CLIP-MoE...) or dense CLIP.
+    """A LLaVA vision tower (`llava`'s `CLIPVisionTower` interface) over a MoE encoder (CLIP-MoE, SigLIP-MoE, ...)
+    or a dense CLIP / SigLIP.
 
-    vision_tower: a MoE directory of a registered family (full or vision-only), or anything LLaVA's own tower
-        accepts (a dense CLIP directory or hub id), which then loads exactly as LLaVA loads it.
+    vision_tower: a MoE directory of a registered family (full or vision-only), a dense directory of a registered
+        family (a SigLIP loads as `SiglipVisionModel`), or anything else LLaVA's own tower accepts (a dense CLIP
+        directory or hub id), which then loads exactly as LLaVA loads it. A family without square images (SigLIP2's
+        naflex tower) is refused in one line.
     args: LLaVA's model config or training arguments: `mm_vision_select_layer` (an index into the
         L + 1 hidden states, -2 = the penultimate block), `mm_vision_select_feature` ('patch' drops
         the CLS token of a family that has one, 'cls_patch' keeps it), `unfreeze_mm_vision_tower`.
@@ -139,6 +144,16 @@ class CLIPMoEVisionTower(nn.Module):
             self.cfg_only = clip_moe_config(vision_tower, self._config_class)
         else:
             self.cfg_only = self._config_class.from_pretrained(vision_tower)
+        if not self.is_loaded:
+            self._check_square_images(self.cfg_only)
+
+    def _check_square_images(self, config: PretrainedConfig) -> None:
+        """LLaVA gives its tower square images of `config.image_size`; a family whose vision config has no such size
+        (SigLIP2's naflex tower takes padded patch sequences with their mask and grid shapes) cannot be one."""
+        if getattr(config, "image_size", None) is None:
+            raise UserError(f"{self.vision_tower_name} is a {self.family.label(self.is_moe)} tower, which takes "
+                            "variable-resolution patch sequences (no vision_config.image_size), not the square images "
+                            "LLaVA gives its vision tower; use a CLIP or SigLIP (-MoE) directory as the LLaVA tower")
 
     @property
     def _config_class(self) -> type[PretrainedConfig]:
@@ -155,10 +170,16 @@ class CLIPMoEVisionTower(nn.Module):
             return
         if self.is_moe:  # validated: a damaged directory is one UserError line, never a tower with random weights
             self.vision_tower = load_clip_moe(self.vision_tower_name, self._model_class, device_map=device_map)
-            self.image_processor = load_image_processor(self.vision_tower_name, self.vision_tower.config.image_size)
-        else:  # exactly what LLaVA's own tower does
+            self._check_square_images(self.vision_tower.config)
+            self.image_processor = load_tower_image_processor(self.vision_tower_name, self.family,
+                                                              self.vision_tower.config.image_size)
+        else:  # a CLIP exactly as LLaVA's own tower loads it; another family by its own classes
             self.image_processor = self.family.image_processor.from_pretrained(self.vision_tower_name)
             self.vision_tower = self._model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
+            self._check_square_images(self.vision_tower.config)
+            if "shortest_edge" not in self.image_processor.size:  # SigLIP's squash resize: see with_llava_attributes
+                self.image_processor = with_llava_attributes(self.image_processor, self.vision_tower.config.image_size,
+                                                             f"{self.vision_tower_name}'s image processor")
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 
