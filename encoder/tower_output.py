@@ -38,6 +38,15 @@ def tower_output(tower: PreTrainedModel, features, token_mask: torch.Tensor | No
     return out if flag(return_dict, config.return_dict) else out.to_tuple()
 
 
+class MoETower:
+    """Mixed in before a family's MoE PreTrainedModel by each of its tower models: `install_recording_hooks` runs
+    when the tower is built (at the end of `post_init`)."""
+
+    def post_init(self) -> None:
+        super().post_init()
+        install_recording_hooks(self)
+
+
 def install_recording_hooks(tower: PreTrainedModel) -> None:
     """Install `capture_outputs`' hooks when the tower is built rather than at the first call that asks for an
     output: installing takes a lock, which torch.compile(fullgraph=True) cannot trace. They record nothing unless

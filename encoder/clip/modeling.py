@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.clip.modeling_clip import (
     CLIPMLP,
     CLIPAttention,
@@ -18,17 +17,25 @@ from transformers.models.clip.modeling_clip import (
     CLIPVisionEmbeddings,
     image_text_contrastive_loss,
 )
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import capture_outputs
 
 from ..experts import CLIPMoEExperts
-from ..moe import CLIPMoERouter, CLIPMoESparseMLP
-from ..outputs import CLIPMoEEncoderOutput, CLIPMoEOutput, CLIPMoEOutputWithPooling
-from ..tower_output import flag, install_recording_hooks, tower_output
+from ..moe import CLIPMoESparseMLP
+from ..moe_pretrained import (
+    MoEEncoder,
+    MoEEncoderLayer,
+    MoEPreTrainedMixin,
+    full_output,
+    recorded_outputs,
+    router_kwargs,
+)
+from ..outputs import CLIPMoEOutput, CLIPMoEOutputWithPooling
+from ..tower_output import MoETower, flag, tower_output
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 
 
-class CLIPMoEEncoderLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block whose MLP is dense or MoE depending on the tower config."""
+class CLIPMoEEncoderLayer(MoEEncoderLayer):
+    """CLIP's pre-norm block (transformers' `CLIPAttention` / `CLIPMLP`), its MLP dense or MoE by the tower config."""
 
     def __init__(self, config: CLIPMoEVisionConfig | CLIPMoETextConfig, layer_idx: int):
         super().__init__()
@@ -38,61 +45,18 @@ class CLIPMoEEncoderLayer(GradientCheckpointingLayer):
         self.mlp = CLIPMoESparseMLP(config) if self.is_moe else CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **attn_kwargs) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
-        hidden_states = residual + hidden_states
 
-        residual = hidden_states
-        hidden_states = self.layer_norm2(hidden_states)
-        hidden_states = self.mlp(hidden_states)[0] if self.is_moe else self.mlp(hidden_states)
-        return residual + hidden_states
+class CLIPMoEEncoder(MoEEncoder):
+    layer_class = CLIPMoEEncoderLayer
 
 
-class CLIPMoEEncoder(nn.Module):
-    """The stack of layers. Hidden states, attentions and router logits are recorded by the tower's
-    `capture_outputs` (hooks on the modules `_can_record_outputs` names), as in transformers' CLIP."""
-
-    def __init__(self, config: CLIPMoEVisionConfig | CLIPMoETextConfig):
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList([CLIPMoEEncoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> CLIPMoEEncoderOutput:
-        hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
-        return CLIPMoEEncoderOutput(last_hidden_state=hidden_states)
-
-
-class CLIPMoEPreTrainedModel(CLIPPreTrainedModel):
+class CLIPMoEPreTrainedModel(MoEPreTrainedMixin, CLIPPreTrainedModel):
     config: CLIPMoEConfig
     base_model_prefix = "clip_moe"
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPMoEEncoderLayer", "CLIPVisionEmbeddings"]
-    # What `capture_outputs` records (transformers' convention, as in its CLIP and MoE models):
-    # `output_hidden_states` (True, or the indices of the states to keep), `output_attentions`,
-    # `output_router_logits` (the fp32 logits of each MoE layer's router).
-    _can_record_outputs = {
-        "hidden_states": CLIPMoEEncoderLayer,
-        "attentions": CLIPAttention,
-        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
-    }
+    _can_record_outputs = recorded_outputs(CLIPMoEEncoderLayer, CLIPAttention)
 
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our experts' own forward ("eager") is the fast default on CPU and GPU; transformers would pick
-        # its grouped_mm, which gathers biases per row.
-        return super().get_correct_experts_implementation(requested_experts or "eager")
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
+    def _init_moe_weights(self, module: nn.Module) -> None:
         factor = self.config.initializer_factor
         if isinstance(module, CLIPMoEExperts):
             # up_proj as transformers' CLIPMLP inits fc1; down_proj with std hidden**-0.5 (CLIPMLP's fc2 adds a
@@ -121,7 +85,7 @@ _OUTPUT_FLAGS_DOC = """
         Each flag left None is the config's."""
 
 
-class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
+class CLIPMoEVisionModel(MoETower, CLIPMoEPreTrainedModel):
     """The vision tower, `CLIPVisionModel`'s interface: pooler_output = post-layernormed CLS."""
 
     config: CLIPMoEVisionConfig
@@ -138,7 +102,6 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-        install_recording_hooks(self)
 
     def forward(
         self,
@@ -169,7 +132,7 @@ class CLIPMoEVisionModel(CLIPMoEPreTrainedModel):
         return CLIPMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0, :]))
 
 
-class CLIPMoETextModel(CLIPMoEPreTrainedModel):
+class CLIPMoETextModel(MoETower, CLIPMoEPreTrainedModel):
     """The text tower, `CLIPTextModel`'s interface: causal attention, pooler_output = the EOS token."""
 
     config: CLIPMoETextConfig
@@ -184,7 +147,6 @@ class CLIPMoETextModel(CLIPMoEPreTrainedModel):
         self.encoder = CLIPMoEEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-        install_recording_hooks(self)
 
     def forward(
         self,
@@ -264,7 +226,7 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         False) gives the output's `to_tuple()`: (last_hidden_state, projected pooler_output, ...).
         """
         out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              return_dict=True, **self._router_kwargs(kwargs))
+                              return_dict=True, **router_kwargs(self.config, kwargs))
         out.pooler_output = self.text_projection(out.pooler_output)
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
@@ -275,17 +237,9 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         `return_dict` as in `get_text_features`.
         """
         out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                return_dict=True, **self._router_kwargs(kwargs))
+                                return_dict=True, **router_kwargs(self.config, kwargs))
         out.pooler_output = self.visual_projection(out.pooler_output)
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
-
-    def _router_kwargs(self, kwargs: dict) -> dict:
-        # The argument decides for both towers; else the full model's config when it asks for router logits;
-        # else each tower's own config (`text_config` / `vision_config`), as a tower used alone.
-        flag = kwargs.get("output_router_logits")
-        if flag is None and self.config.output_router_logits:
-            flag = True
-        return {**kwargs, "output_router_logits": flag}
 
     def forward(
         self,
@@ -314,25 +268,8 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         image_embeds = _l2_normalize(vision.pooler_output)
         text_embeds = _l2_normalize(text.pooler_output)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()
-
-        aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
-        aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-        loss = None
-        if return_loss:
-            loss = image_text_contrastive_loss(logits_per_text)
-            if aux_loss is not None:
-                loss = loss + aux_loss
-        out = CLIPMoEOutput(
-            loss=loss,
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text,
-            vision_model_output=vision,
-            aux_loss=aux_loss,
-        )
-        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+        return full_output(self, vision, text, (image_embeds, text_embeds), logits_per_text,
+                           image_text_contrastive_loss, return_loss, return_dict, CLIPMoEOutput)
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.siglip.modeling_siglip import (
     SiglipAttention,
     SiglipMLP,
@@ -20,12 +19,19 @@ from transformers.models.siglip.modeling_siglip import (
     SiglipTextEmbeddings,
     SiglipVisionEmbeddings,
 )
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import capture_outputs
 
 from ..experts import CLIPMoEExperts
-from ..moe import CLIPMoERouter, CLIPMoESparseMLP
-from ..outputs import CLIPMoEEncoderOutput
-from ..tower_output import flag, install_recording_hooks, tower_output
+from ..moe import CLIPMoESparseMLP
+from ..moe_pretrained import (
+    MoEEncoder,
+    MoEEncoderLayer,
+    MoEPreTrainedMixin,
+    full_output,
+    recorded_outputs,
+    router_kwargs,
+)
+from ..tower_output import MoETower, flag, tower_output
 from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
 from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
 
@@ -37,11 +43,6 @@ def sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     m1_diag1 = -torch.ones_like(logits_per_text) + 2 * eye
     loglik = nn.functional.logsigmoid(m1_diag1 * logits_per_text)
     return -torch.sum(loglik, dim=-1).mean()
-
-
-def run_mlp(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A dense MLP's output, or a MoE layer's (whose router logits the tower records from its router)."""
-    return mlp(hidden_states)[0] if isinstance(mlp, CLIPMoESparseMLP) else mlp(hidden_states)
 
 
 class HeadMoEMLP(CLIPMoESparseMLP):
@@ -60,7 +61,7 @@ OUTPUT_FLAGS_DOC = """
         for a MoE head), and the auxiliary losses. Each flag left None is the config's."""
 
 
-class SiglipMoEEncoderLayer(GradientCheckpointingLayer):
+class SiglipMoEEncoderLayer(MoEEncoderLayer):
     """SigLIP's pre-norm block whose MLP is dense or MoE depending on the tower config.
 
     attention_class / dense_mlp_class: transformers' modules of the family (SigLIP2 sets its own).
@@ -77,67 +78,33 @@ class SiglipMoEEncoderLayer(GradientCheckpointingLayer):
         self.is_moe = layer_idx in config.moe_layers
         self.mlp = CLIPMoESparseMLP(config) if self.is_moe else self.dense_mlp_class(config)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **attn_kwargs) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
-        hidden_states = residual + hidden_states
-        return hidden_states + run_mlp(self.mlp, self.layer_norm2(hidden_states))
+
+class SiglipMoEEncoder(MoEEncoder):
+    layer_class = SiglipMoEEncoderLayer
 
 
-class SiglipMoEEncoder(nn.Module):
-    """The stack of layers; the tower's `capture_outputs` records hidden states, attentions and router logits."""
+class MoEHead:
+    """Mixed in before transformers' attention-pooling (MAP) head of a family: its MLP is a MoE layer when the
+    config's `moe_head` is True."""
 
-    layer_class: type[SiglipMoEEncoderLayer] = SiglipMoEEncoderLayer
-
-    def __init__(self, config: SiglipMoEVisionConfig | SiglipMoETextConfig):
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList([self.layer_class(config, i) for i in range(config.num_hidden_layers)])
-        self.gradient_checkpointing = False
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> CLIPMoEEncoderOutput:
-        hidden_states = inputs_embeds
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
-        return CLIPMoEEncoderOutput(last_hidden_state=hidden_states)
-
-
-class SiglipMoEAttentionPoolingHead(SiglipMultiheadAttentionPoolingHead):
-    """SigLIP's attention-pooling (MAP) head; its MLP is a MoE layer when the config's `moe_head` is True."""
-
-    def __init__(self, config: SiglipMoEVisionConfig):
+    def __init__(self, config):
         super().__init__(config)
         if config.moe_head:
             self.mlp = HeadMoEMLP(config)
 
 
-class SiglipMoEPreTrainedModel(SiglipPreTrainedModel):
+class SiglipMoEAttentionPoolingHead(MoEHead, SiglipMultiheadAttentionPoolingHead):
+    """SigLIP's attention-pooling (MAP) head; its MLP is a MoE layer when the config's `moe_head` is True."""
+
+
+class SiglipMoEPreTrainedModel(MoEPreTrainedMixin, SiglipPreTrainedModel):
     config: SiglipMoEConfig
     base_model_prefix = "siglip_moe"
     _no_split_modules = ["SiglipTextEmbeddings", "SiglipVisionEmbeddings", "SiglipMoEEncoderLayer",
                          "SiglipMoEAttentionPoolingHead"]
-    # What `capture_outputs` records (transformers' convention): `output_hidden_states` (True, or the indices of the
-    # states to keep), `output_attentions`, `output_router_logits` (each MoE router's fp32 logits, in call order:
-    # the encoder's MoE layers, then the head's when `moe_head`).
-    _can_record_outputs = {
-        "hidden_states": SiglipMoEEncoderLayer,
-        "attentions": SiglipAttention,
-        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
-    }
+    _can_record_outputs = recorded_outputs(SiglipMoEEncoderLayer, SiglipAttention)
 
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our experts' own forward ("eager") is the fast default, as for the CLIP-MoE.
-        return super().get_correct_experts_implementation(requested_experts or "eager")
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
+    def _init_moe_weights(self, module: nn.Module) -> None:
         init_moe_weights(module, SiglipMoEModel)
 
 
@@ -163,30 +130,41 @@ def tower_keys_to_ignore(other_tower: str) -> list[str]:
     return [rf"^{other_tower}\.", r"^logit_scale$", r"^logit_bias$"]
 
 
-class SiglipMoEVisionModel(SiglipMoEPreTrainedModel):
-    """The vision tower, `SiglipVisionModel`'s interface: no class token, post_layernorm over every patch,
-    pooler_output = the attention-pooling head's output (None with `vision_use_head=False`)."""
+class SiglipMoEVisionTower(MoETower):
+    """What SigLIP's and SigLIP2's vision towers share: no class token, post_layernorm over every position,
+    pooler_output = the attention-pooling head's output (None with `vision_use_head=False`).
 
-    config: SiglipMoEVisionConfig
-    config_class = SiglipMoEVisionConfig
+    Mixed into a family's PreTrainedModel; the family sets embeddings_class / encoder_class / head_class to its
+    transformers embeddings, its MoE encoder and its MoE head, and writes `forward` / `_features` for its inputs.
+    """
+
+    embeddings_class: type[nn.Module] = SiglipVisionEmbeddings
+    encoder_class: type[nn.Module] = SiglipMoEEncoder
+    head_class: type[nn.Module] = SiglipMoEAttentionPoolingHead
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _input_embed_layer = "patch_embedding"
     _keys_to_ignore_on_load_unexpected = tower_keys_to_ignore("text_model")
 
-    def __init__(self, config: SiglipMoEVisionConfig):
+    def __init__(self, config):
         super().__init__(config)
-        self.embeddings = SiglipVisionEmbeddings(config)
-        self.encoder = SiglipMoEEncoder(config)
+        self.embeddings = self.embeddings_class(config)
+        self.encoder = self.encoder_class(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.use_head = config.vision_use_head
         if self.use_head:
-            self.head = SiglipMoEAttentionPoolingHead(config)
+            self.head = self.head_class(config)
         self.post_init()
-        install_recording_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
+
+
+class SiglipMoEVisionModel(SiglipMoEVisionTower, SiglipMoEPreTrainedModel):
+    """The vision tower, `SiglipVisionModel`'s interface (`SiglipMoEVisionTower`): pixel_values of a fixed size."""
+
+    config: SiglipMoEVisionConfig
+    config_class = SiglipMoEVisionConfig
 
     def forward(
         self,
@@ -217,7 +195,7 @@ class SiglipMoEVisionModel(SiglipMoEPreTrainedModel):
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
 
-class SiglipMoETextTower:
+class SiglipMoETextTower(MoETower):
     """The text tower's body, `SiglipTextModel`'s interface: bidirectional attention, pooler_output = `head` of the
     last position (SigLIP pads to a fixed length, so that position is usually padding, as in transformers).
 
@@ -238,7 +216,6 @@ class SiglipMoETextTower:
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.projection_size)
         self.post_init()
-        install_recording_hooks(self)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.token_embedding
@@ -294,16 +271,20 @@ class SiglipMoETextModel(SiglipMoETextTower, SiglipMoEPreTrainedModel):
     config_class = SiglipMoETextConfig
 
 
-class SiglipMoEModel(SiglipMoEPreTrainedModel):
-    """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs."""
+class SiglipMoEBothTowers:
+    """What SigLIP's and SigLIP2's full models share: both towers (text_model_class / vision_model_class, set by the
+    family), the logit scale and the logit bias, the text features, and the output (`siglip_output`).
 
-    config: SiglipMoEConfig
-    config_class = SiglipMoEConfig
+    Mixed into a family's PreTrainedModel; the family writes `get_image_features` and `forward` for its vision inputs.
+    """
 
-    def __init__(self, config: SiglipMoEConfig):
+    text_model_class: type[nn.Module]
+    vision_model_class: type[nn.Module]
+
+    def __init__(self, config):
         super().__init__(config)
-        self.text_model = SiglipMoETextModel._from_config(config.text_config)
-        self.vision_model = SiglipMoEVisionModel._from_config(config.vision_config)
+        self.text_model = self.text_model_class._from_config(config.text_config)
+        self.vision_model = self.vision_model_class._from_config(config.vision_config)
         self.logit_scale = nn.Parameter(torch.zeros(1))
         self.logit_bias = nn.Parameter(torch.zeros(1))
         self.post_init()
@@ -323,13 +304,26 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
                               return_dict=True, **router_kwargs(self.config, kwargs))
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
+    def _image_features(self, return_dict: bool | None, vision_inputs: dict, kwargs: dict):
+        """The vision tower's output on `vision_inputs`, `return_dict` as in `get_text_features`."""
+        out = self.vision_model(**vision_inputs, return_dict=True, **router_kwargs(self.config, kwargs))
+        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+
+
+class SiglipMoEModel(SiglipMoEBothTowers, SiglipMoEPreTrainedModel):
+    """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs."""
+
+    config: SiglipMoEConfig
+    config_class = SiglipMoEConfig
+    text_model_class = SiglipMoETextModel
+    vision_model_class = SiglipMoEVisionModel
+
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                            return_dict: bool | None = None, **kwargs) -> SiglipMoEOutputWithPooling | tuple:
         """The vision tower's output (`pooler_output` = the image embedding before normalisation); `return_dict` as
         in `get_text_features`."""
-        out = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                return_dict=True, **router_kwargs(self.config, kwargs))
-        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+        vision_inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return self._image_features(return_dict, vision_inputs, kwargs)
 
     def forward(
         self,
@@ -357,16 +351,6 @@ class SiglipMoEModel(SiglipMoEPreTrainedModel):
         return siglip_output(self, vision, text, return_loss, return_dict, SiglipMoEOutput)
 
 
-def router_kwargs(config, kwargs: dict) -> dict:
-    """A full model's tower keyword arguments with `output_router_logits` decided: the argument for both towers;
-    else True when the full model's config asks for router logits; else None (each tower's own config decides, as
-    a tower used alone)."""
-    wanted = kwargs.get("output_router_logits")
-    if wanted is None and config.output_router_logits:
-        wanted = True
-    return {**kwargs, "output_router_logits": wanted}
-
-
 def siglip_output(model: nn.Module, vision, text, return_loss: bool | None, return_dict: bool | None,
                   output_class: type):
     """A full model's output from its towers' outputs (SigLIP and SigLIP2 alike): normalised embeddings, logits =
@@ -376,22 +360,5 @@ def siglip_output(model: nn.Module, vision, text, return_loss: bool | None, retu
     text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
     logits_per_text = torch.matmul(text_embeds, image_embeds.t())
     logits_per_text = logits_per_text * model.logit_scale.exp() + model.logit_bias
-
-    aux_terms = [t.aux_loss for t in (vision, text) if t.aux_loss is not None]
-    aux_loss = torch.stack(aux_terms).sum() if aux_terms else None
-    loss = None
-    if return_loss:
-        loss = sigmoid_loss(logits_per_text)
-        if aux_loss is not None:
-            loss = loss + aux_loss
-    out = output_class(
-        loss=loss,
-        logits_per_image=logits_per_text.t(),
-        logits_per_text=logits_per_text,
-        text_embeds=text_embeds,
-        image_embeds=image_embeds,
-        text_model_output=text,
-        vision_model_output=vision,
-        aux_loss=aux_loss,
-    )
-    return out if flag(return_dict, model.config.return_dict) else out.to_tuple()
+    return full_output(model, vision, text, (image_embeds, text_embeds), logits_per_text, sigmoid_loss,
+                       return_loss, return_dict, output_class)

@@ -20,22 +20,22 @@ from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2TextEmbeddings,
     Siglip2VisionEmbeddings,
 )
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import capture_outputs
 
-from ..moe import CLIPMoERouter
+from ..moe_pretrained import MoEPreTrainedMixin, recorded_outputs
 from ..siglip.modeling import (
     OUTPUT_FLAGS_DOC,
-    HeadMoEMLP,
+    MoEHead,
+    SiglipMoEBothTowers,
     SiglipMoEEncoder,
     SiglipMoEEncoderLayer,
     SiglipMoETextTower,
+    SiglipMoEVisionTower,
     init_moe_weights,
-    router_kwargs,
     siglip_output,
-    tower_keys_to_ignore,
 )
 from ..siglip.outputs import SiglipMoEOutputWithPooling
-from ..tower_output import flag, install_recording_hooks, tower_output
+from ..tower_output import tower_output
 from ..utils.errors import UserError
 from .configuration import (
     Siglip2MoEConfig,
@@ -60,65 +60,30 @@ class Siglip2MoEEncoder(SiglipMoEEncoder):
     layer_class = Siglip2MoEEncoderLayer
 
 
-class Siglip2MoEAttentionPoolingHead(Siglip2MultiheadAttentionPoolingHead):
+class Siglip2MoEAttentionPoolingHead(MoEHead, Siglip2MultiheadAttentionPoolingHead):
     """SigLIP2's attention-pooling head (masked to the real patches); its MLP is MoE when `moe_head` is True."""
 
-    def __init__(self, config: Siglip2MoEVisionConfig):
-        super().__init__(config)
-        if config.moe_head:
-            self.mlp = HeadMoEMLP(config)
 
-
-class Siglip2MoEPreTrainedModel(Siglip2PreTrainedModel):
+class Siglip2MoEPreTrainedModel(MoEPreTrainedMixin, Siglip2PreTrainedModel):
     config: Siglip2MoEConfig
     base_model_prefix = "siglip2_moe"
     _no_split_modules = ["Siglip2TextEmbeddings", "Siglip2VisionEmbeddings", "Siglip2MoEEncoderLayer",
                          "Siglip2MoEAttentionPoolingHead"]
-    # As `SiglipMoEPreTrainedModel`: hidden states, attentions and each MoE router's fp32 logits.
-    _can_record_outputs = {
-        "hidden_states": Siglip2MoEEncoderLayer,
-        "attentions": Siglip2Attention,
-        "router_logits": OutputRecorder(CLIPMoERouter, index=0),
-    }
+    _can_record_outputs = recorded_outputs(Siglip2MoEEncoderLayer, Siglip2Attention)
 
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Our experts' own forward ("eager") is the fast default, as for the CLIP-MoE.
-        return super().get_correct_experts_implementation(requested_experts or "eager")
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
+    def _init_moe_weights(self, module: nn.Module) -> None:
         init_moe_weights(module, Siglip2MoEModel)
 
 
-class Siglip2MoEVisionModel(Siglip2MoEPreTrainedModel):
-    """The vision tower, `Siglip2VisionModel`'s interface: padded patch sequences in, post_layernorm over every
-    position, pooler_output = the attention-pooling head over the real patches (None with `vision_use_head=False`)."""
+class Siglip2MoEVisionModel(SiglipMoEVisionTower, Siglip2MoEPreTrainedModel):
+    """The vision tower, `Siglip2VisionModel`'s interface (`SiglipMoEVisionTower` on SigLIP2's modules): padded patch
+    sequences in, the attention-pooling head over the real patches."""
 
     config: Siglip2MoEVisionConfig
     config_class = Siglip2MoEVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _input_embed_layer = "patch_embedding"
-    _keys_to_ignore_on_load_unexpected = tower_keys_to_ignore("text_model")
-
-    def __init__(self, config: Siglip2MoEVisionConfig):
-        super().__init__(config)
-        self.embeddings = Siglip2VisionEmbeddings(config)
-        self.encoder = Siglip2MoEEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.use_head = config.vision_use_head
-        if self.use_head:
-            self.head = Siglip2MoEAttentionPoolingHead(config)
-        self.post_init()
-        install_recording_hooks(self)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embedding
+    embeddings_class = Siglip2VisionEmbeddings
+    encoder_class = Siglip2MoEEncoder
+    head_class = Siglip2MoEAttentionPoolingHead
 
     def forward(
         self,
@@ -175,34 +140,13 @@ class Siglip2MoETextModel(SiglipMoETextTower, Siglip2MoEPreTrainedModel):
     encoder_class = Siglip2MoEEncoder
 
 
-class Siglip2MoEModel(Siglip2MoEPreTrainedModel):
+class Siglip2MoEModel(SiglipMoEBothTowers, Siglip2MoEPreTrainedModel):
     """Both towers, the logit scale and the logit bias: `Siglip2Model`'s interface plus routing outputs."""
 
     config: Siglip2MoEConfig
     config_class = Siglip2MoEConfig
-
-    def __init__(self, config: Siglip2MoEConfig):
-        super().__init__(config)
-        self.text_model = Siglip2MoETextModel._from_config(config.text_config)
-        self.vision_model = Siglip2MoEVisionModel._from_config(config.vision_config)
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-        self.logit_bias = nn.Parameter(torch.zeros(1))
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.embeddings.token_embedding = value
-
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                          position_ids: torch.Tensor | None = None, return_dict: bool | None = None,
-                          **kwargs) -> SiglipMoEOutputWithPooling | tuple:
-        """The text tower's output, as transformers' `Siglip2Model.get_text_features`; `return_dict=False` (or
-        `config.return_dict` False) gives `to_tuple()`."""
-        out = self.text_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              return_dict=True, **router_kwargs(self.config, kwargs))
-        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+    text_model_class = Siglip2MoETextModel
+    vision_model_class = Siglip2MoEVisionModel
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
                            pixel_attention_mask: torch.Tensor | None = None,
@@ -210,9 +154,9 @@ class Siglip2MoEModel(Siglip2MoEPreTrainedModel):
                            **kwargs) -> SiglipMoEOutputWithPooling | tuple:
         """The vision tower's output, as transformers' `Siglip2Model.get_image_features`; `return_dict` as in
         `get_text_features`."""
-        out = self.vision_model(pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes,
-                                return_dict=True, **router_kwargs(self.config, kwargs))
-        return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
+        vision_inputs = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                             spatial_shapes=spatial_shapes)
+        return self._image_features(return_dict, vision_inputs, kwargs)
 
     def forward(
         self,
