@@ -40,6 +40,22 @@ def tower_family(vision_tower: str | os.PathLike) -> Family:
     return match.family if match is not None else family_named(DEFAULT_FAMILY)
 
 
+def needs_our_tower(vision_tower) -> bool:
+    """Whether LLaVA's own builder would build the wrong tower for `vision_tower`: a MoE directory of any family (it
+    would lose its experts), or a dense directory of a family other than LLaVA's CLIP (a SigLIP would be read as a
+    CLIP). Dense CLIP directories and hub ids stay LLaVA's own."""
+    if not isinstance(vision_tower, (str, os.PathLike)) or not Path(vision_tower).is_dir():
+        return False
+    match = find_family(vision_tower)
+    return match is not None and (match.is_moe or match.family.name != DEFAULT_FAMILY)
+
+
+def has_cls_token(tower) -> bool:
+    """Whether a LLaVA tower's sequence starts with a CLS token: ours says by its family; LLaVA's own is a CLIP."""
+    family = getattr(tower, "family", None)
+    return family.has_cls_token if isinstance(family, Family) else family_named(DEFAULT_FAMILY).has_cls_token
+
+
 @runtime_checkable
 class LlavaVisionTower(Protocol):
     """What LLaVA's model, builder and training code use of a vision tower.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder.family import family_of, is_moe_dir
-from encoder.tower import SELECT_FEATURES, s2_problem
+from encoder.tower import SELECT_FEATURES, needs_our_tower, s2_problem
 from encoder.utils.errors import UserError
 
 from .config import LlavaCheckpointConfig, read_llava_config
@@ -37,7 +37,7 @@ def image_layout(config: LlavaCheckpointConfig, tower: TowerInfo) -> ImageLayout
     Raises ImageLayout's one-line UserError for settings the tower cannot serve (pinpoints that are not multiples
     of its image size, anyres without pinpoints, an unknown aspect ratio or merge type).
     """
-    return ImageLayout.from_config(config.values, tower.image_size, tower.patch_size)
+    return ImageLayout.from_config(config.values, tower.image_size, tower.patch_size, tower.has_cls_token)
 
 
 def image_tokens(config: LlavaCheckpointConfig, tower: TowerInfo) -> tuple[int, int]:
@@ -128,13 +128,16 @@ def _literal(text: str) -> bool:
 
 def llava_tower_class(name: str | None) -> tuple[str, str | None]:
     """The tower class LLaVA builds for `name` in this environment, and the problem with that, if any."""
-    if is_moe_dir(name):
+    if needs_our_tower(name):
         active, why = hook_status()
         if active:
             return OURS, None
-        moe = family_of(name)
-        return LLAVAS, (f"{name} is a {moe.label} but the LLaVA hook is off ({why}): LLaVA would load it as a "
-                        f"dense {moe.family.label(False)} without its experts; unset {ENV_SWITCH} or call mllm_bridge.install_llava_hook()")
+        match = family_of(name)
+        if not is_moe_dir(name):
+            return LLAVAS, (f"{name} is a {match.label} but the LLaVA hook is off ({why}): LLaVA would load it as a "
+                            f"CLIP, which it is not; unset {ENV_SWITCH} or call mllm_bridge.install_llava_hook()")
+        return LLAVAS, (f"{name} is a {match.label} but the LLaVA hook is off ({why}): LLaVA would load it as a "
+                        f"dense {match.family.label(False)} without its experts; unset {ENV_SWITCH} or call mllm_bridge.install_llava_hook()")
     if name is not None and (os.path.exists(name) or name.startswith(("openai", "laion")) or "ShareGPT4V" in name):
         return LLAVAS, None
     return "none", (f"LLaVA raises 'Unknown vision tower: {name}': no such path; point mm_vision_tower at the "

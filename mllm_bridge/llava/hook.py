@@ -1,11 +1,13 @@
-"""Make unmodified LLaVA (llava-torch) build `CLIPMoEVisionTower` whenever its tower names a CLIP-MoE directory.
+"""Make unmodified LLaVA (llava-torch) build `CLIPMoEVisionTower` whenever its tower names a MoE directory (CLIP-MoE,
+SigLIP-MoE, ...) or a dense directory of another family than CLIP (a SigLIP).
 
 LLaVA picks its vision tower in `llava.model.multimodal_encoder.builder.build_vision_tower`, which loads
-any existing path as a dense `CLIPVisionModel` — a CLIP-MoE would silently lose its experts. And
+any existing path as a dense `CLIPVisionModel` — a CLIP-MoE would silently lose its experts, a SigLIP would not
+load as what it is. And
 `llava.model.llava_arch` binds that function by name when it is imported, so patching the builder
 afterwards reaches nothing. Hence a meta-path finder: when the builder module is imported, its loader
 is wrapped and `build_vision_tower` is replaced the moment the module has run, before anything can bind
-it. CLIP-MoE directories get our tower; every other name goes to LLaVA's own function unchanged (a dense
+it. Those directories (`encoder.tower.needs_our_tower`) get our tower; every other name goes to LLaVA's own function unchanged (a dense
 CLIP keeps `CLIPVisionTower`, unknown names still raise 'Unknown vision tower').
 
 `mllm_bridge_llava_hook.pth`, which setup.py installs into site-packages (wheel and editable installs),
@@ -37,7 +39,7 @@ _MARK = "_clip_moe_hook"
 
 
 def install_llava_hook() -> None:
-    """Make LLaVA build `CLIPMoEVisionTower` for CLIP-MoE directories (idempotent).
+    """Make LLaVA build `CLIPMoEVisionTower` for MoE and non-CLIP directories (idempotent).
 
     Patches LLaVA's builder (and `llava_arch`'s copy of the name) if they are already imported, and
     installs the import hook for later imports.
@@ -113,10 +115,9 @@ def _wrap(original):
     def build_vision_tower(vision_tower_cfg, **kwargs):
         name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
         # Imported here, not at module level: the .pth imports this module in every interpreter.
-        from encoder.family import is_moe_dir
-        from encoder.tower import CLIPMoEVisionTower
+        from encoder.tower import CLIPMoEVisionTower, needs_our_tower
 
-        if is_moe_dir(name):
+        if needs_our_tower(name):
             return CLIPMoEVisionTower(name, args=vision_tower_cfg, **kwargs)
         return original(vision_tower_cfg, **kwargs)
 

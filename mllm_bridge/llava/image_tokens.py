@@ -101,9 +101,11 @@ class ImageLayout:
                             "for the CLS token; use mm_vision_select_feature patch, or mm_patch_merge_type flat")
 
     @classmethod
-    def from_config(cls, config: Any, image_size: int, patch_size: int) -> ImageLayout:
+    def from_config(cls, config: Any, image_size: int, patch_size: int, has_cls_token: bool = True) -> ImageLayout:
         """From a LLaVA config (object or dict) or anything with its keys: `image_aspect_ratio` (default square),
-        `image_grid_pinpoints`, `mm_patch_merge_type` (default flat), `mm_vision_select_feature`."""
+        `image_grid_pinpoints`, `mm_patch_merge_type` (default flat), `mm_vision_select_feature`. `has_cls_token`:
+        whether the tower's family has a CLS token for 'cls_patch' to keep (a SigLIP has none: its 'patch' and
+        'cls_patch' both give the patches alone)."""
         def get(key, default=None):
             if isinstance(config, Mapping):
                 return config.get(key, default)
@@ -115,13 +117,16 @@ class ImageLayout:
             grid_pinpoints=parse_grid_pinpoints(get("image_grid_pinpoints"), image_size),
             image_size=image_size,
             patch_size=patch_size,
-            cls_token=get("mm_vision_select_feature", "patch") == "cls_patch",
+            cls_token=has_cls_token and get("mm_vision_select_feature", "patch") == "cls_patch",
         )
 
     @classmethod
     def for_tower(cls, config: Any, tower) -> ImageLayout:
-        """From a LLaVA config and the model's loaded tower (anything with LLaVA's `config` attribute)."""
-        return cls.from_config(config, tower.config.image_size, tower.config.patch_size)
+        """From a LLaVA config and the model's loaded tower (anything with LLaVA's `config` attribute; ours says
+        whether its family has a CLS token, LLaVA's own is a CLIP)."""
+        from encoder.tower import has_cls_token
+
+        return cls.from_config(config, tower.config.image_size, tower.config.patch_size, has_cls_token(tower))
 
     def config_values(self) -> dict[str, Any]:
         """The LLaVA config keys this layout writes: what `prepare_inputs_labels_for_multimodal` reads."""

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import PretrainedConfig
 
-from encoder.convert.dense import load_image_processor
 from encoder.family import Family, families, family_named, find_family, read_model_type
+from encoder.image_processors import load_tower_image_processor
 from encoder.model_dir import check_clip_moe_dir, read_config_json
 from encoder.tower import tower_family
 from encoder.utils.errors import UserError, first_line
@@ -18,16 +18,20 @@ TOWER_KINDS = ("model", "vision")  # a full model or a vision tower's export: wh
 
 @dataclass(frozen=True)
 class ImageProcessorInfo:
-    """The fields of a CLIP image processor that LLaVA's preprocessing uses."""
+    """The fields of a tower's image processor that LLaVA's preprocessing uses (a CLIP's resizes the shortest edge,
+    a SigLIP's squashes every image to `resize_to`, height x width)."""
 
     shortest_edge: int | None
     crop_height: int
     crop_width: int
     image_mean: list[float]
     image_std: list[float]
+    resize_to: tuple[int, int] | None = None
 
     def describe(self) -> str:
-        return (f"shortest edge {self.shortest_edge}, crop {self.crop_height}x{self.crop_width}, "
+        resize = (f"shortest edge {self.shortest_edge}" if self.resize_to is None
+                  else f"resize to {self.resize_to[0]}x{self.resize_to[1]}")
+        return (f"{resize}, crop {self.crop_height}x{self.crop_width}, "
                 f"mean {_rounded(self.image_mean)}, std {_rounded(self.image_std)}")
 
 
@@ -51,6 +55,11 @@ class TowerInfo:
     def kind(self) -> str:
         """"CLIP-MoE", "CLIP", ...: the family's name for a MoE or dense model."""
         return family_named(self.family).label(self.is_moe)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the tower's sequence starts with a CLS token ('cls_patch' keeps it; a SigLIP has none)."""
+        return family_named(self.family).has_cls_token
 
     @property
     def num_patches_per_side(self) -> int:
@@ -85,7 +94,7 @@ def read_tower(name: str | Path) -> TowerInfo:
             config = check_clip_moe_dir(name, family.moe_models["vision"])
         else:
             config = family.dense_vision_config.from_pretrained(name)
-        processor = _read_processor(name)
+        processor = _read_processor(name, family)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read the {model_type} tower {name} ({first_line(err)}); re-export it") from err
     moe = dict(num_experts=config.num_experts, top_k=config.top_k, moe_layers=list(config.moe_layers)) if is_moe else {}
@@ -136,20 +145,23 @@ def _model_type(name: str | Path) -> str | None:
     return config_dict.get("model_type")
 
 
-def _read_processor(name: str | Path) -> ImageProcessorInfo | None:
-    """The tower's image processor; None when it has none (a directory without preprocessor_config.json,
-    or a hub id whose processor is not cached)."""
+def _read_processor(name: str | Path, family: Family) -> ImageProcessorInfo | None:
+    """The tower's image processor as the tower loads it (`load_tower_image_processor`: the family's own class, with
+    LLaVA's attributes); None when it has none (a directory without preprocessor_config.json, or a hub id whose
+    processor is not cached)."""
     if Path(name).is_dir():
         if not (Path(name) / "preprocessor_config.json").is_file():
             return None
-        processor = load_image_processor(name)
+        processor = load_tower_image_processor(name, family)
     else:
         try:
             processor = tower_family(name).image_processor.from_pretrained(name)
         except OSError:
             return None
+    size = {k: v for k, v in dict(processor.size).items() if v is not None}
     return ImageProcessorInfo(
-        shortest_edge=processor.size.get("shortest_edge"),
+        shortest_edge=size.get("shortest_edge"),
+        resize_to=(size["height"], size["width"]) if "shortest_edge" not in size and "height" in size else None,
         crop_height=processor.crop_size["height"],
         crop_width=processor.crop_size["width"],
         image_mean=list(processor.image_mean),

@@ -74,7 +74,8 @@ def image_layout(args: LlavaArguments, tower: TowerInfo) -> ImageLayout:
         return ImageLayout.from_config({
             "image_aspect_ratio": args.data.image_aspect_ratio, "image_grid_pinpoints": args.data.image_grid_pinpoints,
             "mm_patch_merge_type": args.model.mm_patch_merge_type,
-            "mm_vision_select_feature": args.model.mm_vision_select_feature}, tower.image_size, tower.patch_size)
+            "mm_vision_select_feature": args.model.mm_vision_select_feature}, tower.image_size, tower.patch_size,
+            tower.has_cls_token)
     except UserError as err:
         raise UserError(f"--{err}") from None
 
