@@ -38,20 +38,28 @@ def processor_transform(image_processor: Any) -> ImageTransform:
 
 
 class TokenizerFn:
-    """list[str] -> padded `input_ids` / `attention_mask` through a transformers tokenizer."""
+    """list[str] -> padded `input_ids` (and `attention_mask`) through a transformers tokenizer.
 
-    def __init__(self, tokenizer: Any, max_length: int = 77):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    `fixed_length`: pad every caption to `max_length` and return no attention mask, as SigLIP's text tower was
+    trained (big_vision, open_clip): it attends to every position, padding included, and pools the last one,
+    so a caption's embedding depends on the padded length and a mask would change it. Otherwise CLIP's way:
+    pad to the batch's longest caption and mask the padding."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 77, fixed_length: bool = False):
+        self.tokenizer, self.max_length, self.fixed_length = tokenizer, max_length, fixed_length
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        out = self.tokenizer(captions, padding="max_length" if self.fixed_length else True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        if self.fixed_length:
+            return {"input_ids": out["input_ids"]}
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
-def tokenizer_fn(tokenizer: Any, max_length: int = 77) -> Tokenize:
-    """The tokenize callable of a transformers tokenizer (CLIP's 77-token context by default)."""
-    return TokenizerFn(tokenizer, max_length)
+def tokenizer_fn(tokenizer: Any, max_length: int = 77, fixed_length: bool = False) -> Tokenize:
+    """The tokenize callable of a transformers tokenizer (CLIP's 77-token context by default); see
+    `upcycle.data.family_inputs.model_tokenizer_fn` for the one a given model was trained with."""
+    return TokenizerFn(tokenizer, max_length, fixed_length)
 
 
 def load_rgb(path: str) -> Image.Image:

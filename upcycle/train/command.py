@@ -1,10 +1,12 @@
-"""`python -m upcycle train`: continued contrastive training of any CLIP or CLIP-MoE directory."""
+"""`python -m upcycle train`: continued contrastive training of any CLIP or SigLIP directory, dense or MoE, with its
+family's loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from encoder.family import find_family
 from encoder.loading import load_clip
 from encoder.save import save_clip_moe
 from encoder.utils.errors import UserError
@@ -12,21 +14,21 @@ from encoder.utils.files import check_output_dir
 from encoder.utils.options import check_options, option, options_of
 from encoder.weight_files import weights_sha256
 
-from ..data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+from ..data import ImageTextDataset, model_tokenizer_fn, processor_transform, read_pairs
 from .config import RESUME_LOWER_LR, TrainConfig, TrainingData, TrainOutput
-from .trainer import ContrastiveTrainer, check_launch_fits, latest_checkpoint
+from .trainer import ContrastiveTrainer, check_launch_fits, latest_checkpoint, sigmoid_loss_for
 
 
 @dataclass(frozen=True)
 class TrainCommand:
-    """continued contrastive training of a CLIP or CLIP-MoE
+    """continued contrastive training of a CLIP or SigLIP, dense or MoE
 
-    Symmetric InfoNCE training of any CLIP or CLIP-MoE directory (e.g. the CLIP-UP recipe after `upcycle
-    sparse`: --trainable all, a reduced --lr, load balance + z-loss). One CPU process or several GPUs via
-    `accelerate launch`.
+    Contrastive training of any CLIP / CLIP-MoE (symmetric InfoNCE) or SigLIP / SigLIP-MoE directory (the pairwise
+    sigmoid loss, its logit_bias trained too), e.g. the CLIP-UP recipe after `upcycle sparse`: --trainable all, a
+    reduced --lr, load balance + z-loss. One CPU process or several GPUs via `accelerate launch`.
     """
 
-    model: str = option("--model", "CLIP or CLIP-MoE directory (or a dense base spec)")
+    model: str = option("--model", "CLIP or SigLIP directory, dense or MoE (or a dense base spec)")
     out: str = option("--out", "output directory for the trained model")
     data: TrainingData = options_of(TrainingData)
     train: TrainConfig = options_of(TrainConfig, exclude=("desc",))
@@ -45,13 +47,15 @@ def run_train(cmd: TrainCommand) -> int:
     if latest_checkpoint(work) is not None and not output.resume:
         raise UserError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it or remove it")
     check_launch_fits(cmd.train)  # before the model loads: a 7B-scale load is minutes to lose to a config typo
+    if find_family(cmd.model) is not None:
+        sigmoid_loss_for(cmd.train, cmd.model)  # a loss the model cannot train with, refused before it loads
     loaded = load_clip(cmd.model)
     if loaded.tokenizer is None:
         raise UserError(f"{cmd.model} has no tokenizer files; save its tokenizer into the directory")
     cfg = replace(cmd.train, desc="train")
     pairs = read_pairs(data.train_data, data.image_root, data.skip_missing)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
-                               tokenizer_fn(loaded.tokenizer, loaded.model.config.text_config.max_position_embeddings))
+                               model_tokenizer_fn(loaded.tokenizer, loaded.model.config))
     identity = {"model": str(cmd.model), "train_data": str(data.train_data), "image_root": str(data.image_root),
                 "model_sha256": weights_sha256(cmd.model) if Path(cmd.model).is_dir() else None}
     trainer = ContrastiveTrainer(loaded.model, dataset, dataset.collate, cfg, work, identity=identity,

@@ -21,6 +21,12 @@ from .params import TRAINABLE_CHOICES
 NOT_SHAPING = ("desc", "checkpoint_every", "num_workers", lower_lr.FIELD)
 RESUME_LOWER_LR = "--resume-lower-lr"
 PRECISIONS = ("auto", "fp32", "bf16")
+# family: the model family's own loss (CLIP: InfoNCE; SigLIP, SigLIP2: the pairwise sigmoid loss with logit_bias);
+# clip / sigmoid name one, and the trainer refuses the one a model cannot train with.
+LOSSES = ("family", "clip", "sigmoid")
+# Settings added after checkpoints were written, with the value those runs had: a resume of such a checkpoint is
+# not refused for a setting its record could not name.
+ADDED_SETTINGS = {"loss": "family"}
 
 
 def parse_logit_scale(text: str) -> float | None:
@@ -61,7 +67,11 @@ class TrainConfig:
     weight_decay: float = option("--weight-decay", "AdamW weight decay", 0.2, kind=float, low=0)
     warmup_ratio: float = option("--warmup-ratio", "linear warm-up share of the steps", 0.03, kind=float, low=0,
                                  high=1)
-    label_smoothing: float = option("--label-smoothing", "InfoNCE label smoothing", 0.0, kind=float, low=0, high=1,
+    loss: str = option("--loss", "contrastive loss: family = the model family's own (CLIP: symmetric InfoNCE; "
+                       "SigLIP / SigLIP2: pairwise sigmoid with the learned logit_bias), clip or sigmoid", "family",
+                       kind=str, choices=LOSSES)
+    label_smoothing: float = option("--label-smoothing", "InfoNCE label smoothing (the CLIP loss only)", 0.0,
+                                    kind=float, low=0, high=1,
                                     high_open=True)
     # a fixed multiplier (DMU: 100); None = the model's learnable one
     logit_scale: float | None = option("--logit-scale", "'learnable' (the model's own) or a fixed multiplier such "

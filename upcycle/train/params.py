@@ -1,4 +1,8 @@
-"""Which parameters a training run may change: FFNs (MCL stages), routers (DMU's last step) or everything."""
+"""Which parameters a training run may change: FFNs (MCL stages), routers (DMU's last step) or everything.
+
+"ffn" means the encoder layers' MLPs (dense or experts), the ones a MoE recipe turns into experts: SigLIP's
+attention-pooling head also has an MLP (`vision_model.head.mlp`), which stays dense in the MoE by default, so an
+MCL stage that trained it would change a weight the assembled MoE takes from the base instead."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from torch import nn
 from encoder.utils.errors import UserError
 
 TRAINABLE_CHOICES = ("all", "ffn", "router")
-_FFN = re.compile(r"\.mlp\.(fc1|fc2|experts)\.")
+_FFN = re.compile(r"\.layers\.\d+\.mlp\.(fc1|fc2|experts)\.")
 _ROUTER = re.compile(r"\.mlp\.router\.")
 
 

@@ -1,4 +1,9 @@
-"""Contrastive training of a CLIP or CLIP-MoE on image-text pairs, on one CPU process or several GPUs.
+"""Contrastive training of a CLIP or SigLIP (dense or MoE) on image-text pairs, on one CPU process or several GPUs.
+
+The loss is the model family's own (`--loss family`): CLIP's symmetric InfoNCE, or SigLIP's pairwise sigmoid loss
+whose learned `logit_bias` trains with the rest (`upcycle.train.losses`). A SigLIP trained with the CLIP loss is
+refused: its `logit_bias` would get no gradient, which DDP stops on (open_clip #1076), and the logits the model
+answers with (bias included) would be trained by a loss that never sees the bias.
 
 The loop (accumulation, checkpoints, resume, divergence stop, log) is `encoder.training.loop`'s; this module
 says what a batch's loss is, what is trained, and what a checkpoint holds. The batch plan is a
@@ -34,8 +39,9 @@ from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
 from encoder.utils.errors import UserError
 
-from .config import NOT_SHAPING, RESUME_LOWER_LR, TrainConfig
-from .losses import clip_contrastive_loss
+from ..data.family_inputs import family_label, uses_sigmoid_loss
+from .config import ADDED_SETTINGS, NOT_SHAPING, RESUME_LOWER_LR, TrainConfig
+from .losses import clip_contrastive_loss, siglip_sigmoid_loss
 from .params import select_trainable
 
 logger = logging.getLogger(__name__)
@@ -46,8 +52,9 @@ TRAINED_FILE = "trainable.safetensors"
 
 
 class ContrastiveHead(nn.Module):
-    """Wraps a CLIP / CLIP-MoE so that one forward call (the one DDP hooks) yields everything the loss needs,
-    the learned temperature included: under ZeRO-3 and FSDP2 a weight exists whole only inside the forward.
+    """Wraps a CLIP / SigLIP (dense or MoE) so that one forward call (the one DDP hooks) yields everything the loss
+    needs, the learned temperature and SigLIP's logit bias included: under ZeRO-3 and FSDP2 a weight exists whole
+    only inside the forward.
 
     `own_logit_scale`: take CLIP's 0-dim `logit_scale` into the head as a 1-element weight (DeepSpeed's
     flattened buffers and FSDP2's shards have no place for a 0-dim tensor); `clip_weights` maps it back."""
@@ -62,7 +69,10 @@ class ContrastiveHead(nn.Module):
             self.owned = nn.ParameterDict({"logit_scale": nn.Parameter(scale.detach().reshape(1).clone(),
                                                                        requires_grad=scale.requires_grad)})
 
-    def forward(self, pixel_values, input_ids, attention_mask):
+    def forward(self, pixel_values, input_ids, attention_mask=None):
+        """-> (image_emb, text_emb) L2-normalised fp32, the balance and z-losses summed over both towers, the
+        logit multiplier (`logit_scale.exp()`, at most 100) and the logit bias (0 for a model without one).
+        `attention_mask` None: the text tower attends to every position (SigLIP's fixed-length input)."""
         kw = {"output_router_logits": True} if self.is_moe else {}
         vision = self.model.get_image_features(pixel_values=pixel_values, **kw)
         text = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kw)
@@ -70,16 +80,18 @@ class ContrastiveHead(nn.Module):
         balance = sum((t.load_balance_loss for t in (vision, text) if _has(t, "load_balance_loss")), zero)
         z_loss = sum((t.router_z_loss for t in (vision, text) if _has(t, "router_z_loss")), zero)
         scale = self.owned["logit_scale"] if hasattr(self, "owned") else getattr(self.model, "logit_scale", zero)
+        bias = getattr(self.model, "logit_bias", zero)
         return (nn.functional.normalize(vision.pooler_output.float(), dim=-1),
                 nn.functional.normalize(text.pooler_output.float(), dim=-1), balance, z_loss,
-                scale.float().exp().reshape(()).clamp(max=100))
+                scale.float().exp().reshape(()).clamp(max=100), bias.float().reshape(()))
 
     @staticmethod
-    def clip_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The head's state dict under the CLIP's own names and shapes."""
+    def clip_weights(weights: dict[str, torch.Tensor], scale_shape: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+        """The head's state dict under the model's own names and shapes (`scale_shape`: its `logit_scale`'s,
+        0-dim for CLIP, [1] for SigLIP)."""
         out = {k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")}
         if "owned.logit_scale" in weights:
-            out["logit_scale"] = weights["owned.logit_scale"].reshape(())
+            out["logit_scale"] = weights["owned.logit_scale"].reshape(scale_shape)
         return out
 
 
@@ -96,6 +108,24 @@ def with_model_loss_weights(config: TrainConfig, model: nn.Module) -> TrainConfi
     z = config.z_loss_coef if config.z_loss_coef is not None else (
         model_config.router_z_loss_coef if model_config is not None else 0.0)
     return replace(config, aux_loss_coef=aux, z_loss_coef=z)
+
+
+def sigmoid_loss_for(config: TrainConfig, model_config) -> bool:
+    """Whether `config` trains the model of `model_config` (its config or directory) with the sigmoid loss: the
+    family's own loss, or the one --loss names when the model can train with it. A UserError (one line) for a
+    loss the model cannot train with, and for --label-smoothing with the sigmoid loss (InfoNCE's, it has none)."""
+    sigmoid = uses_sigmoid_loss(model_config)
+    if config.loss == "clip" and sigmoid:
+        raise UserError(f"--loss clip: the CLIP loss asked for a {family_label(model_config)} model, whose "
+                        "logit_bias it would leave untrained (a DDP error with several processes); use --loss "
+                        "family, its sigmoid loss")
+    if config.loss == "sigmoid" and not sigmoid:
+        raise UserError(f"--loss sigmoid: the sigmoid loss asked for a {family_label(model_config)} model, which "
+                        "has no logit_bias; use --loss family, its CLIP loss")
+    if sigmoid and config.label_smoothing:
+        raise UserError(f"--label-smoothing {config.label_smoothing}: the sigmoid loss of a "
+                        f"{family_label(model_config)} model has no label smoothing (InfoNCE's); leave it at 0")
+    return sigmoid
 
 
 def _loop_owned(config: TrainConfig) -> LoopOwned:
@@ -161,6 +191,7 @@ class ContrastiveTrainer(TrainingLoop):
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
                  lower_lr_resume: str | None = None, lr_flag: str = "--lr"):
+        self.sigmoid = sigmoid_loss_for(config, model.config)  # before anything is made or written
         config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
         self.lr_flag = lr_flag
@@ -210,7 +241,8 @@ class ContrastiveTrainer(TrainingLoop):
 
     # -- what a checkpoint holds: only the trainable tensors (the frozen ones are the starting model's) ---------
     def _write_trained(self, directory: Path, weights: dict[str, torch.Tensor]) -> None:
-        named = ContrastiveHead.clip_weights(weights)
+        scale = getattr(self.clip, "logit_scale", None)
+        named = ContrastiveHead.clip_weights(weights, tuple(scale.shape) if scale is not None else ())
         save_file({k: named[k].detach().cpu().contiguous() for k in self.trainable}, str(directory / TRAINED_FILE))
 
     def _read_trained(self, directory: Path) -> None:
@@ -226,7 +258,7 @@ class ContrastiveTrainer(TrainingLoop):
 
     def _refuse_changed_settings(self, path: Path) -> None:
         state = json.loads((path / STATE_FILE).read_text())
-        recorded, note = dict(state.get("config", {})), ""
+        recorded, note = {**ADDED_SETTINGS, **state.get("config", {})}, ""
         if "lr" in recorded:
             lr, allowed = self.config.lr, self.config.resume_lower_lr
             note = self.lr_change.refusal_note(recorded["lr"], lr, allowed)
@@ -247,10 +279,15 @@ class ContrastiveTrainer(TrainingLoop):
     # -- training ----------------------------------------------------------------------------------------------
     def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device, cfg = self.accelerator.device, self.config
-        image, text, balance, z, learned = self.model(batch["pixel_values"].to(device),
-                                                      batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        mask = batch.get("attention_mask")  # none for SigLIP's fixed-length, unmasked text
+        image, text, balance, z, learned, bias = self.model(batch["pixel_values"].to(device),
+                                                            batch["input_ids"].to(device),
+                                                            mask.to(device) if mask is not None else None)
         scale = cfg.logit_scale if cfg.logit_scale is not None else learned
-        contrastive = clip_contrastive_loss(image, text, scale, cfg.label_smoothing)
+        if self.sigmoid:
+            contrastive = siglip_sigmoid_loss(image, text, scale, bias)
+        else:
+            contrastive = clip_contrastive_loss(image, text, scale, cfg.label_smoothing)
         loss = contrastive + cfg.aux_loss_coef * balance + cfg.z_loss_coef * z
         return loss, {"contrastive": contrastive.item(), "load_balance": balance.item(), "z_loss": z.item(),
                       "pairs": float(len(batch["captions"]))}
