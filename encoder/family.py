@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +32,26 @@ class WeightMap:
     layer_mlp: the MLP of layer `{layer}` within a tower, as a format string ending in '.'; the default is
         transformers' `encoder.layers.<i>.mlp` naming (CLIP, SigLIP). The router of a MoE layer is
         `<mlp>router.weight`, its experts `<mlp>experts.<name>`.
+    head_mlp: tower -> the MLP of that tower's pooling head (SigLIP's vision attention-pooling head: 'head.mlp.'),
+        which becomes MoE when the tower's MoE config has `moe_head` True; empty for families without one (CLIP).
     """
 
     tower_prefix: Mapping[str, str]
     ffn_to_expert: Mapping[str, str]
     layer_mlp: str = "encoder.layers.{layer}.mlp."
+    head_mlp: Mapping[str, str] = field(default_factory=dict)
+
+    def moe_mlps(self, tower: str, config, prefix: str | None = None) -> list[str]:
+        """The state-dict prefixes ('...mlp.') of every MoE MLP of `tower` whose MoE config is `config`: its
+        `moe_layers` in order, then the pooling head's MLP when `config.moe_head` is True. `prefix` is where the
+        tower's keys start ('' for a tower's own export); default the tower's prefix in the full model."""
+        prefix = f"{self.tower_prefix[tower]}." if prefix is None else prefix
+        mlps = [prefix + self.layer_mlp.format(layer=layer) for layer in config.moe_layers]
+        if getattr(config, "moe_head", False):
+            if tower not in self.head_mlp:
+                raise ValueError(f"moe_head is set for the {tower} tower, which has no pooling-head MLP to make MoE")
+            mlps.append(prefix + self.head_mlp[tower])
+        return mlps
 
     def mlp(self, tower: str, layer: int) -> str:
         """The state-dict prefix of layer `layer`'s MLP in `tower` of the full model."""
@@ -83,6 +98,10 @@ class Family:
     weight_map: where the dense FFN weights go in the MoE state dict (`WeightMap`); None until the family has one.
     dense_vision_config / dense_vision_model / image_processor: transformers' classes of the dense vision tower
         and its image processor, which the LLaVA tower loads for a dense directory of this family.
+    dense_configs / dense_models: kind -> transformers' dense config / PreTrainedModel class (`CLIPConfig`,
+        `CLIPModel`, ...), so a dense base of any family is read, checked and loaded by the same code.
+    moe_config_from_dense: (dense config, vision MoE fields, text MoE fields) -> the MoE config of the same kind, the
+        dense config's fields kept and a tower given None left dense; what sparse upcycling starts from.
     """
 
     name: str
@@ -96,6 +115,9 @@ class Family:
     dense_vision_config: type | None = field(default=None, repr=False)
     dense_vision_model: type | None = field(default=None, repr=False)
     image_processor: type | None = field(default=None, repr=False)
+    dense_configs: Mapping[str, type] = field(default_factory=dict, repr=False)
+    dense_models: Mapping[str, type] = field(default_factory=dict, repr=False)
+    moe_config_from_dense: Callable | None = field(default=None, repr=False)
 
     def label(self, moe: bool) -> str:
         """"CLIP-MoE" / "CLIP": what a message calls a (MoE or dense) model of this family."""

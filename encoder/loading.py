@@ -1,4 +1,5 @@
-"""Loading any CLIP a command may be given (dense or CLIP-MoE) together with what preprocesses its inputs."""
+"""Loading any model a command may be given (dense or MoE, of any family: CLIP, SigLIP, SigLIP2) together with what
+preprocesses its inputs."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .utils.errors import NonFiniteValues
 
 @dataclass
 class LoadedCLIP:
-    """A CLIPModel or CLIPMoEModel (eval mode, CPU), its image processor and tokenizer (None if it has none)."""
+    """A family's full dense or MoE model (`CLIPModel`, `CLIPMoEModel`, `SiglipModel`, `SiglipMoEModel`, ...; eval
+    mode, CPU), its image processor and tokenizer (None if it has none)."""
 
     model: PreTrainedModel
     image_processor: object
@@ -31,8 +33,9 @@ class LoadedCLIP:
 
 
 def load_clip(spec: str | Path) -> LoadedCLIP:
-    """A dense CLIP (directory, hub id, open_clip:NAME) or a CLIP-MoE directory, validated (`encoder.model_dir`):
-    a directory whose config, weights, image processor or tokenizer is damaged is a UserError, never a model."""
+    """A dense base of any family (directory, hub id, open_clip:NAME, a SigLIP's included) or a MoE directory of any
+    family, validated (`encoder.model_dir`): a directory whose config, weights, image processor or tokenizer is
+    damaged is a UserError, never a model."""
     if Path(spec).is_dir() and is_full_moe(spec):
         path = Path(spec)
         model = load_clip_moe(path, full_model_class(path)).eval()

@@ -348,14 +348,23 @@ def lazy_model(build: Callable[[], nn.Module], source: TensorSource, prefix: str
     """`build()` with meta parameters, each module's own parameters read from `source` just before its forward
     and dropped right after: a forward pass holds one module's weights (plus activations) at a time.
 
+    Modules whose forward reads their children's parameters directly (`whole_module`: `nn.MultiheadAttention`'s
+    out_proj, a vision embedding's position table) load their whole subtree at their own forward instead.
     For inference only (no autograd state is kept across modules). A parameter that is used outside its
     module's forward would stay on meta and fail loudly there, not compute something wrong.
     """
     with parameters_on_meta():
         model = build()
     model.eval().requires_grad_(False)
+    inside_whole = set()
     for module_name, module in model.named_modules():
-        names = [n for n, _ in module.named_parameters(recurse=False)]
+        if module_name in inside_whole:
+            continue
+        whole = whole_module(module)
+        if whole:
+            inside_whole.update(f"{module_name}.{n}" if module_name else n for n, _ in module.named_modules()
+                                if n)
+        names = [n for n, _ in module.named_parameters(recurse=whole)]
         if not names:
             continue
         keys = {n: prefix + (f"{module_name}.{n}" if module_name else n) for n in names}
@@ -367,20 +376,31 @@ def lazy_model(build: Callable[[], nn.Module], source: TensorSource, prefix: str
     return model
 
 
+def whole_module(module: nn.Module) -> bool:
+    """Whether `module`'s forward uses its children's parameters without calling them (so `lazy_model` loads its
+    subtree as one): `nn.MultiheadAttention` (out_proj), a tower's vision embeddings (SigLIP2 resizes the position
+    table it reads as `.weight`)."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("VisionEmbeddings")
+
+
 def _loader(keys: dict[str, str], source: TensorSource, dtype: torch.dtype | None):
     def hook(module, args):
         for n, key in keys.items():
             t = source.get(key)
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            module._parameters[n] = nn.Parameter(t, requires_grad=False)
+            owner, _, leaf = n.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target._parameters[leaf] = nn.Parameter(t, requires_grad=False)
     return hook
 
 
 def _releaser(names: list[str]):
     def hook(module, args, output):
         for n in names:
-            p = module._parameters[n]
-            module._parameters[n] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                 requires_grad=False)
+            owner, _, leaf = n.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            p = target._parameters[leaf]
+            target._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                    requires_grad=False)
     return hook

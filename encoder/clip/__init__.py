@@ -6,12 +6,25 @@ classes from a directory's `model_type`, and registers them with transformers' A
 `AutoModel.from_pretrained(DIR)` of a saved CLIP-MoE directory returns a `CLIPMoEModel`.
 """
 
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
 
 from ..family import Family, find_family, is_moe_dir, register_family
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
-from .modeling import CLIPMoEModel, CLIPMoEPreTrainedModel, CLIPMoETextModel, CLIPMoEVisionModel
-from .weight_map import WEIGHT_MAP
+from .modeling import (
+    CLIPMoEModel,
+    CLIPMoEPreTrainedModel,
+    CLIPMoETextModel,
+    CLIPMoEVisionModel,
+)
+from .weight_map import WEIGHT_MAP, moe_config_of
 
 CLIP = register_family(Family(
     name="clip",
@@ -25,6 +38,9 @@ CLIP = register_family(Family(
     dense_vision_config=CLIPVisionConfig,
     dense_vision_model=CLIPVisionModel,
     image_processor=CLIPImageProcessor,
+    dense_configs={"model": CLIPConfig, "vision": CLIPVisionConfig, "text": CLIPTextConfig},
+    dense_models={"model": CLIPModel, "vision": CLIPVisionModel, "text": CLIPTextModel},
+    moe_config_from_dense=moe_config_of,
 ))
 
 

@@ -1,7 +1,9 @@
-"""Loading a dense CLIP base from wherever users keep one, as a transformers `CLIPModel`.
+"""Loading a dense base of any registered family (CLIP, SigLIP, SigLIP2) from wherever users keep one, as
+transformers' model of its family (`CLIPModel`, `SiglipModel`, `Siglip2Model`).
 
-Accepted specs: a transformers CLIP directory, a hub id (where a network exists), or
-`open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (converted to the transformers layout).
+Accepted specs: a transformers directory of a family's full dense model, a hub id (where a network exists), or
+`open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (converted to the transformers layout: a CLIP, or a `SiglipModel` for
+open_clip's SigLIPs). The family's classes come from `encoder.family` (`Family.dense_configs` / `dense_models`).
 
 `load_dense_clip` builds the model in memory; `open_dense_clip` opens a base for streaming (config and
 preprocessing now, weights one tensor at a time), which is what real-size upcycling needs.
@@ -17,46 +19,69 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
-from ..family import find_family
-from ..tensor_stream import CheckpointError, SafetensorsCheckpoint, StateDictSource, TensorSource
+from ..family import (
+    Family,
+    FamilyMatch,
+    UnknownFamily,
+    families,
+    family_of,
+    find_family,
+    read_model_type,
+)
+from ..tensor_stream import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    StateDictSource,
+    TensorSource,
+)
 from ..utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..utils.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "tokenizer.model")
 JSON_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @dataclass
 class DenseCLIP:
-    """A dense CLIP and what preprocesses its inputs."""
+    """A dense base (a `CLIPModel`, `SiglipModel`, ...: the family's full model) and what preprocesses its inputs."""
 
-    model: CLIPModel
-    image_processor: CLIPImageProcessor
-    tokenizer: object | None  # a transformers CLIP tokenizer, or None when the base ships none
+    model: PreTrainedModel
+    image_processor: object  # the family's image processor (CLIPImageProcessor, SiglipImageProcessor, ...)
+    tokenizer: object | None  # a transformers tokenizer, or None when the base ships none
     source: str
 
 
 @dataclass
 class DenseCLIPSource:
-    """A dense CLIP opened for streaming: config and preprocessing, and its weights one tensor at a time.
+    """A dense base opened for streaming: config and preprocessing, and its weights one tensor at a time.
 
     `tensors` reads a transformers directory's safetensors lazily; for bases that only exist in memory
     (open_clip conversions, hub ids, `pytorch_model.bin` directories) it is the loaded model's state dict
-    and `model` is that model. `dtype` is the dtype `CLIPModel.from_pretrained` would load the weights in.
+    and `model` is that model. `dtype` is the dtype the family's `from_pretrained` would load the weights in.
     """
 
-    config: CLIPConfig
+    config: PretrainedConfig
     dtype: torch.dtype
     tensors: TensorSource
-    image_processor: CLIPImageProcessor
+    image_processor: object
     tokenizer: object | None
     source: str
-    model: CLIPModel | None = None
+    model: PreTrainedModel | None = None
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config).family
 
     @property
     def streamed(self) -> bool:
@@ -77,17 +102,29 @@ def default_image_processor(image_size: int) -> CLIPImageProcessor:
     )
 
 
-def load_dense_clip(spec: str | CLIPModel) -> DenseCLIP:
-    """Load a dense CLIP from a directory, hub id, `open_clip:` spec, or take a `CLIPModel` as is."""
-    if isinstance(spec, CLIPModel):
-        size = spec.config.vision_config.image_size
-        return DenseCLIP(spec.eval(), default_image_processor(size), None, "in-memory CLIPModel")
+def default_processor_for(config: PretrainedConfig):
+    """The preprocessing a base of `config`'s family gets when it ships none: OpenAI CLIP's for a CLIP
+    (`default_image_processor`), else the family's image processor at the model's size (SigLIP: a square resize
+    with mean/std 0.5, transformers' defaults; SigLIP2: patches of the model's patch size, up to its position
+    table's count)."""
+    family = family_of(config).family
+    vision = getattr(config, "vision_config", config)
+    if family.image_processor is None or family.image_processor is CLIPImageProcessor:
+        return default_image_processor(vision.image_size)
+    if hasattr(vision, "image_size"):
+        return family.image_processor(size={"height": vision.image_size, "width": vision.image_size})
+    return family.image_processor(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+
+
+def load_dense_clip(spec: str | PreTrainedModel) -> DenseCLIP:
+    """Load a dense base of any family from a directory, hub id, `open_clip:` spec, or take a model (the full dense
+    model of a family: `CLIPModel`, `SiglipModel`, `Siglip2Model`) as is."""
+    if isinstance(spec, PreTrainedModel):
+        _dense_match(spec.config, f"in-memory {type(spec).__name__}")
+        return DenseCLIP(spec.eval(), default_processor_for(spec.config), None, f"in-memory {type(spec).__name__}")
     spec = str(spec)
     if spec.startswith("open_clip:"):
-        from .open_clip import load_open_clip
-
-        oc = load_open_clip(spec)
-        return DenseCLIP(oc.model, oc.image_processor, oc.tokenizer, spec)
+        return _load_open_clip(spec)
     path = Path(spec)
     if path.exists():
         return _load_directory(path)
@@ -98,10 +135,10 @@ def load_dense_clip(spec: str | CLIPModel) -> DenseCLIP:
     )
 
 
-def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
-    """A dense CLIP for streaming: read lazily from a transformers directory with safetensors weights, else
+def open_dense_clip(spec: str | PreTrainedModel) -> DenseCLIPSource:
+    """A dense base for streaming: read lazily from a transformers directory with safetensors weights, else
     (open_clip, hub id, .bin weights, an in-memory model) loaded with `load_dense_clip` and seen tensor-wise."""
-    path = Path(str(spec)) if not isinstance(spec, CLIPModel) else None
+    path = Path(str(spec)) if not isinstance(spec, PreTrainedModel) else None
     if path is not None and not str(spec).startswith("open_clip:") and path.exists():
         _check_clip_directory(path)
         if SafetensorsCheckpoint.exists(path):
@@ -112,34 +149,74 @@ def open_dense_clip(spec: str | CLIPModel) -> DenseCLIPSource:
                            dense.source, dense.model)
 
 
-def _dense_config(path: Path) -> CLIPConfig:
-    """The directory's CLIPConfig, checked against its weights' shapes (safetensors headers only)."""
-    from ..moe_config import check_forward_fields
-    from ..model_dir import build_config, check_weights
+def _load_open_clip(spec: str) -> DenseCLIP:
+    """`open_clip:NAME[:CKPT]` through the converter of what NAME's config is: a SigLIP (`logit_bias`, timm tower)
+    becomes a `SiglipModel` with its SiglipImageProcessor and SiglipTokenizer (refused without its tokenizer),
+    anything else a `CLIPModel` (`encoder.convert.open_clip`, which says what it cannot convert)."""
+    from .open_clip import LOCAL_DIR, load_open_clip, parse_open_clip_spec
+    from .open_clip_siglip import is_open_clip_siglip, load_open_clip_siglip
 
-    config = build_config(path / "config.json", None, lambda: CLIPConfig.from_pretrained(path))
-    for key in ("vision_config", "text_config"):  # what the CLIP-MoE config will refuse, said of the base
+    name, _ = parse_open_clip_spec(spec)
+    cfg = None
+    if not name.startswith(LOCAL_DIR) or Path(name[len(LOCAL_DIR):], "open_clip_config.json").is_file():
+        import open_clip
+
+        cfg = open_clip.get_model_config(name)
+    loader = load_open_clip_siglip if cfg is not None and is_open_clip_siglip(cfg) else load_open_clip
+    oc = loader(spec)
+    return DenseCLIP(oc.model, oc.image_processor, oc.tokenizer, spec)
+
+
+def _dense_match(config, where) -> FamilyMatch:
+    """The family of a dense full model's config; UserError (UnknownFamily for a model_type of no family) for a MoE
+    model, one tower, or a family whose dense classes are not declared."""
+    match = find_family(config)
+    if match is None:
+        labels = [family.label(False) for family in families()]
+        names = ", ".join(labels[:-1]) + " or " + labels[-1] if len(labels) > 1 else "".join(labels)
+        raise UnknownFamily(f"{where} is a {read_model_type(config)!r} model, not a {names} (the model families this "
+                            "toolkit knows); give a directory or hub id of one of those")
+    if match.is_moe:
+        raise UserError(f"base {where} is already a {match.label}; give the dense {match.family.label(False)} it came "
+                        "from")
+    if match.kind != "model" or "model" not in match.family.dense_models:
+        raise UserError(f"{where} is a {match.model_type!r} model ({match.family.label(False)} {match.kind} tower "
+                        f"only), not a full {match.family.label(False)}; give a directory with both towers")
+    return match
+
+
+def _dense_config(path: Path) -> PretrainedConfig:
+    """The directory's dense config (its family's class), checked against its weights' shapes (safetensors
+    headers only)."""
+    from ..model_dir import build_config, check_weights
+    from ..moe_config import check_forward_fields
+
+    family = find_family(path).family
+    config_class, model_class = family.dense_configs["model"], family.dense_models["model"]
+    config = build_config(path / "config.json", None, lambda: config_class.from_pretrained(path))
+    for key in ("vision_config", "text_config"):  # what the MoE config will refuse, said of the base
         build_config(path / "config.json", key, lambda k=key: check_forward_fields(getattr(config, k)))
-    check_weights(path, config, CLIPModel)
+    check_weights(path, config, model_class)
     return config
 
 
 def _open_directory(path: Path) -> DenseCLIPSource:
     config = _dense_config(path)
+    label = find_family(path).family.label(False)
     try:
         tensors = SafetensorsCheckpoint(path)
     except (OSError, CheckpointError) as err:
-        raise UserError(f"{path}: the CLIP weights cannot be loaded ("
+        raise UserError(f"{path}: the {label} weights cannot be loaded ("
                         f"{first_line(err, with_type=True)[:200]}); re-save or re-download the model") from None
     dtype = load_dtype(config, tensors)
     config.dtype = dtype  # recorded on the config and both tower configs, as from_pretrained does (it ends up
-    for sub in config.sub_configs:  # in the CLIP-MoE's config.json, which must not depend on the path taken)
+    for sub in config.sub_configs:  # in the MoE's config.json, which must not depend on the path taken)
         if getattr(config, sub, None) is not None:
             getattr(config, sub).dtype = dtype
     return DenseCLIPSource(config, dtype, tensors, image_processor_for(path, config), tokenizer_for(path), str(path))
 
 
-def load_dtype(config: CLIPConfig, tensors: TensorSource) -> torch.dtype:
+def load_dtype(config: PretrainedConfig, tensors: TensorSource) -> torch.dtype:
     """The dtype `from_pretrained` (dtype="auto", transformers' default) gives the model: the config's `dtype`,
     else that of the checkpoint's first floating-point tensor (by name)."""
     dtype = getattr(config, "dtype", None)
@@ -153,40 +230,43 @@ def load_dtype(config: CLIPConfig, tensors: TensorSource) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _check_clip_directory(path: Path) -> None:
-    """The user errors of a directory that is not a dense transformers CLIP, before any weight is read."""
+def _check_clip_directory(path: Path) -> FamilyMatch:
+    """The user errors of a directory that is not a dense transformers model of a family (a full CLIP, SigLIP,
+    SigLIP2), before any weight is read; its family otherwise."""
     config_file = path / "config.json"
     if not path.is_dir() or not config_file.is_file():
         raise UserError(f"{path} is not a model directory (no config.json): give a transformers CLIP directory")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        json.loads(config_file.read_text()).get("model_type")
     except json.JSONDecodeError as err:
         raise UserError(f"{path}/config.json is not valid JSON ({err}); re-save the model") from None
-    match = find_family(path)
-    if match is not None and match.is_moe:
-        raise UserError(f"base {path} is already a {match.label}; give the dense {match.family.label(False)} it came "
-                        "from")
-    if match is None or match.family.name != "clip" or match.kind != "model":
-        raise UserError(
-            f"{path} is a {model_type!r} model, not a CLIP (model_type 'clip'); give a CLIP directory"
-        )
+    return _dense_match(path, str(path))
 
 
 def _load_directory(path: Path) -> DenseCLIP:
-    _check_clip_directory(path)
+    match = _check_clip_directory(path)
     _dense_config(path)
+    label = match.family.label(False)
     try:
-        model = CLIPModel.from_pretrained(path).eval()
+        model = match.family.dense_models["model"].from_pretrained(path).eval()
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # missing/corrupt weights, wrong shapes
-        raise UserError(f"{path}: the CLIP weights cannot be loaded ("
+        raise UserError(f"{path}: the {label} weights cannot be loaded ("
                         f"{first_line(err, with_type=True)[:200]}); re-save or re-download the model") from None
     return DenseCLIP(model, image_processor_for(path, model.config), tokenizer_for(path), str(path))
 
 
 def _load_hub(repo_id: str) -> DenseCLIP:
+    """A hub id, read as CLIP ids always were: its config first (any family's, by model_type), then its model."""
     try:
-        config = CLIPConfig.from_pretrained(repo_id)
-        model = CLIPModel.from_pretrained(repo_id).eval()
+        config = AutoConfig.from_pretrained(repo_id)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
+            "download it first and pass its directory"
+        ) from None
+    match = _dense_match(config, repr(repo_id))
+    try:
+        model = match.family.dense_models["model"].from_pretrained(repo_id).eval()
     except (OSError, ValueError) as err:
         raise UserError(
             f"{repo_id!r} is neither a local directory nor loadable from the hub ({type(err).__name__}); "
@@ -195,42 +275,52 @@ def _load_hub(repo_id: str) -> DenseCLIP:
     return DenseCLIP(model, image_processor_for(repo_id, config), tokenizer_for(repo_id), repo_id)
 
 
-def image_processor_for(source, config: CLIPConfig) -> CLIPImageProcessor:
-    """The image processor saved with `source`; OpenAI CLIP preprocessing at the model's image size when it has
-    none (a directory without preprocessor_config.json, a hub id without one).
+def image_processor_for(source, config: PretrainedConfig):
+    """The image processor saved with `source` (the class of the config's family: CLIPImageProcessor,
+    SiglipImageProcessor, ...); the family's default preprocessing at the model's image size when it has none (a
+    directory without preprocessor_config.json, a hub id without one: `default_processor_for`).
 
     A preprocessor_config.json that is present but unreadable is refused: the default in its place would give
-    the model other inputs than it was trained on, and a CLIP-MoE upcycled from it would keep that default.
+    the model other inputs than it was trained on, and a MoE upcycled from it would keep that default.
     """
     directory = _local_directory(source)
-    image_size = config.vision_config.image_size
+    processor_class = _processor_class(config)
+    image_size = getattr(config.vision_config, "image_size", None)
     if directory is not None and not (directory / PREPROCESSOR_FILE).is_file():
-        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
-        return default_image_processor(image_size)
+        logger.info("%s has no %s; using the default preprocessing", source, PREPROCESSOR_FILE)
+        return default_processor_for(config)
     if directory is not None:
-        return load_image_processor(directory, image_size)
+        return load_image_processor(directory, image_size, processor_class)
     try:
-        processor = CLIPImageProcessor.from_pretrained(source)
+        processor = processor_class.from_pretrained(source)
     except OSError:
-        logger.info("%s has no %s; using OpenAI CLIP preprocessing", source, PREPROCESSOR_FILE)
-        return default_image_processor(image_size)
-    problem = image_size_problem(processor, image_size)
+        logger.info("%s has no %s; using the default preprocessing", source, PREPROCESSOR_FILE)
+        return default_processor_for(config)
+    problem = image_size_problem(processor, image_size) if image_size is not None else None
     if problem:
         raise UserError(f"{source}: its image processor's {problem} in a local copy of it")
     return processor
 
 
-def load_image_processor(directory: str | Path, image_size: int | None = None) -> CLIPImageProcessor:
-    """DIR/preprocessor_config.json as a CLIP image processor; UserError naming the file when it is missing,
-    not JSON, or holds values no CLIP preprocessing can use (a mean/std that is not 3 numbers, a std of 0, ...),
-    or, given the model's `image_size`, images of another size (they would fail the model's first forward)."""
+def _processor_class(config: PretrainedConfig) -> type:
+    """The image processor class of `config`'s family (dense or MoE); CLIP's for a config of no family."""
+    match = find_family(config)
+    return (match.family.image_processor if match is not None else None) or CLIPImageProcessor
+
+
+def load_image_processor(directory: str | Path, image_size: int | None = None,
+                         processor_class: type = CLIPImageProcessor):
+    """DIR/preprocessor_config.json as a `processor_class` (a CLIP image processor by default); UserError naming the
+    file when it is missing, not JSON, or holds values no preprocessing can use (a mean/std that is not 3 numbers,
+    a std of 0, ...), or, given the model's `image_size`, images of another size (they would fail the model's first
+    forward)."""
     file = Path(directory) / PREPROCESSOR_FILE
     fix = f"restore {file.name} from the model's source or re-save the model's image processor"
     if not file.is_file():
         raise UserError(f"{directory} has no {PREPROCESSOR_FILE}; {fix}")
     _read_json_object(file, fix)
     try:
-        processor = CLIPImageProcessor.from_pretrained(directory)
+        processor = processor_class.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - whatever the processor's own checks raise, it is this file's content
         raise UserError(f"{file} is not a usable image processor config ("
                         f"{first_line(err, with_type=True)}); {fix}") from None
@@ -243,11 +333,18 @@ def load_image_processor(directory: str | Path, image_size: int | None = None) -
     return processor
 
 
-def image_size_problem(processor: CLIPImageProcessor, image_size: int) -> str | None:
+def image_size_problem(processor, image_size: int) -> str | None:
     """What makes `processor`'s images other than `image_size` x `image_size` (what the model's position embeddings
-    take), or None. `crop_size` counts even when the processor does not crop: LLaVA's training makes the blank
-    image of a text-only sample at crop_size. Without a crop, `size` is the output: height x width, or a
-    shortest edge (square images only) that must be image_size."""
+    take), or None. For a CLIP processor `crop_size` counts even when it does not crop: LLaVA's training makes the
+    blank image of a text-only sample at crop_size. Without a crop, `size` is the output: height x width, or a
+    shortest edge (square images only) that must be image_size. A processor with no crop at all (SigLIP's) is
+    judged by its `size`."""
+    if not isinstance(processor, CLIPImageProcessor) and getattr(processor, "crop_size", None) is None:
+        size = _size_values(processor.size)
+        if (size.get("height"), size.get("width")) != (image_size, image_size):
+            return (f"size is {size} but the model takes {image_size}x{image_size} images (vision_config.image_size); "
+                    f"set size to {{\"height\": {image_size}, \"width\": {image_size}}}")
+        return None
     crop = _size_values(processor.crop_size)
     if (crop.get("height"), crop.get("width")) != (image_size, image_size):
         shown = f"{crop.get('height')}x{crop.get('width')}" if crop else "unset"
@@ -269,7 +366,7 @@ def _size_values(size) -> dict:
     return {k: v for k, v in dict(size).items() if v is not None} if size is not None else {}
 
 
-def _processor_problem(processor: CLIPImageProcessor) -> str | None:
+def _processor_problem(processor) -> str | None:
     for name in ("image_mean", "image_std"):
         values = getattr(processor, name, None)
         numbers = isinstance(values, (list, tuple)) and all(
@@ -278,7 +375,8 @@ def _processor_problem(processor: CLIPImageProcessor) -> str | None:
             return f"{name} is {values!r}, not 3 finite numbers (one per RGB channel)"
     if any(v <= 0 for v in processor.image_std):
         return f"image_std {list(processor.image_std)} has a value <= 0 (the pixels are divided by it)"
-    sizes = {"size": processor.size, "crop_size": processor.crop_size if processor.do_center_crop else None}
+    sizes = {"size": processor.size, "crop_size": processor.crop_size if getattr(processor, "do_center_crop", False)
+             else None}
     for name, size in sizes.items():
         if size is None:
             continue

@@ -6,14 +6,14 @@ with `encoder.family` (so `family_of(DIR)` knows dense SigLIP and SigLIP-MoE dir
 """
 
 from transformers import (
-    AutoConfig,
-    AutoModel,
+    SiglipConfig,
     SiglipImageProcessor,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipTextModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
 
 from ..family import Family, register_family
 from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
@@ -32,19 +32,6 @@ from .weight_map import (
     sparse_upcycle_siglip,
 )
 
-for _config, _model in (
-    (SiglipMoEConfig, SiglipMoEModel),
-    (SiglipMoEVisionConfig, SiglipMoEVisionModel),
-    (SiglipMoETextConfig, SiglipMoETextModel),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-
-# A tower loaded from a full SigLIP-MoE directory takes its weights from under that tower's prefix, as
-# transformers does for SiglipVisionModel / SiglipTextModel.
-for _name, _prefix in (("SiglipMoEVisionModel", "vision_model"), ("SiglipMoETextModel", "text_model")):
-    register_checkpoint_conversion_mapping(_name, [PrefixChange(prefix_to_remove=_prefix)], overwrite=True)
-
 SIGLIP = register_family(Family(
     name="siglip",
     display_name="SigLIP",
@@ -57,6 +44,9 @@ SIGLIP = register_family(Family(
     dense_vision_config=SiglipVisionConfig,
     dense_vision_model=SiglipVisionModel,
     image_processor=SiglipImageProcessor,
+    dense_configs={"model": SiglipConfig, "vision": SiglipVisionConfig, "text": SiglipTextConfig},
+    dense_models={"model": SiglipModel, "vision": SiglipVisionModel, "text": SiglipTextModel},
+    moe_config_from_dense=moe_config_of,
 ))
 
 __all__ = [

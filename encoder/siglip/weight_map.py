@@ -1,4 +1,5 @@
-"""The dense SigLIP -> SigLIP-MoE weight map, in memory: sparse upcycling that preserves the dense function.
+"""The dense SigLIP -> SigLIP-MoE weight map: its names (`WEIGHT_MAP`, the head's MLP included), the MoE config of a
+dense config, and in-memory sparse upcycling on the shared mechanism (`encoder.upcycling`).
 
 Every MoE layer's experts are copies of the dense layer's MLP (fc1 -> `up_proj` [E, h, d] / `up_proj_bias` [E, h],
 fc2 -> `down_proj` [E, d, h] / `down_proj_bias` [E, d], the CLIP-MoE's layout); every other tensor is the dense one
@@ -20,6 +21,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from .. import upcycling
 from ..family import WeightMap
 from .configuration import (
     SiglipMoEConfig,
@@ -35,68 +37,26 @@ FFN_TO_EXPERT = {
     "fc2.weight": "down_proj",
     "fc2.bias": "down_proj_bias",
 }
-TOWER_PREFIX = {"vision_config": "vision_model.", "text_config": "text_model."}
-# The names of the family layer (`encoder.family`): towers' prefixes and the expert stacks of the encoder layers' MLPs.
-# It does not name the attention-pooling head's MLP, which `moe_mlp_prefixes` adds when `moe_head` is True.
-WEIGHT_MAP = WeightMap(tower_prefix={"vision": "vision_model", "text": "text_model"}, ffn_to_expert=FFN_TO_EXPERT)
-# The CLIP-MoE draws its routers from N(0, CLIP's initializer_range = 0.02); SigLIP configs carry no
-# initializer_range, so the SigLIP families use the same 0.02.
-ROUTER_INIT_STD = 0.02
+# The names of the family layer (`encoder.family`): towers' prefixes, the expert stacks of the encoder layers' MLPs,
+# and the vision attention-pooling head's MLP, which is MoE when the vision config has `moe_head` True.
+WEIGHT_MAP = WeightMap(tower_prefix={"vision": "vision_model", "text": "text_model"}, ffn_to_expert=FFN_TO_EXPERT,
+                       head_mlp={"vision": "head.mlp."})
+ROUTER_INIT_STD = upcycling.ROUTER_INIT_STD  # SigLIP configs carry no initializer_range: CLIP's 0.02
+new_routers = upcycling.new_routers  # what `dense_to_moe_state_dict` draws (tests compare against it)
 
 
 def towers(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]:
-    """(state-dict prefix, tower config) of a full config's two towers (vision first), or ("", config) of a tower's."""
-    if all(hasattr(config, key) for key in TOWER_PREFIX):
-        return [(prefix, getattr(config, key)) for key, prefix in TOWER_PREFIX.items()]
-    return [("", config)]
-
-
-def moe_mlp_prefixes(tower: PretrainedConfig, prefix: str = "") -> list[str]:
-    """The state-dict prefixes ("...layers.L.mlp.") of a tower's MoE MLPs: its `moe_layers`, then the attention-
-    pooling head's MLP when the tower has `moe_head` True."""
-    prefixes = [f"{prefix}encoder.layers.{layer}.mlp." for layer in tower.moe_layers]
-    if getattr(tower, "moe_head", False):
-        prefixes.append(f"{prefix}head.mlp.")
-    return prefixes
-
-
-def new_routers(config: PretrainedConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every MoE MLP's new router weight [E, width] (fp32) by state-dict name, from N(0, ROUTER_INIT_STD).
-
-    One generator per tower (seed for the vision tower or a tower alone, seed + 1 for the text tower), drawn MLP by
-    MLP in `moe_mlp_prefixes` order, so the same config and seed always give the same routers.
-    """
-    routers = {}
-    for i, (prefix, tower) in enumerate(towers(config)):
-        gen = torch.Generator().manual_seed(seed + i)
-        for mlp in moe_mlp_prefixes(tower, prefix):
-            weight = torch.empty(tower.num_experts, tower.hidden_size)
-            routers[f"{mlp}router.weight"] = weight.normal_(0.0, ROUTER_INIT_STD, generator=gen)
-    return routers
+    """(state-dict prefix, tower config) of a full MoE config's two towers (vision first), or ("", config) of a
+    tower's."""
+    return [(prefix, tower) for _, tower, prefix in upcycling.moe_towers(config)]
 
 
 def dense_to_moe_state_dict(dense: Mapping[str, torch.Tensor], config: PretrainedConfig,
                             seed: int = 0) -> dict[str, torch.Tensor]:
     """The MoE state dict of `config` (a full SigLIP-MoE / SigLIP2-MoE config or one tower's) from the dense
-    model's state dict (same model kind: full or that tower): every dense MLP of a MoE layer copied into each
-    expert, every other tensor as it is (not copied), new routers (`new_routers`). Every dense key is used.
-
-    Raises ValueError naming the missing dense tensor when `dense` lacks an MLP the config makes MoE.
-    """
-    moe: dict[str, torch.Tensor] = {}
-    used = set()
-    for prefix, tower in towers(config):
-        for mlp in moe_mlp_prefixes(tower, prefix):
-            for dense_name, expert_name in FFN_TO_EXPERT.items():
-                key = mlp + dense_name
-                if key not in dense:
-                    raise ValueError(f"the dense state dict has no {key}: it is not the model this MoE config "
-                                     "was made from (a full model for a full config, a tower for a tower config)")
-                moe[f"{mlp}experts.{expert_name}"] = torch.stack([dense[key]] * tower.num_experts)
-                used.add(key)
-    moe.update(new_routers(config, seed))
-    moe.update((key, value) for key, value in dense.items() if key not in used)
-    return moe
+    model's state dict (same kind): `encoder.upcycling.dense_to_moe_state_dict`, the head's MLP included when the
+    vision config has `moe_head` True."""
+    return upcycling.dense_to_moe_state_dict(dense, config, seed)
 
 
 def dense_key_of(moe_key: str) -> str | None:

@@ -5,14 +5,14 @@ with `encoder.family`, as `encoder.siglip` does for SigLIP.
 """
 
 from transformers import (
-    AutoConfig,
-    AutoModel,
+    Siglip2Config,
     Siglip2ImageProcessor,
+    Siglip2Model,
+    Siglip2TextConfig,
+    Siglip2TextModel,
     Siglip2VisionConfig,
     Siglip2VisionModel,
 )
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
 
 from ..family import Family, register_family
 from ..siglip.weight_map import WEIGHT_MAP
@@ -29,19 +29,7 @@ from .modeling import (
     Siglip2MoEVisionModel,
 )
 from .outputs import Siglip2MoEOutput
-from .weight_map import sparse_upcycle_siglip2
-
-for _config, _model in (
-    (Siglip2MoEConfig, Siglip2MoEModel),
-    (Siglip2MoEVisionConfig, Siglip2MoEVisionModel),
-    (Siglip2MoETextConfig, Siglip2MoETextModel),
-):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
-
-# A tower loaded from a full SigLIP2-MoE directory takes its weights from under that tower's prefix.
-for _name, _prefix in (("Siglip2MoEVisionModel", "vision_model"), ("Siglip2MoETextModel", "text_model")):
-    register_checkpoint_conversion_mapping(_name, [PrefixChange(prefix_to_remove=_prefix)], overwrite=True)
+from .weight_map import moe_config_of, sparse_upcycle_siglip2
 
 SIGLIP2 = register_family(Family(
     name="siglip2",
@@ -56,6 +44,9 @@ SIGLIP2 = register_family(Family(
     dense_vision_config=Siglip2VisionConfig,
     dense_vision_model=Siglip2VisionModel,
     image_processor=Siglip2ImageProcessor,
+    dense_configs={"model": Siglip2Config, "vision": Siglip2VisionConfig, "text": Siglip2TextConfig},
+    dense_models={"model": Siglip2Model, "vision": Siglip2VisionModel, "text": Siglip2TextModel},
+    moe_config_from_dense=moe_config_of,
 ))
 
 __all__ = [

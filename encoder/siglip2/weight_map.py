@@ -4,8 +4,14 @@ names), on SigLIP2's config and model classes."""
 from __future__ import annotations
 
 from torch import nn
-from transformers import Siglip2Config, Siglip2TextConfig, Siglip2VisionConfig
+from transformers import (
+    PretrainedConfig,
+    Siglip2Config,
+    Siglip2TextConfig,
+    Siglip2VisionConfig,
+)
 
+from ..siglip.weight_map import moe_config_of as siglip_moe_config_of
 from ..siglip.weight_map import sparse_upcycle
 from .configuration import (
     Siglip2MoEConfig,
@@ -25,3 +31,9 @@ def sparse_upcycle_siglip2(dense_model: nn.Module, vision_moe: dict | None = Non
     """`encoder.siglip.weight_map.sparse_upcycle` of a transformers `Siglip2Model` / `Siglip2VisionModel` /
     `Siglip2TextModel`: the SigLIP2-MoE of the same kind, computing what the dense model computes."""
     return sparse_upcycle(dense_model, vision_moe, text_moe, seed, DENSE_TO_MOE_CONFIG, MOE_MODEL_CLASS)
+
+
+def moe_config_of(dense_config: PretrainedConfig, vision_moe: dict | None = None,
+                  text_moe: dict | None = None) -> PretrainedConfig:
+    """The SigLIP2-MoE config of a dense `Siglip2Config` / tower config (SigLIP's map on SigLIP2's classes)."""
+    return siglip_moe_config_of(dense_config, vision_moe, text_moe, DENSE_TO_MOE_CONFIG)

@@ -1,9 +1,10 @@
-"""Building a CLIP-MoE from dense CLIPs: the base supplies every weight, expert sources supply the FFNs.
+"""Building a MoE model (CLIP-MoE, SigLIP-MoE, ...) from dense models of its family: the base supplies every
+weight, expert sources supply the FFNs.
 
-Sparse upcycling uses the base as every expert source; DMU uses one fine-tuned CLIP per expert.
-Every dense key is consumed and every CLIP-MoE key filled, and the result is loaded with strict=True.
-Which dense key goes where is the family's weight map (`encoder.family.WeightMap`, CLIP's in
-`encoder.clip.weight_map`), found from the MoE config.
+Sparse upcycling uses the base as every expert source; DMU uses one fine-tuned model per expert.
+Every dense key is consumed and every MoE key filled, and the result is loaded with strict=True.
+Which dense key goes where is the family's weight map (`encoder.family.WeightMap`), applied by the one mechanism
+of `encoder.upcycling`; the config classes come from the family registry.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from encoder import CLIPMoEConfig, CLIPMoEModel
-from encoder.family import WeightMap, family_of
+from encoder.family import family_of
+from encoder.upcycling import (
+    dense_to_moe_state_dict,
+    moe_config_from_dense,
+    new_routers,
+    weight_map_of,
+)
 from encoder.utils.errors import UserError
+
+__all__ = ["assemble_clip_moe", "check_expert_counts", "moe_config_for", "new_routers", "resolve_moe_layers",
+           "weight_map_of"]
 
 TOWERS = ("vision", "text")
 
@@ -63,95 +72,70 @@ def check_expert_counts(num_experts: int, top_k: int) -> None:
 
 
 def moe_config_for(
-    base: CLIPModel | CLIPConfig,
+    base: PreTrainedModel | PretrainedConfig,
     num_experts: int,
     top_k: int,
     moe_layers: str | Sequence[int] = "all",
     towers: Sequence[str] = ("vision", "text"),
+    moe_head: bool = False,
     **moe_fields,
-) -> CLIPMoEConfig:
-    """The CLIP-MoE config of `base` (a model or just its config) with MoE layers in the chosen towers;
-    arguments checked as user input."""
-    clip_config = base if isinstance(base, CLIPConfig) else base.config
+) -> PretrainedConfig:
+    """The MoE config (the base's family's: `CLIPMoEConfig` for a CLIP) of the dense full model `base` (a model or
+    just its config) with MoE layers in the chosen towers; arguments checked as user input.
+
+    moe_head: make the vision tower's pooling-head MLP MoE too (SigLIP's attention-pooling head); only set on the
+    config when True, so the configs of families without a head are what they always were.
+    """
+    dense_config = base if isinstance(base, PretrainedConfig) else base.config
+    match = family_of(dense_config)
+    if match.is_moe or match.kind != "model":
+        what = match.label if match.kind == "model" else f"{match.label} {match.kind} tower"
+        raise UserError(f"the base is a {what}; give a dense {match.family.label(False)} with both towers")
     check_expert_counts(num_experts, top_k)
     unknown = [t for t in towers if t not in TOWERS]
     if unknown or not towers:
         raise UserError(f"towers {list(towers)} not understood: use vision, text or vision,text")
+    if moe_head and "vision" not in match.family.weight_map.head_mlp:
+        raise UserError(f"moe_head: a {match.family.label(False)} has no pooling-head MLP to make MoE; drop --moe-head")
+    if moe_head and "vision" not in towers:
+        raise UserError("moe_head makes the vision tower's pooling-head MLP MoE, but the towers leave the vision tower "
+                        "dense; add vision to --towers or drop --moe-head")
     per_tower = {}
     for tower in TOWERS:
-        cfg = getattr(clip_config, f"{tower}_config")
+        cfg = getattr(dense_config, f"{tower}_config")
         layers = resolve_moe_layers(moe_layers, cfg.num_hidden_layers) if tower in towers else []
         per_tower[tower] = dict(num_experts=num_experts, top_k=top_k, moe_layers=layers, **moe_fields)
-    return CLIPMoEConfig.from_clip_config(clip_config, vision_moe=per_tower["vision"], text_moe=per_tower["text"])
+    if moe_head:
+        if not getattr(dense_config.vision_config, "vision_use_head", True):
+            raise UserError("moe_head asks for the vision tower's pooling-head MLP as a MoE layer, but the base has "
+                            "no pooling head (vision_use_head false); drop --moe-head")
+        per_tower["vision"]["moe_head"] = True
+    return moe_config_from_dense(dense_config, vision_moe=per_tower["vision"], text_moe=per_tower["text"])
 
 
 @torch.no_grad()
 def assemble_clip_moe(
-    base: CLIPModel,
-    config: CLIPMoEConfig,
-    expert_sources: Sequence[CLIPModel | Mapping[str, torch.Tensor]] | None = None,
+    base: PreTrainedModel,
+    config: PretrainedConfig,
+    expert_sources: Sequence[PreTrainedModel | Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
-) -> CLIPMoEModel:
-    """A CLIP-MoE whose MoE-layer expert e is `expert_sources[e]`'s FFN (default: the base's) at that layer.
+) -> PreTrainedModel:
+    """The MoE model of `config` (its family's: a `CLIPMoEModel` for a CLIP-MoE config) whose MoE-MLP expert e is
+    `expert_sources[e]`'s FFN (default: the base's) at that MLP.
 
-    An expert source is a dense CLIP or a state dict holding at least its FFN tensors (e.g. a DMU stage's).
-    All other weights come from `base`; routers are new, drawn from N(0, initializer_range) with `seed`.
+    An expert source is a dense model of the base's family or a state dict holding at least its FFN tensors (e.g.
+    a DMU stage's). All other weights come from `base`; routers are new (`encoder.upcycling.new_routers`, `seed`).
     """
-    base_sd = base.state_dict()
-    weight_map = weight_map_of(config)
-    routers = new_routers(config, seed)
     sources = None
     if expert_sources is not None:
         sources = [s if isinstance(s, Mapping) else s.state_dict() for s in expert_sources]
-    target = {}
-    used = set()
-    for tower in TOWERS:
-        cfg = getattr(config, f"{tower}_config")
-        if sources is not None and cfg.moe_layers and len(sources) != cfg.num_experts:
-            raise ValueError(f"{len(sources)} expert sources for {cfg.num_experts} experts in the {tower} tower")
-        for layer in cfg.moe_layers:
-            for expert_key, key in weight_map.expert_keys(tower, layer).items():
-                per_expert = [_ffn(sd, key) for sd in sources] if sources is not None else [base_sd[key]] * cfg.num_experts
-                target[expert_key] = torch.stack(per_expert).clone()
-                used.add(key)
-    target.update(routers)
-    for key, value in base_sd.items():
-        if key not in used:
-            target[key] = value.clone()
-
-    model = family_of(config).family.moe_models["model"](config)
+    target = dense_to_moe_state_dict(base.state_dict(), config, seed, sources)
+    match = family_of(config)
+    model = match.family.moe_models["model"](config)
     missing = set(model.state_dict()) - set(target)
     unexpected = set(target) - set(model.state_dict())
     if missing or unexpected:
-        raise ValueError(f"dense CLIP does not fit the CLIP-MoE config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(f"the dense {match.family.label(False)} does not fit the {match.label} config: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(target, strict=True)
     return model.to(next(base.parameters()).dtype).eval()
-
-
-def new_routers(config: CLIPMoEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every MoE layer's new router weight [E, width] (fp32), keyed by its state-dict name.
-
-    Drawn from N(0, initializer_range) by one generator per tower (seed for vision, seed + 1 for text), layer
-    by layer in order, so the in-memory and the streaming sparse upcycling draw the very same routers.
-    """
-    weight_map = weight_map_of(config)
-    routers = {}
-    for tower in TOWERS:
-        cfg = getattr(config, f"{tower}_config")
-        gen = torch.Generator().manual_seed(seed + (0 if tower == "vision" else 1))
-        for layer in cfg.moe_layers:
-            router = torch.empty(cfg.num_experts, cfg.hidden_size)
-            routers[weight_map.router_key(tower, layer)] = router.normal_(0.0, cfg.initializer_range, generator=gen)
-    return routers
-
-
-def weight_map_of(config) -> WeightMap:
-    """The dense<->MoE weight map of the family of the MoE `config` (a CLIP-MoE's: `encoder.clip.weight_map`)."""
-    return family_of(config).family.weight_map
-
-
-def _ffn(source: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in source:
-        raise ValueError(f"expert source lacks {key}: it is not an FFN state of this base")
-    return source[key]

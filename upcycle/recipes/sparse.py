@@ -1,26 +1,28 @@
-"""Sparse upcycling (the CLIP-UP recipe): every expert an exact copy of the dense MLP, routers new.
+"""Sparse upcycling (the CLIP-UP recipe) of a dense base of any family (CLIP, SigLIP, SigLIP2): every expert an
+exact copy of the dense MLP, routers new.
 
-With identical experts and renormalised top-k weights the CLIP-MoE computes exactly the dense function,
+With identical experts and renormalised top-k weights the MoE model computes exactly the dense function,
 so continued training starts from the dense model's quality.
 
-Two ways to the same result: `sparse_upcycle` builds the `CLIPMoEModel` in memory (for code that goes on
-to train it); `write_sparse_upcycled` streams it to disk tensor by tensor — every expert stack is the
-dense FFN tensor written E times, never an [E, ...] tensor in memory — which is what `upcycle sparse`
-uses, so a real-size CLIP-MoE costs about one tensor of memory, not base + MoE model + copies.
+Two ways to the same result: `sparse_upcycle` builds the MoE model (a `CLIPMoEModel`, `SiglipMoEModel`, ...) in
+memory (for code that goes on to train it); `write_sparse_upcycled` streams it to disk tensor by tensor — every
+expert stack is the dense FFN tensor written E times, never an [E, ...] tensor in memory — which is what
+`upcycle sparse` uses, so a real-size MoE costs about one tensor of memory, not base + MoE model + copies.
 `layerwise_output_diff` then checks the written weights against the base one module at a time.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import CLIPModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from encoder import CLIPMoEConfig, CLIPMoEModel
 from encoder.convert.dense import DenseCLIPSource, load_dense_clip
+from encoder.family import family_of
 from encoder.tensor_stream import (
     SafetensorsCheckpoint,
     TensorSpec,
@@ -37,34 +39,37 @@ SAFETENSORS_METADATA = {"format": "pt"}  # what save_pretrained writes
 
 
 def sparse_upcycle(
-    base: CLIPModel | str,
+    base: PreTrainedModel | str,
     num_experts: int = 4,
     top_k: int = 2,
     moe_layers: str | Sequence[int] = "all",
     towers: Sequence[str] = ("vision", "text"),
     seed: int = 0,
+    moe_head: bool = False,
     **moe_fields,
-) -> CLIPMoEModel:
-    """Upcycle a dense CLIP (a `CLIPModel`, a directory, a hub id or `open_clip:NAME[:CKPT]`) into a CLIP-MoE.
+) -> PreTrainedModel:
+    """Upcycle a dense base (a `CLIPModel` / `SiglipModel` / `Siglip2Model`, a directory, a hub id or
+    `open_clip:NAME[:CKPT]`) into the MoE model of its family.
 
     moe_layers: "all", "even", "odd", "last:N" or a list of layer indices, applied to each tower in `towers`.
+    moe_head: also make the vision pooling head's MLP MoE (SigLIP's attention-pooling head).
     moe_fields: further MoE config fields (router_jitter, capacity_factor, aux_loss_coef, router_z_loss_coef).
     """
-    dense = base if isinstance(base, CLIPModel) else load_dense_clip(base).model
-    config = moe_config_for(dense, num_experts, top_k, moe_layers, towers, **moe_fields)
+    dense = base if isinstance(base, PreTrainedModel) else load_dense_clip(base).model
+    config = moe_config_for(dense, num_experts, top_k, moe_layers, towers, moe_head=moe_head, **moe_fields)
     return assemble_clip_moe(dense, config, seed=seed)
 
 
-def moe_skeleton(config: CLIPMoEConfig, dtype: torch.dtype) -> CLIPMoEModel:
-    """The CLIP-MoE with meta-device parameters: names, shapes and dtypes of what will be written, and what the
-    parameter summary and model card are computed from, at no memory cost."""
+def moe_skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The MoE model of `config`'s family with meta-device parameters: names, shapes and dtypes of what will be
+    written, and what the parameter summary and model card are computed from, at no memory cost."""
     with parameters_on_meta():
-        model = CLIPMoEModel(config)
+        model = family_of(config).family.moe_models["model"](config)
     return model.to(dtype).eval()
 
 
-def write_sparse_upcycled(base: DenseCLIPSource, config: CLIPMoEConfig, out_dir: str | Path, seed: int = 0,
-                          progress=None) -> CLIPMoEModel:
+def write_sparse_upcycled(base: DenseCLIPSource, config: PretrainedConfig, out_dir: str | Path, seed: int = 0,
+                          progress=None) -> PreTrainedModel:
     """Write the sparse-upcycled `config.json` + `model.safetensors` of `base` into `out_dir` (an existing,
     normally temporary, directory) tensor by tensor, and return the meta skeleton of the written model.
 
@@ -104,7 +109,7 @@ def write_sparse_upcycled(base: DenseCLIPSource, config: CLIPMoEConfig, out_dir:
     return skeleton
 
 
-def save_config(model: CLIPMoEModel, out_dir: Path) -> None:
+def save_config(model: PreTrainedModel, out_dir: Path) -> None:
     """config.json exactly as `save_pretrained` writes it (it records the dtype and the architecture)."""
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
@@ -117,7 +122,8 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.no_grad()
 def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | None = None) -> dict:
-    """`max_output_diff` of the dense base vs the CLIP-MoE written in `moe_dir`, on a small random batch.
+    """`max_output_diff` of the dense base vs the MoE model written in `moe_dir`, on a small random batch
+    (`check_inputs`).
 
     Both models run with meta parameters that are read from disk module by module during the forward
     (`encoder.tensor_stream.lazy_model`), so the check costs one module's weights (the largest: one layer's
@@ -126,10 +132,33 @@ def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: di
     """
     moe_tensors = SafetensorsCheckpoint(moe_dir)
     try:
-        config = CLIPMoEConfig.from_pretrained(moe_dir)
-        moe = lazy_model(lambda: CLIPMoEModel(config), moe_tensors, dtype=base.dtype)
-        dense = base.model if base.model is not None else lazy_model(lambda: CLIPModel(base.config), base.tensors,
+        family = family_of(moe_dir).family
+        config = family.moe_configs["model"].from_pretrained(moe_dir)
+        moe = lazy_model(lambda: family.moe_models["model"](config), moe_tensors, dtype=base.dtype)
+        dense_class = family.dense_models["model"]
+        dense = base.model if base.model is not None else lazy_model(lambda: dense_class(base.config), base.tensors,
                                                                       dtype=base.dtype)
-        return max_output_diff(dense, moe, inputs if inputs is not None else random_inputs(dense))
+        return max_output_diff(dense, moe, inputs if inputs is not None else check_inputs(dense))
     finally:
         moe_tensors.close()
+
+
+def check_inputs(model: PreTrainedModel, batch: int = 2) -> dict[str, torch.Tensor]:
+    """`random_inputs` for a model whose vision tower takes square images (CLIP, SigLIP); for SigLIP2's naflex
+    tower, patch sequences instead: one image on the full grid of its position table and one on a smaller grid
+    padded to the same length (with `pixel_attention_mask` and `spatial_shapes`), so padding is checked too."""
+    vision = model.config.vision_config
+    if hasattr(vision, "image_size"):
+        return random_inputs(model, batch=batch)
+    side = math.isqrt(vision.num_patches)
+    grids = [(side, side)] + [(max(1, side - 1), max(1, side // 2))] * (batch - 1)
+    g = torch.Generator().manual_seed(0)
+    patch_dim = vision.num_channels * vision.patch_size ** 2
+    mask = torch.zeros(batch, side * side, dtype=torch.long)
+    for i, (h, w) in enumerate(grids):
+        mask[i, : h * w] = 1
+    pixels = torch.randn(batch, side * side, patch_dim, generator=g) * mask[..., None]
+    text = model.config.text_config
+    ids = torch.randint(0, text.vocab_size, (batch, min(16, text.max_position_embeddings)), generator=g)
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor(grids),
+            "input_ids": ids}

@@ -22,7 +22,8 @@ def run_sparse(cfg: SparseConfig) -> int:
     """Stream the sparse-upcycled base into --out (see `write_sparse_upcycled`), check it against the base
     layer-wise from the written files, then add preprocessing and the card and move the directory into place.
 
-    Peak memory stays near one tensor for a transformers CLIP directory with safetensors weights; other bases
+    Any family's dense base (CLIP, SigLIP, SigLIP2). Peak memory stays near one tensor for a transformers directory
+    with safetensors weights; other bases
     (open_clip, hub ids, .bin weights) are loaded into memory first and then streamed out the same way.
     """
     check_output_dir(cfg.out, cfg.overwrite)
@@ -31,7 +32,9 @@ def run_sparse(cfg: SparseConfig) -> int:
     return_large_frees_to_os()
     base = open_dense_clip(cfg.base)
     try:
-        config = moe_config_for(base.config, cfg.num_experts, cfg.top_k, cfg.moe_layers, towers)
+        config = moe_config_for(base.config, cfg.num_experts, cfg.top_k, cfg.moe_layers, towers,
+                                moe_head=cfg.moe_head)
+        label = base.family.label(True)
         with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
             model = write_sparse_upcycled(base, config, tmp, cfg.seed, progress=_progress)
             diff = layerwise_output_diff(base, tmp)
@@ -39,17 +42,19 @@ def run_sparse(cfg: SparseConfig) -> int:
             if not_finite:  # nothing is written: the atomic directory is dropped
                 raise NonFiniteValues(f"the base {base.source} computes NaN or inf ({', '.join(not_finite[:3])}), so "
                                       "its weights hold non-finite values; upcycle a finite checkpoint")
-            card = {
+            card = {} if base.family.name == "clip" else {"name": label}  # a CLIP's card as it always was
+            card.update({
                 "base": base.source,
                 "recipe": f"sparse upcycling (CLIP-UP): {cfg.num_experts} experts copied from the dense MLP, "
                 f"top-{cfg.top_k}, new routers (seed {cfg.seed}); not yet trained",
                 "metrics": {"max |MoE - dense| at initialisation": f"{max(diff.values()):.2e}"},
-                "details": {"moe_layers": cfg.moe_layers, "towers": list(towers), "seed": cfg.seed},
-            }
+                "details": {"moe_layers": cfg.moe_layers, "towers": list(towers), "seed": cfg.seed,
+                            **({"moe_head": True} if cfg.moe_head else {})},
+            })
             write_model_extras(tmp, model, base.image_processor, base.tokenizer, card)
     finally:
         base.close()
-    print_summary(model, diff, cfg.out)
+    print_summary(model, diff, cfg.out, label)
     return 0
 
 
@@ -57,8 +62,8 @@ def _progress(names):
     return tqdm(names, desc="writing tensors", unit="tensor", disable=None)
 
 
-def print_summary(model, diff: dict, out) -> None:
-    print(f"CLIP-MoE written to {out}")
+def print_summary(model, diff: dict, out, label: str = "CLIP-MoE") -> None:
+    print(f"{label} written to {out}")
     print("\n".join(summary_lines(model)))
     worst = max(diff.values())
     verdict = "identical to the dense model" if worst <= 1e-5 else "DIFFERS from the dense model"

@@ -20,15 +20,15 @@ def parse_towers(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """sparse-upcycle a dense CLIP (experts = copies of the MLP, new routers)
+    """sparse-upcycle a dense CLIP or SigLIP (experts = copies of the MLP, new routers)
 
     Sparse upcycling (CLIP-UP recipe): every expert starts as an exact copy of the dense MLP, routers are new;
     the result computes exactly the dense function.
     """
 
-    base: str = option("--base", "dense CLIP: a transformers CLIP directory, a hub id, or "
-                       "open_clip:MODEL_NAME[:CHECKPOINT]")
-    out: str = option("--out", "output CLIP-MoE directory")
+    base: str = option("--base", "dense base: a transformers CLIP, SigLIP or SigLIP2 directory, a hub id, or "
+                       "open_clip:MODEL_NAME[:CHECKPOINT] (CLIP or SigLIP)")
+    out: str = option("--out", "output MoE directory (CLIP-MoE, SigLIP-MoE, ...)")
     # the expert counts are checked against each other (check_expert_counts), naming both
     num_experts: int = option("--num-experts", "experts per MoE layer", 4)
     top_k: int = option("--top-k", "experts per token", 2)
@@ -37,4 +37,6 @@ class SparseConfig:
     towers: tuple[str, ...] = option("--towers", "towers to upcycle: vision, text or vision,text", TOWERS,
                                      parse=parse_towers)
     seed: int = option("--seed", "router initialisation seed", 0)
+    moe_head: bool = switch("--moe-head", "also make the vision tower's attention-pooling head MLP a MoE layer "
+                            "(SigLIP, SigLIP2; kept dense by default)")
     overwrite: bool = switch("--overwrite", "replace --out if it exists")
