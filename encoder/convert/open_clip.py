@@ -14,7 +14,7 @@ import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from transformers.image_utils import PILImageResampling
 from transformers.initialization import no_init_weights
 
 from ..utils.errors import UserError
+
+if TYPE_CHECKING:
+    from .open_clip_siglip import OpenCLIPSiglipDense
 
 logger = logging.getLogger(__name__)
 
@@ -183,15 +186,8 @@ def _map_block(take, out: dict[str, torch.Tensor], src: str, dst: str) -> None:
             out[f"{dst}{b}.{part}"] = take(f"{src}{a}.{part}")
 
 
-def _map_state_dict(sd: Mapping[str, torch.Tensor], config: CLIPConfig, text: str, name: str) -> dict:
-    """Rename/reshape every open_clip weight into CLIPModel's layout; a weight left over is an error."""
-    src = dict(sd)
-
-    def take(key: str) -> torch.Tensor:
-        if key not in src:
-            raise _unsupported(name, f"state dict has no {key!r} (a layout this converter does not know)")
-        return src.pop(key)
-
+def _map_state_dict(take, config: CLIPConfig, text: str) -> dict:
+    """Rename/reshape every open_clip weight (`take(key)`, see `convert_checked`) into CLIPModel's layout."""
     out = {"logit_scale": take("logit_scale").reshape(())}
     out["vision_model.embeddings.patch_embedding.weight"] = take("visual.conv1.weight")
     out["vision_model.embeddings.class_embedding"] = take("visual.class_embedding")
@@ -207,13 +203,12 @@ def _map_state_dict(sd: Mapping[str, torch.Tensor], config: CLIPConfig, text: st
         for i in range(n):
             _map_block(take, out, f"{src_prefix}transformer.resblocks.{i}.", f"{tower}.encoder.layers.{i}.")
     out["visual_projection.weight"] = take("visual.proj").t()  # open_clip: x @ proj, [width, embed]
-    if f"{text}text_projection" in src:
-        out["text_projection.weight"] = take(f"{text}text_projection").t()
+    projection = take(f"{text}text_projection", optional=True)
+    if projection is not None:
+        out["text_projection.weight"] = projection.t()
     else:  # nn.Linear (proj_bias): weight is already [embed, width]; its bias was checked to be zero
         out["text_projection.weight"] = take(f"{text}text_projection.weight")
-        src.pop(f"{text}text_projection.bias", None)
-    if src:
-        raise _unsupported(name, f"weights with no CLIPModel counterpart: {sorted(src)[:6]}")
+        take(f"{text}text_projection.bias", optional=True)
     return out
 
 
@@ -222,29 +217,55 @@ def convert_open_clip_model(oc_model: nn.Module, model_name_or_cfg: str | Mappin
 
     `model_name_or_cfg` names the model in messages, or is its open_clip config (checked before the modules).
     """
+    model, name = convert_checked(oc_model, model_name_or_cfg, _config_problem, _unsupported, _clip_config,
+                                  _map_state_dict, CLIPModel)
+    config = model.config
+    logger.info("converted open_clip %s: vision %s/%s, text %s/%s", name, config.vision_config.hidden_act,
+                config.vision_config.num_hidden_layers, config.text_config.hidden_act,
+                config.text_config.num_hidden_layers)
+    return model
+
+
+def convert_checked(oc_model: nn.Module, model_name_or_cfg: str | Mapping[str, Any], config_problem, unsupported,
+                    config_from, map_state_dict, model_class: type[nn.Module]) -> tuple[nn.Module, str]:
+    """The one conversion path of the open_clip converters: (`model_class` holding exactly the mapped weights, fp32
+    and eval; the name messages use), or `unsupported(name, what)` (a `UserError`) for anything it cannot hold.
+
+    `model_name_or_cfg` is the model's name, or its open_clip config, checked first with `config_problem`;
+    `config_from(oc_model, name)` -> (transformers config, text state-dict prefix) checks the built modules;
+    `map_state_dict(take, config, text_prefix)` fills the transformers state dict from `take(open_clip key)` (None
+    for a key absent and `optional=True`). A key
+    missing or left over, or a shape that differs, is refused before anything is loaded; the load itself is strict.
+    """
     if isinstance(model_name_or_cfg, str):
         name, cfg = model_name_or_cfg, None
     else:
         name, cfg = "custom open_clip config", model_name_or_cfg
-    problem = _config_problem(cfg) if cfg is not None else None
+    problem = config_problem(cfg) if cfg is not None else None
     if problem:
-        raise _unsupported(name, problem)
-    config, text_prefix = _clip_config(oc_model, name)
-    weights = _map_state_dict(oc_model.state_dict(), config, text_prefix, name)
+        raise unsupported(name, problem)
+    config, text_prefix = config_from(oc_model, name)
+    src = dict(oc_model.state_dict())
+
+    def take(key: str, optional: bool = False) -> torch.Tensor | None:
+        if key not in src and not optional:
+            raise unsupported(name, f"state dict has no {key!r} (a layout this converter does not know)")
+        return src.pop(key, None)
+
+    weights = map_state_dict(take, config, text_prefix)
+    if src:
+        raise unsupported(name, f"weights with no {model_class.__name__} counterpart: {sorted(src)[:6]}")
     with no_init_weights():  # every parameter is overwritten below
-        model = CLIPModel(config)
+        model = model_class(config)
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(weights)) + [
         f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
         for k, v in weights.items() if k in expected and v.shape != expected[k].shape
     ]
     if bad:
-        raise _unsupported(name, f"converted weights do not fit CLIPModel: {bad[:6]}")
+        raise unsupported(name, f"converted weights do not fit {model_class.__name__}: {bad[:6]}")
     model.load_state_dict({k: v.detach().float() for k, v in weights.items()}, strict=True)
-    logger.info("converted open_clip %s: vision %s/%s, text %s/%s", name, config.vision_config.hidden_act,
-                config.vision_config.num_hidden_layers, config.text_config.hidden_act,
-                config.text_config.num_hidden_layers)
-    return model.float().eval()
+    return model.float().eval(), name
 
 
 def image_processor_from_open_clip(preprocess_cfg: Mapping[str, Any]) -> CLIPImageProcessor:
@@ -318,13 +339,17 @@ def _create_open_clip(name: str, checkpoint: str | None, spec: str) -> nn.Module
                         "weights must be a .safetensors or a .pt of tensors (a state_dict)") from e
 
 
-def load_open_clip(spec: str) -> OpenCLIPDense:
-    """Load `open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (or `open_clip:local-dir:DIR`) as a transformers CLIP.
+def load_open_clip(spec: str) -> OpenCLIPDense | OpenCLIPSiglipDense:
+    """Load `open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (or `open_clip:local-dir:DIR`) as a transformers CLIP, or, when
+    the config is a SigLIP's (`is_open_clip_siglip`), as a transformers SigLIP (`load_open_clip_siglip`).
 
     Without a checkpoint the weights are open_clip's random init (offline tests). The model name alone decides
     the activation: OpenAI-trained weights need the `-quickgelu` name, as in open_clip itself.
     """
     import open_clip
+
+    # Imported here: open_clip_siglip builds on this module's helpers.
+    from .open_clip_siglip import is_open_clip_siglip, load_open_clip_siglip
 
     name, checkpoint = parse_open_clip_spec(spec)
     folder = name[len(LOCAL_DIR):]
@@ -338,6 +363,8 @@ def load_open_clip(spec: str) -> OpenCLIPDense:
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise UserError(f"{spec}: checkpoint file {checkpoint!r} not found (pretrained tags are not downloaded "
                         "here: pass a local weights file)")
+    if is_open_clip_siglip(cfg):
+        return load_open_clip_siglip(spec)
     problem = _config_problem(cfg)
     if problem:
         raise _unsupported(name, problem)

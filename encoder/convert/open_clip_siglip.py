@@ -26,7 +26,6 @@ from transformers import (
     SiglipTokenizer,
 )
 from transformers.image_utils import PILImageResampling
-from transformers.initialization import no_init_weights
 
 from ..utils.errors import UserError
 from .open_clip import (
@@ -34,6 +33,7 @@ from .open_clip import (
     _create_open_clip,
     _map_block,
     _text_parts,
+    convert_checked,
     parse_open_clip_spec,
 )
 
@@ -226,14 +226,8 @@ def siglip_config_from_open_clip(oc_model: nn.Module, name: str) -> tuple[Siglip
     return SiglipConfig(text_config=text, vision_config=vision), prefix
 
 
-def _map_state_dict(sd: Mapping[str, torch.Tensor], config: SiglipConfig, text: str, name: str) -> dict:
-    """Rename/reshape every open_clip weight into SiglipModel's layout; a weight left over is an error."""
-    src = dict(sd)
-
-    def take(key: str) -> torch.Tensor:
-        if key not in src:
-            raise _unsupported(name, f"state dict has no {key!r} (a layout this converter does not know)")
-        return src.pop(key)
+def _map_state_dict(take, config: SiglipConfig, text: str) -> dict:
+    """Rename/reshape every open_clip weight (`take(key)`, see `convert_checked`) into SiglipModel's layout."""
 
     def pair(a: str, b: str) -> None:
         for part in ("weight", "bias"):
@@ -266,8 +260,6 @@ def _map_state_dict(sd: Mapping[str, torch.Tensor], config: SiglipConfig, text: 
         _map_block(take, out, f"{text}transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.")
     pair(f"{text}ln_final", "text_model.final_layer_norm")
     pair(f"{text}text_projection", "text_model.head")
-    if src:
-        raise _unsupported(name, f"weights with no SiglipModel counterpart: {sorted(src)[:6]}")
     return out
 
 
@@ -276,29 +268,13 @@ def convert_open_clip_siglip(oc_model: nn.Module, model_name_or_cfg: str | Mappi
 
     `model_name_or_cfg` names the model in messages, or is its open_clip config (checked before the modules).
     """
-    if isinstance(model_name_or_cfg, str):
-        name, cfg = model_name_or_cfg, None
-    else:
-        name, cfg = "custom open_clip config", model_name_or_cfg
-    problem = siglip_config_problem(cfg) if cfg is not None else None
-    if problem:
-        raise _unsupported(name, problem)
-    config, text_prefix = siglip_config_from_open_clip(oc_model, name)
-    weights = _map_state_dict(oc_model.state_dict(), config, text_prefix, name)
-    with no_init_weights():  # every parameter is overwritten below
-        model = SiglipModel(config)
-    expected = model.state_dict()
-    bad = sorted(set(expected) ^ set(weights)) + [
-        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in weights.items() if k in expected and v.shape != expected[k].shape
-    ]
-    if bad:
-        raise _unsupported(name, f"converted weights do not fit SiglipModel: {bad[:6]}")
-    model.load_state_dict({k: v.detach().float() for k, v in weights.items()}, strict=True)
+    model, name = convert_checked(oc_model, model_name_or_cfg, siglip_config_problem, _unsupported,
+                                  siglip_config_from_open_clip, _map_state_dict, SiglipModel)
+    config = model.config
     logger.info("converted open_clip SigLIP %s: vision %s x %s, text %s x %s", name,
                 config.vision_config.num_hidden_layers, config.vision_config.hidden_size,
                 config.text_config.num_hidden_layers, config.text_config.hidden_size)
-    return model.float().eval()
+    return model
 
 
 def siglip_preprocess_cfg(oc_model: nn.Module, name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import _create_vision_transformer
 from transformers import SiglipModel, SiglipTokenizer
 
+from encoder.convert.open_clip import load_open_clip
 from encoder.convert.open_clip_siglip import (
     OpenCLIPSiglipDense,
     convert_open_clip_siglip,
@@ -236,6 +237,21 @@ def test_load_gives_model_tokenizer_and_processor(tmp_path, registered):
     assert list(processor.image_mean) == list(open_clip.get_model_preprocess_cfg(oc)["mean"])
     pixels = processor(images=torch.zeros(3, 40, 64, dtype=torch.uint8), return_tensors="pt").pixel_values
     assert pixels.shape == (1, 3, 32, 32)  # open_clip's default: shortest side to 32, then the center crop
+
+
+def test_the_clip_loader_hands_a_siglip_to_the_siglip_converter(tmp_path, registered):
+    """`load_open_clip` (what `open_clip:` specs go through) gives a SigLIP config to `load_open_clip_siglip`
+    instead of refusing its logit_bias: the same weights, tokenizer and processor."""
+    name = "test-occ-siglip"
+    torch.save(_open_clip(name, seed=4).state_dict(), tmp_path / "weights.pt")
+    spec = f"open_clip:{name}:{tmp_path / 'weights.pt'}"
+    through_clip, direct = load_open_clip(spec), load_open_clip_siglip(spec)
+    assert isinstance(through_clip, OpenCLIPSiglipDense) and isinstance(through_clip.model, SiglipModel)
+    assert through_clip.source == spec and isinstance(through_clip.tokenizer, SiglipTokenizer)
+    expected = direct.model.state_dict()
+    got = through_clip.model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert through_clip.image_processor.to_dict() == direct.image_processor.to_dict()
 
 
 def test_tokenizer_that_differs_from_open_clip_is_refused(monkeypatch):
