@@ -17,7 +17,7 @@ from encoder.routing_stats import RoutingTally
 from encoder.utils.errors import UserError
 
 from ..data import Pair
-from .embedding import inference, pair_loader, text_max_length
+from .embedding import fixed_length_text, inference, pair_loader, text_max_length
 
 TOWERS = ("vision", "text")
 
@@ -33,7 +33,9 @@ def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor
 
     Returns {"towers": {tower: `RoutingTally.summary()`}} (per layer: tokens, choices, expert_fraction, router
     entropy, usage balance). Vision counts every token (patches and CLS); text counts real tokens only
-    (attention_mask 1), since padding is never part of a caption.
+    (attention_mask 1), since padding is never part of a caption, except for a SigLIP-MoE, whose text tower is fed
+    fixed-length captions with no mask: there every position, padding included, is routed and shapes the pooled
+    last position, so every position is counted.
     """
     config = model.config
     if not is_full_moe(config):
@@ -49,16 +51,18 @@ def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor
         raise UserError("the CLIP-MoE has text MoE layers but no tokenizer; save one into its directory")
     with inference(model) as device:
         loader = pair_loader(pairs, image_processor, tokenizer if "text" in tallies else None,
-                             text_max_length(model), batch_size, num_workers, pin_memory=device.type == "cuda")
+                             text_max_length(model), batch_size, num_workers, pin_memory=device.type == "cuda",
+                             fixed_length=fixed_length_text(model))
         for batch in tqdm(loader, desc=desc, unit="batch"):
             if "vision" in tallies:
                 out = model.vision_model(pixel_values=batch["pixel_values"].to(device), output_router_logits=True)
                 tallies["vision"].add(out.router_logits)
             if "text" in tallies:
-                mask = batch["attention_mask"].to(device)
+                mask = batch.get("attention_mask")
+                mask = mask.to(device) if mask is not None else None
                 out = model.text_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                                        output_router_logits=True)
-                tallies["text"].add(out.router_logits, mask.reshape(-1).bool())
+                tallies["text"].add(out.router_logits, mask.reshape(-1).bool() if mask is not None else None)
     return {"towers": {tower: tally.summary() for tower, tally in tallies.items()}}
 
 

@@ -1,7 +1,10 @@
-"""Zero-shot classification with a dense CLIP or a CLIP-MoE: class embeddings by CLIP's prompt ensembling, top-k
+"""Zero-shot classification with a CLIP or SigLIP, dense or MoE: class embeddings by CLIP's prompt ensembling, top-k
 accuracy, and the class and template files `python -m upcycle eval --classes / --templates` reads.
 
-Image embeddings are L2-normalised (see `upcycle.eval.embedding.encode_pairs`) and scored by dot product.
+Image embeddings are L2-normalised (see `upcycle.eval.embedding.encode_pairs`) and scored by dot product. For a
+SigLIP that is also the order of its own logits: `sigmoid(logit_scale.exp() * cosine + logit_bias)` rises with the
+cosine (the scale is positive), so the top-k classes by cosine are the top-k by SigLIP's logits and probabilities
+(tested against `SiglipModel`'s `logits_per_image`).
 """
 
 from __future__ import annotations
