@@ -50,6 +50,17 @@ def needs_our_tower(vision_tower) -> bool:
     return match is not None and (match.is_moe or match.family.name != DEFAULT_FAMILY)
 
 
+def square_images_problem(name, label: str, config: PretrainedConfig) -> str | None:
+    """Why the tower `name` (a `label` model, e.g. "SigLIP2-MoE") cannot be a LLaVA tower, or None: LLaVA gives its
+    tower square images of `config.image_size`, and a family whose vision config has no such size (SigLIP2's naflex
+    tower takes padded patch sequences with their mask and grid shapes) takes no such images."""
+    if getattr(config, "image_size", None) is not None:
+        return None
+    return (f"{name} is a {label} tower, which takes variable-resolution patch sequences (no vision_config.image_size), "
+            "not the square images LLaVA gives its vision tower; use a CLIP or SigLIP (-MoE) directory as the LLaVA "
+            "tower")
+
+
 def has_cls_token(tower) -> bool:
     """Whether a LLaVA tower's sequence starts with a CLS token: ours says by its family; LLaVA's own is a CLIP."""
     family = getattr(tower, "family", None)
@@ -164,12 +175,9 @@ class CLIPMoEVisionTower(nn.Module):
             self._check_square_images(self.cfg_only)
 
     def _check_square_images(self, config: PretrainedConfig) -> None:
-        """LLaVA gives its tower square images of `config.image_size`; a family whose vision config has no such size
-        (SigLIP2's naflex tower takes padded patch sequences with their mask and grid shapes) cannot be one."""
-        if getattr(config, "image_size", None) is None:
-            raise UserError(f"{self.vision_tower_name} is a {self.family.label(self.is_moe)} tower, which takes "
-                            "variable-resolution patch sequences (no vision_config.image_size), not the square images "
-                            "LLaVA gives its vision tower; use a CLIP or SigLIP (-MoE) directory as the LLaVA tower")
+        problem = square_images_problem(self.vision_tower_name, self.family.label(self.is_moe), config)
+        if problem:
+            raise UserError(problem)
 
     @property
     def _config_class(self) -> type[PretrainedConfig]:

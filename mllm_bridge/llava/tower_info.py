@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 from encoder.family import Family, families, family_named, find_family, read_model_type
 from encoder.image_processors import load_tower_image_processor
 from encoder.model_dir import check_clip_moe_dir, read_config_json
-from encoder.tower import tower_family
+from encoder.tower import square_images_problem, tower_family
 from encoder.utils.errors import UserError, first_line
 
 TOWER_KINDS = ("model", "vision")  # a full model or a vision tower's export: what LLaVA may take as its tower
@@ -94,6 +94,9 @@ def read_tower(name: str | Path) -> TowerInfo:
             config = check_clip_moe_dir(name, family.moe_models["vision"])
         else:
             config = family.dense_vision_config.from_pretrained(name)
+        problem = square_images_problem(name, match.label, config)  # before its processor, which LLaVA cannot use
+        if problem:
+            raise UserError(problem)
         processor = _read_processor(name, family)
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read the {model_type} tower {name} ({first_line(err)}); re-export it") from err

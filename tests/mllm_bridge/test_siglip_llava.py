@@ -1,0 +1,179 @@
+"""A SigLIP-MoE tower through the whole LLaVA bridge, as a CLIP-MoE goes today: llava-torch builds and loads it
+(through the hook), `python -m mllm_bridge check | swap-tower`, LLaVA stage 1 and stage 2, and the lmms-eval model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import SiglipImageProcessor, SiglipVisionModel
+
+from encoder import CLIPMoEVisionTower
+from encoder.siglip import SiglipMoEVisionModel
+from mllm_bridge.cli import main as bridge_main
+from mllm_bridge.train.cli import main as train_main
+
+
+@pytest.fixture(scope="module")
+def llava_siglip_dir(tmp_path_factory, siglip_moe_dir, llama_tokenizer):
+    """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `siglip_moe_dir`."""
+    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
+    from mllm_bridge.llava.model import build_llava_model
+
+    out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-siglip-moe"
+    torch.manual_seed(0)
+    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), siglip_moe_dir)
+    model.save_pretrained(out)
+    llama_tokenizer.save_pretrained(out)
+    return out
+
+
+def square_image(seed: int = 0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_llavas_loader_builds_the_siglip_moe_tower_and_generates(llava_siglip_dir, siglip_moe_dir):
+    from llava.mm_utils import process_images
+    from llava.model.builder import load_pretrained_model
+
+    _, model, processor, _ = load_pretrained_model(str(llava_siglip_dir), None, llava_siglip_dir.name,
+                                                   device_map="cpu", device="cpu")
+    tower = model.get_vision_tower()
+    assert type(tower) is CLIPMoEVisionTower and tower.is_loaded and tower.family.name == "siglip"
+    assert type(tower.vision_tower) is SiglipMoEVisionModel and type(processor) is SiglipImageProcessor
+    assert processor is tower.image_processor and model.config.mm_hidden_size == 32
+    model = model.float().eval()
+    px = process_images([square_image()], processor, model.config)
+    with torch.no_grad():
+        features = model.encode_images(px)
+        # LLaVA's loader keeps the tower in fp16: the same weights, rounded like them
+        reference = SiglipMoEVisionModel.from_pretrained(siglip_moe_dir).half().float().eval()
+        states = reference(px, output_hidden_states=True)
+    assert features.shape == (1, 16, 32)  # every patch token: no CLS token dropped
+    torch.testing.assert_close(features, model.get_model().mm_projector(states.hidden_states[-2]), atol=1e-6, rtol=1e-6)
+    out = model.generate(torch.tensor([[1, -200, 5, 6]]), images=px, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 3)
+
+
+def test_a_dense_siglip_directory_gets_our_tower_not_a_clip(dense_siglip_dir, llama_tokenizer):
+    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
+    from mllm_bridge.llava.model import build_llava_model
+
+    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), dense_siglip_dir)
+    tower = model.get_vision_tower()
+    assert type(tower) is CLIPMoEVisionTower and type(tower.vision_tower) is SiglipVisionModel
+    assert tower.image_processor.crop_size["height"] == 32  # given what LLaVA reads, though the file has no crop_size
+
+
+@pytest.mark.parametrize("feature", ["patch", "cls_patch"])
+def test_check_accepts_the_siglip_moe_checkpoint(llava_siglip_dir, tmp_path, capsys, feature):
+    copy = tmp_path / "llava-copy"
+    copy.mkdir()
+    config = json.loads((llava_siglip_dir / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "mm_vision_select_feature": feature}))
+    assert bridge_main(["check", str(copy)]) == 0
+    out = capsys.readouterr().out
+    for line in ["CLIPMoEVisionTower (clip-moe-toolkit)", "SigLIP-MoE, top-2 of 4 experts in layers [0, 1, 2] of 3",
+                 f"feature '{feature}' -> 16 image tokens", "resize to 32x32, crop 32x32", "mismatches: none"]:
+        assert line in out, out
+
+
+def test_swap_tower_points_a_clip_moe_checkpoint_at_a_siglip_moe(llava_config_dir, siglip_moe_dir, capsys):
+    assert bridge_main(["swap-tower", str(llava_config_dir), "--tower", str(siglip_moe_dir)]) == 0
+    config = json.loads((llava_config_dir / "config.json").read_text())
+    assert config["mm_vision_tower"] == str(siglip_moe_dir.resolve())
+    capsys.readouterr()
+    assert bridge_main(["check", str(llava_config_dir)]) == 0
+    assert "SigLIP-MoE" in capsys.readouterr().out
+
+
+def test_swap_tower_refuses_a_siglip2_tower_in_one_line(llava_config_dir, siglip_towers, tmp_path, capsys):
+    siglip2 = siglip_towers.save_siglip2_moe(tmp_path / "siglip2-moe")
+    before = (llava_config_dir / "config.json").read_bytes()
+    assert bridge_main(["swap-tower", str(llava_config_dir), "--tower", str(siglip2)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SigLIP2" in err, err
+    assert (llava_config_dir / "config.json").read_bytes() == before
+
+
+def flags(llm, tower, data, out, data_file="train.json", **extra) -> list[str]:
+    values = dict(model_name_or_path=llm, vision_tower=tower, data_path=data / data_file, image_folder=data,
+                  output_dir=out, per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+                  gradient_checkpointing=False, save_strategy="no", report_to="none", seed=0)
+    values.update(extra)
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, digit_llm_dir, siglip_moe_dir, grids_dir):
+    """Stage 1 (4 steps) then stage 2 (2 steps) over the SigLIP-MoE tower."""
+    root = tmp_path_factory.mktemp("siglip-runs")
+    stage1, stage2 = root / "llava-siglip-pretrain", root / "llava-siglip-finetune"
+    assert train_main(["pretrain", *flags(digit_llm_dir, siglip_moe_dir, grids_dir, stage1)]) == 0
+    assert train_main(["finetune", *flags(digit_llm_dir, siglip_moe_dir, grids_dir, stage2, data_file="train_qa.json",
+                                          pretrain_mm_mlp_adapter=stage1 / "mm_projector.bin", learning_rate=1e-3,
+                                          max_steps=2)]) == 0
+    return stage1, stage2
+
+
+def test_stage1_and_stage2_train_over_the_siglip_moe_and_load_in_llava(stages, siglip_moe_dir):
+    from llava.mm_utils import process_images
+    from llava.model.builder import load_pretrained_model
+
+    stage1, stage2 = stages
+    config = json.loads((stage1 / "config.json").read_text())
+    assert config["mm_vision_tower"] == str(siglip_moe_dir) and config["mm_hidden_size"] == 32
+    losses = [json.loads(line)["loss"] for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert sorted(torch.load(stage1 / "mm_projector.bin", weights_only=True)) == [
+        "model.mm_projector.0.bias", "model.mm_projector.0.weight",
+        "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+
+    _, model, processor, _ = load_pretrained_model(str(stage2), None, stage2.name, device_map="cpu", device="cpu")
+    tower = model.get_vision_tower()
+    assert type(tower) is CLIPMoEVisionTower and type(tower.vision_tower) is SiglipMoEVisionModel
+    assert type(processor) is SiglipImageProcessor
+    px = process_images([square_image()], processor, model.config).half()
+    out = model.generate(torch.tensor([[1, -200, 5, 6]]), images=px, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 2)
+    assert bridge_main(["check", str(stage2)]) == 0
+
+
+def test_the_lmms_eval_model_answers_and_counts_every_patch_token(llava_siglip_dir, digit_task_dir, tmp_path):
+    from datasets import load_dataset
+    from lmms_eval.api.instance import Instance
+
+    from mllm_bridge.lmms.model import LlavaCLIPMoE
+    from mllm_bridge.lmms.tasks.digit_grids import utils
+
+    task, split = "digit_grids_qa", "test"
+    files = {split: str(digit_task_dir / "digit_grids.parquet")}
+    data = load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf-datasets"))[split]
+    docs = [data[i] for i in range(3)]
+    usage_file = tmp_path / "usage.json"
+    lm = LlavaCLIPMoE(pretrained=str(llava_siglip_dir), device="cpu", batch_size=3, expert_usage=str(usage_file))
+    lm.task_dict = {task: {split: docs}}
+    greedy = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
+    requests = [Instance("generate_until", (utils.doc_to_text(d), greedy, utils.doc_to_visual, i, task, split), idx=0,
+                         metadata={"task": task, "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    answers = lm.generate_until(requests)
+    lm.clean()
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    usage = json.loads(usage_file.read_text())
+    assert usage["moe_layers"] == [0, 1, 2] and usage["all"]["images"] == 3
+    assert [layer["tokens"] for layer in usage["all"]["layers"]] == [3 * 16] * 3  # 16 patches, no CLS token
+
+
+def test_a_copy_of_the_checkpoint_with_the_tower_moved_is_one_line(llava_siglip_dir, tmp_path, capsys):
+    copy = tmp_path / "llava-moved"
+    copy.mkdir()
+    shutil.copy(llava_siglip_dir / "config.json", copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "mm_vision_tower": str(tmp_path / "gone")}))
+    assert bridge_main(["check", str(copy)]) == 1
+    assert "Unknown vision tower" in capsys.readouterr().out
