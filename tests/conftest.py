@@ -207,6 +207,27 @@ def digit_llm_dir(tmp_path_factory, grids_dir):
     return out
 
 
+# Images of several shapes (LLaVA-1.6's anyres).
+
+SHAPES = [(32, 32), (64, 32), (32, 64)]  # (width, height): square, wide, tall
+
+
+def write_shaped_grids(grids_dir, out, *data_files: str, limit: int | None = None):
+    """`out` holding the first `limit` records of each of `grids_dir`'s `data_files`, their images resized to SHAPES
+    in turn (for LLaVA-1.6's anyres)."""
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True)
+    for name in data_files:
+        records = json.loads((grids_dir / name).read_text())[:limit]
+        for i, record in enumerate(records):
+            target = f"images/{Path(name).stem}_{i}.png"
+            Image.open(grids_dir / record["image"]).convert("RGB").resize(SHAPES[i % 3]).save(out / target)
+            record["image"] = target
+        (out / name).write_text(json.dumps(records))
+    return out
+
+
 # LLaVA checkpoints and the digit-grid task for the lmms-eval tests (tests/mllm_bridge/test_lmms_*.py).
 
 @pytest.fixture(scope="session")

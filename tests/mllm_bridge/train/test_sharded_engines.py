@@ -12,8 +12,6 @@ both layouts."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,51 +19,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import write_shaped_grids
+from helpers.launchers import ENGINES, ENV, launch, stopped_after
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 STEPS, KILLED_AT = 4, 3  # a checkpoint every 2 steps: the killed run resumes from checkpoint-2
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-ENGINES = {  # the launcher, and the run's own flags, per engine
-    "deepspeed-zero2": ([*ACCELERATE, "--multi_gpu"], ["--deepspeed", str(REPO_ROOT / "scripts" / "zero2.json")]),
-    "deepspeed-zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
-                        ["--deepspeed", str(REPO_ROOT / "scripts" / "zero3.json")]),
-    "fsdp2": ([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2"], []),
-}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def on_free_port(launcher: list[str]) -> list[str]:
-    """`launcher` on a port no one listens on now: launchers default to 29500, where another launch on the machine
-    (a parallel test run) would join this one's process group."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    flag = "--master_port" if "deepspeed.launcher.runner" in launcher else "--main_process_port"
-    return [*launcher, flag, port]
+SHARDED = ["deepspeed-zero2", "deepspeed-zero3", "fsdp2"]  # helpers.launchers.ENGINES: how each is launched
 ANYRES_ENGINE = "deepspeed-zero3"
 ANYRES = ["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
           "(1x1),...,(2x2)"]
-SHAPES = [(32, 32), (64, 32), (32, 64)]
 
 
 @pytest.fixture(scope="module")
 def shaped_grids(tmp_path_factory, grids_dir) -> Path:
-    """The digit grids' caption records, their images resized to three shapes in turn (as test_anyres.py)."""
-    from PIL import Image
-
-    out = tmp_path_factory.mktemp("shaped-grids")
-    (out / "images").mkdir()
-    records = json.loads((grids_dir / "train.json").read_text())
-    for i, record in enumerate(records):
-        target = f"images/{i}.png"
-        Image.open(grids_dir / record["image"]).convert("RGB").resize(SHAPES[i % 3]).save(out / target)
-        record["image"] = target
-    (out / "train.json").write_text(json.dumps(records))
-    return out
+    """The digit grids' caption records, their images in three shapes in turn."""
+    return write_shaped_grids(grids_dir, tmp_path_factory.mktemp("shaped-grids"), "train.json")
 
 
 def layout_flags(engine: str, grids_dir: Path, shaped_grids: Path) -> tuple[Path, list[str]]:
@@ -81,15 +51,10 @@ def stage2_flags(llm, tower, data, out, per_device: int) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
-def launch(engine: str, script: list[str], flags: list[str]) -> subprocess.CompletedProcess:
-    """`script`: ["-m", MODULE] or [PATH, ARGS...], as accelerate launch takes them (the deepspeed launcher
-    spells -m as --module)."""
+def launch_engine(engine: str, script: list[str], flags: list[str]) -> subprocess.CompletedProcess:
+    """A `finetune` with `flags` under `engine`'s launcher, with the engine's own flags."""
     launcher, own = ENGINES[engine]
-    launcher = on_free_port(launcher)
-    if launcher[2] == "deepspeed.launcher.runner" and script[0] == "-m":
-        script = ["--module", *script[1:]]
-    command = [*launcher, *script, "finetune", *flags, *own]
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    return launch(launcher, script, ["finetune", *flags, *own])
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +77,18 @@ def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped
     return reference
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+@pytest.fixture(scope="module", params=SHARDED)
 def engine_runs(request, tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
     """Per engine: an uninterrupted 2-process run, and one killed after step 3 and then resumed."""
     engine, root = request.param, tmp_path_factory.mktemp(request.param)
     data, layout = layout_flags(engine, grids_dir, shaped_grids)
     flags = {name: [*stage2_flags(digit_llm_dir, clip_moe_dir, data, root / f"llava-{name}", 4), *layout]
              for name in ("whole", "resumed")}
-    whole = launch(engine, ["-m", "mllm_bridge.train"], flags["whole"])
+    whole = launch_engine(engine, ["-m", "mllm_bridge.train"], flags["whole"])
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = launch(engine, [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), str(KILLED_AT),
-                             "mllm_bridge.train"], flags["resumed"])
+    killed = launch_engine(engine, stopped_after(KILLED_AT, "mllm_bridge.train"), flags["resumed"])
     assert killed.returncode != 0
-    resumed = launch(engine, ["-m", "mllm_bridge.train"], flags["resumed"])
+    resumed = launch_engine(engine, ["-m", "mllm_bridge.train"], flags["resumed"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return SimpleNamespace(engine=engine, whole=root / "llava-whole", resumed=root / "llava-resumed",
                            killed_stdout=killed.stdout, resumed_stdout=resumed.stdout)

@@ -6,15 +6,12 @@ processes under DDP, ZeRO-2, and ZeRO-3 / FSDP2 (the tower sharded by the engine
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import write_shaped_grids
+from helpers.launchers import ENGINES, launch, stopped_after
 from safetensors.torch import load_file
 
 from encoder.utils.errors import UserError
@@ -196,54 +193,16 @@ def test_a_trained_tower_resumes_exactly(tmp_path, digit_llm_dir, clip_moe_dir, 
 
 # -- two processes ----------------------------------------------------------------------------------------------
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def on_free_port(launcher: list[str]) -> list[str]:
-    """`launcher` on a port no one listens on now: launchers default to 29500, where another launch on the machine
-    (a parallel test run) would join this one's process group."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    flag = "--master_port" if "deepspeed.launcher.runner" in launcher else "--main_process_port"
-    return [*launcher, flag, port]
-
-
-def launch(launcher: list[str], argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*on_free_port(launcher), "-m", "mllm_bridge.train", *argv], env=ENV, capture_output=True,
-                          text=True, timeout=600, check=False)
-
-
 # -- a trained tower under every engine, on images of several shapes (LLaVA-1.6's anyres) -------------------------
 
-SHAPES = [(32, 32), (64, 32), (32, 64)]
 ANYRES = dict(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", image_grid_pinpoints="(1x1),...,(2x2)")
-ENGINES = {  # the launcher and the run's own flags, as tests/mllm_bridge/train/test_sharded_engines.py launches them
-    "ddp": ([*ACCELERATE, "--multi_gpu"], {}),
-    "deepspeed-zero2": ([*ACCELERATE, "--multi_gpu"], {"deepspeed": REPO_ROOT / "scripts" / "zero2.json"}),
-    "deepspeed-zero3": ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
-                        {"deepspeed": REPO_ROOT / "scripts" / "zero3.json"}),
-    "fsdp2": ([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2"], {}),
-}
 KEY = "encoder.layers.0.mlp.experts.up_proj"
 
 
 @pytest.fixture(scope="module")
 def shaped_qa(tmp_path_factory, grids_dir):
-    """The digit grids' first 12 QA records, their images resized to three shapes in turn (as test_anyres.py)."""
-    from PIL import Image
-
-    out = tmp_path_factory.mktemp("anyres-tower-data")
-    (out / "images").mkdir()
-    records = json.loads((grids_dir / "train_qa.json").read_text())[:12]
-    for i, record in enumerate(records):
-        target = f"images/qa_{i}.png"
-        Image.open(grids_dir / record["image"]).convert("RGB").resize(SHAPES[i % 3]).save(out / target)
-        record["image"] = target
-    (out / "train_qa.json").write_text(json.dumps(records))
-    return out
+    """The digit grids' first 12 QA records, their images in three shapes in turn."""
+    return write_shaped_grids(grids_dir, tmp_path_factory.mktemp("anyres-tower-data"), "train_qa.json", limit=12)
 
 
 @pytest.fixture(scope="module")
@@ -261,21 +220,16 @@ def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
         launcher, own = ENGINES[engine]
         root = tmp_path_factory.mktemp(engine)
         common = dict(unfreeze_mm_vision_tower=True, mm_vision_tower_lr=TOWER_LR, per_device_train_batch_size=2,
-                      max_steps=4, save_steps=2, save_strategy="steps", gradient_checkpointing=True, **ANYRES, **own)
+                      max_steps=4, save_steps=2, save_strategy="steps", gradient_checkpointing=True, **ANYRES)
 
         def go(out, script):
-            if launcher[2] == "deepspeed.launcher.runner" and script[0] == "-m":
-                script = ["--module", *script[1:]]
-            argv = flags(digit_llm_dir, clip_moe_dir, shaped_qa, out, **common)
-            return subprocess.run([*on_free_port(launcher), *script, *argv], env=ENV, capture_output=True, text=True,
-                                  timeout=600, check=False)
+            return launch(launcher, script, [*flags(digit_llm_dir, clip_moe_dir, shaped_qa, out, **common), *own])
 
         whole = None
         if engine == "ddp":
             whole = go(root / "llava-whole", ["-m", "mllm_bridge.train"])
             assert whole.returncode == 0, whole.stderr[-3000:]
-        stop = [str(REPO_ROOT / "tests" / "helpers" / "stop_after_steps.py"), "3", "mllm_bridge.train"]
-        killed = go(root / "llava-resumed", stop)
+        killed = go(root / "llava-resumed", stopped_after(3, "mllm_bridge.train"))
         assert killed.returncode != 0 and (root / "llava-resumed" / "checkpoint-2" / "vision_tower").is_dir()
         resumed = go(root / "llava-resumed", ["-m", "mllm_bridge.train"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
