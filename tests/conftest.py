@@ -207,7 +207,7 @@ def digit_llm_dir(tmp_path_factory, grids_dir):
     return out
 
 
-# Images of several shapes (LLaVA-1.6's anyres).
+# Images of several shapes (LLaVA-1.6's anyres) and LLaVA stage 2 under the sharded engines.
 
 SHAPES = [(32, 32), (64, 32), (32, 64)]  # (width, height): square, wide, tall
 
@@ -226,6 +226,21 @@ def write_shaped_grids(grids_dir, out, *data_files: str, limit: int | None = Non
             record["image"] = target
         (out / name).write_text(json.dumps(records))
     return out
+
+
+@pytest.fixture(scope="session")
+def shaped_grids(tmp_path_factory, grids_dir):
+    """The digit grids' caption records, their images in three shapes in turn."""
+    return write_shaped_grids(grids_dir, tmp_path_factory.mktemp("shaped-grids"), "train.json")
+
+
+@pytest.fixture(scope="session")
+def stage2_engine_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
+    """LLaVA stage 2 under each sharded engine, launched once per session for every test that needs it
+    (tests/helpers/stage2_engines.py)."""
+    from helpers.stage2_engines import Stage2EngineRuns
+
+    return Stage2EngineRuns(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids)
 
 
 # LLaVA checkpoints and the digit-grid task for the lmms-eval tests (tests/mllm_bridge/test_lmms_*.py).

@@ -128,10 +128,9 @@ def test_workers_end_with_their_killed_launcher(launcher):
 
 # -- damaged engine parts -------------------------------------------------------------------------------------------
 
-DAMAGED = {  # engine -> the launcher's flags, the run's own flags, the part damaged (rank 1's) and how
-    "fsdp2": (["--use_fsdp", "--fsdp_version", "2"], [], "pytorch_model_fsdp_0/__1_0.distcp", "truncated"),
-    "deepspeed-zero2": (["--multi_gpu"], ["--deepspeed", str(REPO_ROOT / "scripts" / "zero2.json")],
-                        "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt", "garbage"),
+DAMAGED = {  # engine -> the part damaged (rank 1's) and how
+    "fsdp2": ("pytorch_model_fsdp_0/__1_0.distcp", "truncated"),
+    "deepspeed-zero2": ("pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt", "garbage"),
 }
 
 
@@ -145,24 +144,20 @@ def stage2(llm, tower, data, out) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(DAMAGED))
 @pytest.mark.engines
-def test_a_damaged_engine_part_stops_every_rank_with_one_line(engine, tmp_path, digit_llm_dir, clip_moe_dir,
-                                                              grids_dir):
+def test_a_damaged_engine_part_stops_every_rank_with_one_line(engine, tmp_path, stage2_engine_runs):
     """Before: tracebacks on every rank (DeepSpeed's rank 1 in torch.load advising weights_only=False, rank 0 on
-    the lost peer at its next collective)."""
-    launch, own, part, damage = DAMAGED[engine]
-    out = tmp_path / "llava"
-    flags = [*stage2(digit_llm_dir, clip_moe_dir, grids_dir, out), *own]
-    killed = subprocess.run([*ACCELERATE, *launch, str(HELPERS / "stop_after_steps.py"), "3", "mllm_bridge.train",
-                             *flags], env=ENV, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert killed.returncode != 0 and (out / "checkpoint-2" / "trainer_state.json").is_file(), killed.stderr[-3000:]
+    the lost peer at its next collective). The killed run is the engine's shared one (tests/helpers/stage2_engines.py:
+    a launch per engine for the suite)."""
+    part, damage = DAMAGED[engine]
+    out = stage2_engine_runs.copy_killed(engine, tmp_path / "llava")
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     target = out / "checkpoint-2" / "engine" / part
     size = target.stat().st_size
     if damage == "truncated":
         os.truncate(target, size // 2)
     else:
         target.write_bytes(os.urandom(size))
-    resumed = subprocess.run([*ACCELERATE, *launch, "-m", "mllm_bridge.train", *flags], env=ENV, cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=600, check=False)
+    resumed = stage2_engine_runs.launch(engine, ["-m", "mllm_bridge.train"], out)
     assert resumed.returncode != 0
     errors = [line for line in resumed.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all(line.startswith(f"error: checkpoint {out / 'checkpoint-2'} is damaged: the engine state in "
@@ -206,16 +201,11 @@ def test_a_final_write_killed_midway_is_finished_without_training_again(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.engines
-def test_the_ranks_of_a_finished_run_leave_the_process_group_before_the_interpreter_exits(tmp_path, digit_llm_dir,
-                                                                                       clip_moe_dir, grids_dir):
+def test_the_ranks_of_a_finished_run_leave_the_process_group_before_the_interpreter_exits(stage2_engine_runs):
     """Left to the interpreter's finalization, gloo's worker threads could still hold FSDP2's last asynchronous
     collectives and abort a finished run by chance ("terminate called without an active exception", SIGABRT, rank
-    1, on a loaded machine). Now every rank destroys its group after a final barrier, while Python is alive."""
-    flags = stage2(digit_llm_dir, clip_moe_dir, grids_dir, tmp_path / "llava")
-    flags[flags.index("--max_steps") + 1] = "2"
-    run = subprocess.run([*ACCELERATE, "--use_fsdp", "--fsdp_version", "2", str(HELPERS / "process_group_at_exit.py"),
-                          "mllm_bridge.train", *flags], env=ENV, cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    reports = sorted(line for line in run.stdout.splitlines() if "process group at exit" in line)
-    assert reports == ["rank 0: process group at exit: False", "rank 1: process group at exit: False"], run.stdout
+    1, on a loaded machine). Now every rank destroys its group after a final barrier, while Python is alive. The run
+    is FSDP2's shared one (tests/helpers/stage2_engines.py), which reports through process_group_at_exit.py."""
+    run = stage2_engine_runs("fsdp2")  # finished: exit status 0
+    reports = sorted(line for line in run.whole_stdout.splitlines() if "process group at exit" in line)
+    assert reports == ["rank 0: process group at exit: False", "rank 1: process group at exit: False"], run.whole_stdout

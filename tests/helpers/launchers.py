@@ -56,3 +56,9 @@ def stopped_after(steps: int, module: str) -> list[str]:
     optimizer steps are done (tests/helpers/stop_after_steps.py)."""
     return [str(HELPERS / "stop_after_steps.py"), str(steps), module]
 
+
+def copied_at(steps: int, dest, module: str) -> list[str]:
+    """The `script` of a launch that trains as `-m module` to its end and, once `steps` optimizer steps are done,
+    copies its output directory to `dest`: what `stopped_after(steps, module)` would leave there
+    (tests/helpers/copy_at_step.py)."""
+    return [str(HELPERS / "copy_at_step.py"), str(steps), str(dest), module]

@@ -1,6 +1,7 @@
 """LLaVA stage 2 under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 with 2 CPU processes (gloo): the engines a 7B / 13B
 fine-tune needs (LLaVA's finetune.sh runs ZeRO-3) train the weights one process trains, resume exactly after a
-kill, shard what they say they shard, and write the LLaVA checkpoint load_pretrained_model reads.
+kill, shard what they say they shard, and write the LLaVA checkpoint load_pretrained_model reads. The launches
+(tests/helpers/stage2_engines.py) are shared with tests/faults/test_sharded_checkpoints.py.
 
 Launched the three ways users launch them: ZeRO-2 by `accelerate launch --multi_gpu` with LLaVA's own
 `--deepspeed scripts/zero2.json`, ZeRO-3 by the `deepspeed` launcher with `--deepspeed scripts/zero3.json`
@@ -19,56 +20,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_shaped_grids
-from helpers.launchers import ENGINES, ENV, launch, stopped_after
+from helpers.launchers import ENV
+from helpers.stage2_engines import ANYRES_ENGINE, SHARDED, STEPS
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
-STEPS, KILLED_AT = 4, 3  # a checkpoint every 2 steps: the killed run resumes from checkpoint-2
-SHARDED = ["deepspeed-zero2", "deepspeed-zero3", "fsdp2"]  # helpers.launchers.ENGINES: how each is launched
-ANYRES_ENGINE = "deepspeed-zero3"
-ANYRES = ["--image_aspect_ratio", "anyres", "--mm_patch_merge_type", "spatial_unpad", "--image_grid_pinpoints",
-          "(1x1),...,(2x2)"]
-
 
 @pytest.fixture(scope="module")
-def shaped_grids(tmp_path_factory, grids_dir) -> Path:
-    """The digit grids' caption records, their images in three shapes in turn."""
-    return write_shaped_grids(grids_dir, tmp_path_factory.mktemp("shaped-grids"), "train.json")
-
-
-def layout_flags(engine: str, grids_dir: Path, shaped_grids: Path) -> tuple[Path, list[str]]:
-    """The data and layout flags of `engine`'s runs: anyres on shaped images for ANYRES_ENGINE."""
-    return (shaped_grids, ANYRES) if engine == ANYRES_ENGINE else (grids_dir, [])
-
-
-def stage2_flags(llm, tower, data, out, per_device: int) -> list[str]:
-    """LLaVA's stage 2 flags as its scripts set them (gradient checkpointing on, as finetune.sh has it), small."""
-    values = dict(model_name_or_path=llm, vision_tower=tower, data_path=data / "train.json", image_folder=data,
-                  output_dir=out, per_device_train_batch_size=per_device, max_steps=STEPS, learning_rate=1e-3,
-                  gradient_checkpointing=True, save_steps=2, save_total_limit=2, report_to="none", seed=0)
-    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
-
-
-def launch_engine(engine: str, script: list[str], flags: list[str]) -> subprocess.CompletedProcess:
-    """A `finetune` with `flags` under `engine`'s launcher, with the engine's own flags."""
-    launcher, own = ENGINES[engine]
-    return launch(launcher, script, ["finetune", *flags, *own])
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
+def one_process(tmp_path_factory, stage2_engine_runs):
     """The reference of an engine's runs, made on first use per layout: the same 4 steps of 8 samples in one
     process."""
     outs = {}
 
     def reference(engine: str) -> Path:
-        data, layout = layout_flags(engine, grids_dir, shaped_grids)
+        data, _ = stage2_engine_runs.layout(engine)
         if data not in outs:
             out = tmp_path_factory.mktemp("engines") / "llava-one"
             run = subprocess.run([sys.executable, "-m", "mllm_bridge.train", "finetune",
-                                  *stage2_flags(digit_llm_dir, clip_moe_dir, data, out, 8), *layout],
+                                  *stage2_engine_runs.flags(engine, out, per_device=8)],
                                  env=ENV, capture_output=True, text=True, timeout=600, check=False)
             assert run.returncode == 0, run.stderr[-3000:]
             outs[data] = out
@@ -78,20 +48,14 @@ def one_process(tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped
 
 
 @pytest.fixture(scope="module", params=SHARDED)
-def engine_runs(request, tmp_path_factory, digit_llm_dir, clip_moe_dir, grids_dir, shaped_grids):
-    """Per engine: an uninterrupted 2-process run, and one killed after step 3 and then resumed."""
-    engine, root = request.param, tmp_path_factory.mktemp(request.param)
-    data, layout = layout_flags(engine, grids_dir, shaped_grids)
-    flags = {name: [*stage2_flags(digit_llm_dir, clip_moe_dir, data, root / f"llava-{name}", 4), *layout]
-             for name in ("whole", "resumed")}
-    whole = launch_engine(engine, ["-m", "mllm_bridge.train"], flags["whole"])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = launch_engine(engine, stopped_after(KILLED_AT, "mllm_bridge.train"), flags["resumed"])
-    assert killed.returncode != 0
-    resumed = launch_engine(engine, ["-m", "mllm_bridge.train"], flags["resumed"])
+def engine_runs(request, tmp_path_factory, stage2_engine_runs):
+    """Per engine: an uninterrupted 2-process run, and what a kill after step 3 left of it, resumed."""
+    engine = request.param
+    runs = stage2_engine_runs(engine)
+    out = stage2_engine_runs.copy_killed(engine, tmp_path_factory.mktemp(engine) / "llava-resumed")
+    resumed = stage2_engine_runs.launch(engine, ["-m", "mllm_bridge.train"], out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return SimpleNamespace(engine=engine, whole=root / "llava-whole", resumed=root / "llava-resumed",
-                           killed_stdout=killed.stdout, resumed_stdout=resumed.stdout)
+    return SimpleNamespace(engine=engine, whole=runs.whole, resumed=out, resumed_stdout=resumed.stdout)
 
 
 def weights(out):
