@@ -13,14 +13,11 @@ both layouts."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers.launchers import ENV
 from helpers.stage2_engines import ANYRES_ENGINE, SHARDED, STEPS
 from safetensors.torch import load_file
 
@@ -30,17 +27,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.engines]
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, stage2_engine_runs):
     """The reference of an engine's runs, made on first use per layout: the same 4 steps of 8 samples in one
-    process."""
+    process, this one (a fresh interpreter would only add its imports), on one thread as each launched rank."""
+    from mllm_bridge.train.cli import main
+
     outs = {}
 
     def reference(engine: str) -> Path:
         data, _ = stage2_engine_runs.layout(engine)
         if data not in outs:
             out = tmp_path_factory.mktemp("engines") / "llava-one"
-            run = subprocess.run([sys.executable, "-m", "mllm_bridge.train", "finetune",
-                                  *stage2_engine_runs.flags(engine, out, per_device=8)],
-                                 env=ENV, capture_output=True, text=True, timeout=600, check=False)
-            assert run.returncode == 0, run.stderr[-3000:]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert main(["finetune", *stage2_engine_runs.flags(engine, out, per_device=8)]) == 0
+            finally:
+                torch.set_num_threads(threads)
             outs[data] = out
         return outs[data]
 
