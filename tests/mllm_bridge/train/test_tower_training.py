@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import write_shaped_grids
-from helpers.launchers import ENGINES, launch, stopped_after
+from helpers.launchers import ENGINES, copied_at, launch, stopped_after
 from safetensors.torch import load_file
 
 from encoder.utils.errors import UserError
@@ -208,10 +208,11 @@ def shaped_qa(tmp_path_factory, grids_dir):
 @pytest.fixture(scope="module")
 def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
     """Per engine, launched on first use: 4 steps of LLaVA-1.6 anyres stage 2 with the tower trained, over 2 processes,
-    killed after step 3 (a checkpoint every 2 steps) and resumed. DDP also runs uninterrupted: its resume must give
-    exactly those weights, and its weights are the reference the other engines' resumed runs must reach (the same
-    batches on the same ranks). Launches are the suite's dearest tests, so each engine gets only the two its checks
-    need (exact resume of a frozen tower under every engine: test_sharded_engines.py)."""
+    killed after step 3 (a checkpoint every 2 steps) and resumed. DDP runs uninterrupted instead, leaving a copy of its
+    output as it stood after step 3 to resume from: its resume must give exactly its weights, and its weights are the
+    reference the other engines' resumed runs must reach (the same batches on the same ranks). Launches are the
+    suite's dearest tests, so each engine gets only the two its checks need (exact resume of a frozen tower under
+    every engine: test_sharded_engines.py)."""
     runs = {}
 
     def run(engine: str) -> SimpleNamespace:
@@ -226,11 +227,14 @@ def engine_tower_runs(tmp_path_factory, digit_llm_dir, clip_moe_dir, shaped_qa):
             return launch(launcher, script, [*flags(digit_llm_dir, clip_moe_dir, shaped_qa, out, **common), *own])
 
         whole = None
-        if engine == "ddp":
-            whole = go(root / "llava-whole", ["-m", "mllm_bridge.train"])
+        if engine == "ddp":  # uninterrupted, leaving a copy of what a kill after step 3 would have left
+            whole = go(root / "llava-whole", copied_at(3, root / "llava-resumed", "mllm_bridge.train"))
             assert whole.returncode == 0, whole.stderr[-3000:]
-        killed = go(root / "llava-resumed", stopped_after(3, "mllm_bridge.train"))
-        assert killed.returncode != 0 and (root / "llava-resumed" / "checkpoint-2" / "vision_tower").is_dir()
+        else:
+            killed = go(root / "llava-resumed", stopped_after(3, "mllm_bridge.train"))
+            assert killed.returncode != 0
+        assert (root / "llava-resumed" / "checkpoint-2" / "vision_tower").is_dir()
+        assert not (root / "llava-resumed" / "checkpoint-4").exists()
         resumed = go(root / "llava-resumed", ["-m", "mllm_bridge.train"])
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         runs[engine] = SimpleNamespace(whole=whole and root / "llava-whole", resumed=root / "llava-resumed",
