@@ -1,7 +1,9 @@
-"""Real-size run on this machine: a ViT-L/14-336-shaped CLIP through `upcycle sparse` and the LLaVA tower.
+"""Real-size run on this machine: a ViT-L/14-336-shaped CLIP (or, with --family siglip, a SigLIP SO400M-14-384)
+through `upcycle sparse` and the LLaVA tower.
 
-The base has openai/clip-vit-large-patch14-336's exact CLIPConfig (written out below; nothing is
-downloaded) with random weights, saved as a transformers CLIP directory in a temporary folder. Then:
+The base has openai/clip-vit-large-patch14-336's exact CLIPConfig (--family siglip: google/siglip-so400m-patch14-384's
+SiglipConfig, the shape of open_clip's ViT-SO400M-14-SigLIP-384; both written out below; nothing is downloaded) with
+random weights, saved as a transformers directory in a temporary folder. Then:
 
   build_base        the random dense CLIP written with save_pretrained (set-up; not part of the target)
   upcycle_sparse    python -m upcycle sparse --num-experts 4 --top-k 2 --moe-layers all --towers vision,text
@@ -10,9 +12,10 @@ downloaded) with random weights, saved as a transformers CLIP directory in a tem
                     max_output_diff on both models, save_clip_moe; its model.safetensors is compared with
                     the streamed one by SHA-256
   tower             CLIPMoEVisionTower (select layer -2, patch features) load + one forward per batch size
-                    of 336x336 images
-  roundtrip         CLIPMoEModel.from_pretrained -> save_pretrained -> from_pretrained, the re-saved
-                    weights compared with the streamed file by SHA-256
+                    of 336x336 (SigLIP: 384x384) images
+  roundtrip         the MoE model's from_pretrained -> save_pretrained -> from_pretrained (AutoModel), the
+                    re-saved weights compared with the streamed file by SHA-256
+--upcycle-only stops after upcycle_sparse (the step whose memory the target is about).
 
 Every step runs in its own subprocess; its peak RSS is that child's ru_maxrss from os.wait4 (the kernel's
 high-water mark of resident memory of exactly that process), its wall time is measured around it.
@@ -53,6 +56,19 @@ VIT_L14_336 = {
         "projection_dim": 768,
     },
 }
+# google/siglip-so400m-patch14-384 config.json (transformers' SiglipConfig defaults fill the rest: gelu_pytorch_tanh,
+# layer_norm_eps 1e-6, a 32000-token vocabulary, 64 text positions): width 1152, MLP 4304, 27 layers, 16 heads.
+SO400M_14_384 = {
+    "text_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16},
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                      "num_attention_heads": 16, "patch_size": 14, "image_size": 384},
+}
+SMOKE_SIGLIP = {
+    "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "vocab_size": 1000, "max_position_embeddings": 16},
+    "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "patch_size": 14, "image_size": 56},
+}
 UPCYCLE_ARGS = ["--num-experts", "4", "--top-k", "2", "--moe-layers", "all", "--towers", "vision,text"]
 # --smoke: the same steps on a small model, to check this script in seconds (its numbers mean nothing).
 SMOKE = {
@@ -67,13 +83,14 @@ TARGET_RATIO = 1.5  # peak RSS of the upcycling step over the output size
 
 BUILD_BASE = """
 import json, sys, torch
-from transformers import CLIPConfig, CLIPModel
-from encoder.convert.dense import default_image_processor
-config = CLIPConfig(**json.loads(sys.argv[2]))
+from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+from encoder.convert.dense import default_processor_for
+config_class, model_class = (SiglipConfig, SiglipModel) if sys.argv[3] == "siglip" else (CLIPConfig, CLIPModel)
+config = config_class(**json.loads(sys.argv[2]))
 torch.manual_seed(0)
-model = CLIPModel(config).eval()
+model = model_class(config).eval()
 model.save_pretrained(sys.argv[1])
-default_image_processor(config.vision_config.image_size).save_pretrained(sys.argv[1])
+default_processor_for(config).save_pretrained(sys.argv[1])
 print(json.dumps({"parameters": sum(p.numel() for p in model.parameters())}))
 """
 
@@ -112,15 +129,16 @@ print(json.dumps(result))
 
 ROUNDTRIP = """
 import json, sys, time
-from encoder import CLIPMoEModel
+from transformers import AutoModel
+import encoder  # registers every family's MoE classes with AutoModel
 from encoder.utils.files import file_sha256
 t0 = time.perf_counter()
-model = CLIPMoEModel.from_pretrained(sys.argv[1])
+model = AutoModel.from_pretrained(sys.argv[1])
 t1 = time.perf_counter()
 model.save_pretrained(sys.argv[2])
 t2 = time.perf_counter()
 del model
-again = CLIPMoEModel.from_pretrained(sys.argv[2])
+again = AutoModel.from_pretrained(sys.argv[2])
 t3 = time.perf_counter()
 same = file_sha256(sys.argv[1] + "/model.safetensors") == file_sha256(sys.argv[2] + "/model.safetensors")
 print(json.dumps({"from_pretrained_s": round(t1 - t0, 2), "save_pretrained_s": round(t2 - t1, 2),
@@ -196,19 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", action="store_true",
                         help="also run the previous in-memory upcycling (~12 GB peak) and compare its weights")
     parser.add_argument("--smoke", action="store_true", help="a small model instead (checks the script in seconds)")
+    parser.add_argument("--family", choices=("clip", "siglip"), default="clip",
+                        help="clip: the ViT-L/14-336 CLIP (default); siglip: the SigLIP SO400M-14-384")
+    parser.add_argument("--upcycle-only", action="store_true", help="stop after upcycle_sparse (no tower, no "
+                        "roundtrip: half the disk and time)")
     args = parser.parse_args(argv)
-    model_config = SMOKE if args.smoke else VIT_L14_336
+    siglip = args.family == "siglip"
+    model_config = (SMOKE_SIGLIP if siglip else SMOKE) if args.smoke else (SO400M_14_384 if siglip else VIT_L14_336)
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-real-size-"))
     work.mkdir(parents=True, exist_ok=True)
-    base, moe = work / "clip-vit-large-patch14-336-random", work / "clip-moe"
+    base = work / ("siglip-so400m-patch14-384-random" if siglip else "clip-vit-large-patch14-336-random")
+    moe = work / ("siglip-moe" if siglip else "clip-moe")
     for path in (base, moe, work / "clip-moe-in-memory", work / "clip-moe-resaved"):
         shutil.rmtree(path, ignore_errors=True)
     steps = {}
     load_at_start = round(os.getloadavg()[0], 2)
     try:
-        steps["build_base"] = python_step("build_base", BUILD_BASE, [str(base), json.dumps(model_config)], work)
+        steps["build_base"] = python_step("build_base", BUILD_BASE, [str(base), json.dumps(model_config),
+                                                                     args.family], work)
         base_bytes = dir_bytes(base)
         step = run_step("upcycle_sparse", [sys.executable, "-m", "upcycle", "sparse", "--base", str(base),
                                            "--out", str(moe), *UPCYCLE_ARGS], work)
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         step["summary"] = [line.strip() for line in printed.splitlines() if "parameters:" in line or "tower:" in line]
         steps["upcycle_sparse"] = step
         output_bytes = dir_bytes(moe)
-        if args.baseline:
+        if args.baseline and not args.upcycle_only:
             old = work / "clip-moe-in-memory"
             steps["upcycle_in_memory"] = python_step("upcycle_in_memory", IN_MEMORY, [str(base), str(old)], work)
             from encoder.utils.files import file_sha256
@@ -226,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             steps["upcycle_in_memory"]["weights_identical_to_streamed"] = (
                 file_sha256(old / "model.safetensors") == file_sha256(moe / "model.safetensors"))
             shutil.rmtree(old, ignore_errors=True)
-        steps["tower"] = python_step("tower", TOWER, [str(moe), json.dumps(batches)], work)
-        steps["roundtrip"] = python_step("roundtrip", ROUNDTRIP, [str(moe), str(work / "clip-moe-resaved")], work)
+        if not args.upcycle_only:
+            steps["tower"] = python_step("tower", TOWER, [str(moe), json.dumps(batches)], work)
+            steps["roundtrip"] = python_step("roundtrip", ROUNDTRIP, [str(moe), str(work / "clip-moe-resaved")],
+                                             work)
     finally:
         if not args.keep and not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -239,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "real-size sparse upcycling + LLaVA tower on CPU (scripts/bench_real_size.py)",
         "machine": {**machine(), "load_average_1min_at_start": load_at_start},
         "base": {"shape": "smoke-test model" if args.smoke else
-                 "openai/clip-vit-large-patch14-336 config, random weights (seed 0)", "config": model_config,
+                 f"{'google/siglip-so400m-patch14-384' if siglip else 'openai/clip-vit-large-patch14-336'} config, "
+                 "random weights (seed 0)", "family": args.family, "config": model_config,
                  "parameters": steps["build_base"]["parameters"], "bytes": base_bytes},
         "upcycle_args": UPCYCLE_ARGS,
         "output_bytes": output_bytes,

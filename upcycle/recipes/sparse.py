@@ -144,21 +144,24 @@ def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: di
 
 
 def check_inputs(model: PreTrainedModel, batch: int = 2) -> dict[str, torch.Tensor]:
-    """`random_inputs` for a model whose vision tower takes square images (CLIP, SigLIP); for SigLIP2's naflex
-    tower, patch sequences instead: one image on the full grid of its position table and one on a smaller grid
+    """A small random batch for `model`: a CLIP's is `random_inputs` (texts ending in its end-of-text token); other
+    families get token ids anywhere in the vocabulary (SigLIP attends to every position and pools the last; its
+    configs' default token ids are CLIP's, outside a SigLIP vocabulary) and square images, or, for SigLIP2's naflex
+    tower, patch sequences: one image on the full grid of its position table and the others on a smaller grid
     padded to the same length (with `pixel_attention_mask` and `spatial_shapes`), so padding is checked too."""
-    vision = model.config.vision_config
-    if hasattr(vision, "image_size"):
+    if family_of(model.config).family.name == "clip":
         return random_inputs(model, batch=batch)
+    g = torch.Generator().manual_seed(0)
+    vision, text = model.config.vision_config, model.config.text_config
+    ids = torch.randint(0, text.vocab_size, (batch, min(16, text.max_position_embeddings)), generator=g)
+    if hasattr(vision, "image_size"):
+        pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=g)
+        return {"pixel_values": pixels, "input_ids": ids}
     side = math.isqrt(vision.num_patches)
     grids = [(side, side)] + [(max(1, side - 1), max(1, side // 2))] * (batch - 1)
-    g = torch.Generator().manual_seed(0)
-    patch_dim = vision.num_channels * vision.patch_size ** 2
     mask = torch.zeros(batch, side * side, dtype=torch.long)
     for i, (h, w) in enumerate(grids):
         mask[i, : h * w] = 1
-    pixels = torch.randn(batch, side * side, patch_dim, generator=g) * mask[..., None]
-    text = model.config.text_config
-    ids = torch.randint(0, text.vocab_size, (batch, min(16, text.max_position_embeddings)), generator=g)
-    return {"pixel_values": pixels, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor(grids),
-            "input_ids": ids}
+    pixels = torch.randn(batch, side * side, vision.num_channels * vision.patch_size ** 2, generator=g)
+    return {"pixel_values": pixels * mask[..., None], "pixel_attention_mask": mask,
+            "spatial_shapes": torch.tensor(grids), "input_ids": ids}
