@@ -222,12 +222,20 @@ class CLIPMoEExperts(nn.Module):
         self.capacity_factor = config.capacity_factor
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [T, d], top_k_index / top_k_weights [T, k] -> [T, d] (sum of weighted expert outputs).
 
         The weighted sum is accumulated in hidden_states' dtype (fp32 under autocast, like the residual
         stream it is added to); the expert matmuls run in `expert_compute_dtype`.
+
+        token_mask [T] bool (True = real token) or None (all real) matters only with a `capacity_factor`: padding
+        then takes no expert capacity (its choices are dropped, so its output is 0: the residual passes it
+        through), and the capacity is counted over the real tokens, so the real tokens are routed exactly as
+        they would be without the padding. Without a capacity factor every token, padding included, is computed as
+        before: dropless routing of one token never changes another's output, and keeping padding's output as the
+        dense MLP's keeps an upcycled model equal to its dense base at every position.
         """
         num_tokens, k = top_k_index.shape
         dtype = expert_compute_dtype(hidden_states, self.up_proj)
@@ -238,12 +246,13 @@ class CLIPMoEExperts(nn.Module):
         ends = torch.searchsorted(expert_sorted, torch.arange(1, self.num_experts + 1, device=expert_sorted.device))
         weights = top_k_weights.reshape(-1).index_select(0, order)
         if self.capacity_factor is not None:
-            keep = self._within_capacity(expert_sorted, ends, num_tokens * k)
+            real = None if token_mask is None else token_mask.reshape(-1).to(torch.bool).index_select(0, order // k)
+            keep = self._within_capacity(expert_sorted, ends, num_tokens * k, real)
             if impl.host_sync and not torch.compiler.is_compiling():
                 # Compute only the kept rows: this path reads the counts on the host anyway.
                 expert_sorted, order, weights = expert_sorted[keep], order[keep], weights[keep]
-                counts = torch.diff(ends, prepend=ends.new_zeros(1))
-                ends = torch.cumsum(counts.clamp(max=self._capacity(num_tokens * k)), 0)
+                ends = torch.searchsorted(expert_sorted, torch.arange(1, self.num_experts + 1,
+                                                                      device=expert_sorted.device))
             else:  # Traceable: dropped rows still run, but add nothing and get no gradient.
                 weights = weights * keep
         token_of_choice = order // k
@@ -258,11 +267,26 @@ class CLIPMoEExperts(nn.Module):
         out = hidden_states.new_zeros(num_tokens, hidden_states.shape[-1])
         return out.index_add_(0, token_of_choice, y.to(out.dtype))
 
-    def _capacity(self, num_choices: int) -> int:
+    def _capacity(self, num_choices: int | torch.Tensor) -> int | torch.Tensor:
+        """Choices each expert takes: ceil(capacity_factor * num_choices / E); a tensor when num_choices is one
+        (the real tokens' choices, counted on the device: no host read), computed in float64 like the int form."""
+        if isinstance(num_choices, torch.Tensor):
+            return torch.ceil(self.capacity_factor * num_choices.double() / self.num_experts)
         return math.ceil(self.capacity_factor * num_choices / self.num_experts)
 
-    def _within_capacity(self, expert_sorted: torch.Tensor, ends: torch.Tensor, num_choices: int) -> torch.Tensor:
-        """[S] bool: the choice is among its expert's first `capacity` (in token order); the rest are dropped."""
+    def _within_capacity(self, expert_sorted: torch.Tensor, ends: torch.Tensor, num_choices: int,
+                         real: torch.Tensor | None = None) -> torch.Tensor:
+        """[S] bool: the choice is among its expert's first `capacity` (in token order); the rest are dropped.
+
+        real [S] bool (per expert-sorted choice) or None: with it, padding's choices are dropped and neither count
+        in an expert's rank nor in the capacity, which is taken over the real choices alone.
+        """
         starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        rank_in_expert = torch.arange(expert_sorted.numel(), device=expert_sorted.device) - starts[expert_sorted]
-        return rank_in_expert < self._capacity(num_choices)
+        if real is None:
+            rank_in_expert = torch.arange(expert_sorted.numel(), device=expert_sorted.device) - starts[expert_sorted]
+            return rank_in_expert < self._capacity(num_choices)
+        # Real choices before this one in its expert's segment: real_before[j] counts the real choices among the
+        # first j, so a choice's rank is its count minus its segment start's.
+        real_before = torch.cat([starts.new_zeros(1), torch.cumsum(real, 0)])
+        rank_in_expert = real_before[:-1] - real_before[starts][expert_sorted]
+        return real & (rank_in_expert < self._capacity(real.sum()))

@@ -1,4 +1,4 @@
-"""The MoE layer that replaces a CLIP MLP: a token-choice top-k router over stacked experts.
+"""The MoE layer that replaces a tower's MLP (CLIP, SigLIP, ...): a token-choice top-k router over stacked experts.
 
 Routing: router = Linear(width, E, bias=False); softmax in fp32; top-k; the k weights are renormalised to
 sum to 1. With identical experts the layer therefore computes exactly the dense MLP (function
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .experts import CLIPMoEExperts
 
@@ -116,7 +117,9 @@ class CLIPMoESparseMLP(nn.Module):
         token_mask: torch.Tensor | None = None,
         output_router_logits: bool = False,
     ) -> tuple[torch.Tensor, RouterOutput | None]:
-        """hidden_states [B, N, d]; token_mask [B, N] (True = real token) only shapes the auxiliary losses.
+        """hidden_states [B, N, d]; token_mask [B, N] (True = real token, None = all) keeps padding out of the
+        auxiliary losses and, with a `capacity_factor`, out of the experts' capacity (padding then gets a zero
+        MLP output and the real tokens are routed as they would be without it; see `CLIPMoEExperts.forward`).
 
         Returns the layer output [B, N, d] and, when `output_router_logits`, the router logits and the
         auxiliary loss terms of this layer.
@@ -124,8 +127,19 @@ class CLIPMoESparseMLP(nn.Module):
         batch, seq, width = hidden_states.shape
         flat = hidden_states.reshape(-1, width)
         logits, top_k_index, top_k_weights = self.route(flat)
-        out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype)).view(batch, seq, width)
+        expert_args = (flat, top_k_index, top_k_weights.to(flat.dtype))
+        if token_mask is not None and self.experts.capacity_factor is not None and self._own_experts_forward():
+            out = self.experts(*expert_args, token_mask=token_mask.reshape(-1))
+        else:
+            out = self.experts(*expert_args)
+        out = out.view(batch, seq, width)
         if not output_router_logits:
             return out, None
         balance, z = routing_losses(logits, self.top_k, token_mask)
         return out, RouterOutput(logits=logits, load_balance_loss=balance, z_loss=z)
+
+    def _own_experts_forward(self) -> bool:
+        """Whether the experts run `CLIPMoEExperts.forward` (the only implementation with a capacity, hence the only
+        one taking a token mask), not one of transformers' experts functions (`grouped_mm`, ...), which are dropless
+        and take (hidden_states, top_k_index, top_k_weights) alone."""
+        return ALL_EXPERTS_FUNCTIONS.get(self.experts.config._experts_implementation) is None

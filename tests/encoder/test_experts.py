@@ -331,3 +331,34 @@ def test_cuda_bf16_vision_model_exports_with_grouped_mm():
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(px).pooler_output, model(px).pooler_output,
                                    atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dispatch", ["segments", "grouped_mm"])
+def test_capacity_with_a_token_mask_of_padding_only_computes_nothing(dispatch):
+    # Every token padding: no real choice, no capacity taken, a zero output and zero gradients, on both branches.
+    experts = experts_module(capacity_factor=0.5)
+    index, weights = routing(6, 2, [0, 1, 2, 3])
+    experts.dispatch = dispatch
+    x = torch.randn(6, 32, requires_grad=True)
+    y = experts(x, index, weights, token_mask=torch.zeros(6, dtype=torch.bool))
+    y.sum().backward()
+    assert torch.count_nonzero(y) == 0 and torch.count_nonzero(x.grad) == 0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in experts.parameters() if p.grad is not None)
+
+
+def test_capacity_with_a_token_mask_agrees_across_implementations():
+    experts = experts_module(capacity_factor=0.75)
+    index, weights = routing(24, 2, [0, 1, 2, 3])
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(24, generator=torch.Generator().manual_seed(5)) > 0.3
+    results = {}
+    for dispatch in ("segments", "grouped_mm"):
+        experts.dispatch = dispatch
+        experts.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = experts(xg, index, weights, token_mask=mask)
+        y.square().sum().backward()
+        results[dispatch] = [y.detach(), xg.grad] + [p.grad.clone() for p in experts.parameters()]
+    for got, want in zip(results["grouped_mm"], results["segments"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(results["segments"][0][~mask]) == 0

@@ -1,4 +1,4 @@
-"""The MoE layer: routing against a slow reference, weights, capacity, auxiliary losses."""
+"""The MoE layer: routing against a slow reference, weights, capacity (padding kept out of it), auxiliary losses."""
 
 import pytest
 import torch
@@ -142,3 +142,68 @@ def test_router_jitter_only_while_training():
     assert torch.equal(layer.route(x)[0], layer.route(x)[0])
     layer.train()
     assert not torch.equal(layer.route(x)[0], layer.route(x)[0])
+
+
+# Padding and capacity: row 0 has 3 real tokens then 5 padding, which come before row 1's real tokens in token order,
+# so padding that took capacity would push row 1's tokens past it.
+PADDING_MASK = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+
+
+def real_tokens_step(layer: CLIPMoESparseMLP, x: torch.Tensor, mask: torch.Tensor | None):
+    """(output at the real tokens, grad of x at the real tokens, parameter grads) of one step whose loss reads
+    only the real tokens' outputs; mask None: x is the real tokens alone, [1, R, d]."""
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out, _ = layer(x, mask)
+    real_out = out[mask] if mask is not None else out[0]
+    real_out.square().sum().backward()
+    real_grad = x.grad[mask] if mask is not None else x.grad[0]
+    return real_out.detach(), real_grad, [p.grad.clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("dispatch", [None, "grouped_mm", "traced"])
+def test_capacity_routes_real_tokens_as_without_the_padding(dispatch, monkeypatch):
+    # None: the CPU default (segments, only kept rows computed); grouped_mm and "traced" (what torch.compile /
+    # torch.export run: every row computed, dropped ones weighted 0) take the other branch.
+    if dispatch == "traced":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer = moe_layer(capacity_factor=0.5)
+    layer.experts.dispatch = None if dispatch == "traced" else dispatch
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
+    x[~PADDING_MASK] = torch.randn(int((~PADDING_MASK).sum()), 32) * 10  # padding content must not matter
+
+    padded = real_tokens_step(layer, x, PADDING_MASK)
+    alone = real_tokens_step(layer, x[PADDING_MASK][None], None)
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[1], alone[1], atol=1e-5, rtol=1e-5)
+    for got, want in zip(padded[2], alone[2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The real tokens alone, token by token, with capacity ceil(0.5 * 10 real tokens * 2 / 4) = 3.
+    with torch.no_grad():
+        torch.testing.assert_close(padded[0], reference_forward(layer, x[PADDING_MASK], capacity=3),
+                                   atol=1e-5, rtol=1e-5)
+        out, _ = layer(x, PADDING_MASK)
+        unmasked, _ = layer(x)
+    assert torch.count_nonzero(out[~PADDING_MASK]) == 0  # padding takes no expert: zero MLP output
+    # Without the mask the padding takes capacity and the real tokens' outputs change: the case bites.
+    assert not torch.allclose(unmasked[PADDING_MASK], padded[0], atol=1e-3)
+
+
+def test_dropless_layer_computes_padding_as_before():
+    # Without a capacity factor the mask changes nothing: padding's outputs stay the MLP's (as the dense base's).
+    layer = moe_layer()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x, PADDING_MASK)[0], layer(x)[0])
+
+
+def test_transformers_experts_implementations_ignore_the_mask():
+    # They are dropless and take no token mask: the layer does not pass it to them.
+    layer = moe_layer(capacity_factor=0.5)
+    layer.experts.config._experts_implementation = "grouped_mm"
+    try:
+        with torch.no_grad():
+            masked, unmasked = layer(torch.ones(2, 8, 32), PADDING_MASK)[0], layer(torch.ones(2, 8, 32))[0]
+    finally:
+        layer.experts.config._experts_implementation = "eager"
+    assert torch.equal(masked, unmasked)
