@@ -59,7 +59,9 @@ class DMUConfig:
     router_lr: float = option_like(TrainConfig, "lr", 1e-6, flag="--router-lr", help="router learning rate")
     weight_decay: float = option_like(TrainConfig, "weight_decay")
     warmup_ratio: float = option_like(TrainConfig, "warmup_ratio")
-    label_smoothing: float = option_like(TrainConfig, "label_smoothing", 0.1)
+    label_smoothing: float = option_like(TrainConfig, "label_smoothing", 0.1,
+                                         help="InfoNCE label smoothing of a CLIP base's stages and router training "
+                                         "(a SigLIP base trains with its sigmoid loss, which has none)")
     # None: the base's own (frozen) logit scale
     logit_scale: float | None = option_like(TrainConfig, "logit_scale", 100.0, default_text=None,
                                             help="fixed logit multiplier (DMU's published value by default) or "
@@ -83,14 +85,17 @@ class DMUConfig:
         """The settings that decide the result; a --resume must repeat them."""
         return {k: jsonable(v) for k, v in asdict(self).items() if k not in RESUMABLE_SETTINGS}
 
-    def train_config(self, phase: str, desc: str) -> TrainConfig:
+    def train_config(self, phase: str, desc: str, sigmoid: bool = False) -> TrainConfig:
         """The TrainConfig of one phase ("ffn": an MCL stage; "router": router training). Every field of this
         config that is a TrainConfig setting (the same option, under the same name) passes as given; the phase
         picks what trains, its learning rate and length; the loss weights are left to the model trained (the
-        CLIP-MoE config they were written into; none on the dense base a stage trains)."""
+        CLIP-MoE config they were written into; none on the dense base a stage trains). The loss is the base
+        family's (`sigmoid`: a SigLIP base's pairwise sigmoid loss, which takes no label smoothing)."""
         lr, epochs, max_steps = ((self.lr, self.stage_epochs, self.stage_max_steps) if phase == "ffn" else
                                  (self.router_lr, self.router_epochs, self.router_max_steps))
         shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name in _FIELD_NAMES}
+        if sigmoid:
+            shared["label_smoothing"] = 0.0
         return TrainConfig(**{**shared, "trainable": phase, "lr": lr, "epochs": epochs, "max_steps": max_steps,
                               "aux_loss_coef": None, "z_loss_coef": None, "desc": desc})
 

@@ -1,5 +1,9 @@
 """Diversified Multiplet Upcycling: MCL stages -> one FFN set per stage -> CLIP-MoE -> router training.
 
+Any family's dense base: a SigLIP base is encoded, clustered and trained as SigLIP is (its pooled image and text
+embeddings for the k-means, fixed-length unmasked captions, the sigmoid loss with its logit bias, frozen with the
+rest of the non-FFN weights in the stages and with everything but the routers in router training).
+
 Everything a run produces lives in a work directory with a manifest, so an interrupted run continues where it
 stopped: finished stages are skipped, an unfinished stage keeps its clusters and resumes from its last
 checkpoint. A stage's output is its FFN weights only (everything else is the base's, by construction).
@@ -26,7 +30,7 @@ from encoder.utils.errors import UserError
 from encoder.utils.files import check_output_dir, write_atomic
 from encoder.utils.step_record import SettingsChanged, differences
 
-from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+from ...data import ImageTextDataset, model_tokenizer_fn, processor_transform, read_pairs, uses_sigmoid_loss
 from ...train import ContrastiveTrainer
 from ...train.params import is_trainable
 from ..assemble import assemble_clip_moe, moe_config_for
@@ -53,9 +57,9 @@ class DMURun:
         # Before stage 1 encodes the data with it: a NaN weight would surface as a k-means or divergence error.
         require_finite_weights(self.base, f"base {cfg.base}")
         self.pairs = read_pairs(cfg.train_data, cfg.image_root, cfg.skip_missing)
-        max_len = self.base.config.text_config.max_position_embeddings
+        self.sigmoid = uses_sigmoid_loss(self.base.config)  # the base family's loss, in the stages and router training
         self.dataset = ImageTextDataset(self.pairs, processor_transform(self.image_processor),
-                                        tokenizer_fn(self.tokenizer, max_len))
+                                        model_tokenizer_fn(self.tokenizer, self.base.config))
         if len(self.pairs) < cfg.batch_size:
             raise UserError(f"{len(self.pairs)} training pairs but the global batch is {cfg.batch_size}; "
                             "lower --batch-size or add data")
@@ -131,7 +135,7 @@ class DMURun:
         data = self.dataset if len(kept) == len(batch_labels) else Subset(self.dataset, kept.tolist())
 
         model = copy.deepcopy(self.base)  # every stage starts from the base; only its batches differ
-        train_cfg = cfg.train_config("ffn", f"MCL stage {stage}")
+        train_cfg = cfg.train_config("ffn", f"MCL stage {stage}", self.sigmoid)
         trainer = ContrastiveTrainer(model, data, self.dataset.collate, train_cfg, folder / "train",
                                      labels=batch_labels[kept], source=f"base {cfg.base}")
         model = trainer.train(resume=True)
@@ -211,7 +215,7 @@ class DMURun:
         cfg = self.cfg
         model = self.assemble()
         start = time.time()
-        train_cfg = cfg.train_config("router", "router training")
+        train_cfg = cfg.train_config("router", "router training", self.sigmoid)
         trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
                                      source="the CLIP-MoE assembled from the base and the stages' FFNs",
                                      lr_flag="--router-lr")
