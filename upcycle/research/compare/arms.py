@@ -17,7 +17,7 @@ from encoder.save import save_clip_moe
 from encoder.utils.errors import UserError
 from encoder.utils.options import check_options, option, option_like, options_of
 
-from ...data import ImageTextDataset, processor_transform, read_pairs, tokenizer_fn
+from ...data import ImageTextDataset, model_tokenizer_fn, processor_transform, read_pairs
 from ...recipes.dmu import DMUConfig, run_dmu
 from ...recipes.sparse import sparse_upcycle
 from ...recipes.sparse_config import SparseConfig
@@ -204,9 +204,9 @@ def train_arm(arm: str, seed: int, base_dir: Path, train_data: Path, folder: Pat
     elif arm != "dense":
         raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
     pairs = read_pairs(train_data)
-    max_len = loaded.model.config.text_config.max_position_embeddings
+    # fed as the base's family was trained; the trainer picks the family's loss (a SigLIP: the sigmoid loss)
     dataset = ImageTextDataset(pairs, processor_transform(loaded.image_processor),
-                               tokenizer_fn(loaded.tokenizer, max_len))
+                               model_tokenizer_fn(loaded.tokenizer, loaded.model.config))
     cfg = TrainConfig(trainable=trainable, epochs=settings.budget_epochs, batch_size=settings.batch_size, lr=lr,
                       weight_decay=settings.weight_decay, aux_loss_coef=aux, z_loss_coef=z, seed=seed,
                       checkpoint_every=settings.checkpoint_every, desc=f"{arm} seed {seed}")
