@@ -9,6 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
+from ..moe_composite import MoECompositeFields
 from ..moe_config import MoEFields
 
 
@@ -17,7 +18,6 @@ class CLIPMoEVisionConfig(MoEFields, CLIPVisionConfig):
     """CLIP vision tower config with the MoE fields of `MoEFields`."""
 
     model_type = "clip_moe_vision_model"
-    base_config_key = "vision_config"
 
 
 @strict
@@ -28,17 +28,12 @@ class CLIPMoETextConfig(MoEFields, CLIPTextConfig):
     """
 
     model_type = "clip_moe_text_model"
-    base_config_key = "text_config"
 
 
 @strict
-class CLIPMoEConfig(CLIPConfig):
-    r"""A CLIP-MoE: a `CLIPConfig` whose tower configs carry MoE fields.
-
-    text_config / vision_config: `CLIPMoETextConfig` / `CLIPMoEVisionConfig` (or their dicts).
-    output_router_logits (`bool`, defaults to False): True makes router logits the default of
-        `CLIPMoEModel.forward` for both towers; False leaves it to each tower config's own field.
-    """
+class CLIPMoEConfig(MoECompositeFields, CLIPConfig):
+    r"""A CLIP-MoE: a `CLIPConfig` whose tower configs (`CLIPMoETextConfig` / `CLIPMoEVisionConfig`, or their
+    dicts) carry MoE fields, plus `MoECompositeFields` (router logits by default in `CLIPMoEModel.forward`)."""
 
     model_type = "clip_moe"
     sub_configs_defaults = {
@@ -46,24 +41,9 @@ class CLIPMoEConfig(CLIPConfig):
         "text_config": CLIPMoETextConfig,
     }
 
-    output_router_logits: bool = False
-
     @classmethod
     def from_clip_config(cls, clip: CLIPConfig, vision_moe: dict | None = None, text_moe: dict | None = None) -> CLIPMoEConfig:
         """The CLIP-MoE config of a dense `CLIPConfig`, with MoE fields per tower (dense where None)."""
-        text = {**_tower_dict(clip.text_config), **(text_moe or {})}
-        vision = {**_tower_dict(clip.vision_config), **(vision_moe or {})}
-        return cls(
-            text_config=text,
-            vision_config=vision,
-            projection_dim=clip.projection_dim,
-            logit_scale_init_value=clip.logit_scale_init_value,
-            initializer_factor=clip.initializer_factor,
-        )
-
-
-def _tower_dict(tower) -> dict:
-    d = tower.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
-        d.pop(key, None)
-    return d
+        return cls.from_dense(clip, vision_moe, text_moe, projection_dim=clip.projection_dim,
+                              logit_scale_init_value=clip.logit_scale_init_value,
+                              initializer_factor=clip.initializer_factor)

@@ -6,6 +6,8 @@ every dense SigLIP checkpoint has a SigLIP-MoE config that reproduces it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 from transformers import (
     PretrainedConfig,
@@ -14,6 +16,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ..moe_composite import (
+    MoECompositeFields,
+    tower_dict,  # noqa: F401  (kept importable from here: encoder.siglip.weight_map uses it)
+)
 from ..moe_config import MoEFields
 
 
@@ -26,16 +32,13 @@ def check_moe_head(config: PretrainedConfig) -> None:
                          "MLP to make MoE; set moe_head=False or vision_use_head=True")
 
 
-@strict
-class SiglipMoEVisionConfig(MoEFields, SiglipVisionConfig):
-    r"""SigLIP vision tower config with the MoE fields of `MoEFields`.
+@dataclass(init=False, repr=False, eq=False, kw_only=True)
+class MoEHeadFields(MoEFields):
+    r"""`MoEFields` plus the option of an attention-pooling head (SigLIP's and SigLIP2's vision towers):
 
     moe_head (`bool`, defaults to False): the attention-pooling head's MLP is a MoE layer too (routing one token per
         image, the pooled probe); False keeps it dense, as the MoE layers of the encoder do not need it to be MoE.
     """
-
-    model_type = "siglip_moe_vision_model"
-    base_config_key = "vision_config"
 
     moe_head: bool = False
 
@@ -49,6 +52,13 @@ class SiglipMoEVisionConfig(MoEFields, SiglipVisionConfig):
 
 
 @strict
+class SiglipMoEVisionConfig(MoEHeadFields, SiglipVisionConfig):
+    """SigLIP vision tower config with the MoE fields of `MoEHeadFields` (`moe_head` included)."""
+
+    model_type = "siglip_moe_vision_model"
+
+
+@strict
 class SiglipMoETextConfig(MoEFields, SiglipTextConfig):
     """SigLIP text tower config with the MoE fields of `MoEFields`.
 
@@ -57,16 +67,12 @@ class SiglipMoETextConfig(MoEFields, SiglipTextConfig):
     """
 
     model_type = "siglip_moe_text_model"
-    base_config_key = "text_config"
 
 
 @strict
-class SiglipMoEConfig(SiglipConfig):
-    r"""A SigLIP-MoE: a `SiglipConfig` whose tower configs carry MoE fields.
-
-    text_config / vision_config: `SiglipMoETextConfig` / `SiglipMoEVisionConfig` (or their dicts).
-    output_router_logits (`bool`, defaults to False): True makes router logits the default of
-        `SiglipMoEModel.forward` for both towers; False leaves it to each tower config's own field.
+class SiglipMoEConfig(MoECompositeFields, SiglipConfig):
+    r"""A SigLIP-MoE: a `SiglipConfig` whose tower configs (`SiglipMoETextConfig` / `SiglipMoEVisionConfig`, or
+    their dicts) carry MoE fields, plus `MoECompositeFields` (router logits by default in `SiglipMoEModel.forward`).
     """
 
     model_type = "siglip_moe"
@@ -75,22 +81,8 @@ class SiglipMoEConfig(SiglipConfig):
         "text_config": SiglipMoETextConfig,
     }
 
-    output_router_logits: bool = False
-
     @classmethod
     def from_siglip_config(cls, siglip: SiglipConfig, vision_moe: dict | None = None,
                            text_moe: dict | None = None) -> SiglipMoEConfig:
         """The SigLIP-MoE config of a dense `SiglipConfig`, with MoE fields per tower (dense where None)."""
-        return cls(
-            text_config={**tower_dict(siglip.text_config), **(text_moe or {})},
-            vision_config={**tower_dict(siglip.vision_config), **(vision_moe or {})},
-            initializer_factor=siglip.initializer_factor,
-        )
-
-
-def tower_dict(tower: PretrainedConfig) -> dict:
-    """A tower config's fields, without what names its class or origin (so another config class can take them)."""
-    d = tower.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
-        d.pop(key, None)
-    return d
+        return cls.from_dense(siglip, vision_moe, text_moe, initializer_factor=siglip.initializer_factor)
