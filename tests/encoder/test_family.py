@@ -203,3 +203,59 @@ def test_every_family_folder_is_registered_by_importing_encoder():
     code = "import encoder; from encoder.family import families; print(' '.join(sorted(f.name for f in families())))"
     names = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert "clip" in folders and names.stdout.split() == folders
+
+
+def test_every_family_declares_its_dense_classes_and_upcycles_its_dense_config():
+    """What the family-agnostic dense loading and recipes read: transformers' dense classes per kind (the classes
+    `family_of` answers for their model types) and the dense -> MoE config map, judged by the MoE config class."""
+    from transformers import CLIPConfig, SiglipConfig
+
+    from encoder.upcycling import moe_config_from_dense
+
+    for name, dense_config in (("clip", CLIPConfig()), ("siglip", SiglipConfig())):
+        family = registry.family_named(name)
+        for kind, model_type in zip(registry.KINDS, family.dense_model_types):
+            assert family.dense_configs[kind].model_type == model_type
+            assert family.dense_models[kind].config_class is family.dense_configs[kind]
+        moe = moe_config_from_dense(dense_config, vision_moe={"num_experts": 2, "top_k": 1, "moe_layers": [1]})
+        assert type(moe) is family.moe_configs["model"]
+        assert moe.vision_config.moe_layers == [1] and moe.text_config.moe_layers == []
+        assert moe.vision_config.hidden_size == dense_config.vision_config.hidden_size
+        with pytest.raises(ValueError, match="already a"):
+            moe_config_from_dense(moe)
+
+
+def test_the_weight_map_names_the_siglip_head_mlp_only_when_moe_head_is_set():
+    from transformers import SiglipConfig
+
+    from encoder.upcycling import moe_config_from_dense, moe_mlps, new_routers
+
+    dense = SiglipConfig(vision_config={"num_hidden_layers": 3}, text_config={"num_hidden_layers": 2})
+    weight_map = registry.family_named("siglip").weight_map
+    for moe_head in (False, True):
+        config = moe_config_from_dense(dense, vision_moe={"moe_layers": [0, 2], "moe_head": moe_head},
+                                       text_moe={"moe_layers": [1]})
+        expected = ["vision_model.encoder.layers.0.mlp.", "vision_model.encoder.layers.2.mlp."]
+        expected += ["vision_model.head.mlp."] * moe_head + ["text_model.encoder.layers.1.mlp."]
+        assert [mlp for _, _, mlp in moe_mlps(config)] == expected
+        assert sorted(new_routers(config)) == sorted(mlp + "router.weight" for mlp in expected)
+        assert weight_map.moe_mlps("vision", config.vision_config, "") == [m[len("vision_model."):]
+                                                                         for m in expected if "vision" in m]
+    with pytest.raises(ValueError, match="no pooling-head MLP"):
+        CLIP.weight_map.moe_mlps("vision", type("Tower", (), {"moe_layers": [], "moe_head": True})())
+
+
+def test_clip_routers_are_drawn_as_they_always_were(dense_clip):
+    """N(0, initializer_range) per tower (seed for vision, seed + 1 for text), layer by layer: the saved CLIP-MoE's
+    routers (and so its bytes) do not depend on the mechanism being shared with SigLIP."""
+    from encoder.upcycling import new_routers
+
+    config = CLIPMoEConfig.from_clip_config(dense_clip.config, vision_moe={"moe_layers": [1, 3]},
+                                            text_moe={"moe_layers": [0]})
+    routers = new_routers(config, seed=4)
+    for seed, tower, layers in ((4, "vision", [1, 3]), (5, "text", [0])):
+        cfg = getattr(config, f"{tower}_config")
+        gen = torch.Generator().manual_seed(seed)
+        for layer in layers:
+            expected = torch.empty(cfg.num_experts, cfg.hidden_size).normal_(0.0, cfg.initializer_range, generator=gen)
+            assert torch.equal(routers[f"{tower}_model.encoder.layers.{layer}.mlp.router.weight"], expected)
