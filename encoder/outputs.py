@@ -30,22 +30,31 @@ class RoutingOutput:
     aux_loss: torch.Tensor | None = None
 
 
+@dataclass(init=False, repr=False, eq=False)
+class AuxLossOutput:
+    r"""The routing field of a full MoE model's output (CLIP-MoE, SigLIP-MoE, ...), after its transformers fields.
+
+    aux_loss (`torch.FloatTensor`, *optional*): both towers' weighted auxiliary losses, summed. With
+        `return_loss=True`, `loss` = the family's contrastive loss + `aux_loss` (when router outputs were requested).
+
+    Listed before a `ModelOutput` base, as `RoutingOutput` is.
+    """
+
+    aux_loss: torch.Tensor | None = None
+
+
 @dataclass
 class CLIPMoEEncoderOutput(RoutingOutput, BaseModelOutput):
-    r"""`BaseModelOutput` of the CLIP-MoE encoder plus the `RoutingOutput` fields. The encoder fills
+    r"""`BaseModelOutput` of a MoE encoder (every family's) plus the `RoutingOutput` fields. The encoder fills
     `last_hidden_state` only: the towers record the other outputs (`_can_record_outputs`) and add the losses."""
 
 
 @dataclass
 class CLIPMoEOutputWithPooling(RoutingOutput, BaseModelOutputWithPooling):
-    r"""`BaseModelOutputWithPooling` of a CLIP-MoE tower plus the `RoutingOutput` fields."""
+    r"""`BaseModelOutputWithPooling` of a MoE tower (every family's: SigLIP's is this class too) plus the
+    `RoutingOutput` fields."""
 
 
 @dataclass
-class CLIPMoEOutput(CLIPOutput):
-    r"""`CLIPOutput` plus `aux_loss` (both towers' weighted auxiliary losses, summed).
-
-    With `return_loss=True`, `loss` = contrastive loss + `aux_loss` (when router outputs were requested).
-    """
-
-    aux_loss: torch.Tensor | None = None
+class CLIPMoEOutput(AuxLossOutput, CLIPOutput):
+    r"""`CLIPOutput` plus `aux_loss` (`AuxLossOutput`); `loss` is the contrastive loss (+ `aux_loss`)."""
