@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import SHAPES, write_shaped_grids
 from encoder.utils.errors import UserError
 from mllm_bridge.llava.image_tokens import ImageLayout
 from mllm_bridge.train.arguments import split_arguments
@@ -20,7 +21,6 @@ from mllm_bridge.train.cli import build_parser, main
 from mllm_bridge.train.data import modality_lengths, read_llava_samples
 from mllm_bridge.train.run import prepare_run
 
-SHAPES = [(32, 32), (64, 32), (32, 64)]
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 ANYRES = dict(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", image_grid_pinpoints="(1x1),...,(2x2)")
 
@@ -28,16 +28,8 @@ ANYRES = dict(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad", 
 @pytest.fixture(scope="module")
 def shaped_data(tmp_path_factory, grids_dir) -> Path:
     """The digit grids' first 12 caption and QA records, their images resized to three shapes in turn."""
-    out = tmp_path_factory.mktemp("anyres-data")
-    (out / "images").mkdir()
-    for name in ("train.json", "train_qa.json"):
-        records = json.loads((grids_dir / name).read_text())[:12]
-        for i, record in enumerate(records):
-            target = f"images/{Path(name).stem}_{i}.png"
-            Image.open(grids_dir / record["image"]).convert("RGB").resize(SHAPES[i % 3]).save(out / target)
-            record["image"] = target
-        (out / name).write_text(json.dumps(records))
-    return out
+    return write_shaped_grids(grids_dir, tmp_path_factory.mktemp("anyres-data"), "train.json", "train_qa.json",
+                              limit=12)
 
 
 def flags(llm, tower, data, out, data_file, **extra) -> list[str]:
