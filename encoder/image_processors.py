@@ -11,15 +11,19 @@ side, without changing how it resizes (SigLIP's squash, as the checkpoint was tr
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from transformers import CLIPImageProcessor
 
-from .convert.dense import PREPROCESSOR_FILE, _processor_problem, image_size_problem, load_image_processor
+from .convert.dense import (
+    PREPROCESSOR_FILE,
+    _processor_problem,
+    image_size_problem,
+    load_image_processor,
+)
 from .family import Family
-from .utils.errors import UserError, first_line
+from .utils.errors import UserError
 
 
 class SquareSize(dict):
@@ -62,23 +66,16 @@ def with_llava_attributes(processor, image_size: int, where: str = "the image pr
 
 
 def load_tower_image_processor(directory: str | os.PathLike, family: Family, image_size: int | None = None):
-    """DIR's image processor for a LLaVA tower of `family`: a CLIP's exactly as `load_image_processor` reads it
-    (LLaVA's own tower loads a `CLIPImageProcessor`); another family's (SigLIP's `SiglipImageProcessor`) by its own
-    class, given LLaVA's attributes (`with_llava_attributes`, at `image_size`, the model's, when given). A missing,
-    unreadable or misshapen preprocessor_config.json is one UserError line naming the file."""
+    """DIR's image processor for a LLaVA tower of `family`, read by `load_image_processor` (one UserError line
+    naming the file when it is missing, unreadable or of another size than `image_size`, the model's, when given):
+    a CLIP's exactly as LLaVA's own tower has it; another family's (SigLIP's `SiglipImageProcessor`) by its own class,
+    given LLaVA's attributes (`with_llava_attributes`)."""
     if family.image_processor is None or issubclass(family.image_processor, CLIPImageProcessor):
         return load_image_processor(directory, image_size)
+    processor = load_image_processor(directory, image_size, family.image_processor)
     file = Path(directory) / PREPROCESSOR_FILE
-    fix = f"restore {file.name} from the model's source or re-save the model's {family.display_name or family.name} image processor"
-    if not file.is_file():
-        raise UserError(f"{directory} has no {PREPROCESSOR_FILE}; {fix}")
-    try:
-        if not isinstance(json.loads(file.read_text()), dict):
-            raise ValueError("not a JSON object")
-        processor = family.image_processor.from_pretrained(directory)
-    except Exception as err:  # noqa: BLE001 - whatever the JSON reader or the processor's checks raise is this file's content
-        raise UserError(f"{file} is not a usable image processor config ({first_line(err, with_type=True)}); {fix}") from None
     side = image_size if image_size is not None else _square_side(processor)
     if side is None:
-        raise UserError(f"{file}: size is {dict(processor.size or {})}, not a square height x width; {fix}")
+        raise UserError(f"{file}: size is {dict(processor.size or {})}, not a square height x width; set size to "
+                        "{\"height\": S, \"width\": S}, S the model's vision_config.image_size")
     return with_llava_attributes(processor, side, str(file))

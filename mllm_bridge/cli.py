@@ -1,4 +1,4 @@
-"""Command line of the LLaVA bridge: check, re-point and benchmark LLaVA checkpoints with CLIP or CLIP-MoE towers.
+"""Command line of the LLaVA bridge: check, re-point and benchmark LLaVA checkpoints with CLIP(-MoE) or SigLIP(-MoE) towers.
 
     python -m mllm_bridge swap-tower checkpoints/llava-v1.5-7b --tower clip-moe-l14-336
 
@@ -21,6 +21,7 @@ from encoder.utils.cli import command_parser, positive_int, run_cli
 # the fence allows this to command lines only.
 from .embedded.evaluation import DEFAULT_BATCH_SIZE, DEFAULT_LIMIT, default_checkpoints
 from .embedded.task_data import TASK_NAMES
+from .llava.tower_info import tower_kinds
 from .lmms.run import CHECKPOINT_ARGS, LLAVA_15_TASKS
 
 Argument = tuple[tuple[str, ...], dict[str, Any]]
@@ -74,14 +75,14 @@ def commands() -> list[Command]:
         ),
         Command(
             "swap-tower", run_swap_tower,
-            "point a LLaVA checkpoint's config.json at another CLIP or CLIP-MoE tower",
+            f"point a LLaVA checkpoint's config.json at another {tower_kinds()} tower",
             "Rewrite LLAVA_DIR/config.json to use TOWER_DIR as its vision tower (absolute path), after checking that "
-            "the tower is a CLIP or CLIP-MoE directory whose hidden size equals mm_hidden_size (the projector's input "
+            f"the tower is a {tower_kinds()} directory whose hidden size equals mm_hidden_size (the projector's input "
             "width) and whose image size, patches and image processor fit. The old config is kept as config.json.bak "
             "(or config.json.bak-<time> if that exists); the new one is written atomically. On any mismatch nothing "
             "is written.",
             (arg("llava_dir", metavar="LLAVA_DIR", help="a LLaVA checkpoint directory"),
-             arg("--tower", required=True, metavar="TOWER_DIR", help="a CLIP or CLIP-MoE directory"),
+             arg("--tower", required=True, metavar="TOWER_DIR", help=f"a {tower_kinds()} directory"),
              arg("--select-layer", type=int, default=None, metavar="N",
                  help="hidden state LLaVA takes (index into the L+1 hidden states; -2 = penultimate block, as in "
                  "LLaVA-1.5; default: keep the checkpoint's)"),
@@ -118,7 +119,7 @@ def commands() -> list[Command]:
             "TOWER with LLaVA's own initialize_vision_modules, and saves it as a full checkpoint with the LLM's "
             "tokenizer (the tower stays in its directory). Its projector is untrained: a checkpoint for trying the "
             "loading and evaluation paths, not for meaningful scores.",
-            (arg("--tower", required=True, help="CLIP or CLIP-MoE directory"),
+            (arg("--tower", required=True, help=f"a {tower_kinds()} directory"),
              arg("--llm", required=True, metavar="LLM_DIR", help="a saved Llama language model with its tokenizer"),
              arg("--out", required=True, help="output checkpoint directory"),
              arg("--seed", type=int, default=0, help="initialisation seed of the projector (default 0)"),

@@ -15,7 +15,7 @@ from encoder.utils.files import atomic_output_dir, check_output_dir
 
 from .loading import quiet_transformers
 from .model import build_llava_model
-from .tower_info import read_tower
+from .tower_info import read_tower, tower_kinds
 
 TOWER_KEY = ".vision_tower."  # the tower loads from mm_vision_tower; copies of its weights would be ignored
 
@@ -27,8 +27,8 @@ def init_llava(out: str | Path, tower: str | Path, llm: str | Path, seed: int = 
 
     check_output_dir(out, overwrite)
     if not Path(tower).is_dir():
-        raise UserError(f"--tower {tower} is not a directory; pass a CLIP or CLIP-MoE directory")
-    read_tower(tower)  # a clear error for anything that is not a CLIP or CLIP-MoE tower
+        raise UserError(f"--tower {tower} is not a directory; pass a {tower_kinds()} directory")
+    read_tower(tower)  # a clear error for anything that is no tower of a known family
     if not (Path(llm) / "config.json").is_file():
         raise UserError(f"--llm {llm} has no config.json; pass a Llama language model directory")
     tokenizer = AutoTokenizer.from_pretrained(llm, use_fast=False)

@@ -24,7 +24,7 @@ from encoder.weight_files import ORDER, weights_entry
 from .checks import tower_problems
 from .config import LlavaCheckpointConfig, read_llava_config
 from .hook import install_llava_hook
-from .tower_info import TowerInfo, read_tower
+from .tower_info import TowerInfo, read_tower, tower_kinds
 
 WEIGHT_FILES = ORDER  # what from_pretrained looks for, in its order
 PROJECTOR_FILE = "mm_projector.bin"
@@ -71,13 +71,13 @@ def plan_checkpoint(pretrained: str | Path, model_base: str | Path | None = None
                     vision_tower: str | Path | None = None) -> CheckpointPlan:
     """Check a checkpoint, its tower and its base LLM from their files; UserError naming the fix when they do not fit.
 
-    vision_tower: a CLIP or CLIP-MoE directory that replaces the checkpoint's `mm_vision_tower` for this load
+    vision_tower: a tower directory (`tower_kinds`) that replaces the checkpoint's `mm_vision_tower` for this load
         only (config.json is not touched).
     """
     config = read_llava_config(local_dir(pretrained, "checkpoint", "pretrained=DIR, a LLaVA checkpoint directory"))
     if vision_tower is not None:
         if not Path(vision_tower).is_dir():
-            raise UserError(f"vision_tower={vision_tower} is not a directory; pass a CLIP or CLIP-MoE directory")
+            raise UserError(f"vision_tower={vision_tower} is not a directory; pass a {tower_kinds()} directory")
         config = config.with_values(mm_vision_tower=str(Path(vision_tower).resolve()))
     try:
         tower = read_tower(config.vision_tower)

@@ -1,6 +1,6 @@
 """A LLaVA (llava-torch) model around a vision tower, assembled the way LLaVA's stage-1 training assembles it.
 
-LLaVA's own `initialize_vision_modules` builds the tower (ours for a CLIP-MoE directory, through the
+LLaVA's own `initialize_vision_modules` builds the tower (ours for a CLIP-MoE or SigLIP(-MoE) directory, through the
 hook), records `mm_vision_tower`, `mm_hidden_size`, the select layer/feature and the projector type in
 the config, and creates a fresh projector. The result saves with `save_pretrained` into a directory that
 `llava.model.builder.load_pretrained_model` loads (name the directory with 'llava' in it).
@@ -34,7 +34,10 @@ def build_llava_model(
     config); the tower and the new projector start in float32. `cache_dir`: where hub ids are cached.
     """
     install_llava_hook()  # before llava is imported, in case the start-up hook is switched off
-    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_llama import (
+        LlavaConfig,
+        LlavaLlamaForCausalLM,
+    )
 
     if isinstance(language_model, LlamaConfig):
         model = LlavaLlamaForCausalLM(LlavaConfig(**language_model.to_dict())).to(dtype)

@@ -14,7 +14,7 @@ from encoder.utils.files import check_output_file, write_failure
 
 from .checks import describe_tokens, image_tokens, llava_tower_class, tower_problems
 from .config import LlavaCheckpointConfig, read_llava_config, write_llava_config
-from .tower_info import TowerInfo, read_tower
+from .tower_info import TowerInfo, read_tower, tower_kinds
 
 
 @dataclass
@@ -34,13 +34,13 @@ def swap_tower(
     """Set `mm_vision_tower` (absolute path) and optionally the select layer/feature; keep a backup.
 
     select_layer / select_feature: None keeps the checkpoint's values.
-    Raises UserError, leaving config.json untouched, when the tower is not a CLIP or CLIP-MoE directory
+    Raises UserError, leaving config.json untouched, when the tower is not a directory of a known family (`tower_kinds`)
     or does not fit the checkpoint (projector width, select layer, image processor, anyres pinpoints, context),
     or when the checkpoint asks for LLaVA's S2 multi-scale tower.
     """
     old = read_llava_config(llava_dir)
     if not Path(tower_dir).is_dir():
-        raise UserError(f"--tower {tower_dir} is not a directory; pass a CLIP or CLIP-MoE directory")
+        raise UserError(f"--tower {tower_dir} is not a directory; pass a {tower_kinds()} directory")
     tower = read_tower(tower_dir)
     new = old.with_values(
         mm_vision_tower=str(Path(tower_dir).resolve()),

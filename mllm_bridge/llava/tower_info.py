@@ -37,7 +37,7 @@ class ImageProcessorInfo:
 
 @dataclass(frozen=True)
 class TowerInfo:
-    """A CLIP or CLIP-MoE (or another registered family's) vision tower as LLaVA will see it."""
+    """A vision tower of a registered family (CLIP, CLIP-MoE, SigLIP, SigLIP-MoE, ...) as LLaVA will see it."""
 
     path: str
     is_moe: bool
@@ -77,7 +77,7 @@ class TowerInfo:
 
 
 def read_tower(name: str | Path) -> TowerInfo:
-    """Describe the CLIP or CLIP-MoE tower `name`: a directory (a full model or a vision-only export) or
+    """Describe the tower `name` (see `tower_kinds`): a directory (a full model or a vision-only export) or
     a hub id already in the local Hugging Face cache.
 
     Raises UserError when `name` is neither, or holds another kind of model.
@@ -116,14 +116,28 @@ def read_tower(name: str | Path) -> TowerInfo:
 
 def _towers_known() -> tuple[list[str], list[str]]:
     """(names, model types) of what LLaVA may take as its tower: each family's full model and vision export, MoE
-    and dense, where the family registered the classes they are read with."""
+    and dense, where the family registered the classes they are read with and its tower takes square images (not
+    SigLIP2's naflex patch sequences)."""
     labels, types = [], []
     for family in families():
         for moe, family_types in ((True, family.moe_model_types), (False, family.dense_model_types)):
-            if _has_tower_classes(family, moe):
+            if _has_tower_classes(family, moe) and _takes_square_images(family, moe):
                 labels.append(family.label(moe))
                 types += family_types[:len(TOWER_KINDS)]
     return labels, types
+
+
+def tower_kinds() -> str:
+    """What a LLaVA tower may be, for messages and help: "CLIP-MoE, CLIP, SigLIP-MoE or SigLIP" (the registered
+    families' labels)."""
+    labels = _towers_known()[0]
+    return " or ".join(labels) if len(labels) < 3 else f"{', '.join(labels[:-1])} or {labels[-1]}"
+
+
+def _takes_square_images(family: Family, moe: bool) -> bool:
+    """Whether the family's vision config has an `image_size` (LLaVA gives its tower square images of that size)."""
+    config_class = family.moe_configs["vision"] if moe else family.dense_vision_config
+    return "image_size" in config_class().to_dict()
 
 
 def _has_tower_classes(family: Family, moe: bool) -> bool:
@@ -138,13 +152,13 @@ def _model_type(name: str | Path) -> str | None:
         model_type = read_model_type(name)
         if model_type is None:
             raise UserError(f"{name} is not a model directory (no readable config.json); "
-                            "pass a CLIP or CLIP-MoE directory")
+                            f"pass a {tower_kinds()} directory")
         return model_type
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(str(name))
     except (OSError, ValueError) as err:
         raise UserError(f"vision tower {name} is neither a directory nor a hub id readable here "
-                        f"({first_line(err)}); pass an existing CLIP or CLIP-MoE directory") from err
+                        f"({first_line(err)}); pass an existing {tower_kinds()} directory") from err
     return config_dict.get("model_type")
 
 

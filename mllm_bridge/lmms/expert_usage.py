@@ -1,4 +1,4 @@
-"""Which experts a CLIP-MoE vision tower uses while an MLLM is benchmarked: top-k choices per expert and MoE layer.
+"""Which experts a MoE vision tower (CLIP-MoE, SigLIP-MoE) uses while an MLLM is benchmarked: top-k choices per expert and MoE layer.
 
 A benchmark score alone cannot tell a CLIP-MoE whose routing collapsed onto one expert from one that uses them
 all; these counts can. They are collected by forward hooks on the routers, so the model and LLaVA's code stay

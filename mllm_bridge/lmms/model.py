@@ -1,4 +1,4 @@
-"""lmms-eval model `llava_clipmoe`: LLaVA checkpoints with CLIP or CLIP-MoE towers, registered as a plugin.
+"""lmms-eval model `llava_clipmoe`: LLaVA checkpoints with CLIP(-MoE) or SigLIP(-MoE) towers, registered as a plugin.
 
     python -m lmms_eval --model llava_clipmoe --model_args pretrained=runs/llava-clip-moe --device cpu \
         --tasks digit_grids_qa --include_path runs/lmms-tasks/digit_grids --output_path runs/lmms
@@ -6,7 +6,7 @@
 Model args (`--model_args k=v,...`; lmms-eval passes `--device` and `--batch_size` itself):
   pretrained      LLaVA checkpoint directory or hub id (full, or stage-1 config.json + mm_projector.bin)
   model_base      the LLM (directory or hub id) a projector-only checkpoint was trained on
-  vision_tower    a CLIP or CLIP-MoE directory replacing the checkpoint's tower for this run (no file is edited)
+  vision_tower    a CLIP(-MoE) or SigLIP(-MoE) directory replacing the checkpoint's tower for this run (no file is edited)
   conv_template   LLaVA conversation template (default vicuna_v1, LLaVA-1.5's; plain for stage-1 checkpoints)
   dtype           auto (fp32 on CPU, fp16 on GPU), float32, float16 or bfloat16
   max_new_tokens  when a task's gen_kwargs give none (default 128, as LLaVA's evaluation scripts)

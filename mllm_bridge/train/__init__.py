@@ -1,4 +1,4 @@
-"""LLaVA-1.5 training around a CLIP or CLIP-MoE tower, with llava-torch's `LlavaLlamaForCausalLM` and our loop.
+"""LLaVA-1.5 training around a CLIP(-MoE) or SigLIP(-MoE) tower, with llava-torch's `LlavaLlamaForCausalLM` and our loop.
 
 LLaVA's own `train.py` does not import on transformers 5, so the recipe is rebuilt here with LLaVA's flags,
 templates, masking and output layouts (`python -m mllm_bridge.train pretrain | finetune`):

@@ -57,7 +57,7 @@ class ModelArguments:
                                            "(LLaVA-1.5: lmsys/vicuna-7b-v1.5); stage 2 uses the same base as stage 1")
     version: str = _flag("plain", "conversation template: plain (stage 1) or v1 (stage 2, Vicuna)",
                          choices=tuple(TEMPLATES))
-    vision_tower: str | None = _flag(None, "a CLIP or CLIP-MoE directory (or a CLIP hub id in the local cache)")
+    vision_tower: str | None = _flag(None, "a CLIP(-MoE) or SigLIP(-MoE) directory (or a CLIP hub id in the local cache)")
     mm_vision_select_layer: int = _flag(-2, "tower hidden state fed to the projector (-2: penultimate block)",
                                         type=int)
     mm_vision_select_feature: str = _flag("patch", "patch (drop CLS) or cls_patch", choices=SELECT_FEATURES)
@@ -80,10 +80,10 @@ class ModelArguments:
     mm_tunable_parts: str | None = _flag(None, "LLaVA-NeXT's spelling of what trains, a comma list of "
                                          f"{', '.join(TUNABLE_PARTS)}; when given it alone decides (projector only "
                                          "saves mm_projector.bin, as --tune_mm_mlp_adapter True)")
-    balance_loss_coef: float | None = _flag(None, "weight of a CLIP-MoE tower's router load-balance loss in the "
+    balance_loss_coef: float | None = _flag(None, "weight of a MoE tower's router load-balance loss in the "
                                             "training loss when the tower trains (CuMo's flag; default: the tower "
                                             "config's aux_loss_coef)", type=float)
-    router_z_loss_coef: float | None = _flag(None, "weight of a CLIP-MoE tower's router z-loss in the training loss "
+    router_z_loss_coef: float | None = _flag(None, "weight of a MoE tower's router z-loss in the training loss "
                                              "when the tower trains (CuMo's flag; default: the tower config's "
                                              "router_z_loss_coef)", type=float)
 

@@ -1,4 +1,4 @@
-"""Command line of LLaVA-1.5 training around a CLIP or CLIP-MoE tower: `pretrain` (stage 1), `finetune` (stage 2).
+"""Command line of LLaVA-1.5 training around a CLIP(-MoE) or SigLIP(-MoE) tower: `pretrain` (stage 1), `finetune` (stage 2).
 
     python -m mllm_bridge.train pretrain --model_name_or_path lmsys/vicuna-7b-v1.5 --vision_tower clip-moe-l14-336 \\
         --data_path blip_laion_cc_sbu_558k.json --image_folder images --output_dir checkpoints/llava-clip-moe-pretrain

@@ -17,7 +17,6 @@ from encoder.utils.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from encoder.utils.errors import UserError
 from encoder.utils.user_files import json_kind
 
-
 V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 V1_ROLES = {"human": "USER", "gpt": "ASSISTANT"}

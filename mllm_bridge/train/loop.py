@@ -237,7 +237,7 @@ class LlavaTrainer(TrainingLoop):
                            _mean(self.first_losses[:window]), _mean(list(self.last_losses)[-window:]), window)
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        """The loss to optimize: the LM loss plus, for a CLIP-MoE tower that trains, the router losses with their
+        """The loss to optimize: the LM loss plus, for a MoE tower that trains, the router losses with their
         coefficients, as CuMo adds them (the parts, for the metrics, in `loss_parts`)."""
         device = self.accelerator.device
         images = batch["images"]  # one tensor, or under anyres a list of per-image crop stacks
@@ -354,7 +354,7 @@ def _optimizer(model, args: LlavaArguments) -> torch.optim.AdamW:
 
 
 class RouterLosses:
-    """The routers of a CLIP-MoE tower that trains: asks the tower for its router logits in every forward (LLaVA's
+    """The routers of a MoE tower that trains: asks the tower for its router logits in every forward (LLaVA's
     tower interface returns features only, so a hook on the CLIP-MoE model adds `output_router_logits=True` and
     keeps what it returns), turns them into the load-balance and z losses of `encoder.moe.routing_losses` and
     counts the routing per MoE layer in a `RoutingTally` between metrics lines.

@@ -253,15 +253,19 @@ def _set_trainable(model: nn.Module, args: LlavaArguments) -> None:
 
 
 def freeze_unused_tower_parts(tower) -> None:
-    """Keep frozen what cannot reach the features LLaVA takes, hidden_states[select_layer]: the blocks after it and
-    the post-layernorm (the pooled output's). They would get no gradient from the LM loss (the routers of later MoE
-    blocks only their own balance loss, on features nobody uses), and DDP requires every trained weight to get one."""
-    model = getattr(tower.vision_tower, "vision_model", tower.vision_tower)  # a dense CLIPVisionModel nests its own
+    """Keep frozen what cannot reach the features LLaVA takes, hidden_states[select_layer]: the blocks after it, the
+    post-layernorm and, for a SigLIP, its attention-pooling head (the pooled output's). They would get no gradient
+    from the LM loss (the routers of later MoE blocks only their own balance loss, on features nobody uses), and DDP
+    requires every trained weight to get one."""
+    model = getattr(tower.vision_tower, "vision_model", tower.vision_tower)  # a dense vision model nests its own
     layers = model.encoder.layers
     first_unused = tower.select_layer % (len(layers) + 1)  # hidden state i is the output of block i - 1
     for layer in layers[first_unused:]:
         layer.requires_grad_(False)
     model.post_layernorm.requires_grad_(False)
+    head = getattr(model, "head", None)  # SigLIP's pooling head (vision_use_head)
+    if head is not None:
+        head.requires_grad_(False)
 
 
 def _set_tunable_parts(model: nn.Module, parts: tuple[str, ...]) -> None:

@@ -10,7 +10,13 @@ import sys
 
 import pytest
 import torch
-from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipImageProcessor, SiglipModel
+from transformers import (
+    Siglip2Config,
+    Siglip2Model,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
 
 IMAGE_SIZE = 32  # the digit grids' size: 16 patches of 8x8, every one a LLaVA image token (no CLS token)
 WIDTH = 32

@@ -177,3 +177,47 @@ def test_a_copy_of_the_checkpoint_with_the_tower_moved_is_one_line(llava_siglip_
     (copy / "config.json").write_text(json.dumps({**config, "mm_vision_tower": str(tmp_path / "gone")}))
     assert bridge_main(["check", str(copy)]) == 1
     assert "Unknown vision tower" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("which", ["moe", "dense"])
+def test_stage2_trains_the_siglip_tower_and_llava_loads_the_trained_one(which, tmp_path, digit_llm_dir, siglip_moe_dir,
+                                                                       dense_siglip_dir, grids_dir, capsys):
+    """The tower trains up to the selected hidden state (its later block, post-layernorm and SigLIP's pooling head
+    reach no feature and stay frozen; DDP would fail on them), with the router losses for a SigLIP-MoE, and is saved
+    as a tower directory that LLaVA, the hook and `check` load."""
+    from llava.model.builder import load_pretrained_model
+
+    from mllm_bridge.train.arguments import split_arguments
+    from mllm_bridge.train.cli import build_parser
+    from mllm_bridge.train.run import prepare_run
+
+    tower_dir = siglip_moe_dir if which == "moe" else dense_siglip_dir
+    out = tmp_path / "llava-siglip-tower"
+    extra = dict(balance_loss_coef=0.5) if which == "moe" else {}
+    argv = ["finetune", *flags(digit_llm_dir, tower_dir, grids_dir, out, data_file="train_qa.json", max_steps=2,
+                               unfreeze_mm_vision_tower=True, mm_vision_tower_lr=5e-3, **extra)]
+    trainer, _ = prepare_run(split_arguments(build_parser().parse_args(argv)))
+    inner = trainer.accelerator.unwrap_model(trainer.model).get_vision_tower().vision_tower
+    vision = getattr(inner, "vision_model", inner)
+    assert all(p.requires_grad for layer in vision.encoder.layers[:2] for p in layer.parameters())
+    frozen = [*vision.encoder.layers[2].parameters(), *vision.post_layernorm.parameters(), *vision.head.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    trainer.train()
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if which == "moe":
+        assert all(line["vision_load_balance_loss"] > 0 for line in lines)
+        assert all(line["loss"] == pytest.approx(line["lm_loss"] + 0.5 * line["vision_load_balance_loss"]
+                                                 + 0.001 * line["vision_router_z_loss"], rel=1e-5) for line in lines)
+    saved = type(inner).from_pretrained(out / "vision_tower").state_dict()
+    trained, original = inner.state_dict(), type(inner).from_pretrained(tower_dir).state_dict()
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in trained)
+    assert any(not torch.equal(saved[k], original[k]) for k in saved)  # it trained
+    _, loaded, processor, _ = load_pretrained_model(str(out), None, out.name, device_map="cpu", device="cpu")
+    tower = loaded.get_vision_tower()
+    assert type(tower) is CLIPMoEVisionTower and tower.family.name == "siglip" and tower.is_moe == (which == "moe")
+    assert type(processor) is SiglipImageProcessor
+    state = tower.vision_tower.state_dict()
+    assert all(torch.equal(state[k].float(), trained[k].half().float()) for k in trained)  # the builder loads fp16
+    capsys.readouterr()
+    assert bridge_main(["check", str(out)]) == 0, capsys.readouterr().out

@@ -129,7 +129,7 @@ def test_a_processor_of_another_size_or_none_is_one_line(tmp_path, siglip_towers
     with pytest.raises(UserError, match="has no preprocessor_config.json"):
         CLIPMoEVisionTower(str(wrong), llava_args())
     (wrong / "preprocessor_config.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match="is not a usable image processor config"):
+    with pytest.raises(UserError, match="preprocessor_config.json holds a JSON list, not an object"):
         CLIPMoEVisionTower(str(wrong), llava_args())
 
 
