@@ -221,3 +221,14 @@ def test_stage2_trains_the_siglip_tower_and_llava_loads_the_trained_one(which, t
     assert all(torch.equal(state[k].float(), trained[k].half().float()) for k in trained)  # the builder loads fp16
     capsys.readouterr()
     assert bridge_main(["check", str(out)]) == 0, capsys.readouterr().out
+
+
+def test_init_llava_around_a_siglip_moe_writes_a_checkpoint_check_accepts(siglip_moe_dir, digit_llm_dir, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "llava-init-siglip"
+    assert bridge_main(["init-llava", "--tower", str(siglip_moe_dir), "--llm", str(digit_llm_dir), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mm_vision_tower"] == str(siglip_moe_dir.resolve()) and config["mm_hidden_size"] == 32
+    capsys.readouterr()
+    assert bridge_main(["check", str(out)]) == 0
+    assert "SigLIP-MoE" in capsys.readouterr().out
