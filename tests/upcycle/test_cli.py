@@ -143,7 +143,10 @@ def test_the_parsers_cover_every_command_and_show_defaults():
     assert sorted(parsers) == sorted(COMMANDS)
     helps = {a.option_strings[0]: a.help for a in parsers["dmu"]._actions if a.option_strings}
     assert helps["--router-lr"] == "router learning rate (default 1e-6)"
-    assert helps["--label-smoothing"] == "InfoNCE label smoothing (default 0.1)"
+    assert helps["--label-smoothing"] == ("InfoNCE label smoothing of a CLIP base's stages and router training (a "
+                                         "SigLIP base trains with its sigmoid loss, which has none) (default 0.1)")
+    train = {a.option_strings[0]: a for a in parsers["train"]._actions if a.option_strings}
+    assert train["--loss"].choices == ("family", "clip", "sigmoid") and train["--loss"].help.endswith("(default family)")
     assert helps["--towers"].endswith("(default vision,text)")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from encoder.family import family_of
+from encoder.utils.errors import UserError
 
 from .datasets import Tokenize, tokenizer_fn
 
@@ -21,6 +22,21 @@ SIGMOID_FAMILIES = ("siglip", "siglip2")
 def uses_sigmoid_loss(config: Any) -> bool:
     """True when `config` (a model's config, a directory or a config dict) is of a SigLIP-style family."""
     return family_of(config).family.name in SIGMOID_FAMILIES
+
+
+# Families whose images the datasets here cannot produce: SigLIP2's processor cuts each image into a variable number
+# of patches (pixel_values [B, max_patches, C*p*p] with pixel_attention_mask and spatial_shapes), while
+# `ImageTextDataset` stacks one [3, H, W] tensor per image.
+PATCH_SEQUENCE_FAMILIES = ("siglip2",)
+
+
+def check_image_inputs(config: Any) -> None:
+    """A UserError (one line) for a model whose images these datasets cannot feed (`PATCH_SEQUENCE_FAMILIES`)."""
+    match = family_of(config)
+    if match.family.name in PATCH_SEQUENCE_FAMILIES:
+        raise UserError(f"a {match.label} model takes variable-resolution patch sequences (pixel_attention_mask, "
+                        "spatial_shapes), which upcycle's image-text datasets do not produce yet; train or evaluate "
+                        "a CLIP or SigLIP model here")
 
 
 def family_label(config: Any) -> str:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from encoder.utils.errors import UserError
 
 from ..data import ImageTextDataset, Pair, processor_transform, tokenizer_fn, uses_sigmoid_loss
+from ..data.family_inputs import check_image_inputs
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -93,6 +94,7 @@ def encode_pairs(model: PreTrainedModel, pairs: Sequence[Pair], image_processor,
     """
     if tokenizer is None:
         raise UserError("the model has no tokenizer; save one into its directory (tokenizer.json) to encode captions")
+    check_image_inputs(model.config)
     if device is not None:
         model.to(device)
     dim = embedding_dim(model)

@@ -39,7 +39,7 @@ from encoder.training.lower_lr import LowerLrResume
 from encoder.training.sharded import is_sharded
 from encoder.utils.errors import UserError
 
-from ..data.family_inputs import family_label, uses_sigmoid_loss
+from ..data.family_inputs import check_image_inputs, family_label, uses_sigmoid_loss
 from .config import ADDED_SETTINGS, NOT_SHAPING, RESUME_LOWER_LR, TrainConfig
 from .losses import clip_contrastive_loss, siglip_sigmoid_loss
 from .params import select_trainable
@@ -191,7 +191,8 @@ class ContrastiveTrainer(TrainingLoop):
     def __init__(self, model: nn.Module, dataset: Dataset, collate_fn: Callable, config: TrainConfig,
                  work_dir: str | Path, labels=None, identity: dict | None = None, source: str | None = None,
                  lower_lr_resume: str | None = None, lr_flag: str = "--lr"):
-        self.sigmoid = sigmoid_loss_for(config, model.config)  # before anything is made or written
+        check_image_inputs(model.config)  # before anything is made or written
+        self.sigmoid = sigmoid_loss_for(config, model.config)
         config = self.config = with_model_loss_weights(config, model)
         self.work_dir = Path(work_dir)
         self.lr_flag = lr_flag

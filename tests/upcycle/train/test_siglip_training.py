@@ -131,3 +131,37 @@ def test_upcycle_train_refuses_the_clip_loss_for_a_siglip_directory_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "the CLIP loss asked for a SigLIP model" in err[0]
     assert not out.exists() and not (tmp_path / "out.train-work").exists()
+
+
+def test_a_siglip2_is_refused_in_one_line_before_anything_is_written(siglip_dataset, tmp_path):
+    """SigLIP2's naflex images (patch sequences with a mask) are more than these datasets produce: refused, not fed
+    wrongly."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    from upcycle.eval.embedding import encode_pairs
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = Siglip2Model(Siglip2Config(text_config=dict(tower, vocab_size=100), vision_config=tower))
+    with pytest.raises(UserError, match="SigLIP2 model takes variable-resolution patch sequences"):
+        ContrastiveTrainer(model, siglip_dataset, siglip_dataset.collate, config(), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(UserError, match="SigLIP2"):
+        encode_pairs(model, [], None, object())
+
+
+def test_a_checkpoint_recorded_before_the_loss_setting_existed_resumes(make_tiny_siglip, siglip_dataset, tmp_path):
+    import json
+
+    ContrastiveTrainer(make_tiny_siglip(), siglip_dataset, siglip_dataset.collate,
+                       config(max_steps=2, checkpoint_every=1), tmp_path / "work").train(resume=False)
+    state_file = tmp_path / "work" / "step-2" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["loss"]  # what runs made before --loss recorded: they trained with the family's loss
+    state_file.write_text(json.dumps(state))
+    resumed = ContrastiveTrainer(make_tiny_siglip(), siglip_dataset, siglip_dataset.collate,
+                                 config(max_steps=2, checkpoint_every=1), tmp_path / "work")
+    resumed.train(resume=True)  # the same settings: accepted, and the run is already complete
+    assert resumed.step == 2
+    with pytest.raises(UserError, match="loss: family -> sigmoid"):
+        ContrastiveTrainer(make_tiny_siglip(), siglip_dataset, siglip_dataset.collate,
+                           config(max_steps=2, checkpoint_every=1, loss="sigmoid"), tmp_path / "work").train()
