@@ -1,10 +1,13 @@
-"""What a CLIP-MoE directory says about itself: parameter counts (total, active per token), its MoE layout, README.md."""
+"""What a MoE directory (CLIP-MoE, SigLIP-MoE, ...) says about itself: parameter counts (total, active per token),
+its MoE layout, README.md."""
 
 from __future__ import annotations
 
 import json
 
 from transformers import PreTrainedModel
+
+from .family import find_family
 
 
 def parameter_summary(model: PreTrainedModel) -> dict:
@@ -26,6 +29,8 @@ def parameter_summary(model: PreTrainedModel) -> dict:
                 "num_experts": getattr(cfg, "num_experts", 1) if getattr(cfg, "moe_layers", None) else 1,
                 "top_k": getattr(cfg, "top_k", 1) if getattr(cfg, "moe_layers", None) else 1,
             }
+            if getattr(cfg, "moe_head", False):  # only said where it is set: a CLIP's summary is what it always was
+                towers[tower].update(moe_head=True, num_experts=cfg.num_experts, top_k=cfg.top_k)
     return {"total_params": total, "active_params": total - inactive, "towers": towers}
 
 
@@ -34,9 +39,13 @@ def summary_lines(model: PreTrainedModel) -> list[str]:
     s = parameter_summary(model)
     lines = [f"  parameters: {s['total_params']:,} total, {s['active_params']:,} active per token"]
     for tower, t in s["towers"].items():
-        lines.append(f"  {tower:6s} tower: MoE layers {t['moe_layers'] or 'none'} of {t['layers']}, "
-                     f"top-{t['top_k']} of {t['num_experts']} experts")
+        lines.append(f"  {tower:6s} tower: MoE layers {t['moe_layers'] or 'none'} of {t['layers']}"
+                     f"{_head(t)}, top-{t['top_k']} of {t['num_experts']} experts")
     return lines
+
+
+def _head(tower: dict) -> str:
+    return " and the pooling head's MLP" if tower.get("moe_head") else ""
 
 
 def _tower_config(model, tower: str):
@@ -53,10 +62,12 @@ def _tower_config(model, tower: str):
 def model_card(model: PreTrainedModel, card: dict) -> str:
     """A short README.md: what the model is, how it was made, how to load it."""
     summary = parameter_summary(model)
+    match = find_family(getattr(model, "config", None) or {})
+    dense, label = (match.family.label(False), match.family.label(True)) if match else ("CLIP", "CLIP-MoE")
     lines = [
-        f"# {card.get('name', 'CLIP-MoE')}",
+        f"# {card.get('name', label)}",
         "",
-        "A sparse Mixture-of-Experts CLIP made with clip-moe-toolkit.",
+        f"A sparse Mixture-of-Experts {dense} made with clip-moe-toolkit.",
         "",
         f"- base model: `{card.get('base', 'unknown')}`",
         f"- recipe: {card.get('recipe', 'unknown')}",
@@ -65,7 +76,8 @@ def model_card(model: PreTrainedModel, card: dict) -> str:
     ]
     for tower, t in summary["towers"].items():
         layers = t["moe_layers"] or "none"
-        lines.append(f"- {tower} tower: {t['layers']} layers, MoE layers {layers}, top-{t['top_k']} of {t['num_experts']} experts")
+        lines.append(f"- {tower} tower: {t['layers']} layers, MoE layers {layers}{_head(t)}, top-{t['top_k']} of "
+                     f"{t['num_experts']} experts")
     for key, value in card.get("metrics", {}).items():
         lines.append(f"- {key}: {value}")
     lines += [
@@ -73,7 +85,7 @@ def model_card(model: PreTrainedModel, card: dict) -> str:
         "## Use",
         "",
         "```python",
-        "import encoder  # registers CLIP-MoE with transformers' Auto classes",
+        f"import encoder  # registers {label} with transformers' Auto classes",
         "from transformers import AutoModel",
         "model = AutoModel.from_pretrained('PATH_TO_THIS_DIRECTORY')",
         "```",

@@ -42,15 +42,14 @@ def run_sparse(cfg: SparseConfig) -> int:
             if not_finite:  # nothing is written: the atomic directory is dropped
                 raise NonFiniteValues(f"the base {base.source} computes NaN or inf ({', '.join(not_finite[:3])}), so "
                                       "its weights hold non-finite values; upcycle a finite checkpoint")
-            card = {} if base.family.name == "clip" else {"name": label}  # a CLIP's card as it always was
-            card.update({
+            card = {
                 "base": base.source,
                 "recipe": f"sparse upcycling (CLIP-UP): {cfg.num_experts} experts copied from the dense MLP, "
                 f"top-{cfg.top_k}, new routers (seed {cfg.seed}); not yet trained",
                 "metrics": {"max |MoE - dense| at initialisation": f"{max(diff.values()):.2e}"},
                 "details": {"moe_layers": cfg.moe_layers, "towers": list(towers), "seed": cfg.seed,
                             **({"moe_head": True} if cfg.moe_head else {})},
-            })
+            }
             write_model_extras(tmp, model, base.image_processor, base.tokenizer, card)
     finally:
         base.close()

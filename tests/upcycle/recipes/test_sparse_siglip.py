@@ -168,8 +168,10 @@ def test_a_siglip_directory_upcycles_to_a_siglip_moe_with_the_same_logits(layers
     assert moe_tok(texts, padding="max_length", max_length=CTX)["input_ids"] == base_tok(
         texts, padding="max_length", max_length=CTX)["input_ids"]
     card = json.loads((out / "clip_moe_recipe.json").read_text())
-    assert card["name"] == "SigLIP-MoE" and card["details"].get("moe_head", False) is moe_head
-    assert (out / "README.md").read_text().startswith("# SigLIP-MoE")
+    assert card["details"].get("moe_head", False) is moe_head
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# SigLIP-MoE\n\nA sparse Mixture-of-Experts SigLIP made with clip-moe-toolkit.")
+    assert ("MoE layers [0, 1, 2, 3] and the pooling head's MLP" in readme) is moe_head
 
 
 def test_the_streamed_siglip_moe_equals_the_in_memory_upcycling(tmp_path, tokenizer_dir):
