@@ -12,6 +12,14 @@ from transformers import PreTrainedModel
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .moe import routing_losses
+from .outputs import CLIPMoEOutputWithPooling
+
+OUTPUT_FLAGS_DOC = """
+        `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
+        before the final layer norm, as in transformers' CLIP and SigLIP), or the index / list of indices of the states
+        to keep (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
+        `output_router_logits`: one fp32 [tokens, num_experts] tensor per MoE layer (then one [batch, num_experts] for
+        a MoE attention-pooling head), and the auxiliary losses. Each flag left None is the config's."""
 
 
 def tower_output(tower: PreTrainedModel, features, token_mask: torch.Tensor | None, return_dict: bool | None,
@@ -45,6 +53,70 @@ class MoETower:
     def post_init(self) -> None:
         super().post_init()
         install_recording_hooks(self)
+
+
+class MoEImageTower(MoETower):
+    """The forward of a tower over fixed-size images (`CLIPVisionModel`'s and `SiglipVisionModel`'s interface); the
+    family writes `_features(pixel_values, interpolate_pos_encoding, **kwargs)`, its pass under `capture_outputs`."""
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPMoEOutputWithPooling | tuple:
+        """pixel_values [B, C, H, W] -> last_hidden_state [B, positions, d], pooler_output [B, d] (the tower's
+        docstring says which positions and what pools)."""
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return tower_output(self, self._features, None, return_dict, inputs, flags)
+
+    forward.__doc__ += OUTPUT_FLAGS_DOC
+
+
+class MoETextTower(MoETower):
+    """The forward of a text tower (`CLIPTextModel`'s and `SiglipTextModel`'s interface); the family writes
+    `_real_tokens(inputs)`, which says which tokens are padding, and `_features(**inputs, **kwargs)`, its pass under
+    `capture_outputs`."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CLIPMoEOutputWithPooling | tuple:
+        """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, d'] (the tower's docstring says what
+        pools).
+
+        Padding tokens (attention_mask == 0; without a mask, the tower's rule) are routed like any token but do not
+        count in the auxiliary losses."""
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        token_mask = self._real_tokens(inputs)
+        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                     output_router_logits=output_router_logits)
+        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
+
+    forward.__doc__ += OUTPUT_FLAGS_DOC
+
+    def _real_tokens(self, inputs: dict) -> torch.Tensor | None:
+        """The real (not padding) tokens of `inputs` [B, N] (None: all), by `attention_mask` when it is given, else by
+        the family's rule, which may add to `inputs` what its `_features` needs."""
+        raise NotImplementedError(f"{type(self).__name__} must say which of its tokens are padding")
 
 
 def install_recording_hooks(tower: PreTrainedModel) -> None:

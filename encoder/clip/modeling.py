@@ -30,7 +30,7 @@ from ..moe_pretrained import (
     router_kwargs,
 )
 from ..outputs import CLIPMoEOutput, CLIPMoEOutputWithPooling
-from ..tower_output import MoETower, flag, tower_output
+from ..tower_output import MoEImageTower, MoETextTower, flag
 from .configuration import CLIPMoEConfig, CLIPMoETextConfig, CLIPMoEVisionConfig
 
 
@@ -77,16 +77,9 @@ def _other_tower_keys(other_tower: str) -> list[str]:
     return [rf"^{other_tower}\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$"]
 
 
-_OUTPUT_FLAGS_DOC = """
-        `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
-        before the final layer norm, as in transformers' CLIP), or the index / list of indices of the states to keep
-        (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
-        `output_router_logits`: one fp32 [batch * seq, num_experts] tensor per MoE layer, and the auxiliary losses.
-        Each flag left None is the config's."""
-
-
-class CLIPMoEVisionModel(MoETower, CLIPMoEPreTrainedModel):
-    """The vision tower, `CLIPVisionModel`'s interface: pooler_output = post-layernormed CLS."""
+class CLIPMoEVisionModel(MoEImageTower, CLIPMoEPreTrainedModel):
+    """The vision tower, `CLIPVisionModel`'s interface: last_hidden_state [B, 1 + patches, d] (the CLS token first),
+    pooler_output = the post-layernormed CLS."""
 
     config: CLIPMoEVisionConfig
     config_class = CLIPMoEVisionConfig
@@ -103,26 +96,6 @@ class CLIPMoEVisionModel(MoETower, CLIPMoEPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | int | list[int] | None = None,
-        output_attentions: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CLIPMoEOutputWithPooling | tuple:
-        """pixel_values [B, C, H, W] -> last_hidden_state [B, 1 + patches, d], pooler_output [B, d]."""
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
-        inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        return tower_output(self, self._features, None, return_dict, inputs, flags)
-
-    forward.__doc__ += _OUTPUT_FLAGS_DOC
-
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                   **kwargs) -> CLIPMoEOutputWithPooling:
@@ -132,8 +105,9 @@ class CLIPMoEVisionModel(MoETower, CLIPMoEPreTrainedModel):
         return CLIPMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0, :]))
 
 
-class CLIPMoETextModel(MoETower, CLIPMoEPreTrainedModel):
-    """The text tower, `CLIPTextModel`'s interface: causal attention, pooler_output = the EOS token."""
+class CLIPMoETextModel(MoETextTower, CLIPMoEPreTrainedModel):
+    """The text tower, `CLIPTextModel`'s interface: causal attention, pooler_output [B, d] = the EOS token's (tokens
+    after it are padding when no attention_mask is given)."""
 
     config: CLIPMoETextConfig
     config_class = CLIPMoETextConfig
@@ -148,37 +122,14 @@ class CLIPMoETextModel(MoETower, CLIPMoEPreTrainedModel):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool | int | list[int] | None = None,
-        output_attentions: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CLIPMoEOutputWithPooling | tuple:
-        """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, d] (the EOS position).
-
-        Tokens with attention_mask == 0, or after the EOS token when no mask is given, are padding: they
-        are routed like any token but do not count in the auxiliary losses."""
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        input_ids = input_ids.view(-1, input_ids.shape[-1])
-        eos_position = self._eos_position(input_ids)
+    def _real_tokens(self, inputs: dict) -> torch.Tensor:
+        # Without a mask the tokens after the EOS token are padding; `_features` pools at the EOS position.
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        inputs["eos_position"] = eos_position = self._eos_position(input_ids)
         if attention_mask is not None:
-            token_mask = attention_mask.to(torch.bool)
-        else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            token_mask = positions[None, :] <= eos_position[:, None]
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      eos_position=eos_position)
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
-
-    forward.__doc__ += _OUTPUT_FLAGS_DOC
+            return attention_mask.to(torch.bool)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return positions[None, :] <= eos_position[:, None]
 
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -31,7 +31,7 @@ from ..moe_pretrained import (
     recorded_outputs,
     router_kwargs,
 )
-from ..tower_output import MoETower, flag, tower_output
+from ..tower_output import MoEImageTower, MoETextTower, MoETower, flag
 from .configuration import SiglipMoEConfig, SiglipMoETextConfig, SiglipMoEVisionConfig
 from .outputs import SiglipMoEOutput, SiglipMoEOutputWithPooling
 
@@ -51,14 +51,6 @@ class HeadMoEMLP(CLIPMoESparseMLP):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return super().forward(hidden_states)[0]
-
-
-OUTPUT_FLAGS_DOC = """
-        `output_hidden_states`: True for all num_hidden_layers + 1 states (entry 0 the encoder's input, the last one
-        before the final layer norm, as in transformers' SigLIP), or the index / list of indices of the states to
-        keep (negative ones count from the end): the others are None, so `hidden_states[i]` still indexes by layer.
-        `output_router_logits`: one fp32 [tokens, num_experts] tensor per MoE layer (then one [batch, num_experts]
-        for a MoE head), and the auxiliary losses. Each flag left None is the config's."""
 
 
 class SiglipMoEEncoderLayer(MoEEncoderLayer):
@@ -160,31 +152,12 @@ class SiglipMoEVisionTower(MoETower):
         return self.embeddings.patch_embedding
 
 
-class SiglipMoEVisionModel(SiglipMoEVisionTower, SiglipMoEPreTrainedModel):
-    """The vision tower, `SiglipVisionModel`'s interface (`SiglipMoEVisionTower`): pixel_values of a fixed size."""
+class SiglipMoEVisionModel(MoEImageTower, SiglipMoEVisionTower, SiglipMoEPreTrainedModel):
+    """The vision tower, `SiglipVisionModel`'s interface (`SiglipMoEVisionTower`): pixel_values [B, C, H, W] of a fixed
+    size -> last_hidden_state [B, patches, d]."""
 
     config: SiglipMoEVisionConfig
     config_class = SiglipMoEVisionConfig
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool | int | list[int] | None = None,
-        output_attentions: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SiglipMoEOutputWithPooling | tuple:
-        """pixel_values [B, C, H, W] -> last_hidden_state [B, patches, d], pooler_output [B, d]."""
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        return tower_output(self, self._features, None, return_dict,
-                            dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding), flags)
-
-    forward.__doc__ += OUTPUT_FLAGS_DOC
 
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
@@ -195,9 +168,10 @@ class SiglipMoEVisionModel(SiglipMoEVisionTower, SiglipMoEPreTrainedModel):
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 
 
-class SiglipMoETextTower(MoETower):
-    """The text tower's body, `SiglipTextModel`'s interface: bidirectional attention, pooler_output = `head` of the
-    last position (SigLIP pads to a fixed length, so that position is usually padding, as in transformers).
+class SiglipMoETextTower(MoETextTower):
+    """The text tower's body, `SiglipTextModel`'s interface: bidirectional attention, pooler_output [B,
+    projection_size] = `head` of the last position (SigLIP pads to a fixed length, so that position is usually
+    padding, as in transformers).
 
     Mixed into a family's PreTrainedModel (SigLIP's and SigLIP2's text towers are the same network); the family sets
     embeddings_class / encoder_class to its transformers embeddings and its MoE encoder.
@@ -223,37 +197,14 @@ class SiglipMoETextTower(MoETower):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.embeddings.token_embedding = value
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool | int | list[int] | None = None,
-        output_attentions: bool | None = None,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SiglipMoEOutputWithPooling | tuple:
-        """input_ids [B, N] -> last_hidden_state [B, N, d], pooler_output [B, projection_size].
-
-        Tokens with attention_mask == 0, or equal to `pad_token_id` when no mask is given (SigLIP pads to 64 tokens
-        with it and is usually run without a mask), are padding: they are routed like any token but do not count in
-        the auxiliary losses."""
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        input_ids = input_ids.view(-1, input_ids.shape[-1])
-        if attention_mask is not None:
-            token_mask = attention_mask.to(torch.bool)
-        elif self.config.pad_token_id is not None:
-            token_mask = input_ids != self.config.pad_token_id
-        else:
-            token_mask = None
-        flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                     output_router_logits=output_router_logits)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
-
-    forward.__doc__ += OUTPUT_FLAGS_DOC
+    def _real_tokens(self, inputs: dict) -> torch.Tensor | None:
+        # Without a mask, tokens equal to `pad_token_id` are padding: SigLIP pads to 64 tokens with it and is usually
+        # run without a mask.
+        if inputs["attention_mask"] is not None:
+            return inputs["attention_mask"].to(torch.bool)
+        if self.config.pad_token_id is not None:
+            return inputs["input_ids"] != self.config.pad_token_id
+        return None
 
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -24,7 +24,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ..moe_pretrained import MoEPreTrainedMixin, recorded_outputs
 from ..siglip.modeling import (
-    OUTPUT_FLAGS_DOC,
     MoEHead,
     SiglipMoEBothTowers,
     SiglipMoEEncoder,
@@ -35,7 +34,7 @@ from ..siglip.modeling import (
     siglip_output,
 )
 from ..siglip.outputs import SiglipMoEOutputWithPooling
-from ..tower_output import tower_output
+from ..tower_output import OUTPUT_FLAGS_DOC, tower_output
 from ..utils.errors import UserError
 from .configuration import (
     Siglip2MoEConfig,
