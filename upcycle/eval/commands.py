@@ -50,16 +50,17 @@ class EvalData:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """zero-shot retrieval and classification metrics of a CLIP or CLIP-MoE
+    """zero-shot retrieval and classification metrics of a CLIP or SigLIP, dense or MoE
 
     Encodes every image-caption pair of --data and prints JSON: image->text and text->image recall@1/5/10 in
     percent (identical caption strings count as one text; an image hits when its caption is among the top-k
     texts, a caption when any image carrying it is among the top-k images); with --classes zero-shot top-1/top-5
-    accuracy where each pair's class is its caption. Works for dense CLIPs and CLIP-MoE directories alike.
+    accuracy where each pair's class is its caption. Works for dense CLIPs and SigLIPs and their MoE directories alike,
+    each fed as its family was trained (its image processor; SigLIP: captions padded to its fixed length, no mask).
     """
 
-    model: str = option("--model", "CLIP-MoE directory or dense CLIP (transformers directory, hub id, "
-                        "open_clip:NAME[:CHECKPOINT])")
+    model: str = option("--model", "CLIP-MoE / SigLIP-MoE directory or dense CLIP / SigLIP (transformers "
+                        "directory, hub id, open_clip:NAME[:CHECKPOINT])")
     pairs: EvalData = options_of(EvalData)
     classes: str | None = option("--classes", "class names for zero-shot classification, one per line or a JSON "
                                  "list; every caption must equal one of them", None)

@@ -86,3 +86,22 @@ def test_routing_of_a_siglip_moe_counts_every_text_position(make_tiny_siglip, si
     stats = routing_stats(moe, pairs[:5], siglip_processor, siglip_tokenizer, batch_size=2)
     assert stats["towers"]["text"]["layers"][0]["tokens"] == 5 * moe.config.text_config.max_position_embeddings
     assert stats["towers"]["vision"]["layers"][0]["tokens"] == 5 * 16  # 16 patches, no class token
+
+
+
+def test_upcycle_eval_of_a_siglip_directory_reports_its_own_metrics(siglip_dir, siglip_tokenizer, siglip_processor,
+                                                                     pairs, tmp_path, capsys):
+    """The command loads the directory's SigLIP, image processor and tokenizer and feeds them as the library does."""
+    import json
+
+    from encoder.loading import load_clip
+    from upcycle.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"image": p.image, "caption": p.caption}) + "\n" for p in pairs))
+    assert main(["eval", "--model", str(siglip_dir), "--data", str(data)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    logits = siglip_logits(load_clip(siglip_dir).model, siglip_tokenizer, siglip_processor, pairs)
+    for way, scores in (("i2t", logits), ("t2i", logits.T)):
+        for k in (1, 5, 10):
+            assert result[f"{way}_r{k}"] == pytest.approx(round(recall_by_hand(scores, k), 4))
