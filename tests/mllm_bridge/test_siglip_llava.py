@@ -232,3 +232,44 @@ def test_init_llava_around_a_siglip_moe_writes_a_checkpoint_check_accepts(siglip
     capsys.readouterr()
     assert bridge_main(["check", str(out)]) == 0
     assert "SigLIP-MoE" in capsys.readouterr().out
+
+
+def test_anyres_spatial_unpad_over_a_siglip_moe_embeds_as_llava_counts(tmp_path, digit_llm_dir, siglip_moe_dir,
+                                                                       grids_dir):
+    """LLaVA-1.6's anyres with the crops' patches laid out as a grid: a SigLIP gives exactly side x side tokens per
+    crop, with 'cls_patch' too (it has no CLS token to keep), so the grid layout is allowed and every sample's
+    length is the layout's count; two steps train and the output generates in LLaVA."""
+    from conftest import write_shaped_grids
+    from llava.model.builder import load_pretrained_model
+    from PIL import Image
+
+    from mllm_bridge.train.arguments import split_arguments
+    from mllm_bridge.train.cli import build_parser
+    from mllm_bridge.train.run import prepare_run
+
+    data = write_shaped_grids(grids_dir, tmp_path / "shaped", "train_qa.json", limit=6)
+    out = tmp_path / "llava-siglip-anyres"
+    argv = ["finetune", *flags(digit_llm_dir, siglip_moe_dir, data, out, data_file="train_qa.json", max_steps=2,
+                               per_device_train_batch_size=3, model_max_length=256, image_aspect_ratio="anyres",
+                               mm_patch_merge_type="spatial_unpad", image_grid_pinpoints="(1x1),...,(2x2)",
+                               mm_vision_select_feature="cls_patch")]
+    trainer, _ = prepare_run(split_arguments(build_parser().parse_args(argv)))
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    dataset = trainer.loader.dataset
+    assert dataset.layout.patches_per_crop == 16  # no CLS token counted
+    batch = trainer.loader.collate_fn([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        embedded = model.prepare_inputs_labels_for_multimodal(batch["input_ids"], None, batch["attention_mask"], None,
+                                                              batch["labels"], batch["images"], batch["image_sizes"])
+    sizes = [Image.open(dataset.samples[i].image).size for i in range(3)]
+    assert embedded[2].sum(1).tolist() == [len(dataset[i]["input_ids"]) - 1 + dataset.layout.count(size)
+                                           for i, size in enumerate(sizes)]
+    trainer.train()
+
+    _, loaded, processor, _ = load_pretrained_model(str(out), None, out.name, device_map="cpu", device="cpu")
+    pixels, image_sizes = dataset.layout.pixels([Image.open(dataset.samples[i].image).convert("RGB")
+                                                 for i in range(3)], processor)
+    ids = torch.tensor([[1, -200, 5, 6]] * 3)
+    generated = loaded.generate(ids, attention_mask=torch.ones_like(ids), images=[p.half() for p in pixels],
+                                image_sizes=image_sizes, max_new_tokens=2, do_sample=False)
+    assert generated.shape[0] == 3
