@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
 from transformers.utils.output_capturing import OutputRecorder
 
 from .moe import CLIPMoERouter, CLIPMoESparseMLP
@@ -94,6 +95,37 @@ class MoEPreTrainedMixin:
 
     def _init_moe_weights(self, module: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} must say how its experts are initialised")
+
+
+class MoEFullModel:
+    """The forward of a full model over fixed-size images (`CLIPModel`'s and `SiglipModel`'s interface): both towers'
+    features (the family's `get_image_features` / `get_text_features`), then its `_full_output`."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ModelOutput | tuple:
+        """`CLIPModel.forward` / `SiglipModel.forward` plus routing outputs.
+
+        With `output_router_logits` (default `config.output_router_logits`) each tower output carries its
+        router logits and auxiliary losses, and `aux_loss` is added to `loss` (`return_loss=True`).
+
+        `return_dict=False` (default `config.return_dict`) gives `to_tuple()`; unlike transformers 5's
+        `CLIPModel`, whose forward then fails on the tuple its own `get_image_features` returns.
+        """
+        vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         output_router_logits=output_router_logits, return_dict=True, **kwargs)
+        text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      output_router_logits=output_router_logits, return_dict=True, **kwargs)
+        return self._full_output(vision, text, return_loss, return_dict)
 
 
 def router_kwargs(config, kwargs: dict) -> dict:

@@ -24,6 +24,7 @@ from ..moe import CLIPMoESparseMLP
 from ..moe_pretrained import (
     MoEEncoder,
     MoEEncoderLayer,
+    MoEFullModel,
     MoEPreTrainedMixin,
     full_output,
     recorded_outputs,
@@ -152,7 +153,7 @@ class CLIPMoETextModel(MoETextTower, CLIPMoEPreTrainedModel):
         return (ids == self.config.eos_token_id).int().argmax(dim=-1)
 
 
-class CLIPMoEModel(CLIPMoEPreTrainedModel):
+class CLIPMoEModel(MoEFullModel, CLIPMoEPreTrainedModel):
     """Both towers and the projections: `CLIPModel`'s interface plus routing outputs."""
 
     config: CLIPMoEConfig
@@ -192,30 +193,9 @@ class CLIPMoEModel(CLIPMoEPreTrainedModel):
         out.pooler_output = self.visual_projection(out.pooler_output)
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        return_loss: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CLIPMoEOutput | tuple:
-        """`CLIPModel.forward` plus routing outputs.
-
-        With `output_router_logits` (default `config.output_router_logits`) each tower output carries its
-        router logits and auxiliary losses, and `aux_loss` is added to `loss`.
-
-        `return_dict=False` (default `config.return_dict`) gives `to_tuple()`; unlike transformers 5's
-        `CLIPModel`, whose forward then fails on the tuple its own `get_image_features` returns.
-        """
-        vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                         output_router_logits=output_router_logits, return_dict=True, **kwargs)
-        text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      output_router_logits=output_router_logits, return_dict=True, **kwargs)
+    def _full_output(self, vision, text, return_loss: bool | None, return_dict: bool | None) -> CLIPMoEOutput | tuple:
+        """The full model's output from its towers' outputs (projected): normalised embeddings, logits =
+        logit_scale.exp() * cosine similarity, the contrastive loss plus both towers' `aux_loss` when asked."""
         image_embeds = _l2_normalize(vision.pooler_output)
         text_embeds = _l2_normalize(text.pooler_output)
         logits_per_text = text_embeds @ image_embeds.t() * self.logit_scale.exp()

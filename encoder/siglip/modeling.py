@@ -26,6 +26,7 @@ from ..moe import CLIPMoESparseMLP
 from ..moe_pretrained import (
     MoEEncoder,
     MoEEncoderLayer,
+    MoEFullModel,
     MoEPreTrainedMixin,
     full_output,
     recorded_outputs,
@@ -89,31 +90,31 @@ class SiglipMoEAttentionPoolingHead(MoEHead, SiglipMultiheadAttentionPoolingHead
     """SigLIP's attention-pooling (MAP) head; its MLP is a MoE layer when the config's `moe_head` is True."""
 
 
-class SiglipMoEPreTrainedModel(MoEPreTrainedMixin, SiglipPreTrainedModel):
+class SiglipMoEInit(MoEPreTrainedMixin):
+    """`MoEPreTrainedMixin` with SigLIP's and SigLIP2's init of what their transformers `_init_weights` does not know:
+    each expert as it inits the dense MLP's fc1 / fc2 (xavier-uniform weights, biases N(0, 1e-6)), and the full
+    model's logit scale and bias (zeros, as it inits `SiglipModel`'s). Routers are Linears: its Linear rule (LeCun
+    normal)."""
+
+    def _init_moe_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CLIPMoEExperts):
+            for weight in (module.up_proj, module.down_proj):
+                fan_out, fan_in = weight.shape[1:]
+                bound = (6.0 / (fan_in + fan_out)) ** 0.5
+                init.uniform_(weight, -bound, bound)
+            init.normal_(module.up_proj_bias, std=1e-6)
+            init.normal_(module.down_proj_bias, std=1e-6)
+        elif isinstance(module, SiglipMoEBothTowers):
+            init.zeros_(module.logit_scale)
+            init.zeros_(module.logit_bias)
+
+
+class SiglipMoEPreTrainedModel(SiglipMoEInit, SiglipPreTrainedModel):
     config: SiglipMoEConfig
     base_model_prefix = "siglip_moe"
     _no_split_modules = ["SiglipTextEmbeddings", "SiglipVisionEmbeddings", "SiglipMoEEncoderLayer",
                          "SiglipMoEAttentionPoolingHead"]
     _can_record_outputs = recorded_outputs(SiglipMoEEncoderLayer, SiglipAttention)
-
-    def _init_moe_weights(self, module: nn.Module) -> None:
-        init_moe_weights(module, SiglipMoEModel)
-
-
-def init_moe_weights(module: nn.Module, full_model_class: type) -> None:
-    """What transformers' SigLIP / SigLIP2 `_init_weights` does not know: each expert as it inits the dense MLP's
-    fc1 / fc2 (xavier-uniform weights, biases N(0, 1e-6)), and the full model's logit scale and bias (zeros, as it
-    inits `SiglipModel`'s). Routers are Linears: its Linear rule (LeCun normal)."""
-    if isinstance(module, CLIPMoEExperts):
-        for weight in (module.up_proj, module.down_proj):
-            fan_out, fan_in = weight.shape[1:]
-            bound = (6.0 / (fan_in + fan_out)) ** 0.5
-            init.uniform_(weight, -bound, bound)
-        init.normal_(module.up_proj_bias, std=1e-6)
-        init.normal_(module.down_proj_bias, std=1e-6)
-    elif isinstance(module, full_model_class):
-        init.zeros_(module.logit_scale)
-        init.zeros_(module.logit_bias)
 
 
 def tower_keys_to_ignore(other_tower: str) -> list[str]:
@@ -231,6 +232,7 @@ class SiglipMoEBothTowers:
 
     text_model_class: type[nn.Module]
     vision_model_class: type[nn.Module]
+    output_class: type
 
     def __init__(self, config):
         super().__init__(config)
@@ -260,14 +262,22 @@ class SiglipMoEBothTowers:
         out = self.vision_model(**vision_inputs, return_dict=True, **router_kwargs(self.config, kwargs))
         return out if flag(return_dict, self.config.return_dict) else out.to_tuple()
 
+    def _full_output(self, vision, text, return_loss: bool | None, return_dict: bool | None):
+        """The full model's output (`output_class`) from its towers' outputs: normalised embeddings, logits =
+        logit_scale.exp() * cosine similarity + logit_bias, the sigmoid loss plus both towers' `aux_loss` when asked.
+        """
+        return siglip_output(self, vision, text, return_loss, return_dict, self.output_class)
 
-class SiglipMoEModel(SiglipMoEBothTowers, SiglipMoEPreTrainedModel):
-    """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs."""
+
+class SiglipMoEModel(MoEFullModel, SiglipMoEBothTowers, SiglipMoEPreTrainedModel):
+    """Both towers, the logit scale and the logit bias: `SiglipModel`'s interface plus routing outputs; logits =
+    logit_scale.exp() * cosine similarity + logit_bias, `loss` the sigmoid loss (+ `aux_loss`)."""
 
     config: SiglipMoEConfig
     config_class = SiglipMoEConfig
     text_model_class = SiglipMoETextModel
     vision_model_class = SiglipMoEVisionModel
+    output_class = SiglipMoEOutput
 
     def get_image_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
                            return_dict: bool | None = None, **kwargs) -> SiglipMoEOutputWithPooling | tuple:
@@ -275,31 +285,6 @@ class SiglipMoEModel(SiglipMoEBothTowers, SiglipMoEPreTrainedModel):
         in `get_text_features`."""
         vision_inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self._image_features(return_dict, vision_inputs, kwargs)
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        return_loss: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_router_logits: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SiglipMoEOutput | tuple:
-        """`SiglipModel.forward` plus routing outputs.
-
-        logits = logit_scale.exp() * cosine similarity + logit_bias. With `output_router_logits` (default
-        `config.output_router_logits`) each tower output carries its router logits and auxiliary losses, and
-        `aux_loss` is added to `loss` (the sigmoid loss, `return_loss=True`). `return_dict=False` (default
-        `config.return_dict`) gives `to_tuple()`.
-        """
-        vision = self.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                                         output_router_logits=output_router_logits, return_dict=True, **kwargs)
-        text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      output_router_logits=output_router_logits, return_dict=True, **kwargs)
-        return siglip_output(self, vision, text, return_loss, return_dict, SiglipMoEOutput)
 
 
 def siglip_output(model: nn.Module, vision, text, return_loss: bool | None, return_dict: bool | None,

@@ -10,7 +10,6 @@ of the auxiliary losses (here); the rest is shared with `encoder.siglip.modeling
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2Attention,
@@ -22,16 +21,15 @@ from transformers.models.siglip2.modeling_siglip2 import (
 )
 from transformers.utils.output_capturing import capture_outputs
 
-from ..moe_pretrained import MoEPreTrainedMixin, recorded_outputs
+from ..moe_pretrained import recorded_outputs
 from ..siglip.modeling import (
     MoEHead,
     SiglipMoEBothTowers,
     SiglipMoEEncoder,
     SiglipMoEEncoderLayer,
+    SiglipMoEInit,
     SiglipMoETextTower,
     SiglipMoEVisionTower,
-    init_moe_weights,
-    siglip_output,
 )
 from ..siglip.outputs import SiglipMoEOutputWithPooling
 from ..tower_output import OUTPUT_FLAGS_DOC, tower_output
@@ -63,15 +61,12 @@ class Siglip2MoEAttentionPoolingHead(MoEHead, Siglip2MultiheadAttentionPoolingHe
     """SigLIP2's attention-pooling head (masked to the real patches); its MLP is MoE when `moe_head` is True."""
 
 
-class Siglip2MoEPreTrainedModel(MoEPreTrainedMixin, Siglip2PreTrainedModel):
+class Siglip2MoEPreTrainedModel(SiglipMoEInit, Siglip2PreTrainedModel):
     config: Siglip2MoEConfig
     base_model_prefix = "siglip2_moe"
     _no_split_modules = ["Siglip2TextEmbeddings", "Siglip2VisionEmbeddings", "Siglip2MoEEncoderLayer",
                          "Siglip2MoEAttentionPoolingHead"]
     _can_record_outputs = recorded_outputs(Siglip2MoEEncoderLayer, Siglip2Attention)
-
-    def _init_moe_weights(self, module: nn.Module) -> None:
-        init_moe_weights(module, Siglip2MoEModel)
 
 
 class Siglip2MoEVisionModel(SiglipMoEVisionTower, Siglip2MoEPreTrainedModel):
@@ -146,6 +141,7 @@ class Siglip2MoEModel(SiglipMoEBothTowers, Siglip2MoEPreTrainedModel):
     config_class = Siglip2MoEConfig
     text_model_class = Siglip2MoETextModel
     vision_model_class = Siglip2MoEVisionModel
+    output_class = Siglip2MoEOutput
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
                            pixel_attention_mask: torch.Tensor | None = None,
@@ -176,4 +172,4 @@ class Siglip2MoEModel(SiglipMoEBothTowers, Siglip2MoEPreTrainedModel):
                                          return_dict=True, **kwargs)
         text = self.get_text_features(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       output_router_logits=output_router_logits, return_dict=True, **kwargs)
-        return siglip_output(self, vision, text, return_loss, return_dict, Siglip2MoEOutput)
+        return self._full_output(vision, text, return_loss, return_dict)
