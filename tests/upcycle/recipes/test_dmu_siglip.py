@@ -1,5 +1,6 @@
 """DMU on a SigLIP base: the MCL stages cluster SigLIP's own pooled embeddings and train its encoder MLPs with the
-sigmoid loss (logit scale and bias frozen), router training trains the routers of the assembled SigLIP-MoE with it."""
+sigmoid loss (logit scale and bias frozen), router training trains the routers of the assembled SigLIP-MoE with it,
+and `upcycle dmu` writes that SigLIP-MoE."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from safetensors.torch import load_file
 
 from encoder.convert.dense import DenseCLIP
 from encoder.family import family_of
+from encoder.loading import load_clip
+from upcycle.cli import main
 from upcycle.eval.embedding import encode_pairs
 from upcycle.recipes.dmu import DMUConfig
 from upcycle.recipes.dmu import pipeline as dmu_pipeline
@@ -54,20 +57,26 @@ def test_mcl_stages_cluster_siglip_embeddings_and_train_its_mlps_with_the_sigmoi
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # from a copy: the base untouched
 
 
-def test_router_training_of_the_assembled_siglip_moe_uses_the_sigmoid_loss(siglip_run):
-    run, base, calls = siglip_run
-    previous = np.zeros(len(run.pairs), dtype=np.int64)
-    for stage in (1, 2):
-        previous, batches = run.run_stage(stage, previous, previous if stage == 1 else batches)
-    calls.clear()
-    model = run.train_routers()
+def test_upcycle_dmu_on_a_siglip_directory_makes_a_siglip_moe_of_its_stages(siglip_dir, grids_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    calls = []
+    for name in ("siglip_sigmoid_loss", "clip_contrastive_loss"):
+        real = getattr(trainer_module, name)
+        monkeypatch.setattr(trainer_module, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    out = tmp_path / "siglip-moe"
+    assert main(["dmu", "--base", str(siglip_dir), "--train-data", str(grids_dir / "train.json"), "--out", str(out),
+                 "--num-experts", "3", "--top-k", "2", "--clusters-per-modality", "2", "--batch-size", "16",
+                 "--stage-max-steps", "2", "--router-max-steps", "2", "--lr", "1e-3", "--router-lr", "1e-2",
+                 "--logit-scale", "learnable"]) == 0
+    assert calls and set(calls) == {"siglip_sigmoid_loss"}  # both MCL stages and router training
+    assert f"SigLIP-MoE written to {out}" in capsys.readouterr().out
+    model, base = load_clip(out).model, load_clip(siglip_dir).model
     assert family_of(model.config).label == "SigLIP-MoE"
-    assert calls and set(calls) == {"siglip_sigmoid_loss"}
     state = model.state_dict()
-    assert torch.equal(state["logit_bias"], base.logit_bias.detach())  # only routers train
-    assert torch.equal(state["logit_scale"], base.logit_scale.detach())
+    assert torch.equal(state["logit_bias"], base.logit_bias.detach())  # frozen in the stages and router training
     # expert e of a MoE layer is stage e's MLP (expert 0: the base's)
-    stage2 = load_file(str(run.stage_dir(2) / "ffn.safetensors"))
+    stage2 = load_file(str(tmp_path / "siglip-moe.dmu-work" / "stage-2" / "ffn.safetensors"))
     up = state["vision_model.encoder.layers.0.mlp.experts.up_proj"]  # [E, h, d], each expert an fc1.weight
     assert torch.equal(up[2], stage2["vision_model.encoder.layers.0.mlp.fc1.weight"])
     assert torch.equal(up[0], base.vision_model.encoder.layers[0].mlp.fc1.weight.detach())

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from encoder.convert.dense import load_dense_clip
+from encoder.family import family_of
 from encoder.loading import require_finite_weights
 from encoder.save import save_clip_moe
 from encoder.training import process_state
@@ -217,7 +218,8 @@ class DMURun:
         start = time.time()
         train_cfg = cfg.train_config("router", "router training", self.sigmoid)
         trainer = ContrastiveTrainer(model, self.dataset, self.dataset.collate, train_cfg, self.work / "router",
-                                     source="the CLIP-MoE assembled from the base and the stages' FFNs",
+                                     source=f"the {family_of(model.config).label} assembled from the base and the "
+                                     "stages' FFNs",
                                      lr_flag="--router-lr")
         model = trainer.train(resume=True)
         self.manifest["router"] = {"status": "done", "steps": trainer.total_steps, "pairs_seen": trainer.pairs_seen,
@@ -241,7 +243,7 @@ class DMURun:
                         "train_pairs": len(self.pairs)},
         }
         save_clip_moe(model, cfg.out, self.image_processor, self.tokenizer, card, overwrite=cfg.overwrite)
-        print(f"CLIP-MoE written to {cfg.out} (work directory {self.work})")
+        print(f"{family_of(model.config).label} written to {cfg.out} (work directory {self.work})")
 
     def _card_metrics(self) -> dict:
         """Per stage its final loss and clusters, then the diagnostics (what the card's metric lines show)."""
