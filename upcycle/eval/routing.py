@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from encoder.family import is_full_moe
+from encoder.family import families, is_full_moe
 from encoder.routing_stats import RoutingTally
 from encoder.utils.errors import UserError
 
@@ -23,7 +23,8 @@ TOWERS = ("vision", "text")
 
 
 def not_moe_error(what: str) -> UserError:
-    return UserError(f"not a CLIP-MoE: {what} has no routers, nothing to route; give a CLIP-MoE directory "
+    kinds = " or ".join(family.label(True) for family in families())  # "CLIP-MoE or SigLIP-MoE or ..."
+    return UserError(f"not a {kinds}: {what} has no routers, nothing to route; give a MoE directory "
                      "(e.g. one written by `python -m upcycle sparse`)")
 
 
@@ -46,7 +47,7 @@ def routing_stats(model: PreTrainedModel, pairs: Sequence[Pair], image_processor
         if cfg.moe_layers:
             tallies[tower] = RoutingTally(cfg.moe_layers, cfg.num_experts, cfg.top_k)
     if not tallies:
-        raise not_moe_error("this CLIP-MoE (no MoE layers in either tower)")
+        raise not_moe_error("this MoE model (no MoE layers in either tower)")
     if "text" in tallies and tokenizer is None:
         raise UserError("the CLIP-MoE has text MoE layers but no tokenizer; save one into its directory")
     with inference(model) as device:

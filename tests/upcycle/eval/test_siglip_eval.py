@@ -105,3 +105,13 @@ def test_upcycle_eval_of_a_siglip_directory_reports_its_own_metrics(siglip_dir, 
     for way, scores in (("i2t", logits), ("t2i", logits.T)):
         for k in (1, 5, 10):
             assert result[f"{way}_r{k}"] == pytest.approx(round(recall_by_hand(scores, k), 4))
+
+
+def test_routing_a_dense_siglip_is_refused_in_one_line(siglip_dir, grids_dir, tmp_path, capsys):
+    from upcycle.cli import main
+
+    png = tmp_path / "routing.png"
+    assert main(["routing", "--model", str(siglip_dir), "--data", str(grids_dir / "train.json"),
+                 "--out-png", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SigLIP-MoE" in err[0] and "nothing to route" in err[0] and not png.exists()
