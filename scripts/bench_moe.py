@@ -1,4 +1,8 @@
-"""Side-by-side timings of the CLIP-MoE FFN and vision tower against their dense counterparts (CPU or CUDA).
+"""Side-by-side timings of a MoE FFN and vision tower against their dense counterparts (CPU or CUDA).
+
+`--family clip` (the default): CLIP-MoE, QuickGELU MLPs, a CLS token. `--family siglip`: SigLIP-MoE
+(SiglipMoEVisionModel: gelu_pytorch_tanh MLPs, every patch a token, the attention-pooling head's MLP dense), the
+tower of LLaVA-OneVision / PaliGemma. Everything below reads "CLIP" for the family's own classes.
 
 Everything runs in one process with interleaved rounds (warm-up, then every implementation once per
 round in a rotating order, median over rounds), so the ratios are fair even when the machine is shared.
@@ -20,6 +24,9 @@ Tower (CLIPMoEVisionModel, every layer MoE) vs the dense tower (moe_layers=[]) v
 
 `--device cuda --dtype bfloat16 --preset vit-l-336` is the GPU check (scripts/gpu_check.sh): ViT-L/14-336
 shapes, weights and inputs in bf16, CUDA synchronised around every timed call; the tower also reports images/s.
+`--preset siglip-so400m-384` is SigLIP SO400M/14-384 (LLaVA-OneVision's tower) whole; `--preset siglip-so400m-cpu`
+keeps its width / heads / MLP (1152 / 16 / 4304) with 3 layers, 224px images (256 patches) and batch 2, which runs
+in a few minutes on 2 CPU cores (docs/bench/moe_siglip_cpu.json).
 
 Prints one JSON object on stdout; progress goes to stderr. No timing is asserted.
 """
@@ -36,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +51,7 @@ import transformers
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.siglip.modeling_siglip import SiglipMLP
 
 from encoder import (
     EXPERT_DISPATCH,
@@ -52,11 +61,36 @@ from encoder import (
     CLIPMoEVisionModel,
     set_expert_dispatch,
 )
+from encoder.siglip import SiglipMoEVisionConfig, SiglipMoEVisionModel
 from encoder.utils.files import write_atomic
 
 MASKED_LOOP = "bench_masked_loop"
-PRESETS = {  # openai/clip-vit-large-patch14-336's vision tower (LLaVA-1.5's)
-    "vit-l-336": dict(layers=24, width=1024, heads=16, mlp=4096, image=336, patch=14),
+PRESETS = {
+    # openai/clip-vit-large-patch14-336's vision tower (LLaVA-1.5's)
+    "vit-l-336": dict(family="clip", layers=24, width=1024, heads=16, mlp=4096, image=336, patch=14),
+    # google/siglip-so400m-patch14-384's vision tower (LLaVA-OneVision's)
+    "siglip-so400m-384": dict(family="siglip", layers=27, width=1152, heads=16, mlp=4304, image=384, patch=14),
+    # the same layer shapes, fewer layers / patches / images: a CPU run of a few minutes
+    "siglip-so400m-cpu": dict(family="siglip", layers=3, width=1152, heads=16, mlp=4304, image=224, patch=14,
+                              batch=2),
+}
+
+
+@dataclass(frozen=True)
+class BenchFamily:
+    """What the benchmark needs of a model family: its MoE tower classes, its dense MLP and activation."""
+
+    config_class: type
+    model_class: type
+    dense_mlp_class: type[nn.Module]
+    hidden_act: str
+    class_token: bool  # one more token than patches (CLIP's CLS); SigLIP has none
+
+
+FAMILIES = {
+    "clip": BenchFamily(CLIPMoEVisionConfig, CLIPMoEVisionModel, CLIPMLP, "quick_gelu", class_token=True),
+    "siglip": BenchFamily(SiglipMoEVisionConfig, SiglipMoEVisionModel, SiglipMLP, "gelu_pytorch_tanh",
+                          class_token=False),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEVICE = torch.device("cpu")
@@ -150,11 +184,13 @@ def paired_ratio(a: dict, b: dict) -> float:
     return round(statistics.median(x / y for x, y in zip(a["samples_ms"], b["samples_ms"])), 3)
 
 
-def tower_config(args: argparse.Namespace, moe_layers: list[int]) -> CLIPMoEVisionConfig:
-    return CLIPMoEVisionConfig(
+def tower_config(args: argparse.Namespace, moe_layers: list[int]):
+    """The family's MoE vision config (moe_layers=[]: its dense tower) at the benchmark's shapes."""
+    family = FAMILIES[args.family]
+    return family.config_class(
         hidden_size=args.width, intermediate_size=args.mlp, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, image_size=args.image, patch_size=args.patch,
-        num_experts=args.experts, top_k=args.top_k, moe_layers=moe_layers, hidden_act="quick_gelu",
+        num_experts=args.experts, top_k=args.top_k, moe_layers=moe_layers, hidden_act=family.hidden_act,
     )
 
 
@@ -190,7 +226,7 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
         set_expert_dispatch(m, name)
     dense_cfg = copy.deepcopy(cfg)
     dense_cfg.intermediate_size = k * h
-    dense = CLIPMLP(dense_cfg)
+    dense = FAMILIES[args.family].dense_mlp_class(dense_cfg)
     variants["dense_2h_fused_act"] = place(_DenseAsOneExpert(dense_cfg, dense))
     variants["dense_2h"] = dense = place(dense)
     order = ["moe", "dense_2h", "masked_loop", "hf_grouped_mm", "dense_2h_fused_act", *(f"moe_{n}" for n in dispatches)]
@@ -220,16 +256,22 @@ def bench_ffn(args: argparse.Namespace, tokens: int) -> dict:
         return {f"{a}_vs_{b}": fn(t[a], t[b]) for a, b in pairs}
 
     s = args.batch * tokens * k
+    family = FAMILIES[args.family]
+    act = family.hidden_act
+    fused_as = {"quick_gelu": "QuickGELU fused as a scaled SiLU", "gelu_pytorch_tanh": "GELUTanh fused (aten gelu "
+                "tanh into the segment buffer)"}.get(act, f"{act} fused where encoder.kernels knows it")
+    unfused_as = {"quick_gelu": "its QuickGELU is three elementwise ops",
+                  "gelu_pytorch_tanh": "its GELUTanh is one aten gelu(approximate='tanh')"}.get(act, act)
     return {
-        "shape": {"batch": args.batch, "tokens_per_sample": tokens, "tokens": args.batch * tokens,
-                  "width": args.width, "expert_hidden": h, "dense_hidden": k * h,
-                  "num_experts": args.experts, "top_k": k, "act": "quick_gelu"},
+        "shape": {"family": args.family, "batch": args.batch, "tokens_per_sample": tokens,
+                  "tokens": args.batch * tokens, "width": args.width, "expert_hidden": h, "dense_hidden": k * h,
+                  "num_experts": args.experts, "top_k": k, "act": act},
         "expert_load_fraction": [round(v, 4) for v in load.tolist()],
         "implementations": {
-            "moe": "encoder.CLIPMoESparseMLP, experts_implementation='eager' (our sort + per-segment addmm, "
-                   "QuickGELU fused as a scaled SiLU)",
-            "dense_2h": f"transformers CLIPMLP, intermediate_size={k * h} (same active FLOPs; its QuickGELU is "
-                        "three elementwise ops)",
+            "moe": f"encoder.CLIPMoESparseMLP, experts_implementation='eager' (our sort + per-segment addmm, "
+                   f"{fused_as})",
+            "dense_2h": f"transformers {family.dense_mlp_class.__name__}, intermediate_size={k * h} (same active "
+                        f"FLOPs; {unfused_as})",
             "masked_loop": "per-expert torch.where(top_k_index == e) + gather + fc1/act/fc2 + weight + index_add_",
             "hf_grouped_mm": "transformers experts_implementation='grouped_mm' (per-row bias gather)",
             **{f"moe_{n}": f"moe forced to experts dispatch {n!r}: {EXPERT_DISPATCH[n].description}"
@@ -251,8 +293,9 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
     torch.manual_seed(args.seed)
     moe_cfg = tower_config(args, moe_layers=list(range(args.layers)))
     dense_cfg = tower_config(args, moe_layers=[])
-    moe = place(CLIPMoEVisionModel(moe_cfg))
-    dense = place(CLIPMoEVisionModel(dense_cfg))
+    model_class = FAMILIES[args.family].model_class
+    moe = place(model_class(moe_cfg))
+    dense = place(model_class(dense_cfg))
     mlps = nn.Sequential(*[layer.mlp for layer in dense.encoder.layers])
 
     pixels = place(torch.randn(args.batch, 3, args.image, args.image))
@@ -325,13 +368,16 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
         }
 
     return {
-        "config": {"layers": args.layers, "width": args.width, "heads": args.heads, "mlp": args.mlp,
+        "config": {"family": args.family, "model": model_class.__name__, "hidden_act": moe_cfg.hidden_act,
+                   "layers": args.layers, "width": args.width, "heads": args.heads, "mlp": args.mlp,
                    "image": args.image, "patch": args.patch, "tokens_per_sample": tokens, "batch": args.batch,
                    "num_experts": args.experts, "top_k": k, "moe_layers": "all",
                    "attn_implementation": moe.config._attn_implementation,
                    "experts_implementation": moe.config._experts_implementation,
                    "output_router_logits": False},
-        "ideal": "dense tower + (top_k - 1) x (the dense tower's MLPs alone on a [batch, tokens, width] input)",
+        "ideal": "dense tower + (top_k - 1) x (the dense tower's encoder-layer MLPs alone on a [batch, tokens, "
+                 "width] input)" + ("; SigLIP's attention-pooling head (its MLP dense in both towers) is in the dense "
+                                    "tower's time" if args.family == "siglip" else ""),
         "expert_load_fraction_min_max": [round(loads.min().item(), 4), round(loads.max().item(), 4)],
         "forward": summary(fwd),
         "forward_backward": summary(fb),
@@ -339,9 +385,10 @@ def bench_tower(args: argparse.Namespace, tokens: int) -> dict:
 
 
 class _DenseAsOneExpert(nn.Module):
-    """A dense CLIPMLP's weights run by our experts code as a single expert that takes every token."""
+    """A dense MLP's (fc1 -> act -> fc2: CLIPMLP, SiglipMLP) weights run by our experts code as a single expert that
+    takes every token."""
 
-    def __init__(self, config: CLIPMoEVisionConfig, dense: CLIPMLP):
+    def __init__(self, config, dense: nn.Module):
         super().__init__()
         cfg = copy.deepcopy(config)
         cfg.num_experts, cfg.top_k = 1, 1
@@ -402,7 +449,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--note", help="free text stored in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights and inputs (default: float32)")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="model shapes of a real tower (overrides the shape flags)")
+    p.add_argument("--family", choices=tuple(FAMILIES), default="clip",
+                   help="whose MLP / tower: clip (QuickGELU, CLS token) or siglip (gelu_pytorch_tanh, no CLS token)")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="model shapes of a real tower (overrides the shape flags and --family)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke config (2 layers, width 64, 32px images, batch 2, 2 rounds)")
     args = p.parse_args(argv)
@@ -422,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     DEVICE, DTYPE = torch.device(args.device), DTYPES[args.dtype]
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    tokens = (args.image // args.patch) ** 2 + 1
+    tokens = (args.image // args.patch) ** 2 + int(FAMILIES[args.family].class_token)
     result: dict = {
         "benchmark": "scripts/bench_moe.py",
         "command": shlex.join(["python", "scripts/bench_moe.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -440,6 +490,8 @@ def main(argv: list[str] | None = None) -> None:
         "forward_mode": "torch.no_grad()",
         "forward_backward_mode": "train(); grads set to None each step; backward to input and all parameters",
     }
+    if args.preset:
+        result["preset"] = {"name": args.preset, **PRESETS[args.preset]}
     if args.note:
         result["note"] = args.note
     result["loadavg_1min_start"] = round(os.getloadavg()[0], 2)
