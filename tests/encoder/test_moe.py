@@ -207,3 +207,23 @@ def test_transformers_experts_implementations_ignore_the_mask():
     finally:
         layer.experts.config._experts_implementation = "eager"
     assert torch.equal(masked, unmasked)
+
+
+@pytest.mark.compile
+def test_capacity_with_padding_compiles_fullgraph_and_exports():
+    # The real-token count and ranks stay on the device (no host read), so the masked capacity traces whole.
+    layer = moe_layer(capacity_factor=0.5)
+    layer.experts.config._experts_implementation = "eager"  # as in a model (a standalone module has None)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    xg = x.clone().requires_grad_()
+    out, _ = compiled(xg, PADDING_MASK)
+    out.square().sum().backward()
+    expected = real_tokens_step(layer, x, PADDING_MASK)
+    torch.testing.assert_close(out[PADDING_MASK], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xg.grad[PADDING_MASK], expected[1], atol=1e-4, rtol=1e-4)
+    exported = torch.export.export(layer, (x, PADDING_MASK))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x, PADDING_MASK)[0], layer(x, PADDING_MASK)[0],
+                                   atol=1e-5, rtol=1e-5)
