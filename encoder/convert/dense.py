@@ -179,7 +179,10 @@ def _dense_match(config, where) -> FamilyMatch:
     if match.is_moe:
         raise UserError(f"base {where} is already a {match.label}; give the dense {match.family.label(False)} it came "
                         "from")
-    if match.kind != "model" or "model" not in match.family.dense_models:
+    if "model" not in match.family.dense_models:
+        raise UserError(f"{where} is a {match.family.label(False)}, a family that declares no dense classes to upcycle "
+                        "from (Family.dense_models)")
+    if match.kind != "model":
         raise UserError(f"{where} is a {match.model_type!r} model ({match.family.label(False)} {match.kind} tower "
                         f"only), not a full {match.family.label(False)}; give a directory with both towers")
     return match
