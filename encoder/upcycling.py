@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig
 
 from .family import WeightMap, family_of
@@ -109,3 +110,31 @@ def moe_config_from_dense(dense_config: PretrainedConfig, vision_moe: dict | Non
     if match.family.moe_config_from_dense is None:
         raise ValueError(f"the {match.family.label(False)} family has no dense -> MoE config map")
     return match.family.moe_config_from_dense(dense_config, vision_moe, text_moe)
+
+
+@torch.no_grad()
+def load_upcycled(moe_model: nn.Module, dense_model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill `moe_model` (built from its MoE config) from `dense_model` through `dense_to_moe_state_dict`, checked
+    key for key and shape for shape (`strict=True`); returned in the dense model's dtype, in eval mode."""
+    state = dense_to_moe_state_dict(dense_model.state_dict(), moe_model.config, seed)
+    expected = moe_model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the dense model does not fit the MoE config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise ValueError(f"the dense model does not fit the MoE config: {wrong[0]} has shape "
+                         f"{tuple(state[wrong[0]].shape)}, the MoE model {tuple(expected[wrong[0]].shape)}")
+    moe_model.load_state_dict(state, strict=True)
+    return moe_model.to(next(dense_model.parameters()).dtype).eval()
+
+
+def sparse_upcycle(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
+                   seed: int = 0) -> nn.Module:
+    """The MoE model of a dense full / vision / text model of any family, in memory: the same kind, MoE fields per
+    tower (e.g. `vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0, 1])`; a tower given None stays dense),
+    experts copied from the dense MLPs, new routers drawn with `seed`. Computes what the dense model computes."""
+    config = moe_config_from_dense(dense_model.config, vision_moe, text_moe)
+    model_class = family_of(config).family.moe_models[family_of(config).kind]
+    return load_upcycled(model_class(config), dense_model, seed)

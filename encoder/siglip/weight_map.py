@@ -29,7 +29,6 @@ from .configuration import (
     SiglipMoEVisionConfig,
     tower_dict,
 )
-from .modeling import SiglipMoEModel, SiglipMoETextModel, SiglipMoEVisionModel
 
 FFN_TO_EXPERT = {
     "fc1.weight": "up_proj",
@@ -65,28 +64,10 @@ def dense_key_of(moe_key: str) -> str | None:
     return WEIGHT_MAP.dense_ffn_key(moe_key)
 
 
-@torch.no_grad()
-def load_upcycled(moe_model: nn.Module, dense_model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill `moe_model` (built from its MoE config) from `dense_model` through `dense_to_moe_state_dict`, checked
-    key for key and shape for shape (`strict=True`); returned in the dense model's dtype, in eval mode."""
-    state = dense_to_moe_state_dict(dense_model.state_dict(), moe_model.config, seed)
-    expected = moe_model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"the dense model does not fit the MoE config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if wrong:
-        raise ValueError(f"the dense model does not fit the MoE config: {wrong[0]} has shape "
-                         f"{tuple(state[wrong[0]].shape)}, the MoE model {tuple(expected[wrong[0]].shape)}")
-    moe_model.load_state_dict(state, strict=True)
-    return moe_model.to(next(dense_model.parameters()).dtype).eval()
-
+load_upcycled = upcycling.load_upcycled  # the shared in-memory fill, kept under its first name
 
 DENSE_TO_MOE_CONFIG = {SiglipConfig: SiglipMoEConfig, SiglipVisionConfig: SiglipMoEVisionConfig,
                        SiglipTextConfig: SiglipMoETextConfig}
-MOE_MODEL_CLASS = {SiglipMoEConfig: SiglipMoEModel, SiglipMoEVisionConfig: SiglipMoEVisionModel,
-                   SiglipMoETextConfig: SiglipMoETextModel}
 
 
 def moe_config_of(dense_config: PretrainedConfig, vision_moe: dict | None = None, text_moe: dict | None = None,
@@ -107,17 +88,8 @@ def moe_config_of(dense_config: PretrainedConfig, vision_moe: dict | None = None
     raise TypeError(f"{type(dense_config).__name__} is not one of the dense configs this map knows ({names})")
 
 
-def sparse_upcycle(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
-                   seed: int = 0, dense_to_moe: Mapping[type, type] = DENSE_TO_MOE_CONFIG,
-                   moe_models: Mapping[type, type] = MOE_MODEL_CLASS) -> nn.Module:
-    """The MoE model of a dense full / vision / text model (SigLIP's classes by default): same kind, MoE fields per
-    tower (e.g. `vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0, 1])`), experts copied from the dense MLPs,
-    new routers drawn with `seed`. Computes what the dense model computes."""
-    config = moe_config_of(dense_model.config, vision_moe, text_moe, dense_to_moe)
-    return load_upcycled(moe_models[type(config)](config), dense_model, seed)
-
-
 def sparse_upcycle_siglip(dense_model: nn.Module, vision_moe: dict | None = None, text_moe: dict | None = None,
                           seed: int = 0) -> nn.Module:
-    """`sparse_upcycle` of a transformers `SiglipModel` / `SiglipVisionModel` / `SiglipTextModel`."""
-    return sparse_upcycle(dense_model, vision_moe, text_moe, seed)
+    """`encoder.upcycling.sparse_upcycle` of a transformers `SiglipModel` / `SiglipVisionModel` / `SiglipTextModel`:
+    the SigLIP-MoE of the same kind, computing what the dense model computes."""
+    return upcycling.sparse_upcycle(dense_model, vision_moe, text_moe, seed)

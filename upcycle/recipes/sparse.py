@@ -120,10 +120,16 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
 
 
-@torch.no_grad()
 def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | None = None) -> dict:
+    """`max_output_diff` of the dense base vs the MoE model written in `moe_dir` (`layerwise_check`)."""
+    return layerwise_check(base, moe_dir, inputs)[0]
+
+
+@torch.no_grad()
+def layerwise_check(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | None = None) -> tuple[dict, float]:
     """`max_output_diff` of the dense base vs the MoE model written in `moe_dir`, on a small random batch
-    (`check_inputs`).
+    (`check_inputs`), and the largest |value| among the dense outputs it compares: float rounding scales with it (a
+    27-layer SO400M with random weights carries hidden states where 1e-5 is below fp32's resolution).
 
     Both models run with meta parameters that are read from disk module by module during the forward
     (`encoder.tensor_stream.lazy_model`), so the check costs one module's weights (the largest: one layer's
@@ -138,9 +144,28 @@ def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: di
         dense_class = family.dense_models["model"]
         dense = base.model if base.model is not None else lazy_model(lambda: dense_class(base.config), base.tensors,
                                                                       dtype=base.dtype)
-        return max_output_diff(dense, moe, inputs if inputs is not None else check_inputs(dense))
+        largest = []
+        hook = dense.register_forward_hook(lambda module, args, output: largest.append(_largest_value(output)))
+        try:
+            diff = max_output_diff(dense, moe, inputs if inputs is not None else check_inputs(dense))
+        finally:
+            hook.remove()
+        return diff, largest[0]
     finally:
         moe_tensors.close()
+
+
+def _largest_value(output) -> float:
+    """The largest |value| of the embeddings and hidden states `max_output_diff` compares."""
+    tensors = [output.image_embeds, output.text_embeds, *output.vision_model_output.hidden_states,
+               *output.text_model_output.hidden_states]
+    return max(t.abs().max().item() for t in tensors)
+
+
+def within_rounding(diff: float, largest: float) -> bool:
+    """Whether a dense-vs-MoE difference is float rounding: at most 1e-5, or 1e-6 of the largest output (fp32 keeps
+    about 7 digits; the experts sum their products in another order than the dense MLP)."""
+    return diff <= max(1e-5, 1e-6 * largest)
 
 
 def check_inputs(model: PreTrainedModel, batch: int = 2) -> dict[str, torch.Tensor]:

@@ -292,3 +292,12 @@ def test_a_siglip_tower_directory_is_refused_naming_the_full_model(tmp_path, tok
     dense = _siglip_dir(tmp_path / "dense", tokenizer_dir)
     SiglipVisionModel(dense.config.vision_config).save_pretrained(tmp_path / "vision")
     _refused(tmp_path / "vision", tmp_path, capsys, "vision tower only")
+
+
+def test_the_verdict_allows_float_rounding_relative_to_the_outputs():
+    """A real-size model's hidden states are large: 1e-6 of them is rounding (fp32 keeps ~7 digits), a changed
+    expert is not."""
+    from upcycle.recipes.sparse import within_rounding
+
+    assert within_rounding(4e-6, 0.5) and within_rounding(1.3e-5, 40.0)
+    assert not within_rounding(2e-5, 1.0) and not within_rounding(1e-3, 40.0)
