@@ -225,7 +225,7 @@ class SiglipMoETextModel(SiglipMoETextTower, SiglipMoEPreTrainedModel):
 
 class SiglipMoEBothTowers:
     """What SigLIP's and SigLIP2's full models share: both towers (text_model_class / vision_model_class, set by the
-    family), the logit scale and the logit bias, the text features, and the output (`siglip_output`).
+    family), the logit scale and the logit bias, the text features, and the output (`_full_output`).
 
     Mixed into a family's PreTrainedModel; the family writes `get_image_features` and `forward` for its vision inputs.
     """
@@ -266,7 +266,13 @@ class SiglipMoEBothTowers:
         """The full model's output (`output_class`) from its towers' outputs: normalised embeddings, logits =
         logit_scale.exp() * cosine similarity + logit_bias, the sigmoid loss plus both towers' `aux_loss` when asked.
         """
-        return siglip_output(self, vision, text, return_loss, return_dict, self.output_class)
+        # Written as transformers' SiglipModel writes them, so a dense SigLIP-MoE matches it bit for bit.
+        image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t())
+        logits_per_text = logits_per_text * self.logit_scale.exp() + self.logit_bias
+        return full_output(self, vision, text, (image_embeds, text_embeds), logits_per_text, sigmoid_loss,
+                           return_loss, return_dict, self.output_class)
 
 
 class SiglipMoEModel(MoEFullModel, SiglipMoEBothTowers, SiglipMoEPreTrainedModel):
@@ -285,16 +291,3 @@ class SiglipMoEModel(MoEFullModel, SiglipMoEBothTowers, SiglipMoEPreTrainedModel
         in `get_text_features`."""
         vision_inputs = dict(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self._image_features(return_dict, vision_inputs, kwargs)
-
-
-def siglip_output(model: nn.Module, vision, text, return_loss: bool | None, return_dict: bool | None,
-                  output_class: type):
-    """A full model's output from its towers' outputs (SigLIP and SigLIP2 alike): normalised embeddings, logits =
-    logit_scale.exp() * cosine similarity + logit_bias, the sigmoid loss plus both towers' `aux_loss` when asked."""
-    # Written as transformers' SiglipModel writes them, so a dense SigLIP-MoE matches it bit for bit.
-    image_embeds = vision.pooler_output / vision.pooler_output.norm(p=2, dim=-1, keepdim=True)
-    text_embeds = text.pooler_output / text.pooler_output.norm(p=2, dim=-1, keepdim=True)
-    logits_per_text = torch.matmul(text_embeds, image_embeds.t())
-    logits_per_text = logits_per_text * model.logit_scale.exp() + model.logit_bias
-    return full_output(model, vision, text, (image_embeds, text_embeds), logits_per_text, sigmoid_loss,
-                       return_loss, return_dict, output_class)
