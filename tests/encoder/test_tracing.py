@@ -64,9 +64,10 @@ def test_moe_layer_exports_and_matches_eager(capacity_factor):
 
 
 @pytest.mark.parametrize("capacity_factor, hidden_act", [(None, "quick_gelu"), (0.5, "quick_gelu"),
-                                                        (None, "gelu_pytorch_tanh")])
+                                                        (None, "gelu_pytorch_tanh"), (None, "gelu_new")])
 def test_moe_layer_compiles_fullgraph_forward_and_backward(capacity_factor, hidden_act):
-    # gelu_pytorch_tanh has no fused kernel: two clip_moe::segment_linear ops around transformers' act_fn.
+    # quick_gelu and gelu_pytorch_tanh (SigLIP's) run fused in clip_moe::segment_mlp; gelu_new (pure Python in
+    # transformers) has no fused kernel: two clip_moe::segment_linear ops around transformers' act_fn.
     layer = moe_layer(capacity_factor, hidden_act=hidden_act)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -157,7 +158,8 @@ def test_vision_model_compiles_fullgraph_forward_and_backward():
 
 
 def test_unfused_activation_exports_through_segment_linear():
-    layer = moe_layer(hidden_act="gelu_pytorch_tanh")
+    # gelu_new is transformers' pure-Python tanh GELU: it rounds unlike the aten kernel, so it stays unfused.
+    layer = moe_layer(hidden_act="gelu_new")
     x = torch.randn(2, 9, 32)
     exported = torch.export.export(layer, (x,))
     ops = graph_ops(exported)
