@@ -102,6 +102,11 @@ class Family:
         `CLIPModel`, ...), so a dense base of any family is read, checked and loaded by the same code.
     moe_config_from_dense: (dense config, vision MoE fields, text MoE fields) -> the MoE config of the same kind, the
         dense config's fields kept and a tower given None left dense; what sparse upcycling starts from.
+    sigmoid_loss: trained the SigLIP way (big_vision's recipe): the pairwise sigmoid loss with a learned
+        `logit_bias`, captions padded to a fixed length with no mask and pooled at the last position. False: CLIP's
+        way (InfoNCE; captions padded to the batch's longest, masked, pooled at the end-of-text token).
+    patch_sequences: the vision tower takes variable-resolution patch sequences (SigLIP2's naflex: pixel_values
+        [B, max_patches, C*p*p] with pixel_attention_mask and spatial_shapes) instead of [B, C, H, W] images.
     """
 
     name: str
@@ -118,6 +123,8 @@ class Family:
     dense_configs: Mapping[str, type] = field(default_factory=dict, repr=False)
     dense_models: Mapping[str, type] = field(default_factory=dict, repr=False)
     moe_config_from_dense: Callable | None = field(default=None, repr=False)
+    sigmoid_loss: bool = False
+    patch_sequences: bool = False
 
     def label(self, moe: bool) -> str:
         """"CLIP-MoE" / "CLIP": what a message calls a (MoE or dense) model of this family."""

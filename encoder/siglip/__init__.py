@@ -47,6 +47,7 @@ SIGLIP = register_family(Family(
     dense_configs={"model": SiglipConfig, "vision": SiglipVisionConfig, "text": SiglipTextConfig},
     dense_models={"model": SiglipModel, "vision": SiglipVisionModel, "text": SiglipTextModel},
     moe_config_from_dense=moe_config_of,
+    sigmoid_loss=True,
 ))
 
 __all__ = [

@@ -47,6 +47,8 @@ SIGLIP2 = register_family(Family(
     dense_configs={"model": Siglip2Config, "vision": Siglip2VisionConfig, "text": Siglip2TextConfig},
     dense_models={"model": Siglip2Model, "vision": Siglip2VisionModel, "text": Siglip2TextModel},
     moe_config_from_dense=moe_config_of,
+    sigmoid_loss=True,
+    patch_sequences=True,
 ))
 
 __all__ = [

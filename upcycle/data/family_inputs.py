@@ -14,26 +14,18 @@ from encoder.utils.errors import UserError
 
 from .datasets import Tokenize, tokenizer_fn
 
-# The families whose contrastive objective is SigLIP's sigmoid loss and whose text tower is fed fixed-length,
-# unmasked token ids (both facts come from the same training recipe, big_vision's).
-SIGMOID_FAMILIES = ("siglip", "siglip2")
-
-
 def uses_sigmoid_loss(config: Any) -> bool:
-    """True when `config` (a model's config, a directory or a config dict) is of a SigLIP-style family."""
-    return family_of(config).family.name in SIGMOID_FAMILIES
-
-
-# Families whose images the datasets here cannot produce: SigLIP2's processor cuts each image into a variable number
-# of patches (pixel_values [B, max_patches, C*p*p] with pixel_attention_mask and spatial_shapes), while
-# `ImageTextDataset` stacks one [3, H, W] tensor per image.
-PATCH_SEQUENCE_FAMILIES = ("siglip2",)
+    """True when `config` (a model's config, a directory or a config dict) is of a family trained the SigLIP way
+    (`Family.sigmoid_loss`: the sigmoid loss, and fixed-length unmasked captions; both from big_vision's recipe)."""
+    return family_of(config).family.sigmoid_loss
 
 
 def check_image_inputs(config: Any) -> None:
-    """A UserError (one line) for a model whose images these datasets cannot feed (`PATCH_SEQUENCE_FAMILIES`)."""
+    """A UserError (one line) for a model whose images these datasets cannot feed: a family of variable-resolution
+    patch sequences (`Family.patch_sequences`, SigLIP2's naflex), while `ImageTextDataset` stacks one [3, H, W]
+    tensor per image."""
     match = family_of(config)
-    if match.family.name in PATCH_SEQUENCE_FAMILIES:
+    if match.family.patch_sequences:
         raise UserError(f"a {match.label} model takes variable-resolution patch sequences (pixel_attention_mask, "
                         "spatial_shapes), which upcycle's image-text datasets do not produce yet; train or evaluate "
                         "a CLIP or SigLIP model here")

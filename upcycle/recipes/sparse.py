@@ -128,7 +128,7 @@ def layerwise_output_diff(base: DenseCLIPSource, moe_dir: str | Path, inputs: di
 @torch.no_grad()
 def layerwise_check(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | None = None) -> tuple[dict, float]:
     """`max_output_diff` of the dense base vs the MoE model written in `moe_dir`, on a small random batch
-    (`check_inputs`), and the largest |value| among the dense outputs it compares: float rounding scales with it (a
+    (`random_inputs`), and the largest |value| among the dense outputs it compares: float rounding scales with it (a
     27-layer SO400M with random weights carries hidden states where 1e-5 is below fp32's resolution).
 
     Both models run with meta parameters that are read from disk module by module during the forward
@@ -147,7 +147,7 @@ def layerwise_check(base: DenseCLIPSource, moe_dir: str | Path, inputs: dict | N
         largest = []
         hook = dense.register_forward_hook(lambda module, args, output: largest.append(_largest_value(output)))
         try:
-            diff = max_output_diff(dense, moe, inputs if inputs is not None else check_inputs(dense))
+            diff = max_output_diff(dense, moe, inputs if inputs is not None else random_inputs(dense))
         finally:
             hook.remove()
         return diff, largest[0]
@@ -166,27 +166,3 @@ def within_rounding(diff: float, largest: float) -> bool:
     """Whether a dense-vs-MoE difference is float rounding: at most 1e-5, or 1e-6 of the largest output (fp32 keeps
     about 7 digits; the experts sum their products in another order than the dense MLP)."""
     return diff <= max(1e-5, 1e-6 * largest)
-
-
-def check_inputs(model: PreTrainedModel, batch: int = 2) -> dict[str, torch.Tensor]:
-    """A small random batch for `model`: a CLIP's is `random_inputs` (texts ending in its end-of-text token); other
-    families get token ids anywhere in the vocabulary (SigLIP attends to every position and pools the last; its
-    configs' default token ids are CLIP's, outside a SigLIP vocabulary) and square images, or, for SigLIP2's naflex
-    tower, patch sequences: one image on the full grid of its position table and the others on a smaller grid
-    padded to the same length (with `pixel_attention_mask` and `spatial_shapes`), so padding is checked too."""
-    if family_of(model.config).family.name == "clip":
-        return random_inputs(model, batch=batch)
-    g = torch.Generator().manual_seed(0)
-    vision, text = model.config.vision_config, model.config.text_config
-    ids = torch.randint(0, text.vocab_size, (batch, min(16, text.max_position_embeddings)), generator=g)
-    if hasattr(vision, "image_size"):
-        pixels = torch.randn(batch, vision.num_channels, vision.image_size, vision.image_size, generator=g)
-        return {"pixel_values": pixels, "input_ids": ids}
-    side = math.isqrt(vision.num_patches)
-    grids = [(side, side)] + [(max(1, side - 1), max(1, side // 2))] * (batch - 1)
-    mask = torch.zeros(batch, side * side, dtype=torch.long)
-    for i, (h, w) in enumerate(grids):
-        mask[i, : h * w] = 1
-    pixels = torch.randn(batch, side * side, vision.num_channels * vision.patch_size ** 2, generator=g)
-    return {"pixel_values": pixels * mask[..., None], "pixel_attention_mask": mask,
-            "spatial_shapes": torch.tensor(grids), "input_ids": ids}
