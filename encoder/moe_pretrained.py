@@ -22,9 +22,12 @@ from .outputs import CLIPMoEEncoderOutput
 from .tower_output import flag
 
 
-def run_mlp(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """A dense MLP's output, or a MoE layer's (whose router logits the tower records from its router)."""
-    return mlp(hidden_states)[0] if isinstance(mlp, CLIPMoESparseMLP) else mlp(hidden_states)
+def run_mlp(mlp: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense MLP's output, or a MoE layer's (whose router logits the tower records from its router).
+
+    token_mask [B, N] (True = takes expert capacity, None = every token) reaches the MoE layer, which keeps the other
+    tokens out of its experts' capacity when it has a `capacity_factor` (dropless layers compute every token)."""
+    return mlp(hidden_states, token_mask)[0] if isinstance(mlp, CLIPMoESparseMLP) else mlp(hidden_states)
 
 
 class MoEEncoderLayer(GradientCheckpointingLayer):
@@ -35,11 +38,12 @@ class MoEEncoderLayer(GradientCheckpointingLayer):
     """
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **attn_kwargs) -> torch.Tensor:
+                token_mask: torch.Tensor | None = None, **attn_kwargs) -> torch.Tensor:
+        """attention_mask goes to the attention, token_mask [B, N] (see `run_mlp`) to a MoE MLP."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(self.layer_norm1(hidden_states), attention_mask, **attn_kwargs)
         hidden_states = residual + hidden_states
-        return hidden_states + run_mlp(self.mlp, self.layer_norm2(hidden_states))
+        return hidden_states + run_mlp(self.mlp, self.layer_norm2(hidden_states), token_mask)
 
 
 class MoEEncoder(nn.Module):
@@ -55,10 +59,11 @@ class MoEEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs) -> CLIPMoEEncoderOutput:
+                token_mask: torch.Tensor | None = None, **kwargs) -> CLIPMoEEncoderOutput:
+        """token_mask [B, N]: the tokens that take expert capacity in every MoE layer (None: all; see `run_mlp`)."""
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            hidden_states = layer(hidden_states, attention_mask, token_mask=token_mask, **kwargs)
         return CLIPMoEEncoderOutput(last_hidden_state=hidden_states)
 
 

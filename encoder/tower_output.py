@@ -101,15 +101,17 @@ class MoETextTower(MoETower):
         pools).
 
         Padding tokens (attention_mask == 0; without a mask, the tower's rule) are routed like any token but do not
-        count in the auxiliary losses."""
+        count in the auxiliary losses and, in MoE layers with a `capacity_factor`, take no expert capacity where the
+        tower's `_capacity_tokens` says so."""
         if input_ids is None:
             raise ValueError("input_ids is required")
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        token_mask = self._real_tokens(inputs)
+        real_tokens = self._real_tokens(inputs)
+        inputs["token_mask"] = self._capacity_tokens(inputs, real_tokens)
         flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                      output_router_logits=output_router_logits)
-        return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
+        return tower_output(self, self._features, real_tokens, return_dict, inputs, flags)
 
     forward.__doc__ += OUTPUT_FLAGS_DOC
 
@@ -117,6 +119,12 @@ class MoETextTower(MoETower):
         """The real (not padding) tokens of `inputs` [B, N] (None: all), by `attention_mask` when it is given, else by
         the family's rule, which may add to `inputs` what its `_features` needs."""
         raise NotImplementedError(f"{type(self).__name__} must say which of its tokens are padding")
+
+    def _capacity_tokens(self, inputs: dict, real_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The tokens [B, N] that take expert capacity in the MoE layers (None: all), which `_features` gets as its
+        `token_mask`: the real tokens, when no real token reads the padding's outputs (the family overrides it where
+        one does: zeroing the padding's MLP output would then change the real tokens)."""
+        return real_tokens
 
 
 def install_recording_hooks(tower: PreTrainedModel) -> None:

@@ -134,13 +134,17 @@ class CLIPMoETextModel(MoETextTower, CLIPMoEPreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None, eos_position: torch.Tensor, **kwargs) -> CLIPMoEOutputWithPooling:
+                  position_ids: torch.Tensor | None, eos_position: torch.Tensor, token_mask: torch.Tensor,
+                  **kwargs) -> CLIPMoEOutputWithPooling:
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None
         )
         kwargs.pop("is_causal", None)
-        last = self.final_layer_norm(self.encoder(hidden_states, mask, is_causal=True, **kwargs).last_hidden_state)
+        # token_mask: the real tokens (`_real_tokens`) take expert capacity. Attention is causal, so no real token
+        # reads the padding after it, whose MLP output a capacity factor then zeroes.
+        encoded = self.encoder(hidden_states, mask, token_mask=token_mask, is_causal=True, **kwargs)
+        last = self.final_layer_norm(encoded.last_hidden_state)
         pooled = last[torch.arange(last.shape[0], device=last.device), eos_position.to(last.device)]
         return CLIPMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 

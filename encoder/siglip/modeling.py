@@ -207,12 +207,24 @@ class SiglipMoETextTower(MoETextTower):
             return inputs["input_ids"] != self.config.pad_token_id
         return None
 
+    def _capacity_tokens(self, inputs: dict, real_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        # Without an attention_mask every token attends to the padding, so all of it takes expert capacity (zeroing
+        # the padding's MLP output would change the real tokens). With one, the masked tokens take none, except the
+        # last position, which `_features` pools (padding, when the captions are right-padded).
+        attention_mask = inputs["attention_mask"]
+        if attention_mask is None:
+            return None
+        last = torch.arange(attention_mask.shape[-1], device=attention_mask.device) == attention_mask.shape[-1] - 1
+        return attention_mask.to(torch.bool) | last
+
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  position_ids: torch.Tensor | None, **kwargs) -> SiglipMoEOutputWithPooling:
+                  position_ids: torch.Tensor | None, token_mask: torch.Tensor | None,
+                  **kwargs) -> SiglipMoEOutputWithPooling:
         hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
-        last = self.final_layer_norm(self.encoder(hidden_states, mask, **kwargs).last_hidden_state)
+        encoded = self.encoder(hidden_states, mask, token_mask=token_mask, **kwargs)
+        last = self.final_layer_norm(encoded.last_hidden_state)
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=self.head(last[:, -1, :]))
 
 

@@ -93,7 +93,9 @@ class Siglip2MoEVisionModel(SiglipMoEVisionTower, Siglip2MoEPreTrainedModel):
         """pixel_values [B, max_patches, C*p*p], pixel_attention_mask [B, max_patches] (1 = real patch),
         spatial_shapes [B, 2] (each image's patch grid) -> last_hidden_state [B, max_patches, d], pooler_output [B, d].
 
-        Padded patches are routed like any token but do not count in the auxiliary losses.
+        Padded patches are routed like any token but do not count in the auxiliary losses and, in MoE layers with a
+        `capacity_factor`, take no expert capacity (attention never reads them, so the real patches are routed and
+        computed as without the padding; the padded patches' MLP output is then zero).
 
         Raises NaflexInputError (a ValueError) when the mask or the spatial shapes are missing: without them the
         padded patches would be taken for image content."""
@@ -109,18 +111,18 @@ class Siglip2MoEVisionModel(SiglipMoEVisionTower, Siglip2MoEPreTrainedModel):
         flags = dict(kwargs, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                      output_router_logits=output_router_logits)
         inputs = dict(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-                      spatial_shapes=spatial_shapes)
+                      spatial_shapes=spatial_shapes, token_mask=token_mask)
         return tower_output(self, self._features, token_mask, return_dict, inputs, flags)
 
     forward.__doc__ += OUTPUT_FLAGS_DOC
 
     @capture_outputs(tie_last_hidden_states=False)
     def _features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
-                  spatial_shapes: torch.LongTensor, **kwargs) -> SiglipMoEOutputWithPooling:
+                  spatial_shapes: torch.LongTensor, token_mask: torch.Tensor, **kwargs) -> SiglipMoEOutputWithPooling:
         hidden_states = self.embeddings(pixel_values, spatial_shapes)
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
                                          attention_mask=pixel_attention_mask)
-        last = self.post_layernorm(self.encoder(hidden_states, mask, **kwargs).last_hidden_state)
+        last = self.post_layernorm(self.encoder(hidden_states, mask, token_mask=token_mask, **kwargs).last_hidden_state)
         pooled = self.head(last, pixel_attention_mask) if self.use_head else None
         return SiglipMoEOutputWithPooling(last_hidden_state=last, pooler_output=pooled)
 

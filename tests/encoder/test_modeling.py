@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 import encoder
+from conftest import BOS, EOS
 from encoder import (
     CLIPMoEConfig,
     CLIPMoEModel,
@@ -284,3 +285,25 @@ def test_attentions_are_recorded_as_in_transformers_clip(dense_clip, batch):
     for tower in ("vision_model_output", "text_model_output"):
         a, b = getattr(theirs, tower).attentions, getattr(ours, tower).attentions
         assert len(a) == len(b) == 4 and all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+def test_capacity_keeps_text_padding_out_of_the_real_tokens(dense_clip):
+    # With a capacity factor the padding takes no expert capacity: right-padded captions give their real tokens (and
+    # the pooled EOS token) the outputs of the same captions unpadded.
+    model = sparse_upcycle(dense_clip, num_experts=4, top_k=2, towers=("text",), capacity_factor=0.5)
+    torch.manual_seed(0)
+    with torch.no_grad():  # experts apart, so which choices capacity drops shows in the outputs
+        for layer in model.text_model.encoder.layers:
+            layer.mlp.experts.up_proj.add_(0.3 * torch.randn_like(layer.mlp.experts.up_proj))
+    captions = torch.randint(1, BOS, (2, 6), generator=torch.Generator().manual_seed(3))
+    captions[:, 0], captions[:, -1] = BOS, EOS
+    padded = torch.cat([captions, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones_like(captions), torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model.text_model(captions)
+        masked = model.text_model(padded, attention_mask=mask)
+        all_real = model.text_model(padded, attention_mask=torch.ones_like(padded))
+    torch.testing.assert_close(masked.last_hidden_state[:, :6], alone.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.pooler_output, alone.pooler_output, atol=1e-5, rtol=1e-5)
+    # The padding called real (attention is causal, so only the capacity changes): it takes capacity from the captions.
+    assert not torch.allclose(all_real.last_hidden_state[:, :6], alone.last_hidden_state, atol=1e-3)

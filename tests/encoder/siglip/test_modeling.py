@@ -366,3 +366,25 @@ def test_experts_implementation_can_be_switched(dense_siglip, siglip_batch):
         theirs = model(**siglip_batch).logits_per_image
     assert model.vision_model.config._experts_implementation == "grouped_mm"
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_with_a_text_mask_keeps_the_pooled_last_position(dense_siglip, siglip_batch):
+    # With an attention_mask the padding takes no expert capacity (its MLP output is zero), except the last position,
+    # which the text tower pools (padding in every caption here). A capacity that drops no real choice (capacity_factor
+    # = num_experts) then gives the dropless numbers at the real tokens and in the pooled output. Without a mask every
+    # token attends to the padding, so all of it is computed: the dropless numbers everywhere.
+    moe = dict(num_experts=4, top_k=2, moe_layers=[0, 1, 2, 3])
+    dropless = sparse_upcycle_siglip(dense_siglip, text_moe=moe, seed=2).text_model
+    capped = sparse_upcycle_siglip(dense_siglip, text_moe=dict(moe, capacity_factor=4.0), seed=2).text_model
+    ids, mask = siglip_batch["input_ids"], siglip_batch["attention_mask"]
+    assert not mask[:, -1].any()
+    with torch.no_grad():
+        want, got = dropless(ids, attention_mask=mask), capped(ids, attention_mask=mask)
+        torch.testing.assert_close(capped(ids).last_hidden_state, dropless(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    real = mask.bool()
+    torch.testing.assert_close(got.last_hidden_state[real], want.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=1e-5)
+    # The rest of the padding took no expert: its states differ from the dropless ones.
+    skipped = ~real
+    skipped[:, -1] = False
+    assert not torch.allclose(got.last_hidden_state[skipped], want.last_hidden_state[skipped], atol=1e-3)

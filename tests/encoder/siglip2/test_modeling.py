@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel, Siglip2VisionModel
 
 import encoder  # noqa: F401  (registers every family)
+from encoder import moe_pretrained
 from encoder.family import family_of
 from encoder.moe import routing_losses
 from encoder.siglip.weight_map import moe_config_of
@@ -211,3 +212,35 @@ def test_a_freshly_built_model_trains(siglip2_batch):
 def test_config_rejects_impossible_settings(fields, message):
     with pytest.raises(Exception, match=message):
         Siglip2MoEVisionConfig(num_hidden_layers=4, **fields)
+
+
+def test_capacity_keeps_padded_patches_out_of_the_real_patches(dense_siglip2, monkeypatch):
+    # With a capacity factor the padded patches take no expert capacity: images padded to a longer patch sequence give
+    # their real patches (and the pooled output) the outputs of the same images unpadded.
+    moe = dict(num_experts=4, top_k=2, moe_layers=[0, 1, 2, 3], capacity_factor=0.5)
+    model = sparse_upcycle_siglip2(dense_siglip2, vision_moe=moe).vision_model
+    torch.manual_seed(0)
+    with torch.no_grad():  # experts apart, so which choices capacity drops shows in the outputs
+        for layer in model.encoder.layers:
+            layer.mlp.experts.up_proj.add_(0.3 * torch.randn_like(layer.mlp.experts.up_proj))
+    grid, real, padded_len = (2, 3), 6, 10
+    pixels = torch.randn(2, real, 3 * 8 * 8, generator=torch.Generator().manual_seed(3))
+    unpadded = {"pixel_values": pixels, "pixel_attention_mask": torch.ones(2, real, dtype=torch.long),
+                "spatial_shapes": torch.tensor([grid, grid])}
+    pad = torch.zeros(2, padded_len - real, dtype=torch.long)
+    padded = dict(unpadded, pixel_values=torch.cat([pixels, torch.zeros(2, padded_len - real, 3 * 8 * 8)], dim=1),
+                  pixel_attention_mask=torch.cat([unpadded["pixel_attention_mask"], pad], dim=1))
+    with torch.no_grad():
+        alone, masked = model(**unpadded), model(**padded)
+    torch.testing.assert_close(masked.last_hidden_state[:, :real], alone.last_hidden_state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.pooler_output, alone.pooler_output, atol=1e-5, rtol=1e-5)
+    # Without the mask reaching the MoE layers the padded patches take capacity from the real ones.
+    run_mlp = moe_pretrained.run_mlp
+
+    def unwired(mlp, hidden_states, token_mask=None):
+        return run_mlp(mlp, hidden_states)
+
+    monkeypatch.setattr(moe_pretrained, "run_mlp", unwired)
+    with torch.no_grad():
+        unwired = model(**padded)
+    assert not torch.allclose(unwired.last_hidden_state[:, :real], alone.last_hidden_state, atol=1e-3)
