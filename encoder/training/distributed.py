@@ -157,14 +157,83 @@ def _forget_earlier_precision(mixed: str) -> None:
 def leave_process_group() -> None:
     """Once every rank is done (a barrier), leave the process group while the interpreter is fully alive.
 
-    Left to interpreter exit, gloo's worker threads may still hold the work of the last asynchronous collectives
-    (FSDP2 issues them: all-gathers, reduce-scatters) with tensors Python owns; freeing those during finalization
-    takes the GIL there, the thread is unwound and the process aborts ("terminate called without an active
-    exception", SIGABRT) after a finished run, by chance, more often on a loaded machine. Only for runs that
-    succeeded: after an error, peers may still wait in a collective, which a barrier or destroy would hang on."""
+    A finished FSDP2 run on gloo was seen to abort at exit, by chance, on a loaded machine (rank 1: "terminate
+    called without an active exception", SIGABRT). The group's gloo backend then still ran its threads (2 workers,
+    1 transport loop) into the interpreter's finalization, where C++ threads meet a dying interpreter; here they
+    are joined first, with Python fully alive. Only for runs that succeeded: after an error, peers may still wait
+    in a collective, which a barrier or destroy would hang on.
+
+    destroy_process_group alone does not end gloo's threads after an FSDP2 run: it only forgets the group, whose
+    C++ backend (with its worker and transport threads) lives as long as a Python reference to it, and torch's
+    DTensor caches keep FSDP2's DeviceMesh, which holds the group, for the life of the process (see
+    `_release_device_meshes`). So those references go first; the group is then freed, and its threads joined, by
+    destroy_process_group itself, here, with the interpreter fully alive. A function's default argument can hold
+    the group as well (`_release_default_arguments`): DeepSpeed's, imported under accelerate's FSDP2 too."""
+    import gc
+
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     dist.barrier()
+    _release_device_meshes()
+    _release_default_arguments(dist.distributed_c10d._world.pg_map)
+    gc.collect()  # the run's models and their FSDP2 state, left in reference cycles, let go of the mesh too
     dist.destroy_process_group()
+
+
+# torch's DTensor caches that hold a DeviceMesh (through a DTensorSpec, a planner or a topology) beyond the model
+# that used it, as (module, attribute path to a function with cache_clear, or to a function that clears). All
+# private, so each is cleared only where this torch has it. Measured on torch 2.14 (a 1-process gloo FSDP2 run):
+# without the sharding propagation, planner, transform or topology cache cleared, the group's threads outlive
+# destroy_process_group.
+_MESH_CACHES = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # the Python and the C++ fast-path caches
+    ("torch.distributed.tensor._sharding_prop", "ShardingPropagator._propagate_tensor_meta_cached.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+
+
+def _release_default_arguments(groups) -> None:
+    """Drop the process groups `groups` from functions' default arguments, for None (the default group, in
+    torch.distributed's calls). A default is evaluated once, at definition: DeepSpeed's `TorchBackend.barrier(self,
+    group=torch.distributed.GroupMember.WORLD, ...)` (deepspeed/comm/torch.py), imported once the group exists,
+    holds the world group for the life of the process, so destroy_process_group cannot free it and gloo's threads
+    run on into the interpreter's finalization. The groups are about to be destroyed: a default naming one could
+    not be used again anyway."""
+    import gc
+    import types
+
+    import torch.distributed as dist
+
+    doomed = {id(group) for group in groups}
+
+    def stale(value) -> bool:
+        return isinstance(value, dist.ProcessGroup) and id(value) in doomed
+
+    for function in gc.get_objects():  # functions are tracked by the collector, so all of them are listed
+        if type(function) is not types.FunctionType:
+            continue
+        if function.__defaults__ and any(stale(value) for value in function.__defaults__):
+            function.__defaults__ = tuple(None if stale(value) else value for value in function.__defaults__)
+        if function.__kwdefaults__ and any(stale(value) for value in function.__kwdefaults__.values()):
+            function.__kwdefaults__ = {key: None if stale(value) else value
+                                       for key, value in function.__kwdefaults__.items()}
+
+
+def _release_device_meshes() -> None:
+    """Empty torch's DTensor caches (`_MESH_CACHES`; the sharding propagation cache is per thread: this one's,
+    where the loop's DTensor ops ran), so they no longer keep a DeviceMesh, and with it its process groups, alive.
+    They refill on the next DTensor op (an embedded run that trains again), at the cost of recomputing them."""
+    import importlib
+
+    for module_name, path in _MESH_CACHES:
+        try:
+            target = importlib.import_module(module_name)
+            for name in path.split("."):
+                target = getattr(target, name)
+        except (ImportError, AttributeError):
+            continue  # another torch: not there
+        target()
