@@ -491,3 +491,124 @@ def tiny_open_clip(folder, name: str, quick_gelu: bool = True, seed: int = 0):
     open_clip.add_model_config(folder)
     torch.manual_seed(seed)
     return open_clip.create_model(name, pretrained=None).eval()
+
+
+def perturbed_open_clip(name: str, seed: int = 0) -> torch.nn.Module:
+    """open_clip's random init of the registered config `name`, every tensor moved off its init (open_clip and timm
+    zero-init some: biases, the MAP latent's neighbours), so each weight shows in a conversion's numbers."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def assert_max_abs_diff(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    """a and b differ by at most `tol` anywhere; the message names `what` and the largest difference."""
+    diff = (a - b).abs().max().item()
+    assert diff <= tol, f"{what}: max abs diff {diff:.2e} > {tol}"
+
+
+def siglip_sentencepiece_dir(folder, max_length: int = 16) -> str:
+    """A SiglipTokenizer folder over a 40-piece unigram vocabulary (<pad> 0, </s> 1, <unk> 2), trained in-process on a
+    few sentences (SigLIP's own vocabulary cannot be had offline)."""
+    import io
+    import random
+
+    import sentencepiece
+
+    words = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "blue", "green", "small", "big", "two", "house",
+             "car", "tree", "sky", "water"]
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=40, model_type="unigram", minloglevel=2,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
+                                                              "model_max_length": max_length}))
+    return str(folder)
+
+
+# Tiny SigLIPs and SigLIP2s (transformers' own classes, the judges of every SigLIP-MoE test).
+
+SIGLIP_VOCAB = 100
+SIGLIP_PAD = 1  # SigLIP pads with its pad token to a fixed length and is usually run without an attention mask
+
+
+def tiny_siglip_config(layers: int = 4, width: int = 32, siglip2: bool = False, vision_use_head: bool = True,
+                       **text):
+    """A width-32 SigLIP over 32x32 images (16 patches of 8x8, no class token) or, with `siglip2`, a SigLIP2 (8x8
+    patches, a 4x4 grid of position embeddings resized per image); a 100-token text tower of 16 positions padded
+    with SIGLIP_PAD. `text`: other text-tower fields (vocab_size, max_position_embeddings, pad/eos token ids)."""
+    from transformers import Siglip2Config, SiglipConfig
+
+    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2)
+    text_config = dict(tower, vocab_size=SIGLIP_VOCAB, max_position_embeddings=16, pad_token_id=SIGLIP_PAD,
+                       bos_token_id=None, eos_token_id=SIGLIP_VOCAB - 1)
+    text_config.update(text)
+    if siglip2:
+        vision_config = dict(tower, patch_size=8, num_patches=16, vision_use_head=vision_use_head)
+        return Siglip2Config(text_config=text_config, vision_config=vision_config)
+    vision_config = dict(tower, image_size=32, patch_size=8, vision_use_head=vision_use_head)
+    return SiglipConfig(text_config=text_config, vision_config=vision_config)
+
+
+def tiny_dense_siglip(seed: int = 0, siglip2: bool = False, **kwargs):
+    """A tiny SiglipModel (Siglip2Model with `siglip2`) of `tiny_siglip_config(**kwargs)`, with a non-trivial logit
+    scale and bias (transformers inits both to zero, where one left out of a computation would go unnoticed)."""
+    from transformers import Siglip2Model, SiglipModel
+
+    torch.manual_seed(seed)
+    model = (Siglip2Model if siglip2 else SiglipModel)(tiny_siglip_config(siglip2=siglip2, **kwargs)).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.3)  # log 10, SigLIP's init
+        model.logit_bias.fill_(-1.5)
+    return model
+
+
+def siglip_text_ids(batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [batch, seq], attention mask): texts of different lengths, each padded with SIGLIP_PAD to `seq`."""
+    ids = torch.full((batch, seq), SIGLIP_PAD, dtype=torch.long)
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        n = 3 + (b * 4) % (seq - 3)
+        ids[b, :n] = torch.randint(2, SIGLIP_VOCAB, (n,), generator=generator)
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def upcycled_siglip(dense, upcycle_fn, vision_layers=(0, 1, 2, 3), text_layers=(0, 1, 2, 3), num_experts: int = 4,
+                    top_k: int = 2, moe_head: bool = False, seed: int = 0):
+    """`upcycle_fn` (the family's in-memory sparse upcycling) of `dense`: MoE in the given layers of each tower,
+    `num_experts` experts, top-`top_k`, the vision head's MLP too with `moe_head`."""
+    moe = dict(num_experts=num_experts, top_k=top_k)
+    return upcycle_fn(dense, vision_moe=dict(moe, moe_layers=list(vision_layers), moe_head=moe_head),
+                      text_moe=dict(moe, moe_layers=list(text_layers)), seed=seed)
+
+
+def eager_and_grouped_mm_outputs(model, batch: dict, output: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`output` of `model(**batch)` with the experts' own forward, then after `set_experts_implementation("grouped_mm")`
+    (transformers' experts function), which the towers' configs must record."""
+    with torch.no_grad():
+        ours = getattr(model(**batch), output)
+        model.set_experts_implementation("grouped_mm")
+        theirs = getattr(model(**batch), output)
+    assert model.vision_model.config._experts_implementation == "grouped_mm"
+    return ours, theirs
+
+
+def one_line_user_error(fn, *args) -> str:
+    """The message of the UserError that `fn(*args)` raises, checked to be one line (what a command prints)."""
+    from encoder.utils.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        fn(*args)
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message

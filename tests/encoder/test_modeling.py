@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 import encoder
-from conftest import BOS, EOS
+from conftest import BOS, EOS, eager_and_grouped_mm_outputs
 from encoder import (
     CLIPMoEConfig,
     CLIPMoEModel,
@@ -132,12 +132,7 @@ def test_config_rejects_impossible_moe_settings(fields, message):
 
 
 def test_experts_implementation_can_be_switched(dense_clip, batch):
-    model = sparse_upcycle(dense_clip)
-    with torch.no_grad():
-        ours = model(**batch).image_embeds
-        model.set_experts_implementation("grouped_mm")
-        theirs = model(**batch).image_embeds
-    assert model.vision_model.config._experts_implementation == "grouped_mm"
+    ours, theirs = eager_and_grouped_mm_outputs(sparse_upcycle(dense_clip), batch, "image_embeds")
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 

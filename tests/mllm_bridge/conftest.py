@@ -10,30 +10,19 @@ import sys
 
 import pytest
 import torch
-from transformers import (
-    Siglip2Config,
-    Siglip2Model,
-    SiglipConfig,
-    SiglipImageProcessor,
-    SiglipModel,
-)
+from transformers import Siglip2Model, SiglipImageProcessor, SiglipModel
+
+from conftest import tiny_siglip_config
 
 IMAGE_SIZE = 32  # the digit grids' size: 16 patches of 8x8, every one a LLaVA image token (no CLS token)
 WIDTH = 32
 
 
-def tiny_siglip_config(layers: int = 3) -> SiglipConfig:
-    tower = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=layers, num_attention_heads=2)
-    return SiglipConfig(
-        text_config=dict(tower, vocab_size=100, max_position_embeddings=16, pad_token_id=1, bos_token_id=None,
-                         eos_token_id=99),
-        vision_config=dict(tower, image_size=IMAGE_SIZE, patch_size=8),
-    )
-
-
 def tiny_dense_siglip(seed: int = 0) -> SiglipModel:
+    """A 3-layer SigLIP of tests/conftest.py's builder (transformers' init: the logit scale and bias play no part in
+    a LLaVA tower)."""
     torch.manual_seed(seed)
-    return SiglipModel(tiny_siglip_config()).eval()
+    return SiglipModel(tiny_siglip_config(layers=3, width=WIDTH)).eval()
 
 
 def llava_siglip_processor(crop_size: bool = True) -> SiglipImageProcessor:
@@ -79,11 +68,9 @@ def save_siglip2_moe(out, seed: int = 0):
     from encoder import save_clip_moe
     from encoder.siglip2 import sparse_upcycle_siglip2
 
-    tower = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2, num_attention_heads=2)
-    config = Siglip2Config(text_config=dict(tower, vocab_size=100, max_position_embeddings=16),
-                           vision_config=dict(tower, patch_size=8, num_patches=16))
     torch.manual_seed(seed)
-    moe = sparse_upcycle_siglip2(Siglip2Model(config).eval(), vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0]))
+    dense = Siglip2Model(tiny_siglip_config(layers=2, width=WIDTH, siglip2=True)).eval()
+    moe = sparse_upcycle_siglip2(dense, vision_moe=dict(num_experts=4, top_k=2, moe_layers=[0]))
     return save_clip_moe(moe, out)
 
 

@@ -10,8 +10,9 @@ import math
 
 import pytest
 import torch
-from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+from transformers import SiglipImageProcessor, SiglipModel
 
+from conftest import tiny_siglip_config
 from upcycle.data import ImageTextDataset, model_tokenizer_fn, processor_transform, read_pairs
 from upcycle.embedded.small_base import build_word_tokenizer
 
@@ -22,12 +23,8 @@ def tiny_siglip(tokenizer, seed: int = 0, layers: int = 2, width: int = 32) -> S
     """A width-32 SigLIP over 32x32 images (16 patches) whose vocabulary is `tokenizer`'s, with SigLIP's initial
     logit scale (log 10) and a non-zero logit bias (transformers initialises it to zero, where a bias left out of a
     computation would go unnoticed)."""
-    tower = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=2)
-    config = SiglipConfig(
-        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=TEXT_LENGTH,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id),
-        vision_config=dict(tower, image_size=32, patch_size=8),
-    )
+    config = tiny_siglip_config(layers, width, vocab_size=len(tokenizer), max_position_embeddings=TEXT_LENGTH,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = SiglipModel(config).eval()
     with torch.no_grad():

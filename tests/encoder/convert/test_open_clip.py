@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
+from conftest import assert_max_abs_diff, one_line_user_error, perturbed_open_clip
 from encoder.convert.open_clip import OpenCLIPDense, convert_open_clip_model, load_open_clip, parse_open_clip_spec
 from encoder.utils.errors import UserError
 
@@ -76,12 +77,9 @@ def registered(tmp_path_factory):
 
 
 def _open_clip(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None).eval()
-    with torch.no_grad():  # open_clip zero-inits some tensors; make every weight matter
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        if isinstance(getattr(model, "text", None), torch.nn.Module) and hasattr(model.text.text_projection, "bias"):
+    model = perturbed_open_clip(name, seed)
+    if isinstance(getattr(model, "text", None), torch.nn.Module) and hasattr(model.text.text_projection, "bias"):
+        with torch.no_grad():
             model.text.text_projection.bias.zero_()  # a non-zero bias is rejected; see its own test
     return model
 
@@ -96,11 +94,6 @@ def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(4, 3, 32, 32, generator=g), ids
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
-    diff = (a - b).abs().max().item()
-    assert diff <= tol, f"{what}: max abs diff {diff:.2e} > {tol}"
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("name", sorted(GOOD))
 def test_converted_model_reproduces_open_clip(name):
@@ -110,17 +103,18 @@ def test_converted_model_reproduces_open_clip(name):
     assert not hf.training and hf.dtype == torch.float32
     expected_act = "quick_gelu" if GOOD[name].get("quick_gelu") else "gelu"
     assert hf.config.vision_config.hidden_act == hf.config.text_config.hidden_act == expected_act
-    _close(hf.get_image_features(pixel_values=pixels).pooler_output, oc.encode_image(pixels), "encode_image")
-    _close(hf.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "encode_text")
+    assert_max_abs_diff(hf.get_image_features(pixel_values=pixels).pooler_output,
+                        oc.encode_image(pixels), "encode_image")
+    assert_max_abs_diff(hf.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "encode_text")
     out = hf(input_ids=ids, pixel_values=pixels)
-    _close(out.logits_per_image, oc.get_logits(pixels, ids)[0], "logits", tol=1e-4)
+    assert_max_abs_diff(out.logits_per_image, oc.get_logits(pixels, ids)[0], "logits", tol=1e-4)
 
     visual, states = oc.visual, hf.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
     x = visual._embeds(pixels)
-    _close(states[0], x, "vision embeddings + ln_pre")
+    assert_max_abs_diff(states[0], x, "vision embeddings + ln_pre")
     for i, block in enumerate(visual.transformer.resblocks):
         x = block(x)
-        _close(states[i + 1], x, f"vision layer {i}")
+        assert_max_abs_diff(states[i + 1], x, f"vision layer {i}")
 
     text_out = hf.text_model(input_ids=ids, output_hidden_states=True)
     if hasattr(oc, "text"):
@@ -129,11 +123,11 @@ def test_converted_model_reproduces_open_clip(name):
     else:
         x, mask = oc.token_embedding(ids) + oc.positional_embedding, oc.attn_mask
         blocks, ln_final = oc.transformer.resblocks, oc.ln_final
-    _close(text_out.hidden_states[0], x, "text embeddings")
+    assert_max_abs_diff(text_out.hidden_states[0], x, "text embeddings")
     for i, block in enumerate(blocks):
         x = block(x, attn_mask=mask)
-        _close(text_out.hidden_states[i + 1], x, f"text layer {i}")
-    _close(text_out.last_hidden_state, ln_final(x), "text final layer norm")
+        assert_max_abs_diff(text_out.hidden_states[i + 1], x, f"text layer {i}")
+    assert_max_abs_diff(text_out.last_hidden_state, ln_final(x), "text final layer norm")
 
 
 def test_load_open_clip_builds_model_processor_and_tokenizer(tmp_path):
@@ -142,7 +136,7 @@ def test_load_open_clip_builds_model_processor_and_tokenizer(tmp_path):
     _, ids = _inputs()
     with torch.no_grad():
         reloaded = CLIPModel.from_pretrained(tmp_path).eval()
-        _close(reloaded.get_text_features(input_ids=ids).pooler_output,
+        assert_max_abs_diff(reloaded.get_text_features(input_ids=ids).pooler_output,
                dense.model.get_text_features(input_ids=ids).pooler_output, "text after save/load")
     assert isinstance(dense, OpenCLIPDense) and dense.source == "open_clip:test-occ-quickgelu"
     assert not dense.model.training and dense.model.dtype == torch.float32
@@ -169,7 +163,7 @@ def test_image_processor_matches_open_clip_preprocess():
     for array in load_sample_images().images:
         image = Image.fromarray(array).resize((300, 200))
         ours = proc(images=image, return_tensors="pt").pixel_values[0]
-        _close(ours, transform(image), "pixels", tol=0.05)
+        assert_max_abs_diff(ours, transform(image), "pixels", tol=0.05)
         assert (ours - transform(image)).abs().mean() < 1e-3
 
 
@@ -196,7 +190,7 @@ def test_tokenizer_matches_open_clip_ids_and_features(tmp_path):
     oc = _open_clip("test-occ-gelu")
     hf = convert_open_clip_model(oc, "test-occ-gelu")
     ours = hf.get_text_features(input_ids=got.input_ids, attention_mask=got.attention_mask).pooler_output
-    _close(ours, oc.encode_text(want), "text features through each side's tokenizer")
+    assert_max_abs_diff(ours, oc.encode_text(want), "text features through each side's tokenizer")
 
 
 @torch.no_grad()
@@ -216,8 +210,9 @@ def test_checkpoint_file_round_trip(tmp_path, wrap):
     dense = load_open_clip(f"open_clip:test-occ-quickgelu:{path}")
     assert dense.model.logit_scale.item() == pytest.approx(4.2)
     pixels, ids = _inputs()
-    _close(dense.model.get_image_features(pixel_values=pixels).pooler_output, oc.encode_image(pixels), "image")
-    _close(dense.model.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "text")
+    assert_max_abs_diff(dense.model.get_image_features(pixel_values=pixels).pooler_output,
+                        oc.encode_image(pixels), "image")
+    assert_max_abs_diff(dense.model.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "text")
 
 
 def test_local_dir_export_with_its_own_preprocessing(tmp_path):
@@ -232,7 +227,8 @@ def test_local_dir_export_with_its_own_preprocessing(tmp_path):
     dense = load_open_clip(f"open_clip:local-dir:{tmp_path}")
     pixels, _ = _inputs()
     with torch.no_grad():
-        _close(dense.model.get_image_features(pixel_values=pixels).pooler_output, oc.encode_image(pixels), "image")
+        assert_max_abs_diff(dense.model.get_image_features(pixel_values=pixels).pooler_output,
+                            oc.encode_image(pixels), "image")
     proc = dense.image_processor
     assert (proc.size["height"], proc.size["width"]) == (32, 32) and not proc.do_center_crop
     assert list(proc.image_mean) == [0.5] * 3 and list(proc.image_std) == [0.25] * 3 and proc.resample == 2
@@ -275,10 +271,8 @@ def test_unknown_model_and_bad_specs_raise_user_error():
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_unsupported_variants_raise_one_line_user_error(name):
     words = BAD[name][1]
-    with pytest.raises(UserError) as err:
-        load_open_clip(f"open_clip:{name}")
-    message = str(err.value)
-    assert words in message and name in message and "\n" not in message, message
+    message = one_line_user_error(load_open_clip, f"open_clip:{name}")
+    assert words in message and name in message, message
 
 
 def test_nonzero_text_projection_bias_is_refused():

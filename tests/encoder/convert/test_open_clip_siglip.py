@@ -9,18 +9,16 @@ sentences. Every model is open_clip's random init (or a checkpoint saved here): 
 from __future__ import annotations
 
 import copy
-import io
 import json
-import random
 
 import open_clip
 import pytest
-import sentencepiece
 import torch
 from timm.models import register_model
 from timm.models.vision_transformer import _create_vision_transformer
 from transformers import SiglipModel, SiglipTokenizer
 
+from conftest import assert_max_abs_diff, one_line_user_error, perturbed_open_clip, siglip_sentencepiece_dir
 from encoder.convert.open_clip import load_open_clip
 from encoder.convert.open_clip_siglip import (
     OpenCLIPSiglipDense,
@@ -99,29 +97,13 @@ NO_TOKENIZER = {  # name -> (config, words the error must contain): models fine,
 }
 
 
-def _sentencepiece_dir(folder) -> str:
-    """A SiglipTokenizer folder over a 40-piece unigram vocabulary (<pad> 0, </s> 1, <unk> 2), trained in-process."""
-    words = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "blue", "green", "small", "big", "two", "house",
-             "car", "tree", "sky", "water"]
-    rng = random.Random(0)
-    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=40, model_type="unigram", minloglevel=2,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>")
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
-                                                              "model_max_length": CTX}))
-    return str(folder)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def registered(tmp_path_factory):
     """Register every tiny config with open_clip, its tokenizer pointing at the SentencePiece folder made here.
 
     Runs single-threaded: these models are tiny, and two threads stall badly when the 2 cores are shared.
     """
-    tokenizer_dir = _sentencepiece_dir(tmp_path_factory.mktemp("siglip_tokenizer"))
+    tokenizer_dir = siglip_sentencepiece_dir(tmp_path_factory.mktemp("siglip_tokenizer"))
     root = tmp_path_factory.mktemp("open_clip_siglip_configs")
     everything = {**GOOD, **{n: c for n, (c, _) in {**BAD, **NO_TOKENIZER}.items()}}
     for name, cfg in everything.items():
@@ -139,30 +121,16 @@ def registered(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _open_clip(name: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None).eval()
-    with torch.no_grad():  # open_clip and timm zero-init some tensors (biases, the MAP latent's neighbours)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
 def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and token ids anywhere in the vocabulary: SigLIP attends to every position and pools the last."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 64, (4, CTX), generator=g)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
-    diff = (a - b).abs().max().item()
-    assert diff <= tol, f"{what}: max abs diff {diff:.2e} > {tol}"
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("name", sorted(GOOD))
 def test_converted_model_reproduces_open_clip(name):
-    oc = _open_clip(name)
+    oc = perturbed_open_clip(name)
     hf = convert_open_clip_siglip(oc, GOOD[name])
     pixels, ids = _inputs()
     assert isinstance(hf, SiglipModel) and not hf.training and hf.dtype == torch.float32
@@ -171,15 +139,16 @@ def test_converted_model_reproduces_open_clip(name):
     assert hf.config.vision_config.intermediate_size == (80 if name.endswith("tanh") else 128)
 
     trunk = oc.visual.trunk
-    _close(hf.vision_model(pixel_values=pixels).last_hidden_state, trunk.forward_features(pixels),
+    assert_max_abs_diff(hf.vision_model(pixel_values=pixels).last_hidden_state, trunk.forward_features(pixels),
            "vision tokens after post_layernorm")
-    _close(hf.get_image_features(pixel_values=pixels).pooler_output, oc.encode_image(pixels), "encode_image")
-    _close(hf.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "encode_text")
+    assert_max_abs_diff(hf.get_image_features(pixel_values=pixels).pooler_output,
+                        oc.encode_image(pixels), "encode_image")
+    assert_max_abs_diff(hf.get_text_features(input_ids=ids).pooler_output, oc.encode_text(ids), "encode_text")
     out = hf(input_ids=ids, pixel_values=pixels)
     expected = oc.get_logits(pixels, ids)[0]
     assert expected.mean() < -5  # the bias (about -10) is in open_clip's logits: it must be in ours too
-    _close(out.logits_per_image, expected, "logits with logit_bias", tol=1e-4)
-    _close(hf.logit_bias, oc.logit_bias.reshape(1), "logit_bias")
+    assert_max_abs_diff(out.logits_per_image, expected, "logits with logit_bias", tol=1e-4)
+    assert_max_abs_diff(hf.logit_bias, oc.logit_bias.reshape(1), "logit_bias")
 
 
 @pytest.mark.parametrize("name", ["ViT-SO400M-14-SigLIP-384", "ViT-B-16-SigLIP"])
@@ -220,7 +189,7 @@ def test_published_preprocessing_becomes_siglip_image_processor():
 def test_load_gives_model_tokenizer_and_processor(tmp_path, registered):
     """From a checkpoint file, as a user would: weights, tokenizer ids and text embeddings all open_clip's."""
     name = "test-occ-siglip-tanh"
-    oc = _open_clip(name, seed=3)
+    oc = perturbed_open_clip(name, seed=3)
     torch.save(oc.state_dict(), tmp_path / "weights.pt")
     loaded = load_open_clip_siglip(f"open_clip:{name}:{tmp_path / 'weights.pt'}")
     assert isinstance(loaded, OpenCLIPSiglipDense) and isinstance(loaded.tokenizer, SiglipTokenizer)
@@ -230,7 +199,7 @@ def test_load_gives_model_tokenizer_and_processor(tmp_path, registered):
     assert torch.equal(ids, expected_ids)
     assert loaded.model.config.text_config.pad_token_id == loaded.tokenizer.pad_token_id == 1
     with torch.no_grad():
-        _close(loaded.model.get_text_features(input_ids=ids).pooler_output, oc.encode_text(expected_ids),
+        assert_max_abs_diff(loaded.model.get_text_features(input_ids=ids).pooler_output, oc.encode_text(expected_ids),
                "text features through the converted tokenizer")
     processor = loaded.image_processor
     assert processor.crop_size == {"height": 32, "width": 32}
@@ -243,7 +212,7 @@ def test_the_clip_loader_hands_a_siglip_to_the_siglip_converter(tmp_path, regist
     """`load_open_clip` (what `open_clip:` specs go through) gives a SigLIP config to `load_open_clip_siglip`
     instead of refusing its logit_bias: the same weights, tokenizer and processor."""
     name = "test-occ-siglip"
-    torch.save(_open_clip(name, seed=4).state_dict(), tmp_path / "weights.pt")
+    torch.save(perturbed_open_clip(name, seed=4).state_dict(), tmp_path / "weights.pt")
     spec = f"open_clip:{name}:{tmp_path / 'weights.pt'}"
     through_clip, direct = load_open_clip(spec), load_open_clip_siglip(spec)
     assert isinstance(through_clip, OpenCLIPSiglipDense) and isinstance(through_clip.model, SiglipModel)
@@ -266,21 +235,17 @@ def test_tokenizer_that_differs_from_open_clip_is_refused(monkeypatch):
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_unsupported_models_are_refused_in_one_line(name):
     words = BAD[name][1]
-    with pytest.raises(UserError) as error:
-        load_open_clip_siglip(f"open_clip:{name}")
-    assert words in str(error.value) and "\n" not in str(error.value)
+    assert words in one_line_user_error(load_open_clip_siglip, f"open_clip:{name}")
 
 
 @pytest.mark.parametrize("name", sorted(NO_TOKENIZER))
 def test_siglip_without_its_tokenizer_is_refused_in_one_line(name):
     words = NO_TOKENIZER[name][1]
-    with pytest.raises(UserError) as error:
-        load_open_clip_siglip(f"open_clip:{name}")
-    message = str(error.value)
-    assert words in message and "without its tokenizer" in message and "\n" not in message
+    message = one_line_user_error(load_open_clip_siglip, f"open_clip:{name}")
+    assert words in message and "without its tokenizer" in message
 
 
 def test_converting_a_built_model_checks_its_config_first():
-    oc = _open_clip("test-occ-siglip")
+    oc = perturbed_open_clip("test-occ-siglip")
     with pytest.raises(UserError, match="timm pooling 'avg'"):
         convert_open_clip_siglip(oc, BAD["test-occ-siglip-gap"][0])

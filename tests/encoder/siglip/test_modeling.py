@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel, SiglipModel, SiglipVisionModel
 
 import encoder  # noqa: F401  (registers every family)
+from conftest import eager_and_grouped_mm_outputs, upcycled_siglip
 from encoder.family import family_of
 from encoder.moe import routing_losses
 from encoder.siglip import (
@@ -30,11 +31,8 @@ def dense_as_moe(dense: SiglipModel) -> SiglipMoEModel:
     return model
 
 
-def upcycled(dense, vision_layers=(0, 1, 2, 3), text_layers=(0, 1, 2, 3), num_experts=4, top_k=2, moe_head=False,
-             seed=0):
-    moe = dict(num_experts=num_experts, top_k=top_k)
-    return sparse_upcycle_siglip(dense, vision_moe=dict(moe, moe_layers=list(vision_layers), moe_head=moe_head),
-                                 text_moe=dict(moe, moe_layers=list(text_layers)), seed=seed)
+def upcycled(dense, *args, **kwargs):
+    return upcycled_siglip(dense, sparse_upcycle_siglip, *args, **kwargs)
 
 
 def assert_all_equal(a, b):
@@ -361,10 +359,7 @@ def test_experts_implementation_can_be_switched(dense_siglip, siglip_batch):
         for module in model.modules():
             if hasattr(module, "up_proj"):
                 module.up_proj.add_(0.05 * torch.randn_like(module.up_proj))
-        ours = model(**siglip_batch).logits_per_image
-        model.set_experts_implementation("grouped_mm")
-        theirs = model(**siglip_batch).logits_per_image
-    assert model.vision_model.config._experts_implementation == "grouped_mm"
+    ours, theirs = eager_and_grouped_mm_outputs(model, siglip_batch, "logits_per_image")
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 

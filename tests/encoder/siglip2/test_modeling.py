@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel, Siglip2VisionModel
 
 import encoder  # noqa: F401  (registers every family)
+from conftest import upcycled_siglip
 from encoder import moe_pretrained
 from encoder.family import family_of
 from encoder.moe import routing_losses
@@ -38,11 +39,8 @@ def dense_as_moe(dense) -> Siglip2MoEModel:
     return model
 
 
-def upcycled(dense, vision_layers=(0, 1, 2, 3), text_layers=(0, 1, 2, 3), num_experts=4, top_k=2, moe_head=False,
-             seed=0):
-    moe = dict(num_experts=num_experts, top_k=top_k)
-    return sparse_upcycle_siglip2(dense, vision_moe=dict(moe, moe_layers=list(vision_layers), moe_head=moe_head),
-                                  text_moe=dict(moe, moe_layers=list(text_layers)), seed=seed)
+def upcycled(dense, *args, **kwargs):
+    return upcycled_siglip(dense, sparse_upcycle_siglip2, *args, **kwargs)
 
 
 def test_dense_config_reproduces_transformers_siglip2_exactly(dense_siglip2, siglip2_batch):

@@ -7,13 +7,10 @@ Every model is built here (tiny, random); the SentencePiece vocabulary is traine
 
 from __future__ import annotations
 
-import io
 import json
-import random
 
 import open_clip
 import pytest
-import sentencepiece
 import torch
 from safetensors.torch import load_file
 from timm.models import register_model
@@ -21,10 +18,8 @@ from timm.models.vision_transformer import _create_vision_transformer
 from transformers import (
     AutoModel,
     AutoTokenizer,
-    Siglip2Config,
     Siglip2ImageProcessor,
     Siglip2Model,
-    SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
     SiglipTokenizer,
@@ -32,6 +27,7 @@ from transformers import (
 )
 
 import encoder  # noqa: F401  (registers every family)
+from conftest import assert_max_abs_diff, siglip_sentencepiece_dir, tiny_siglip_config
 from encoder.family import family_of
 from encoder.loading import load_clip
 from encoder.siglip import SiglipMoEModel
@@ -41,29 +37,13 @@ from upcycle.recipes.sparse import sparse_upcycle
 
 VOCAB = 40  # the SentencePiece vocabulary trained below
 CTX = 16
-TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2}
-
-
-def _spiece(folder) -> str:
-    """A SiglipTokenizer folder over a 40-piece unigram vocabulary (<pad> 0, </s> 1, <unk> 2), trained here."""
-    words = ["a", "photo", "of", "the", "cat", "dog", "on", "red", "blue", "green", "small", "big", "two", "house",
-             "car", "tree", "sky", "water"]
-    rng = random.Random(0)
-    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(300)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=VOCAB, model_type="unigram", minloglevel=2,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SiglipTokenizer",
-                                                              "model_max_length": CTX}))
-    return str(folder)
+# The text tower over that vocabulary (tests/conftest.py builds the rest: width 32, 4 layers).
+TEXT = {"vocab_size": VOCAB, "max_position_embeddings": CTX, "pad_token_id": 0, "eos_token_id": 1}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return _spiece(tmp_path_factory.mktemp("siglip_tokenizer"))
+    return siglip_sentencepiece_dir(tmp_path_factory.mktemp("siglip_tokenizer"), CTX)
 
 
 def _randomised(model):
@@ -79,10 +59,7 @@ def _randomised(model):
 
 def _siglip_dir(path, tokenizer_dir) -> SiglipModel:
     torch.manual_seed(0)
-    config = SiglipConfig(text_config=dict(TOWER, vocab_size=VOCAB, max_position_embeddings=CTX, pad_token_id=0,
-                                           eos_token_id=1, bos_token_id=None),
-                          vision_config=dict(TOWER, image_size=32, patch_size=8))
-    model = _randomised(SiglipModel(config))
+    model = _randomised(SiglipModel(tiny_siglip_config(**TEXT)))
     model.save_pretrained(path)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     SiglipTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
@@ -91,10 +68,7 @@ def _siglip_dir(path, tokenizer_dir) -> SiglipModel:
 
 def _siglip2_dir(path) -> Siglip2Model:
     torch.manual_seed(0)
-    config = Siglip2Config(text_config=dict(TOWER, vocab_size=VOCAB, max_position_embeddings=CTX, pad_token_id=0,
-                                            eos_token_id=1, bos_token_id=None),
-                           vision_config=dict(TOWER, patch_size=8, num_patches=16))
-    model = _randomised(Siglip2Model(config))
+    model = _randomised(Siglip2Model(tiny_siglip_config(siglip2=True, **TEXT)))
     model.save_pretrained(path)
     Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(path)
     return model
@@ -118,23 +92,18 @@ def _siglip2_batch(seed: int = 3) -> dict:
             "input_ids": torch.randint(0, VOCAB, (3, CTX), generator=g)}
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> None:
-    diff = (a - b).abs().max().item()
-    assert diff <= tol, f"{what}: max abs diff {diff:.2e} > {tol}"
-
-
 @torch.no_grad()
 def _same_function(dense, moe, batch) -> None:
     """Logits (scale and bias included), embeddings and every hidden state of both towers equal."""
     a = dense(**batch, output_hidden_states=True)
     b = moe(**batch, output_hidden_states=True)
     assert a.logits_per_image.mean() < 0  # the bias (-1.5) is in the dense logits: it must be in the MoE's too
-    _close(b.logits_per_image, a.logits_per_image, "logits_per_image")
-    _close(b.image_embeds, a.image_embeds, "image_embeds")
-    _close(b.text_embeds, a.text_embeds, "text_embeds")
+    assert_max_abs_diff(b.logits_per_image, a.logits_per_image, "logits_per_image")
+    assert_max_abs_diff(b.image_embeds, a.image_embeds, "image_embeds")
+    assert_max_abs_diff(b.text_embeds, a.text_embeds, "text_embeds")
     for tower in ("vision_model_output", "text_model_output"):
         for i, (p, q) in enumerate(zip(getattr(a, tower).hidden_states, getattr(b, tower).hidden_states)):
-            _close(q, p, f"{tower} hidden state {i}")
+            assert_max_abs_diff(q, p, f"{tower} hidden state {i}")
 
 
 def _sparse(base, out, *flags) -> int:
@@ -252,7 +221,7 @@ def test_an_open_clip_siglip_upcycles_to_a_siglip_moe_with_open_clips_logits(ope
         expected = oc.get_logits(pixels, ids)[0]
         got = moe(pixel_values=pixels, input_ids=ids).logits_per_image
     assert expected.mean() < -5  # open_clip's logit_bias (-10 at init) is in both
-    _close(got, expected, "logits against open_clip", tol=1e-4)
+    assert_max_abs_diff(got, expected, "logits against open_clip", tol=1e-4)
     assert isinstance(load_clip(out).image_processor, SiglipImageProcessor)
     assert (out / "spiece.model").is_file() and isinstance(AutoTokenizer.from_pretrained(out), SiglipTokenizer)
 
