@@ -21,7 +21,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .. import upcycling
+from ..upcycling import moe_towers, new_routers, sparse_upcycle
+from ..upcycling import dense_to_moe_state_dict as upcycled_state_dict
 from ..family import WeightMap
 from .configuration import (
     SiglipMoEConfig,
@@ -40,14 +41,12 @@ FFN_TO_EXPERT = {
 # and the vision attention-pooling head's MLP, which is MoE when the vision config has `moe_head` True.
 WEIGHT_MAP = WeightMap(tower_prefix={"vision": "vision_model", "text": "text_model"}, ffn_to_expert=FFN_TO_EXPERT,
                        head_mlp={"vision": "head.mlp."})
-ROUTER_INIT_STD = upcycling.ROUTER_INIT_STD  # SigLIP configs carry no initializer_range: CLIP's 0.02
-new_routers = upcycling.new_routers  # what `dense_to_moe_state_dict` draws (tests compare against it)
 
 
 def towers(config: PretrainedConfig) -> list[tuple[str, PretrainedConfig]]:
     """(state-dict prefix, tower config) of a full MoE config's two towers (vision first), or ("", config) of a
     tower's."""
-    return [(prefix, tower) for _, tower, prefix in upcycling.moe_towers(config)]
+    return [(prefix, tower) for _, tower, prefix in moe_towers(config)]
 
 
 def dense_to_moe_state_dict(dense: Mapping[str, torch.Tensor], config: PretrainedConfig,
@@ -55,7 +54,7 @@ def dense_to_moe_state_dict(dense: Mapping[str, torch.Tensor], config: Pretraine
     """The MoE state dict of `config` (a full SigLIP-MoE / SigLIP2-MoE config or one tower's) from the dense
     model's state dict (same kind): `encoder.upcycling.dense_to_moe_state_dict`, the head's MLP included when the
     vision config has `moe_head` True."""
-    return upcycling.dense_to_moe_state_dict(dense, config, seed)
+    return upcycled_state_dict(dense, config, seed)
 
 
 def dense_key_of(moe_key: str) -> str | None:
@@ -63,8 +62,6 @@ def dense_key_of(moe_key: str) -> str | None:
     is not an expert stack (routers included: they have no dense source)."""
     return WEIGHT_MAP.dense_ffn_key(moe_key)
 
-
-load_upcycled = upcycling.load_upcycled  # the shared in-memory fill, kept under its first name
 
 DENSE_TO_MOE_CONFIG = {SiglipConfig: SiglipMoEConfig, SiglipVisionConfig: SiglipMoEVisionConfig,
                        SiglipTextConfig: SiglipMoETextConfig}
@@ -92,4 +89,4 @@ def sparse_upcycle_siglip(dense_model: nn.Module, vision_moe: dict | None = None
                           seed: int = 0) -> nn.Module:
     """`encoder.upcycling.sparse_upcycle` of a transformers `SiglipModel` / `SiglipVisionModel` / `SiglipTextModel`:
     the SigLIP-MoE of the same kind, computing what the dense model computes."""
-    return upcycling.sparse_upcycle(dense_model, vision_moe, text_moe, seed)
+    return sparse_upcycle(dense_model, vision_moe, text_moe, seed)

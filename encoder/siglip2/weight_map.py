@@ -11,7 +11,7 @@ from transformers import (
     Siglip2VisionConfig,
 )
 
-from .. import upcycling
+from ..upcycling import sparse_upcycle
 from ..siglip.weight_map import moe_config_of as siglip_moe_config_of
 from .configuration import (
     Siglip2MoEConfig,
@@ -33,4 +33,4 @@ def sparse_upcycle_siglip2(dense_model: nn.Module, vision_moe: dict | None = Non
                            seed: int = 0) -> nn.Module:
     """`encoder.upcycling.sparse_upcycle` of a transformers `Siglip2Model` / `Siglip2VisionModel` /
     `Siglip2TextModel`: the SigLIP2-MoE of the same kind, computing what the dense model computes."""
-    return upcycling.sparse_upcycle(dense_model, vision_moe, text_moe, seed)
+    return sparse_upcycle(dense_model, vision_moe, text_moe, seed)
