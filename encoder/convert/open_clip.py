@@ -14,7 +14,7 @@ import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +23,6 @@ from transformers.image_utils import PILImageResampling
 from transformers.initialization import no_init_weights
 
 from ..utils.errors import UserError
-
-if TYPE_CHECKING:
-    from .open_clip_siglip import OpenCLIPSiglipDense
 
 logger = logging.getLogger(__name__)
 
@@ -339,17 +336,14 @@ def _create_open_clip(name: str, checkpoint: str | None, spec: str) -> nn.Module
                         "weights must be a .safetensors or a .pt of tensors (a state_dict)") from e
 
 
-def load_open_clip(spec: str) -> OpenCLIPDense | OpenCLIPSiglipDense:
-    """Load `open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (or `open_clip:local-dir:DIR`) as a transformers CLIP, or, when
-    the config is a SigLIP's (`is_open_clip_siglip`), as a transformers SigLIP (`load_open_clip_siglip`).
+def load_open_clip(spec: str) -> OpenCLIPDense:
+    """Load `open_clip:MODEL_NAME[:CHECKPOINT_FILE]` (or `open_clip:local-dir:DIR`) as a transformers CLIP. A SigLIP
+    config goes to `encoder.convert.open_clip_siglip` instead (`encoder.convert.dense` routes `open_clip:` specs).
 
     Without a checkpoint the weights are open_clip's random init (offline tests). The model name alone decides
     the activation: OpenAI-trained weights need the `-quickgelu` name, as in open_clip itself.
     """
     import open_clip
-
-    # Imported here: open_clip_siglip builds on this module's helpers.
-    from .open_clip_siglip import is_open_clip_siglip, load_open_clip_siglip
 
     name, checkpoint = parse_open_clip_spec(spec)
     folder = name[len(LOCAL_DIR):]
@@ -363,8 +357,6 @@ def load_open_clip(spec: str) -> OpenCLIPDense | OpenCLIPSiglipDense:
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise UserError(f"{spec}: checkpoint file {checkpoint!r} not found (pretrained tags are not downloaded "
                         "here: pass a local weights file)")
-    if is_open_clip_siglip(cfg):
-        return load_open_clip_siglip(spec)
     problem = _config_problem(cfg)
     if problem:
         raise _unsupported(name, problem)

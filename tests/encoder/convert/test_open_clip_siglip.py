@@ -19,7 +19,7 @@ from timm.models.vision_transformer import _create_vision_transformer
 from transformers import SiglipModel, SiglipTokenizer
 
 from conftest import assert_max_abs_diff, one_line_user_error, perturbed_open_clip, siglip_sentencepiece_dir
-from encoder.convert.open_clip import load_open_clip
+from encoder.convert.dense import load_dense_clip
 from encoder.convert.open_clip_siglip import (
     OpenCLIPSiglipDense,
     convert_open_clip_siglip,
@@ -208,14 +208,15 @@ def test_load_gives_model_tokenizer_and_processor(tmp_path, registered):
     assert pixels.shape == (1, 3, 32, 32)  # open_clip's default: shortest side to 32, then the center crop
 
 
-def test_the_clip_loader_hands_a_siglip_to_the_siglip_converter(tmp_path, registered):
-    """`load_open_clip` (what `open_clip:` specs go through) gives a SigLIP config to `load_open_clip_siglip`
-    instead of refusing its logit_bias: the same weights, tokenizer and processor."""
+def test_the_dense_loader_hands_a_siglip_to_the_siglip_converter(tmp_path, registered):
+    """`load_dense_clip` (what every command's `open_clip:` specs go through) gives a SigLIP config to
+    `load_open_clip_siglip` instead of the CLIP converter, which refuses its logit_bias: the same weights, tokenizer
+    and processor."""
     name = "test-occ-siglip"
     torch.save(perturbed_open_clip(name, seed=4).state_dict(), tmp_path / "weights.pt")
     spec = f"open_clip:{name}:{tmp_path / 'weights.pt'}"
-    through_clip, direct = load_open_clip(spec), load_open_clip_siglip(spec)
-    assert isinstance(through_clip, OpenCLIPSiglipDense) and isinstance(through_clip.model, SiglipModel)
+    through_clip, direct = load_dense_clip(spec), load_open_clip_siglip(spec)
+    assert isinstance(through_clip.model, SiglipModel)
     assert through_clip.source == spec and isinstance(through_clip.tokenizer, SiglipTokenizer)
     expected = direct.model.state_dict()
     got = through_clip.model.state_dict()
