@@ -1,5 +1,6 @@
 """`python -m encoder COMMAND ...`: see `encoder.cli`."""
 
 from .cli import main
+from .utils.cli import exit_program
 
-raise SystemExit(main())
+exit_program(main())

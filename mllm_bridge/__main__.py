@@ -1,5 +1,7 @@
 """`python -m mllm_bridge COMMAND ...`: see `mllm_bridge.cli`."""
 
+from encoder.utils.cli import exit_program
+
 from .cli import main
 
-raise SystemExit(main())
+exit_program(main())

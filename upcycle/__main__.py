@@ -1,5 +1,7 @@
-import sys
+"""`python -m upcycle COMMAND ...`: see `upcycle.cli`."""
+
+from encoder.utils.cli import exit_program
 
 from .cli import main
 
-sys.exit(main())
+exit_program(main())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from transformers.utils import logging as hf_logging
 
@@ -77,3 +79,20 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
 
     leave_process_group()
     return code
+
+
+def exit_program(code: int) -> NoReturn:
+    """End a `python -m` command with its status `code` (what every package's `__main__` calls).
+
+    A failed command whose process is still in a process group (a rank of a launch that stopped on an error) ends
+    here without the interpreter's finalization. It cannot leave the group first (`leave_process_group` waits for
+    the peers, which may sit in a collective that will never complete), and left alive, the group's gloo threads run
+    on into the finalization, where they may abort the process: the launcher then reports SIGABRT instead of the
+    command's status 2 (seen with FSDP2 on a loaded machine). Nothing is lost: the error line is printed and every
+    output is written atomically, or not at all, before this point; only the standard streams need flushing."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group
+    if code and dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -1,5 +1,7 @@
 """`python -m mllm_bridge.train pretrain|finetune ...`: see `mllm_bridge.train.cli`."""
 
+from encoder.utils.cli import exit_program
+
 from .cli import main
 
-raise SystemExit(main())
+exit_program(main())
