@@ -130,18 +130,23 @@ def llama_tokenizer():
     return train_tokenizer(CAPTIONS * 4, merges_vocab_size=160)
 
 
-@pytest.fixture(scope="session")
-def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
-    """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `clip_moe_dir`."""
+def save_tiny_llava(out: Path, tower_dir, llama_tokenizer) -> Path:
+    """`out` holding a LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector, seed 0) over `tower_dir`."""
     from mllm_bridge.embedded.tiny_lm import tiny_llama_config
     from mllm_bridge.llava.model import build_llava_model
 
-    out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-clip-moe"
     torch.manual_seed(0)
-    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), clip_moe_dir)
+    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), tower_dir)
     model.save_pretrained(out)
     llama_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def llava_moe_dir(tmp_path_factory, clip_moe_dir, llama_tokenizer):
+    """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `clip_moe_dir`."""
+    return save_tiny_llava(tmp_path_factory.mktemp("checkpoints") / "llava-tiny-clip-moe", clip_moe_dir,
+                           llama_tokenizer)
 
 
 @pytest.fixture

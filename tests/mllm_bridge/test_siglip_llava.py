@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import SiglipImageProcessor, SiglipVisionModel
 
+from conftest import save_tiny_llava
 from encoder import CLIPMoEVisionTower
 from encoder.siglip import SiglipMoEVisionModel
 from mllm_bridge.cli import main as bridge_main
@@ -19,15 +20,8 @@ from mllm_bridge.train.cli import main as train_main
 @pytest.fixture(scope="module")
 def llava_siglip_dir(tmp_path_factory, siglip_moe_dir, llama_tokenizer):
     """A saved LLaVA-1.5-style checkpoint (tiny Llama, mlp2x_gelu projector) whose tower is `siglip_moe_dir`."""
-    from mllm_bridge.embedded.tiny_lm import tiny_llama_config
-    from mllm_bridge.llava.model import build_llava_model
-
-    out = tmp_path_factory.mktemp("checkpoints") / "llava-tiny-siglip-moe"
-    torch.manual_seed(0)
-    model = build_llava_model(tiny_llama_config(llama_tokenizer, hidden_size=32), siglip_moe_dir)
-    model.save_pretrained(out)
-    llama_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_llava(tmp_path_factory.mktemp("checkpoints") / "llava-tiny-siglip-moe", siglip_moe_dir,
+                           llama_tokenizer)
 
 
 def square_image(seed: int = 0):
